@@ -1,0 +1,35 @@
+"""skincache: encode skin-lesion images once with open_clip, then train heads in seconds.
+
+The public Python API (the CLI is a thin layer over these)::
+
+    from skincache import load_dataset, ModelSpec, ViewPolicy, encode_dataset, FeatureCache
+    ds = load_dataset("../data/HAM10000")
+    result = encode_dataset(ds, ModelSpec("ViT-B-32", "openai"), policy=ViewPolicy(k=4))
+    cache = FeatureCache.open(result.path)
+"""
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_dataset": "skincache.data",
+    "make_demo_dataset": "skincache.data",
+    "audit_dataset": "skincache.data",
+    "Dataset": "skincache.data",
+    "Record": "skincache.data",
+    "ModelSpec": "skincache.models",
+    "load_model": "skincache.models",
+    "ViewPolicy": "skincache.views",
+    "encode_dataset": "skincache.encode",
+    "FeatureCache": "skincache.cache",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    """Lazy re-exports: `import skincache` stays cheap (no torch until something needs it)."""
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'skincache' has no attribute {name!r}")

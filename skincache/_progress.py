@@ -1,0 +1,50 @@
+"""Rich progress bars with a rate, shared by every long-running step."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+console = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, with the unit the bar counts."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s",
+                    style="progress.data.speed")
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str, *, unit: str = "img",
+                 enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """Yields `advance(n)`; draws nothing when disabled (`--quiet`, or not a terminal is fine)."""
+    if not enabled:
+        yield lambda n=1: None
+        return
+    with Progress(
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+        MofNCompleteColumn(), RateColumn(unit), TextColumn("eta"), TimeRemainingColumn(),
+        TimeElapsedColumn(), console=console, transient=False,
+    ) as p:
+        task = p.add_task(description, total=total)
+        yield lambda n=1: p.advance(task, n)

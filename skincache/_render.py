@@ -1,0 +1,112 @@
+"""Rich tables for what the CLI prints. Presentation only: numbers come from the library."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console()
+
+
+def cache_summary(s: dict) -> None:
+    """`skincache info`: provenance, preprocessing, splits x classes, failures."""
+    t = Table(title=f"cache {s['path']}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    pp = s["preprocess"]
+    v = s["views"]
+    rows = [
+        ("key", s["key"]),
+        ("model", f"{s['model']}" + (f" / {s['pretrained']}" if s["pretrained"] else "")),
+        ("weights sha256", s["weights_sha256"][:16] + "…"),
+        ("precision", s["precision"]),
+        ("embedding", f"D={s['embed_dim']}, stored {s['feature_dtype']}, not normalised"),
+        ("preprocess", f"{pp['size'][0]}x{pp['size'][1]} {pp['interpolation']} "
+                       f"{pp['resize_mode']}, mean {_fmt(pp['mean'])}, std {_fmt(pp['std'])}"),
+        ("views", f"K={v['k']}: resize {v.get('scaled_resize', v['resize'])}, random crop "
+                  f"{v.get('scaled_crop', v['crop'])}, hflip p={v['hflip']}, seed {v['seed']}"),
+        ("dataset", f"{s['dataset']['name']} ({s['dataset']['kind']}) {s['dataset']['root']}"),
+        ("text sets", ", ".join(f"{k} {tuple(x)}" for k, x in s["text_sets"].items()) or "none"),
+        ("failed", f"{s['failed']}" + (f" ({_reasons(s['failed_reasons'])})"
+                                       if s["failed"] else "")),
+        ("created", s["created"]),
+    ]
+    for k, val in rows:
+        t.add_row(k, str(val))
+    out.print(t)
+    class_table(s["class_counts"], s["classes"], title="images per split and class")
+
+
+def class_table(counts: dict[str, dict[str, int]], classes: list[str], title: str) -> None:
+    t = Table(title=title, title_justify="left")
+    t.add_column("split", style="bold")
+    for c in classes:
+        t.add_column(c, justify="right")
+    t.add_column("total", justify="right", style="bold")
+    for split, per in counts.items():
+        t.add_row(split, *(f"{per.get(c, 0):,}" for c in classes), f"{sum(per.values()):,}")
+    out.print(t)
+
+
+def encode_result(r, quiet: bool = False) -> None:
+    if r.status == "exists":
+        out.print(f"[green]up to date:[/] {r.path} already holds this encoding "
+                  "(same data, model, preprocessing and views); nothing to do. "
+                  "Use --force to rebuild.")
+        return
+    verb = "resumed and finished" if r.status == "resumed" else "wrote"
+    out.print(f"[green]{verb}[/] {r.path}: {r.n_images:,} images "
+              f"({', '.join(f'{k} {v:,}' for k, v in r.splits.items())}) in {r.seconds:.1f} s, "
+              f"{r.images_per_s:,.0f} images/s")
+    if r.n_failed:
+        out.print(f"[yellow]{r.n_failed} image(s) failed and were skipped[/]: "
+                  f"{_reasons(r.failed_reasons)}. `skincache info {r.path} --failed` lists them.")
+
+
+def failed_table(rows: list[dict]) -> None:
+    t = Table(title="failed images", title_justify="left")
+    for col in ("image_id", "split", "reason", "source"):
+        t.add_column(col, overflow="fold")
+    for row in rows:
+        t.add_row(row.get("image_id", ""), row.get("split", ""), row.get("reason", ""),
+                  row.get("source", ""))
+    out.print(t)
+
+
+def audit_report(rep: dict, classes: list[str]) -> None:
+    class_table(rep["class_counts"], classes, title="images per split and class")
+    lesions = rep["cross_split_groups"]
+    dups = rep["cross_split_duplicates"]
+    style = "red" if lesions else "green"
+    out.print(f"[{style}]{len(lesions)} lesion(s) appear in more than one split[/]"
+              + (" (a lesion-level leak: its images should share one split)" if lesions else ""))
+    _sample(lesions, ("group", "splits", "image_ids"), "lesions in several splits")
+    style = "red" if dups else "green"
+    out.print(f"[{style}]{len(dups)} set(s) of byte-identical images across splits[/]")
+    _sample(dups, ("sha1", "splits", "image_ids"), "byte-identical images across splits")
+    for key, label in (("repeated_image_ids", "image ids listed more than once"),
+                       ("unreadable", "listed but unreadable/missing")):
+        items = rep.get(key) or []
+        if items:
+            out.print(f"[yellow]{len(items)} {label}[/]")
+
+
+def _sample(items: list[dict], cols: tuple[str, ...], title: str, limit: int = 10) -> None:
+    if not items:
+        return
+    t = Table(title=f"{title} (first {min(limit, len(items))} of {len(items)})",
+              title_justify="left")
+    for c in cols:
+        t.add_column(c, overflow="fold")
+    for it in items[:limit]:
+        t.add_row(*(", ".join(map(str, it[c])) if isinstance(it[c], list) else str(it[c])
+                    for c in cols))
+    out.print(t)
+
+
+def _fmt(xs) -> str:
+    return "(" + ", ".join(f"{x:.3f}" for x in xs) + ")"
+
+
+def _reasons(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))

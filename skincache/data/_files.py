@@ -1,0 +1,95 @@
+"""Small file-system and CSV helpers shared by the data sources.
+
+Kept apart from the loaders so that every source finds images, reads CSV headers and names
+splits the same way (one walk of the tree, one spelling of "val").
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+IMAGE_EXTS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+)
+JPEG_EXTS: frozenset[str] = frozenset({".jpg", ".jpeg"})
+
+# Spellings of split names found in the wild -> the canonical names of `SPLITS`.
+SPLIT_ALIASES: dict[str, str] = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val",
+    "test": "test", "testing": "test",
+}
+
+
+def normalize_split(value: str | None) -> str | None:
+    """The canonical split name for a source's spelling; empty -> None; unknown names kept
+    as given (lower-cased) so a custom split survives."""
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if not v:
+        return None
+    return SPLIT_ALIASES.get(v, v)
+
+
+def split_from_name(parts: Iterable[str]) -> str | None:
+    """The split named by the first word of `parts` (file stem, then parent folders) that is a
+    known split spelling, e.g. `train-00000-of-00005` -> train, `validation/0.parquet` -> val."""
+    for part in parts:
+        for token in re.split(r"[^a-z0-9]+", part.lower()):
+            if token in SPLIT_ALIASES:
+                return SPLIT_ALIASES[token]
+    return None
+
+
+def slug(text: str) -> str:
+    """A short file-name-safe name: lower case, runs of other characters turned into '-'."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s or "dataset"
+
+
+def index_files(root: Path, exts: frozenset[str] = JPEG_EXTS) -> dict[str, Path]:
+    """Map file stem -> path for every file below `root` with one of `exts`.
+
+    One walk of the tree (not one search per image), in sorted order so that when a stem
+    occurs twice the same file wins on every machine. Hidden folders are skipped.
+    """
+    found: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in exts and stem not in found:
+                found[stem] = Path(dirpath, name)
+    return found
+
+
+def read_csv_header(path: Path) -> list[str]:
+    """The first row of a CSV, stripped; [] for an empty or unreadable file."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            row = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    return [c.strip() for c in row]
+
+
+def read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """(header, [(line number, row dict)]) with values stripped and missing cells as ''.
+
+    Line numbers count the header as line 1 so that error messages point at the file's line.
+    """
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [c.strip() for c in next(reader, [])]
+        rows: list[tuple[int, dict[str, str]]] = []
+        for row in reader:
+            if not row or all(not c.strip() for c in row):
+                continue
+            values = [c.strip() for c in row] + [""] * (len(header) - len(row))
+            rows.append((reader.line_num, dict(zip(header, values, strict=False))))
+    return header, rows

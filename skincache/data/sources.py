@@ -1,0 +1,338 @@
+"""Data sources: turn a path (HAM10000 folder, ISIC 2018 CSV, parquet shards, generic CSV, class
+folders) into a `Dataset` of `Record`s, one per image, in a fixed order.
+
+Loaders never open images: they list what the source says and where the bytes are. An image the
+source lists but whose file is not there is kept as a record (its `source` is the expected path,
+which does not exist) and its id is added to `Dataset.missing`, so that the encoder can report it
+as "listed in metadata but missing" instead of the dataset silently shrinking.
+
+`load_dataset` is the entry point: it detects the kind of source (or takes a `kind:` prefix) and
+assigns seeded, lesion-grouped splits where the source has none.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from ._files import (
+    IMAGE_EXTS,
+    SPLIT_ALIASES,
+    index_files,
+    normalize_split,
+    read_csv_header,
+    read_csv_rows,
+    slug,
+    split_from_name,
+)
+from ._record import DataError, Dataset, Record
+from .classes import HAM10000_CLASSES, ISIC_COLUMNS
+from .parquet import load_parquet, parquet_files, read_parquet_image, split_source
+from .splits import DEFAULT_RATIOS, assign_splits
+
+HAM_METADATA = "HAM10000_metadata.csv"
+HAM_COLUMNS = ("lesion_id", "image_id", "dx")
+HAM_META = ("dx_type", "age", "sex", "localization")
+ISIC_HEADER = ("image", *ISIC_COLUMNS)
+KINDS = ("ham10000", "isic2018", "parquet", "csv", "folder")
+
+EXPECTED = (
+    "expected one of: a folder holding HAM10000_metadata.csv (ham10000:); an ISIC 2018 Task 3 "
+    "ground-truth CSV `image,MEL,NV,BCC,AKIEC,BKL,DF,VASC` or a folder holding one (isic2018:); "
+    "a .parquet file or a folder of parquet shards (parquet:); a CSV with a `path,label` header "
+    "(csv:); a folder with one sub-folder of images per class (folder:)"
+)
+
+
+# --- HAM10000 -------------------------------------------------------------------------------
+
+
+def load_ham10000(root: Path) -> Dataset:
+    """HAM10000 as distributed: `HAM10000_metadata.csv` plus images anywhere below the folder.
+
+    `root` is the folder (or the metadata CSV itself). group = lesion_id; meta = dx_type, age, sex,
+    localization as strings ('' where missing). No split (HAM10000 has none).
+    """
+    root = Path(root)
+    csv_path = root if root.is_file() else root / HAM_METADATA
+    if root.is_file():
+        root = root.parent
+    if not csv_path.is_file():
+        raise DataError(f"{root}: no {HAM_METADATA} in this folder")
+    header, rows = read_csv_rows(csv_path)
+    _require_columns(csv_path, header, HAM_COLUMNS)
+    images = index_files(root)
+    records, missing = [], []
+    for _, row in rows:
+        image_id = row["image_id"]
+        path = images.get(image_id)
+        if path is None:
+            missing.append(image_id)
+            path = root / f"{image_id}.jpg"
+        records.append(Record(
+            image_id=image_id,
+            source=str(path.resolve()),
+            label=row["dx"].lower(),
+            split=None,
+            group=row["lesion_id"] or None,
+            meta={k: row.get(k, "") for k in HAM_META},
+        ))
+    return Dataset(name="ham10000", records=records, classes=list(HAM10000_CLASSES),
+                   root=str(root.resolve()), kind="ham10000", missing=missing)
+
+
+# --- ISIC 2018 Task 3 -----------------------------------------------------------------------
+
+
+def is_isic_header(header: list[str]) -> bool:
+    return set(ISIC_HEADER) <= set(header)
+
+
+def _isic_csvs(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("*.csv") if is_isic_header(read_csv_header(p)))
+
+
+def load_isic2018(spec: Path, *, images: Path | None = None, split: str | None = None) -> Dataset:
+    """ISIC 2018 Task 3 one-hot ground truth (`image,MEL,NV,BCC,AKIEC,BKL,DF,VASC`) plus images.
+
+    `spec` is the CSV, or a folder holding one or more such CSVs (e.g. the Training, Validation
+    and Test ground truths). Images are searched recursively below `images` (default: the CSV's
+    folder). Split: `split` if given, else the one the file name says (Training/Validation/Test),
+    else "test". group = None: no lesion ids are published for the ISIC test set.
+    A row that is not exactly one-hot is a DataError naming the file and line.
+    """
+    spec = Path(spec)
+    csvs = [spec] if spec.is_file() else _isic_csvs(spec)
+    if not csvs:
+        raise DataError(f"{spec}: no ISIC 2018 ground-truth CSV ({','.join(ISIC_HEADER)})")
+    folder = Path(images) if images is not None else csvs[0].parent
+    index = index_files(folder)
+    records, missing = [], []
+    for csv_path in csvs:
+        header, rows = read_csv_rows(csv_path)
+        _require_columns(csv_path, header, ISIC_HEADER)
+        file_split = normalize_split(split) or split_from_name([csv_path.stem]) or "test"
+        for line, row in rows:
+            label = _one_hot_label(csv_path, line, row)
+            image_id = row["image"]
+            path = index.get(image_id)
+            if path is None:
+                missing.append(image_id)
+                path = folder / f"{image_id}.jpg"
+            records.append(Record(image_id=image_id, source=str(path.resolve()), label=label,
+                                  split=file_split, group=None))
+    splits = sorted({r.split for r in records if r.split})
+    name = f"isic2018-{splits[0]}" if len(splits) == 1 else "isic2018"
+    return Dataset(name=name, records=records, classes=list(HAM10000_CLASSES),
+                   root=str(folder.resolve()), kind="isic2018", missing=missing)
+
+
+def _one_hot_label(path: Path, line: int, row: dict[str, str]) -> str:
+    values: dict[str, float] = {}
+    for col in ISIC_COLUMNS:
+        try:
+            values[col] = float(row[col])
+        except ValueError:
+            raise DataError(
+                f"{path}, line {line} ({row.get('image', '?')}): column {col} is "
+                f"{row[col]!r}, not a number"
+            ) from None
+    ones = [c for c, v in values.items() if v == 1.0]
+    if len(ones) != 1 or any(v not in (0.0, 1.0) for v in values.values()):
+        raise DataError(
+            f"{path}, line {line} ({row.get('image', '?')}): not exactly one-hot "
+            f"({', '.join(f'{c}={row[c]}' for c in ISIC_COLUMNS)})"
+        )
+    return ISIC_COLUMNS[ones[0]]
+
+
+# --- generic CSV and class folders ----------------------------------------------------------
+
+
+def load_csv(csv_path: Path) -> Dataset:
+    """A CSV with `path,label[,split][,group]` (paths relative to the CSV's folder, or absolute).
+
+    image_id = the path without extension; other columns go to `meta`; classes = sorted labels.
+    """
+    csv_path = Path(csv_path)
+    header, rows = read_csv_rows(csv_path)
+    _require_columns(csv_path, header, ("path", "label"))
+    base = csv_path.parent
+    extra = [c for c in header if c not in ("path", "label", "split", "group")]
+    records, missing = [], []
+    for line, row in rows:
+        rel = row["path"]
+        if not rel or not row["label"]:
+            raise DataError(f"{csv_path}, line {line}: empty path or label")
+        path = Path(rel) if os.path.isabs(rel) else base / rel
+        if not path.is_file():
+            missing.append(rel)
+        records.append(Record(
+            image_id=Path(rel).with_suffix("").as_posix(),
+            source=str(path.resolve()),
+            label=row["label"],
+            split=normalize_split(row.get("split")),
+            group=row.get("group") or None,
+            meta={c: row[c] for c in extra},
+        ))
+    classes = sorted({r.label for r in records})
+    return Dataset(name=slug(f"{base.resolve().name}-{csv_path.stem}"), records=records,
+                   classes=classes, root=str(base.resolve()), kind="csv", missing=missing)
+
+
+def _images_below(folder: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath, f) for f in sorted(filenames)
+                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS)
+    return out
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _split_layout(root: Path) -> bool:
+    """True for `root/<split>/<class>/...` (every sub-folder is named like a split)."""
+    subs = _subdirs(root)
+    return bool(subs) and all(p.name.lower() in SPLIT_ALIASES for p in subs)
+
+
+def load_folder(root: Path) -> Dataset:
+    """Images in one sub-folder per class: `root/<class>/**/*.{jpg,png,...}`.
+
+    Also `root/<split>/<class>/...` when every sub-folder is a split name (train, val, test...).
+    image_id = the path relative to `root` without extension; classes = sorted class folders.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    split_dirs = [(normalize_split(d.name), d) for d in _subdirs(root)] if _split_layout(root) \
+        else [(None, root)]
+    records = []
+    for split, base in split_dirs:
+        for class_dir in _subdirs(base):
+            for path in _images_below(class_dir):
+                records.append(Record(
+                    image_id=path.relative_to(root).with_suffix("").as_posix(),
+                    source=str(path.resolve()),
+                    label=class_dir.name,
+                    split=split,
+                ))
+    if not records:
+        raise DataError(f"{root}: no images in class sub-folders; {EXPECTED}")
+    return Dataset(name=slug(root.resolve().name), records=records,
+                   classes=sorted({r.label for r in records}), root=str(root.resolve()),
+                   kind="folder")
+
+
+# --- detection and the entry point ----------------------------------------------------------
+
+
+def _has_class_folders(root: Path) -> bool:
+    """At least one class sub-folder (or `<split>/<class>` folder) holds an image."""
+    bases = _subdirs(root) if _split_layout(root) else [root]
+    for base in bases:
+        for class_dir in _subdirs(base):
+            for _dirpath, _dirnames, filenames in os.walk(class_dir):
+                if any(os.path.splitext(f)[1].lower() in IMAGE_EXTS for f in filenames):
+                    return True
+    return False
+
+
+def detect_kind(path: Path) -> str:
+    """The source kind of `path` (one of KINDS); DataError naming the path when none fits."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder; {EXPECTED}")
+    if path.is_file():
+        if path.suffix.lower() == ".parquet":
+            return "parquet"
+        if path.suffix.lower() == ".csv":
+            header = read_csv_header(path)
+            if is_isic_header(header):
+                return "isic2018"
+            if set(HAM_COLUMNS) <= set(header):
+                return "ham10000"
+            if {"path", "label"} <= set(header):
+                return "csv"
+            raise DataError(f"{path}: unrecognised CSV header {header}; {EXPECTED}")
+        raise DataError(f"{path}: unrecognised file type; {EXPECTED}")
+    if (path / HAM_METADATA).is_file():
+        return "ham10000"
+    if _isic_csvs(path):
+        return "isic2018"
+    if parquet_files(path):
+        return "parquet"
+    if _has_class_folders(path):
+        return "folder"
+    raise DataError(f"{path}: unrecognised dataset folder; {EXPECTED}")
+
+
+_LOADERS: dict[str, Callable[[Path], Dataset]] = {
+    "ham10000": load_ham10000,
+    "isic2018": load_isic2018,
+    "parquet": load_parquet,
+    "csv": load_csv,
+    "folder": load_folder,
+}
+
+
+def parse_spec(spec: str | Path, kind: str | None = None) -> tuple[str | None, Path]:
+    """Split an optional `kind:` prefix off `spec`; the prefix and `kind` must agree."""
+    prefix = None
+    if isinstance(spec, str):
+        head, sep, rest = spec.partition(":")
+        if sep and head.lower() in KINDS:
+            prefix, spec = head.lower(), rest
+    if kind is not None and kind not in KINDS:
+        raise DataError(f"unknown dataset kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    if prefix and kind and prefix != kind:
+        raise DataError(f"{spec}: prefix '{prefix}:' disagrees with kind={kind!r}")
+    return prefix or kind, Path(spec).expanduser()
+
+
+def load_dataset(
+    spec: str | Path,
+    *,
+    split_ratios: tuple[float, ...] = DEFAULT_RATIOS,
+    seed: int = 0,
+    kind: str | None = None,
+) -> Dataset:
+    """Load any supported source and give every record a split.
+
+    `spec` is a path, optionally prefixed `ham10000:`, `isic2018:`, `parquet:`, `csv:` or
+    `folder:`; without a prefix (or `kind`) the kind is detected from the path. Records that
+    the source gives a split keep it; the others get a seeded split stratified by class and
+    grouped by lesion (`assign_splits`). Record order is the source's order.
+    """
+    chosen, path = parse_spec(spec, kind)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder; {EXPECTED}")
+    chosen = chosen or detect_kind(path)
+    ds = _LOADERS[chosen](path)
+    if any(r.split is None for r in ds.records):
+        ds.records = assign_splits(ds.records, split_ratios, seed)
+    return ds
+
+
+def read_image_bytes(source: str) -> bytes:
+    """The bytes of a record's image: a file, or row N of a parquet file (`file::N`).
+
+    Reading parquet rows in order is fast: the last row groups are kept decoded per process.
+    A missing file raises FileNotFoundError naming the path.
+    """
+    parsed = split_source(source)
+    if parsed is not None:
+        return read_parquet_image(*parsed)
+    with open(source, "rb") as f:
+        return f.read()
+
+
+def _require_columns(path: Path, header: list[str], required: tuple[str, ...]) -> None:
+    absent = [c for c in required if c not in header]
+    if absent:
+        raise DataError(f"{path}: missing columns {absent} (header: {header}; "
+                        f"expected {','.join(required)})")

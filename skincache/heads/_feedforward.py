@@ -1,0 +1,98 @@
+"""What `linear` and `mlp` share: preprocessing, the network, fit through the common loop, and
+saving the weights as safetensors.
+
+Inputs are L2-normalised (CLIP features live on the sphere) and then standardised per dimension
+with the training mean and spread, so that one learning rate suits every backbone whatever the
+scale of its embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _torch as T
+from .base import FitData, Head, l2_normalize, softmax
+
+
+def build_mlp(n_in: int, n_out: int, hidden: int, depth: int, dropout: float) -> nn.Sequential:
+    """`depth` hidden layers of width `hidden` (Linear, GELU, Dropout), then a linear output;
+    depth 0 is a plain linear classifier."""
+    layers: list[nn.Module] = []
+    width = n_in
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.GELU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = hidden
+    layers.append(nn.Linear(width, n_out))
+    return nn.Sequential(*layers)
+
+
+class FeedForwardHead(Head):
+    """Base for heads trained by `_torch.train` on standardised features (see module doc)."""
+
+    _fitted_scalars = ("epochs_run_", "best_epoch_", "best_val_score_")
+
+    # Subclasses set these through __init__; linear has depth 0.
+    hidden: int = 0
+    depth: int = 0
+    dropout: float = 0.0
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    balance: str | None
+    use_views: bool
+    patience: int | None
+    seed: int
+    device: str
+
+    def _build(self, n_in: int, n_out: int) -> nn.Module:
+        return build_mlp(n_in, n_out, self.hidden, self.depth, self.dropout)
+
+    def _prep(self, X: np.ndarray) -> np.ndarray:
+        return (l2_normalize(X) - self.mean_) / self.scale_
+
+    def _fit(self, data: FitData) -> None:
+        dev = T.resolve_device(self.device)
+        Xn = l2_normalize(data.X)
+        self.mean_ = Xn.mean(axis=0).astype(np.float32)
+        self.scale_ = (Xn.std(axis=0) + 1e-6).astype(np.float32)
+        n, k, d = data.views.shape
+        views = self._prep(data.views.reshape(n * k, d)).reshape(n, k, d)
+        cfg = T.TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+            weight_decay=self.weight_decay, seed=self.seed, balance=self.balance,
+            use_views=self.use_views, patience=self.patience,
+        )
+        with T.seeded(self.seed, dev):
+            module = self._build(d, data.n_classes).to(dev)
+            res = T.train(
+                module, T.to_tensor(self._prep(data.X), dev),
+                T.to_tensor(data.y, dev, torch.long), T.to_tensor(views, dev), data.n_classes,
+                cfg,
+                X_val=T.to_tensor(self._prep(data.X_val), dev) if data.has_val else None,
+                y_val=data.y_val if data.has_val else None,
+            )
+        self.module_ = module
+        self.epochs_run_ = res.epochs_run
+        self.best_epoch_ = res.best_epoch
+        self.best_val_score_ = None if np.isnan(res.best_val_score) else res.best_val_score
+        self.val_scores_ = res.val_scores
+
+    def _predict_proba(self, X: np.ndarray) -> np.ndarray:
+        dev = next(self.module_.parameters()).device
+        return softmax(T.predict_logits(self.module_, self._prep(X), dev))
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        return {"mean_": self.mean_, "scale_": self.scale_, **T.state_to_numpy(self.module_)}
+
+    def _restore(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+        super()._restore({k: arrays[k] for k in ("mean_", "scale_")}, scalars)
+        module = self._build(self.n_features_in_, self.n_classes_)
+        module.load_state_dict(T.numpy_to_state(arrays))
+        self.module_ = module.to(T.inference_device(self.device)).eval()

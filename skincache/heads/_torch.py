@@ -1,0 +1,226 @@
+"""The one training loop the PyTorch heads share (linear, mlp, zs-linear, tip-adapter-f).
+
+Why it looks the way it does:
+- Everything is a full tensor on the device and batches are index slices: with 10k x 512 cached
+  features a DataLoader's per-item overhead would cost more than the arithmetic.
+- Feature-level augmentation: every epoch each image contributes one of its K cached augmented
+  views, drawn at random (the clean view when K=0 or views are switched off). This is what the
+  cache buys: augmentation without running the image tower again.
+- Class imbalance (HAM10000 is two-thirds nv): `balance="loss"` weights the cross-entropy by
+  inverse class frequency, `balance="sampler"` draws each epoch's images with probability
+  inversely proportional to their class size.
+- Early stopping watches validation balanced accuracy (the ISIC metric) and restores the best
+  epoch's weights.
+- Determinism without side effects: training runs inside `torch.random.fork_rng`, seeded from the
+  head's `seed`, so the same seed gives the same weights and the caller's global RNG is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import balanced_accuracy, balanced_class_weights
+
+BALANCE_MODES = (None, "loss", "sampler")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" -> cuda when available else cpu; an explicit cuda without a GPU is an error that
+    says so rather than torch's lazy-init message."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available; use 'cpu' or 'auto'")
+    return dev
+
+
+def inference_device(device: str | torch.device) -> torch.device:
+    """Like `resolve_device`, but a head saved with device="cuda" still loads and predicts on a
+    machine without a GPU (on the CPU)."""
+    if not torch.cuda.is_available() and str(device).startswith("cuda"):
+        return torch.device("cpu")
+    return resolve_device(device)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's global generators for the duration only (module init, dropout)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    seed: int
+    balance: str | None = None
+    use_views: bool = True
+    patience: int | None = 10
+    eval_every: int = 1
+    #: images drawn per epoch (None: all N); lets an expensive head take short epochs
+    samples_per_epoch: int | None = None
+
+    def check(self) -> None:
+        if self.balance not in BALANCE_MODES:
+            raise ValueError(f"balance must be one of {BALANCE_MODES}, got {self.balance!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int = 0
+    best_epoch: int = -1
+    best_val_score: float = float("nan")
+    val_scores: list[float] = field(default_factory=list)
+
+
+def epoch_indices(
+    y: torch.Tensor, n_classes: int, balance: str | None, g: torch.Generator
+) -> torch.Tensor:
+    """The order in which one epoch visits the N training images: a permutation, or, with
+    `balance="sampler"`, N draws with replacement weighted so every class is equally likely."""
+    n = y.shape[0]
+    if balance == "sampler":
+        counts = torch.bincount(y, minlength=n_classes).clamp(min=1).double()
+        return torch.multinomial((1.0 / counts)[y], n, replacement=True, generator=g)
+    return torch.randperm(n, generator=g)
+
+
+def epoch_features(
+    X: torch.Tensor, views: torch.Tensor, use_views: bool, g: torch.Generator
+) -> torch.Tensor:
+    """One feature row per image for this epoch: a random cached view, or the clean one."""
+    n, k = views.shape[0], views.shape[1]
+    if not use_views or k == 0:
+        return X
+    pick = torch.randint(k, (n,), generator=g).to(views.device)
+    return views[torch.arange(n, device=views.device), pick]
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def train(
+    module: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    views: torch.Tensor,
+    n_classes: int,
+    cfg: TrainConfig,
+    *,
+    X_val: torch.Tensor | None = None,
+    y_val: np.ndarray | None = None,
+    forward: Forward | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    predict_val: Callable[[], torch.Tensor] | None = None,
+    optimizer_kwargs: dict | None = None,
+) -> TrainResult:
+    """Train `module` in place with AdamW and a per-step cosine schedule; returns a record.
+
+    X [N, D], y [N] (long), views [N, K, D] already on the module's device and preprocessed.
+    `forward(x_batch, index_batch)` computes logits (default `module(x_batch)`; the index lets
+    tip-adapter-f mask each image's own cache key). `penalty()` is added to the loss
+    (zs-linear's pull towards the zero-shot weights). Call inside `seeded(...)`.
+    """
+    cfg.check()
+    device = X.device
+    g = torch.Generator().manual_seed(cfg.seed)
+    fwd: Forward = forward or (lambda xb, _idx: module(xb))
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            **(optimizer_kwargs or {}))
+    n = X.shape[0] if cfg.samples_per_epoch is None else min(cfg.samples_per_epoch, X.shape[0])
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))
+    )
+    loss_w = None
+    if cfg.balance == "loss":
+        w = balanced_class_weights(y.cpu().numpy(), n_classes)
+        loss_w = torch.as_tensor(w, dtype=torch.float32, device=device)
+    y_cpu = y.cpu()
+    use_val = y_val is not None and (X_val is not None or predict_val is not None)
+    if use_val and predict_val is None:
+        def predict_val() -> torch.Tensor:
+            return module(X_val)
+
+    result = TrainResult()
+    best_state: dict[str, torch.Tensor] | None = None
+    for epoch in range(cfg.epochs):
+        module.train()
+        feats = epoch_features(X, views, cfg.use_views, g)
+        order = epoch_indices(y_cpu, n_classes, cfg.balance, g)[:n].to(device)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            logits = fwd(feats[idx], idx)
+            loss = F.cross_entropy(logits, y[idx], weight=loss_w)
+            if penalty is not None:
+                loss = loss + penalty()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        result.epochs_run = epoch + 1
+        last = epoch == cfg.epochs - 1
+        if not use_val or ((epoch + 1) % cfg.eval_every and not last):
+            continue
+        module.eval()
+        with torch.no_grad():
+            pred = predict_val().argmax(dim=1).cpu().numpy()
+        score = balanced_accuracy(y_val, pred)
+        result.val_scores.append(score)
+        if best_state is None or score > result.best_val_score:
+            result.best_val_score, result.best_epoch = score, epoch
+            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        elif cfg.patience is not None and epoch - result.best_epoch >= cfg.patience:
+            break
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    return result
+
+
+@torch.no_grad()
+def predict_logits(
+    fn: Callable[[torch.Tensor], torch.Tensor], X: np.ndarray, device: torch.device,
+    batch_size: int = 8192,
+) -> np.ndarray:
+    """Apply `fn` to X in chunks on `device`; float32 numpy logits."""
+    out = []
+    for start in range(0, len(X), batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(X[start:start + batch_size])).to(device)
+        out.append(fn(xb).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def to_tensor(a: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32
+              ) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+
+
+def state_to_numpy(module: nn.Module, prefix: str = "module.") -> dict[str, np.ndarray]:
+    return {prefix + k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def numpy_to_state(arrays: dict[str, np.ndarray], prefix: str = "module."
+                   ) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: torch.from_numpy(v.copy()) for k, v in arrays.items()
+            if k.startswith(prefix)}

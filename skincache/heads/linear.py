@@ -1,0 +1,42 @@
+"""A linear classifier trained with AdamW on cached (augmented) features: the fast,
+augmentation-aware counterpart of the lbfgs `logreg` probe."""
+
+from __future__ import annotations
+
+from ._feedforward import FeedForwardHead
+from ._registry import register_head
+
+
+@register_head("linear")
+class LinearHead(FeedForwardHead):
+    """Softmax regression on standardised, L2-normalised features.
+
+    epochs/batch_size/lr/weight_decay: AdamW with a cosine schedule to zero.
+    balance: None, "loss" (class-weighted cross-entropy) or "sampler" (class-balanced draws).
+    use_views: draw one cached augmented view per image per epoch (clean view when K=0).
+    patience: epochs without a better validation balanced accuracy before stopping (None: run
+    all epochs); the best epoch's weights are kept. Without validation data all epochs run.
+    seed: the same seed gives identical weights. device: "cpu", "cuda" or "auto".
+    """
+
+    def __init__(
+        self,
+        epochs: int = 30,
+        batch_size: int = 512,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        balance: str | None = None,
+        use_views: bool = True,
+        patience: int | None = 10,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.balance = balance
+        self.use_views = use_views
+        self.patience = patience
+        self.seed = seed
+        self.device = device

@@ -1,0 +1,46 @@
+"""A small MLP on cached (augmented) features: a little non-linearity on top of a frozen
+backbone, trained in seconds because the images never pass through the tower again."""
+
+from __future__ import annotations
+
+from ._feedforward import FeedForwardHead
+from ._registry import register_head
+
+
+@register_head("mlp")
+class MLPHead(FeedForwardHead):
+    """`depth` hidden layers of width `hidden` (GELU, dropout) and a linear output.
+
+    Training parameters as for `linear`: epochs/batch_size/lr/weight_decay (AdamW, cosine),
+    balance (None | "loss" | "sampler"), use_views (one random cached view per image per epoch),
+    patience (early stopping on validation balanced accuracy, best weights restored), seed,
+    device ("cpu" | "cuda" | "auto").
+    """
+
+    def __init__(
+        self,
+        hidden: int = 512,
+        depth: int = 1,
+        dropout: float = 0.2,
+        epochs: int = 30,
+        batch_size: int = 512,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        balance: str | None = None,
+        use_views: bool = True,
+        patience: int | None = 10,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        self.hidden = hidden
+        self.depth = depth
+        self.dropout = dropout
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.balance = balance
+        self.use_views = use_views
+        self.patience = patience
+        self.seed = seed
+        self.device = device

@@ -1,0 +1,206 @@
+"""Loading open_clip models and describing their preprocessing.
+
+A model is named the open_clip way: an architecture plus a pretrained tag (`ViT-B-32` +
+`openai`), an `hf-hub:` id (BiomedCLIP, DermLIP), or an architecture plus a local checkpoint
+file. The package ships `skincache-tiny`, a small random-initialised config, so that tests and
+the demo run offline through exactly the code path a real model takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+TINY_MODEL = "skincache-tiny"
+TINY_SEED = 0
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+def _register_configs() -> None:
+    """Make the shipped configs known to open_clip (once per process)."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(_CONFIG_DIR)
+        _registered = True
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which weights to load: what the cache key is made of for the model.
+
+    `pretrained` is an open_clip tag (`openai`, `laion2b_s34b_b79k`) or None for random
+    initialisation; `checkpoint` a local weights file (loaded with `weights_only=True`).
+    Names with an `hf-hub:` prefix carry their own weights and preprocessing.
+    """
+
+    name: str
+    pretrained: str | None = None
+    checkpoint: str | None = None
+
+    @property
+    def slug(self) -> str:
+        """A short file-name-safe label for cache names."""
+        base = self.name.removeprefix("hf-hub:").split("/")[-1]
+        tag = self.pretrained or (Path(self.checkpoint).stem if self.checkpoint else "")
+        if not tag and self.name == TINY_MODEL:
+            tag = f"seed{TINY_SEED}"
+        out = f"{base}-{tag}" if tag else base
+        return "".join(c if c.isalnum() or c in "-_." else "-" for c in out)
+
+    def identity(self) -> dict:
+        """What identifies the weights without loading them (part of the cache key).
+
+        A local checkpoint is identified by the sha256 of its bytes, not its path."""
+        ident = {"name": self.name, "pretrained": self.pretrained, "checkpoint_sha256": None}
+        if self.checkpoint:
+            ident["checkpoint_sha256"] = file_sha256(self.checkpoint)
+        if self.name == TINY_MODEL:
+            ident["init_seed"] = TINY_SEED
+        return ident
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """The model's own eval preprocessing, as open_clip defines it (recorded in the cache)."""
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+
+    @classmethod
+    def from_open_clip(cls, cfg: dict) -> PreprocessSpec:
+        size = cfg.get("size", 224)
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return cls(
+            size=(int(size[0]), int(size[1])),
+            mean=tuple(float(m) for m in cfg["mean"]),
+            std=tuple(float(s) for s in cfg["std"]),
+            interpolation=cfg.get("interpolation", "bicubic"),
+            resize_mode=cfg.get("resize_mode", "shortest"),
+            fill_color=int(cfg.get("fill_color", 0)),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> PreprocessSpec:
+        d = json.loads(text)
+        d["size"] = tuple(d["size"])
+        d["mean"] = tuple(d["mean"])
+        d["std"] = tuple(d["std"])
+        return cls(**d)
+
+    def open_clip_transform(self):
+        """open_clip's own eval transform for this spec: the reference the fast paths match."""
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        cfg = PreprocessCfg(
+            size=self.size, mean=self.mean, std=self.std, interpolation=self.interpolation,
+            resize_mode=self.resize_mode, fill_color=self.fill_color,
+        )
+        return image_transform_v2(cfg, is_train=False)
+
+
+@dataclass
+class LoadedModel:
+    """A ready model with everything the encoder needs to know about it."""
+
+    spec: ModelSpec
+    model: torch.nn.Module
+    tokenizer: object
+    preprocess: PreprocessSpec
+    embed_dim: int
+    logit_scale: float
+    weights_sha256: str
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(device)
+        return self.model.encode_text(tokens).float()
+
+
+def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """A checksum of the weights actually loaded, whatever their source."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedModel:
+    """Create the open_clip model for `spec` in eval mode on `device`.
+
+    Raises FileNotFoundError for a missing checkpoint and RuntimeError (with the name) when
+    open_clip cannot resolve the model or download its weights."""
+    _register_configs()
+    import open_clip
+
+    if spec.checkpoint and not Path(spec.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {spec.checkpoint}")
+    is_hub = spec.name.startswith("hf-hub:")
+    if not is_hub and spec.name not in open_clip.list_models():
+        raise RuntimeError(
+            f"unknown model '{spec.name}': use an open_clip architecture "
+            f"(e.g. ViT-B-32), an 'hf-hub:org/repo' id, or '{TINY_MODEL}'"
+        )
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            model = open_clip.create_model(
+                spec.name,
+                pretrained=None if (is_hub or spec.checkpoint) else spec.pretrained,
+                weights_only=True,
+            )
+    except Exception as e:  # open_clip raises many types for unreachable hubs / unknown tags
+        raise RuntimeError(
+            f"could not load model '{spec.name}' (pretrained={spec.pretrained}): {e}"
+        ) from e
+    if spec.checkpoint:
+        open_clip.load_checkpoint(model, spec.checkpoint, weights_only=True)
+    model.eval().to(device)
+    preprocess = PreprocessSpec.from_open_clip(model.visual.preprocess_cfg)
+    tokenizer = open_clip.get_tokenizer(spec.name)
+    embed_dim = int(model.text_projection.shape[1]) if _has_proj(model) else _probe_dim(model)
+    return LoadedModel(
+        spec=spec,
+        model=model,
+        tokenizer=tokenizer,
+        preprocess=preprocess,
+        embed_dim=embed_dim,
+        logit_scale=float(model.logit_scale.exp().item()),
+        weights_sha256=state_dict_sha256(model),
+    )
+
+
+def _has_proj(model: torch.nn.Module) -> bool:
+    proj = getattr(model, "text_projection", None)
+    return isinstance(proj, torch.Tensor) and proj.ndim == 2
+
+
+@torch.no_grad()
+def _probe_dim(model: torch.nn.Module) -> int:
+    size = model.visual.preprocess_cfg.get("size", 224)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    p = next(model.parameters())
+    x = torch.zeros(1, 3, *size, device=p.device, dtype=p.dtype)
+    return int(model.encode_image(x).shape[-1])

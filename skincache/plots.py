@@ -1,0 +1,289 @@
+"""Plots for runs: confusion matrices, class-wise bars, training curves, reliability diagrams.
+
+Figures are built on `matplotlib.figure.Figure` directly and saved through its Agg canvas; pyplot
+is never imported, so nothing here touches matplotlib's global state (current figure, backend,
+rcParams), plots work headless and in threads, and figures are freed when they go out of scope
+instead of piling up in pyplot's registry.
+
+Each `plot_*` function writes one PNG (dpi 150, tight bounding box) and returns its Path; the
+matching `*_figure` function returns the Figure unsaved, for notebooks and for tests that check
+what is drawn (annotation texts, bar heights) rather than pixels.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from skincache.metrics import ECE_BINS, calibration_bins, expected_calibration_error
+
+__all__ = [
+    "DPI",
+    "classwise_figure",
+    "confusion_figure",
+    "curves_figure",
+    "plot_classwise",
+    "plot_confusion_matrix",
+    "plot_curves",
+    "plot_reliability",
+    "reliability_figure",
+    "row_normalize",
+    "write_report_plots",
+]
+
+DPI = 150
+
+_TOTAL_COLOR = "#9ecae1"
+_CORRECT_COLOR = "#08519c"
+
+
+def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    """Write `fig` as PNG (creating parent folders: run folders are made lazily) and return the
+    path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI, bbox_inches="tight", format="png")
+    return out
+
+
+def _check_cm(cm: Any, class_names: Sequence[str]) -> np.ndarray:
+    """A square count matrix matching the class list; a mismatch would silently mislabel
+    cells, so it is an error."""
+    m = np.asarray(cm)
+    c = len(class_names)
+    if m.shape != (c, c):
+        raise ValueError(f"confusion matrix has shape {m.shape}, expected ({c}, {c}) for classes "
+                         f"{list(class_names)}")
+    if np.any(m < 0):
+        raise ValueError("confusion matrix counts must be non-negative")
+    return m
+
+
+def row_normalize(cm: Any) -> np.ndarray:
+    """Rows divided by their sums (recall per class on the diagonal); NaN rows for classes
+    with no true samples, which have no recall to show."""
+    m = np.asarray(cm, dtype=np.float64)
+    sums = m.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sums > 0, m / np.where(sums > 0, sums, 1.0), np.nan)
+
+
+# ---------------------------------------------------------------------- confusion matrix
+
+
+def confusion_figure(cm: Any, class_names: Sequence[str], *, normalize: bool) -> Figure:
+    """The confusion matrix as an annotated heatmap (rows = true class, columns = predicted).
+
+    Cells are coloured by the row fraction in both views: with HAM10000's ~67% nevi a colour
+    scale on counts leaves every rare class white. `normalize=False` annotates counts;
+    `normalize=True` annotates row fractions to two decimals (recall on the diagonal) and adds
+    each class's support to its row label. Rows with no true samples show "–".
+    """
+    m = _check_cm(cm, class_names)
+    frac = row_normalize(m)
+    c = len(class_names)
+    side = max(4.5, 0.75 * c + 2.0)
+    fig = Figure(figsize=(side + 1.0, side), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(frac), cmap="Blues", vmin=0.0, vmax=1.0)
+    cbar = fig.colorbar(image, ax=ax, shrink=0.85)
+    cbar.set_label("Fraction of the true class")
+
+    fontsize = 10 if c <= 8 else 8
+    for i in range(c):
+        for j in range(c):
+            if normalize:
+                text = "–" if np.isnan(frac[i, j]) else f"{frac[i, j]:.2f}"
+            else:
+                text = f"{int(m[i, j])}"
+            dark = not np.isnan(frac[i, j]) and frac[i, j] > 0.5
+            ax.text(j, i, text, ha="center", va="center", fontsize=fontsize,
+                    color="white" if dark else "black",
+                    fontweight="bold" if i == j else "normal")
+
+    support = m.sum(axis=1)
+    ylabels = [f"{name} (n={int(s)})" for name, s in zip(class_names, support, strict=True)]
+    ax.set_xticks(range(c), labels=list(class_names), rotation=45, ha="right",
+                  rotation_mode="anchor")
+    ax.set_yticks(range(c), labels=ylabels if normalize else list(class_names))
+    ax.set_xlabel("Predicted class")
+    ax.set_ylabel("True class")
+    if normalize:
+        ax.set_title("Confusion matrix, row-normalised (recall on the diagonal)")
+    else:
+        ax.set_title(f"Confusion matrix, counts (n={int(m.sum())})")
+    return fig
+
+
+def plot_confusion_matrix(
+    cm: Any, class_names: Sequence[str], path: str | os.PathLike[str], *, normalize: bool
+) -> Path:
+    """Write `confusion_figure` to `path` (PNG) and return the path."""
+    return _save(confusion_figure(cm, class_names, normalize=normalize), path)
+
+
+# ------------------------------------------------------------------------ class-wise bars
+
+
+def classwise_figure(cm: Any, class_names: Sequence[str]) -> Figure:
+    """Per class, total images next to correctly classified ones (grouped bars), each bar
+    labelled with its count and the correct bar with the recall, so the small classes that
+    a linear axis squeezes flat stay readable."""
+    m = _check_cm(cm, class_names)
+    total = m.sum(axis=1)
+    correct = np.diagonal(m)
+    c = len(class_names)
+    x = np.arange(c)
+    width = 0.4
+    fig = Figure(figsize=(max(6.0, 1.1 * c + 1.5), 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    bars_total = ax.bar(x - width / 2, total, width, label="Total images", color=_TOTAL_COLOR)
+    bars_correct = ax.bar(x + width / 2, correct, width, label="Correctly classified",
+                          color=_CORRECT_COLOR)
+    ax.bar_label(bars_total, labels=[f"{int(t)}" for t in total], padding=2, fontsize=8)
+    recall_labels = [
+        f"{int(k)}\n({k / t:.0%})" if t > 0 else f"{int(k)}"
+        for k, t in zip(correct, total, strict=True)
+    ]
+    ax.bar_label(bars_correct, labels=recall_labels, padding=2, fontsize=8)
+    ax.set_xticks(x, labels=list(class_names))
+    ax.set_xlabel("Class")
+    ax.set_ylabel("Images")
+    ax.set_ylim(0, max(1.0, float(total.max())) * 1.18)
+    ax.set_title("Class-wise results: total vs correctly classified")
+    ax.legend(loc="upper left", frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+def plot_classwise(cm: Any, class_names: Sequence[str], path: str | os.PathLike[str]) -> Path:
+    """Write `classwise_figure` to `path` (PNG) and return the path."""
+    return _save(classwise_figure(cm, class_names), path)
+
+
+# -------------------------------------------------------------------------------- curves
+
+
+def _is_loss(name: str) -> bool:
+    return "loss" in name.lower()
+
+
+def curves_figure(history: Mapping[str, Sequence[float]], *, title: str = "Training curves"
+                  ) -> Figure:
+    """Training curves per epoch: series whose name contains "loss" on the left panel,
+    everything else (accuracies, balanced accuracy, F1...) on the right, since losses and
+    [0, 1] scores share no useful axis. One panel when only one kind is present."""
+    series = {k: np.asarray(v, dtype=np.float64) for k, v in history.items() if len(v) > 0}
+    if not series:
+        raise ValueError("history has no series with values to plot")
+    groups = [
+        ("Loss", {k: v for k, v in series.items() if _is_loss(k)}),
+        ("Metric", {k: v for k, v in series.items() if not _is_loss(k)}),
+    ]
+    groups = [(label, g) for label, g in groups if g]
+    fig = Figure(figsize=(5.0 * len(groups) + 0.5, 4.0), layout="constrained")
+    axes: list[Axes] = [fig.add_subplot(1, len(groups), i + 1) for i in range(len(groups))]
+    for ax, (label, group) in zip(axes, groups, strict=True):
+        for name, values in group.items():
+            epochs = np.arange(1, len(values) + 1)
+            ax.plot(epochs, values, marker="o" if len(values) <= 30 else None, markersize=3,
+                    label=name)
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_curves(
+    history: Mapping[str, Sequence[float]],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "Training curves",
+) -> Path:
+    """Write `curves_figure` to `path` (PNG) and return the path."""
+    return _save(curves_figure(history, title=title), path)
+
+
+# --------------------------------------------------------------------------- reliability
+
+
+def reliability_figure(bins: Mapping[str, Any], *, ece: float | None = None) -> Figure:
+    """Reliability diagram from `skincache.metrics.calibration_bins` output (also stored in a
+    report's `calibration`): accuracy per confidence bin against the diagonal of perfect
+    calibration, the gap shaded, and below it how many predictions fall in each bin (a large
+    gap in a near-empty bin matters little to the ECE, which weights bins by size)."""
+    edges = np.asarray(bins["edges"], dtype=np.float64)
+    count = np.asarray(bins["count"], dtype=np.float64)
+    acc = np.array([np.nan if a is None else a for a in bins["accuracy"]], dtype=np.float64)
+    conf = np.array([np.nan if c is None else c for c in bins["confidence"]], dtype=np.float64)
+    left = edges[:-1]
+    width = np.diff(edges)
+
+    fig = Figure(figsize=(5.5, 6.0), layout="constrained")
+    ax, ax_hist = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    filled = count > 0
+    ax.bar(left[filled], acc[filled], width[filled], align="edge", color=_CORRECT_COLOR,
+           edgecolor="white", label="Accuracy")
+    # Hatched, unfilled: when the model is under-confident the gap lies inside the accuracy
+    # bar, and a filled overlay would blend into an unreadable colour.
+    ax.bar(left[filled], (conf - acc)[filled], width[filled], bottom=acc[filled], align="edge",
+           facecolor="none", edgecolor="#de2d26", hatch="///", linewidth=0.8,
+           label="Gap to mean confidence")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="Perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Accuracy")
+    title = "Reliability diagram"
+    if ece is not None:
+        title += f" (ECE = {ece:.3f}, {len(count)} bins)"
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    ax_hist.bar(left, count, width, align="edge", color=_TOTAL_COLOR, edgecolor="white")
+    ax_hist.set_xlabel("Confidence (max probability)")
+    ax_hist.set_ylabel("Predictions")
+    return fig
+
+
+def plot_reliability(
+    y_true: Any, proba: Any, path: str | os.PathLike[str], *, n_bins: int = ECE_BINS
+) -> Path:
+    """Reliability diagram of `proba` against integer labels `y_true`, with the ECE (same
+    binning as `skincache.metrics.expected_calibration_error`) in the title."""
+    bins = calibration_bins(y_true, proba, n_bins)
+    ece = expected_calibration_error(y_true, proba, n_bins)
+    return _save(reliability_figure(bins, ece=ece), path)
+
+
+# -------------------------------------------------------------------------------- report
+
+
+def write_report_plots(
+    report: Mapping[str, Any], out_dir: str | os.PathLike[str], *, prefix: str = ""
+) -> list[Path]:
+    """The standard plots of a `skincache.metrics.classification_report` into `out_dir`:
+    `confusion_matrix_counts.png`, `confusion_matrix_normalized.png`, `classwise.png`, and
+    `reliability.png` when the report carries its calibration bins. `prefix` (e.g. "test_")
+    keeps several splits' plots apart in one run folder."""
+    out = Path(out_dir)
+    classes = list(report["classes"])
+    cm = np.asarray(report["confusion_matrix"])
+    paths = [
+        plot_confusion_matrix(cm, classes, out / f"{prefix}confusion_matrix_counts.png",
+                              normalize=False),
+        plot_confusion_matrix(cm, classes, out / f"{prefix}confusion_matrix_normalized.png",
+                              normalize=True),
+        plot_classwise(cm, classes, out / f"{prefix}classwise.png"),
+    ]
+    if report.get("calibration"):
+        fig = reliability_figure(report["calibration"], ece=report.get("ece"))
+        paths.append(_save(fig, out / f"{prefix}reliability.png"))
+    return paths
