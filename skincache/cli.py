@@ -101,17 +101,11 @@ def demo(
 ) -> None:
     """Offline demo: synthetic HAM10000-shaped data, encoded with the shipped tiny model."""
     from skincache.cache import FeatureCache
-    from skincache.data import load_dataset, make_demo_dataset
-    from skincache.encode import encode_dataset
-    from skincache.models import TINY_MODEL, ModelSpec
-    from skincache.views import ViewPolicy
+    from skincache.demo import run_demo
 
     with _clear_errors():
-        root = make_demo_dataset(data_dir or cache_dir / "demo-data", n_images=n_images,
-                                 seed=seed)
-        ds = load_dataset(root)
-        result = encode_dataset(ds, ModelSpec(TINY_MODEL), policy=ViewPolicy(k=views),
-                                cache_dir=cache_dir, device="cpu", progress=not quiet)
+        result = run_demo(cache_dir, n_images=n_images, seed=seed, views=views,
+                          data_dir=data_dir, progress=not quiet)
         _render.encode_result(result)
         _render.cache_summary(FeatureCache.open(result.path).summary())
 

@@ -10,7 +10,8 @@ Why these numbers, in this order:
   scikit-learn's default label set; undefined precision/recall count as 0).
 - **AUROC**: one-vs-rest, macro over classes. A class needs both positives and negatives for its
   AUROC to exist; classes without them are excluded (listed in `auroc_excluded` and `notes`)
-  instead of crashing as `roc_auc_score(multi_class="ovr")` does. `None` when no class qualifies.
+  instead of raising or returning NaN as `roc_auc_score(multi_class="ovr")` does. `None` when
+  no class qualifies.
 - **ECE** (expected calibration error): predictions are binned by their *confidence* (the max
   probability) into 15 equal-width bins on [0, 1], right-inclusive ``(k/15, (k+1)/15]`` with 0 in
   the first bin; ECE = sum over bins of (bin size / n) * |accuracy in bin - mean confidence in
@@ -79,9 +80,10 @@ _HEADLINE: tuple[tuple[str, str], ...] = (
     ("log_loss", "Log loss"),
 )
 
-# Resamples processed together: bounds memory to ~_CHUNK * n int64s per array (5 MB at n=10k)
-# while keeping numpy calls large enough to be efficient.
+# Resamples processed together: at most _CHUNK, and at most _CHUNK_ELEMENTS / n so that each
+# [b, n] array stays ~5 MB whatever n is, while numpy calls stay large enough to be efficient.
 _CHUNK = 64
+_CHUNK_ELEMENTS = 640_000
 
 # Tolerance on row sums: catches logits passed by mistake, tolerates float16/float32 rounding.
 _PROBA_ATOL = 1e-3
@@ -199,9 +201,10 @@ def _resample_chunks(n: int, n_bootstrap: int, seed: int) -> Iterator[np.ndarray
     """Bootstrap index matrices [b, n] (b <= _CHUNK), drawn in order from one seeded generator,
     so the resamples depend only on (n, n_bootstrap, seed)."""
     rng = np.random.default_rng(seed)
+    chunk = max(1, min(_CHUNK, _CHUNK_ELEMENTS // max(n, 1)))
     done = 0
     while done < n_bootstrap:
-        b = min(_CHUNK, n_bootstrap - done)
+        b = min(chunk, n_bootstrap - done)
         yield rng.integers(0, n, size=(b, n))
         done += b
 
@@ -411,9 +414,7 @@ def classification_report(
         balanced = float(balanced_accuracy_score(y, pred))
         accuracy = float(accuracy_score(y, pred))
         macro_f1 = float(f1_score(y, pred, average="macro", zero_division=0))
-        prec, rec, f1, _ = precision_recall_fscore_support(
-            y, pred, labels=labels, zero_division=0
-        )
+        prec, rec, f1, _ = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
         loss = float(log_loss(y, p, labels=labels))
 
     auroc_idx = _auroc_classes(y, n_classes)
@@ -491,7 +492,7 @@ def headline(report: dict[str, Any]) -> list[tuple[str, float, float, float]]:
             continue
         value = report[key]
         interval = report.get("ci", {}).get(key)
-        lo, hi = (interval if interval is not None else (nan, nan))
+        lo, hi = interval if interval is not None else (nan, nan)
         rows.append((label, nan if value is None else float(value), float(lo), float(hi)))
     return rows
 

@@ -8,8 +8,10 @@ the demo run offline through exactly the code path a real model takes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -163,8 +165,9 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
             f"unknown model '{spec.name}': use an open_clip architecture "
             f"(e.g. ViT-B-32), an 'hf-hub:org/repo' id, or '{TINY_MODEL}'"
         )
+    random_init = not (is_hub or spec.checkpoint or spec.pretrained)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_logs(random_init):
             torch.manual_seed(TINY_SEED)
             model = open_clip.create_model(
                 spec.name,
@@ -190,6 +193,18 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
         logit_scale=float(model.logit_scale.exp().item()),
         weights_sha256=state_dict_sha256(model),
     )
+
+
+@contextlib.contextmanager
+def _quiet_logs(enabled: bool):
+    """Silence open_clip's "no pretrained weights" warning when random init is the intent."""
+    if enabled:
+        logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.disable(logging.NOTSET)
 
 
 def _has_proj(model: torch.nn.Module) -> bool:

@@ -58,8 +58,10 @@ def _check_cm(cm: Any, class_names: Sequence[str]) -> np.ndarray:
     m = np.asarray(cm)
     c = len(class_names)
     if m.shape != (c, c):
-        raise ValueError(f"confusion matrix has shape {m.shape}, expected ({c}, {c}) for classes "
-                         f"{list(class_names)}")
+        raise ValueError(
+            f"confusion matrix has shape {m.shape}, expected ({c}, {c}) for classes "
+            f"{list(class_names)}"
+        )
     if np.any(m < 0):
         raise ValueError("confusion matrix counts must be non-negative")
     return m
@@ -91,7 +93,9 @@ def confusion_figure(cm: Any, class_names: Sequence[str], *, normalize: bool) ->
     side = max(4.5, 0.75 * c + 2.0)
     fig = Figure(figsize=(side + 1.0, side), layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(frac), cmap="Blues", vmin=0.0, vmax=1.0)
+    image = ax.imshow(
+        np.ma.masked_invalid(frac), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest"
+    )
     cbar = fig.colorbar(image, ax=ax, shrink=0.85)
     cbar.set_label("Fraction of the true class")
 
@@ -103,14 +107,22 @@ def confusion_figure(cm: Any, class_names: Sequence[str], *, normalize: bool) ->
             else:
                 text = f"{int(m[i, j])}"
             dark = not np.isnan(frac[i, j]) and frac[i, j] > 0.5
-            ax.text(j, i, text, ha="center", va="center", fontsize=fontsize,
-                    color="white" if dark else "black",
-                    fontweight="bold" if i == j else "normal")
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=fontsize,
+                color="white" if dark else "black",
+                fontweight="bold" if i == j else "normal",
+            )
 
     support = m.sum(axis=1)
     ylabels = [f"{name} (n={int(s)})" for name, s in zip(class_names, support, strict=True)]
-    ax.set_xticks(range(c), labels=list(class_names), rotation=45, ha="right",
-                  rotation_mode="anchor")
+    ax.set_xticks(
+        range(c), labels=list(class_names), rotation=45, ha="right", rotation_mode="anchor"
+    )
     ax.set_yticks(range(c), labels=ylabels if normalize else list(class_names))
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
@@ -144,8 +156,9 @@ def classwise_figure(cm: Any, class_names: Sequence[str]) -> Figure:
     fig = Figure(figsize=(max(6.0, 1.1 * c + 1.5), 4.8), layout="constrained")
     ax = fig.add_subplot()
     bars_total = ax.bar(x - width / 2, total, width, label="Total images", color=_TOTAL_COLOR)
-    bars_correct = ax.bar(x + width / 2, correct, width, label="Correctly classified",
-                          color=_CORRECT_COLOR)
+    bars_correct = ax.bar(
+        x + width / 2, correct, width, label="Correctly classified", color=_CORRECT_COLOR
+    )
     ax.bar_label(bars_total, labels=[f"{int(t)}" for t in total], padding=2, fontsize=8)
     recall_labels = [
         f"{int(k)}\n({k / t:.0%})" if t > 0 else f"{int(k)}"
@@ -174,8 +187,9 @@ def _is_loss(name: str) -> bool:
     return "loss" in name.lower()
 
 
-def curves_figure(history: Mapping[str, Sequence[float]], *, title: str = "Training curves"
-                  ) -> Figure:
+def curves_figure(
+    history: Mapping[str, Sequence[float]], *, title: str = "Training curves"
+) -> Figure:
     """Training curves per epoch: series whose name contains "loss" on the left panel,
     everything else (accuracies, balanced accuracy, F1...) on the right, since losses and
     [0, 1] scores share no useful axis. One panel when only one kind is present."""
@@ -192,8 +206,9 @@ def curves_figure(history: Mapping[str, Sequence[float]], *, title: str = "Train
     for ax, (label, group) in zip(axes, groups, strict=True):
         for name, values in group.items():
             epochs = np.arange(1, len(values) + 1)
-            ax.plot(epochs, values, marker="o" if len(values) <= 30 else None, markersize=3,
-                    label=name)
+            ax.plot(
+                epochs, values, marker="o" if len(values) <= 30 else None, markersize=3, label=name
+            )
         ax.set_xlabel("Epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -231,13 +246,29 @@ def reliability_figure(bins: Mapping[str, Any], *, ece: float | None = None) -> 
     fig = Figure(figsize=(5.5, 6.0), layout="constrained")
     ax, ax_hist = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     filled = count > 0
-    ax.bar(left[filled], acc[filled], width[filled], align="edge", color=_CORRECT_COLOR,
-           edgecolor="white", label="Accuracy")
+    ax.bar(
+        left[filled],
+        acc[filled],
+        width[filled],
+        align="edge",
+        color=_CORRECT_COLOR,
+        edgecolor="white",
+        label="Accuracy",
+    )
     # Hatched, unfilled: when the model is under-confident the gap lies inside the accuracy
     # bar, and a filled overlay would blend into an unreadable colour.
-    ax.bar(left[filled], (conf - acc)[filled], width[filled], bottom=acc[filled], align="edge",
-           facecolor="none", edgecolor="#de2d26", hatch="///", linewidth=0.8,
-           label="Gap to mean confidence")
+    ax.bar(
+        left[filled],
+        (conf - acc)[filled],
+        width[filled],
+        bottom=acc[filled],
+        align="edge",
+        facecolor="none",
+        edgecolor="#de2d26",
+        hatch="///",
+        linewidth=0.8,
+        label="Gap to mean confidence",
+    )
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="Perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -277,10 +308,12 @@ def write_report_plots(
     classes = list(report["classes"])
     cm = np.asarray(report["confusion_matrix"])
     paths = [
-        plot_confusion_matrix(cm, classes, out / f"{prefix}confusion_matrix_counts.png",
-                              normalize=False),
-        plot_confusion_matrix(cm, classes, out / f"{prefix}confusion_matrix_normalized.png",
-                              normalize=True),
+        plot_confusion_matrix(
+            cm, classes, out / f"{prefix}confusion_matrix_counts.png", normalize=False
+        ),
+        plot_confusion_matrix(
+            cm, classes, out / f"{prefix}confusion_matrix_normalized.png", normalize=True
+        ),
         plot_classwise(cm, classes, out / f"{prefix}classwise.png"),
     ]
     if report.get("calibration"):

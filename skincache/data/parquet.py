@@ -13,13 +13,15 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from ._files import slug, split_from_name
-from ._record import DataError, Dataset, Record, SPLITS
+from ._files import SPLIT_ALIASES, slug, split_from_name
+from ._record import SPLITS, DataError, Dataset, Record
 from .classes import HAM10000_CLASSES
+
+if TYPE_CHECKING:  # pyarrow costs ~0.15 s to import: only loaded when parquet is used
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMNS = ("dx", "label")
@@ -38,9 +40,13 @@ def parquet_files(root: Path) -> list[Path]:
 
 
 def parquet_split(path: Path) -> str | None:
-    """Split from the file name (`train-00000-of-00005.parquet` -> train), else from the
-    folders above it (`validation/0000.parquet` -> val); None when neither names one."""
-    return split_from_name([path.stem, *[p.name for p in path.parents][:3]])
+    """Split from the file name (`train-00000-of-00005.parquet` -> train), else from a parent
+    folder named exactly like a split (`validation/0000.parquet` -> val); None otherwise.
+    Only the word-for-word parent counts: a folder such as `test_runs/` names no split."""
+    from_stem = split_from_name([path.stem])
+    if from_stem is not None:
+        return from_stem
+    return SPLIT_ALIASES.get(path.parent.name.lower())
 
 
 def _str(value: object) -> str:
@@ -69,6 +75,9 @@ def load_parquet(spec: Path) -> Dataset:
 
 
 def _file_records(path: Path) -> list[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         schema = pq.read_schema(path)
     except (OSError, pa.ArrowException) as e:
@@ -139,6 +148,8 @@ class _RowReader:
         return value
 
     def _open(self, key: tuple[str, int, int]) -> tuple[pq.ParquetFile, list[int]]:
+        import pyarrow.parquet as pq
+
         if key in self._files:
             self._files.move_to_end(key)
             return self._files[key]
@@ -155,6 +166,8 @@ class _RowReader:
         return pf, starts
 
     def _group(self, key: tuple[str, int, int], pf: pq.ParquetFile, g: int) -> pa.Array:
+        import pyarrow as pa
+
         gkey = (key, g)
         if gkey in self._groups:
             self._groups.move_to_end(gkey)

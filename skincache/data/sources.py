@@ -62,6 +62,7 @@ def load_ham10000(root: Path) -> Dataset:
         raise DataError(f"{root}: no {HAM_METADATA} in this folder")
     header, rows = read_csv_rows(csv_path)
     _require_columns(csv_path, header, HAM_COLUMNS)
+    root = root.resolve()
     images = index_files(root)
     records, missing = [], []
     for _, row in rows:
@@ -69,17 +70,17 @@ def load_ham10000(root: Path) -> Dataset:
         path = images.get(image_id)
         if path is None:
             missing.append(image_id)
-            path = root / f"{image_id}.jpg"
+            path = os.path.join(root, f"{image_id}.jpg")
         records.append(Record(
             image_id=image_id,
-            source=str(path.resolve()),
+            source=path,
             label=row["dx"].lower(),
             split=None,
             group=row["lesion_id"] or None,
             meta={k: row.get(k, "") for k in HAM_META},
         ))
     return Dataset(name="ham10000", records=records, classes=list(HAM10000_CLASSES),
-                   root=str(root.resolve()), kind="ham10000", missing=missing)
+                   root=str(root), kind="ham10000", missing=missing)
 
 
 # --- ISIC 2018 Task 3 -----------------------------------------------------------------------
@@ -106,7 +107,7 @@ def load_isic2018(spec: Path, *, images: Path | None = None, split: str | None =
     csvs = [spec] if spec.is_file() else _isic_csvs(spec)
     if not csvs:
         raise DataError(f"{spec}: no ISIC 2018 ground-truth CSV ({','.join(ISIC_HEADER)})")
-    folder = Path(images) if images is not None else csvs[0].parent
+    folder = (Path(images) if images is not None else csvs[0].parent).resolve()
     index = index_files(folder)
     records, missing = [], []
     for csv_path in csvs:
@@ -119,13 +120,13 @@ def load_isic2018(spec: Path, *, images: Path | None = None, split: str | None =
             path = index.get(image_id)
             if path is None:
                 missing.append(image_id)
-                path = folder / f"{image_id}.jpg"
-            records.append(Record(image_id=image_id, source=str(path.resolve()), label=label,
+                path = os.path.join(folder, f"{image_id}.jpg")
+            records.append(Record(image_id=image_id, source=path, label=label,
                                   split=file_split, group=None))
     splits = sorted({r.split for r in records if r.split})
     name = f"isic2018-{splits[0]}" if len(splits) == 1 else "isic2018"
     return Dataset(name=name, records=records, classes=list(HAM10000_CLASSES),
-                   root=str(folder.resolve()), kind="isic2018", missing=missing)
+                   root=str(folder), kind="isic2018", missing=missing)
 
 
 def _one_hot_label(path: Path, line: int, row: dict[str, str]) -> str:
@@ -158,34 +159,35 @@ def load_csv(csv_path: Path) -> Dataset:
     csv_path = Path(csv_path)
     header, rows = read_csv_rows(csv_path)
     _require_columns(csv_path, header, ("path", "label"))
-    base = csv_path.parent
+    base = csv_path.parent.resolve()
     extra = [c for c in header if c not in ("path", "label", "split", "group")]
     records, missing = [], []
     for line, row in rows:
         rel = row["path"]
         if not rel or not row["label"]:
             raise DataError(f"{csv_path}, line {line}: empty path or label")
-        path = Path(rel) if os.path.isabs(rel) else base / rel
-        if not path.is_file():
+        path = os.path.normpath(os.path.join(base, rel))  # rel may be absolute
+        if not os.path.isfile(path):
             missing.append(rel)
         records.append(Record(
-            image_id=Path(rel).with_suffix("").as_posix(),
-            source=str(path.resolve()),
+            image_id=os.path.splitext(Path(rel).as_posix())[0],
+            source=path,
             label=row["label"],
             split=normalize_split(row.get("split")),
             group=row.get("group") or None,
             meta={c: row[c] for c in extra},
         ))
     classes = sorted({r.label for r in records})
-    return Dataset(name=slug(f"{base.resolve().name}-{csv_path.stem}"), records=records,
-                   classes=classes, root=str(base.resolve()), kind="csv", missing=missing)
+    return Dataset(name=slug(f"{base.name}-{csv_path.stem}"), records=records,
+                   classes=classes, root=str(base), kind="csv", missing=missing)
 
 
-def _images_below(folder: Path) -> list[Path]:
-    out = []
+def _images_below(folder: Path) -> list[str]:
+    """Absolute paths (str) of the image files below `folder`, in sorted walk order."""
+    out: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath, f) for f in sorted(filenames)
+        out.extend(os.path.join(dirpath, f) for f in sorted(filenames)
                    if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS)
     return out
 
@@ -206,7 +208,7 @@ def load_folder(root: Path) -> Dataset:
     Also `root/<split>/<class>/...` when every sub-folder is a split name (train, val, test...).
     image_id = the path relative to `root` without extension; classes = sorted class folders.
     """
-    root = Path(root)
+    root = Path(root).resolve()
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
     split_dirs = [(normalize_split(d.name), d) for d in _subdirs(root)] if _split_layout(root) \
@@ -215,16 +217,17 @@ def load_folder(root: Path) -> Dataset:
     for split, base in split_dirs:
         for class_dir in _subdirs(base):
             for path in _images_below(class_dir):
+                rel = os.path.splitext(os.path.relpath(path, root))[0]
                 records.append(Record(
-                    image_id=path.relative_to(root).with_suffix("").as_posix(),
-                    source=str(path.resolve()),
+                    image_id=Path(rel).as_posix(),
+                    source=path,
                     label=class_dir.name,
                     split=split,
                 ))
     if not records:
         raise DataError(f"{root}: no images in class sub-folders; {EXPECTED}")
-    return Dataset(name=slug(root.resolve().name), records=records,
-                   classes=sorted({r.label for r in records}), root=str(root.resolve()),
+    return Dataset(name=slug(root.name), records=records,
+                   classes=sorted({r.label for r in records}), root=str(root),
                    kind="folder")
 
 

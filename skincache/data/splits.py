@@ -25,7 +25,9 @@ def check_ratios(ratios: Sequence[float]) -> list[str]:
     positive, finite ratios summing to 1 (within 1e-3)."""
     r = [float(x) for x in ratios]
     if len(r) not in (2, 3):
-        raise DataError(f"split ratios {tuple(ratios)}: give 2 (train, val) or 3 (train, val, test)")
+        raise DataError(
+            f"split ratios {tuple(ratios)}: give 2 (train, val) or 3 (train, val, test)"
+        )
     if any(not math.isfinite(x) or x <= 0 for x in r):
         raise DataError(f"split ratios {tuple(ratios)}: every ratio must be positive")
     if abs(sum(r) - 1.0) > 1e-3:

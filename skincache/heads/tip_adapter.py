@@ -12,8 +12,6 @@ with the class size, so the best alpha can be small and the best beta large.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -133,9 +131,6 @@ class TipAdapterHead(Head):
         self.keys_ = cache_keys(data.X, data.views)
         self.key_labels_ = data.y.copy()
         self._choose_alpha_beta(data)
-
-    def _restore(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
-        super()._restore(arrays, scalars)
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         dev = self._device()
