@@ -49,7 +49,7 @@ def make_problem(
     def images(n_per_class: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         y = np.repeat(np.arange(c), n_per_class)
         rng.shuffle(y)
-        x = 3.0 * common + 0.9 * means[y] + rng.standard_normal((len(y), d)) / np.sqrt(d) * 2.2
+        x = 3.0 * common + 0.35 * means[y] + rng.standard_normal((len(y), d)) / np.sqrt(d) * 2.2
         return _unit(x).astype(np.float32), y
 
     X, y = images(counts)

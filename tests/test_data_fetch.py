@@ -23,7 +23,7 @@ def test_fetch_fails_fast_without_network(tmp_path: Path, monkeypatch) -> None:
     assert time.monotonic() - start < 5
     msg = str(e.value)
     assert "No network" in msg and "127.0.0.1:9" in msg
-    assert "huggingface-cli download marmal88/skin_cancer" in msg and "Dataverse" in msg
+    assert "hf download marmal88/skin_cancer --repo-type dataset" in msg and "Dataverse" in msg
     assert not (tmp_path / "ham").exists()
 
 

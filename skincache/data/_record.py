@@ -41,7 +41,8 @@ class Dataset:
     `kind` names the source type (ham10000, isic2018, parquet, csv, folder). `missing` lists the
     image ids the source names whose file was not found: their records are kept (with the
     expected, non-existent path as `source`) so the encoder can report each one as "listed in
-    metadata but missing" rather than the dataset shrinking silently.
+    metadata but missing" rather than the dataset shrinking silently. `declared_splits` are the
+    splits a split assignment promised (train/val[/test]): each must end up non-empty.
     """
 
     name: str
@@ -50,6 +51,7 @@ class Dataset:
     root: str = ""
     kind: str = ""
     missing: list[str] = field(default_factory=list)
+    declared_splits: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -95,9 +97,13 @@ class Dataset:
                 f"{self.root or self.name}: only {len(present)} class present ({sorted(present)}); "
                 f"a classifier needs at least {min_classes}"
             )
-        for split in self.splits:
+        for split in self.declared_splits or self.splits:
             if not self.split_records(split):
-                raise DataError(f"{self.root or self.name}: split '{split}' is empty")
+                raise DataError(
+                    f"{self.root or self.name}: split '{split}' is empty ({len(self)} images "
+                    f"for splits {self.declared_splits or self.splits}); use more images or "
+                    "other --split-ratios"
+                )
         ids = Counter(r.image_id for r in self.records)
         dup = [i for i, n in ids.items() if n > 1]
         if dup:

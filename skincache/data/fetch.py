@@ -17,10 +17,11 @@ PROBE_TIMEOUT_S = 3.0
 
 MANUAL = (
     "To get the data by hand: on a machine with network run\n"
-    "  huggingface-cli download {repo} --repo-type dataset --local-dir DIR\n"
-    "and copy DIR here (then use --data DIR), or download HAM10000 from the Harvard Dataverse\n"
-    "(doi:10.7910/DVN/DBW86T: HAM10000_metadata.csv and the image zip files), unzip it into\n"
-    "one folder and use --data FOLDER."
+    "  hf download {repo} --repo-type dataset --local-dir DIR\n"
+    "(`huggingface-cli download ...` with huggingface_hub < 1.0), copy DIR here and use\n"
+    "--data DIR; or download HAM10000 from the Harvard Dataverse (doi:10.7910/DVN/DBW86T:\n"
+    "HAM10000_metadata.csv and the image zip files), unzip it into one folder and use\n"
+    "--data FOLDER."
 )
 
 

@@ -29,7 +29,7 @@ from ._files import (
 from ._record import DataError, Dataset, Record
 from .classes import HAM10000_CLASSES, ISIC_COLUMNS
 from .parquet import load_parquet, parquet_files, read_parquet_image, split_source
-from .splits import DEFAULT_RATIOS, assign_splits
+from .splits import DEFAULT_RATIOS, assign_splits, check_ratios
 
 HAM_METADATA = "HAM10000_metadata.csv"
 HAM_COLUMNS = ("lesion_id", "image_id", "dx")
@@ -318,6 +318,7 @@ def load_dataset(
     ds = _LOADERS[chosen](path)
     if any(r.split is None for r in ds.records):
         ds.records = assign_splits(ds.records, split_ratios, seed)
+        ds.declared_splits = check_ratios(split_ratios)
     return ds
 
 

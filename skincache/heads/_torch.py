@@ -73,6 +73,9 @@ class TrainConfig:
     use_views: bool = True
     patience: int | None = 10
     eval_every: int = 1
+    #: also score the initial weights, so training that only hurts is undone (zs-linear,
+    #: tip-adapter-f start from a useful training-free classifier)
+    eval_init: bool = False
     #: images drawn per epoch (None: all N); lets an expensive head take short epochs
     samples_per_epoch: int | None = None
 
@@ -86,6 +89,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     epochs_run: int = 0
+    #: 1-based; 0 means the initial weights were best; -1 without validation data
     best_epoch: int = -1
     best_val_score: float = float("nan")
     val_scores: list[float] = field(default_factory=list)
@@ -164,7 +168,24 @@ def train(
 
     result = TrainResult()
     best_state: dict[str, torch.Tensor] | None = None
-    for epoch in range(cfg.epochs):
+
+    def validate(epoch: int) -> bool:
+        """Record the validation score after `epoch` (0: the initial weights); True to stop."""
+        nonlocal best_state
+        module.eval()
+        with torch.no_grad():
+            pred = predict_val().argmax(dim=1).cpu().numpy()
+        score = balanced_accuracy(y_val, pred)
+        result.val_scores.append(score)
+        if best_state is None or score > result.best_val_score:
+            result.best_val_score, result.best_epoch = score, epoch
+            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            return False
+        return cfg.patience is not None and epoch - result.best_epoch >= cfg.patience
+
+    if use_val and cfg.eval_init:
+        validate(0)
+    for epoch in range(1, cfg.epochs + 1):
         module.train()
         feats = epoch_features(X, views, cfg.use_views, g)
         order = epoch_indices(y_cpu, n_classes, cfg.balance, g)[:n].to(device)
@@ -178,19 +199,8 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
-        result.epochs_run = epoch + 1
-        last = epoch == cfg.epochs - 1
-        if not use_val or ((epoch + 1) % cfg.eval_every and not last):
-            continue
-        module.eval()
-        with torch.no_grad():
-            pred = predict_val().argmax(dim=1).cpu().numpy()
-        score = balanced_accuracy(y_val, pred)
-        result.val_scores.append(score)
-        if best_state is None or score > result.best_val_score:
-            result.best_val_score, result.best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        elif cfg.patience is not None and epoch - result.best_epoch >= cfg.patience:
+        result.epochs_run = epoch
+        if use_val and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs) and validate(epoch):
             break
     if best_state is not None:
         module.load_state_dict(best_state)

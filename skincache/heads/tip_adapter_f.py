@@ -122,7 +122,7 @@ class TipAdapterFHead(TipAdapterHead):
         cfg = T.TrainConfig(
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
             weight_decay=self.weight_decay, seed=self.seed, use_views=self.use_views,
-            patience=self.patience, samples_per_epoch=self.samples_per_epoch,
+            patience=self.patience, samples_per_epoch=self.samples_per_epoch, eval_init=True,
         )
         with T.seeded(self.seed, dev):
             res = T.train(

@@ -86,7 +86,7 @@ class ZSLinearHead(Head):
         cfg = T.TrainConfig(
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
             weight_decay=self.weight_decay, seed=self.seed, balance=self.balance,
-            use_views=self.use_views, patience=self.patience,
+            use_views=self.use_views, patience=self.patience, eval_init=True,
         )
         module = ScaledLinear(w0, self.logit_scale_).to(dev)
         anchor = float(self.anchor)
