@@ -169,7 +169,7 @@ def tensor_batches(records: list[Record], positions: list[int], maker: ViewMaker
         index, views, sha1s, failed = [], [], [], []
         jpeg_pos, jpeg_data = [], []
         fallback = []
-        for pos, (data, reason) in zip(chunk, raw):
+        for pos, (data, reason) in zip(chunk, raw, strict=True):
             if data is None:
                 failed.append((pos, "", reason))
             elif data[:3] == b"\xff\xd8\xff":
@@ -182,15 +182,15 @@ def tensor_batches(records: list[Record], positions: list[int], maker: ViewMaker
             tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in jpeg_data]
             try:
                 imgs = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-                decoded = dict(zip(jpeg_pos, imgs))
+                decoded = dict(zip(jpeg_pos, imgs, strict=True))
             except RuntimeError:  # one bad file fails the batch call: decode one by one
-                for pos, t in zip(jpeg_pos, tensors):
+                for pos, t in zip(jpeg_pos, tensors, strict=True):
                     try:
                         decoded[pos] = decode_jpeg(t, mode=ImageReadMode.RGB, device=device)
                     except RuntimeError:
                         pass
-            fallback += [(p, d) for p, d in zip(jpeg_pos, jpeg_data) if p not in decoded]
-        by_pos = dict(zip(jpeg_pos, jpeg_data))
+        by_pos = dict(zip(jpeg_pos, jpeg_data, strict=True))
+        fallback += [(p, d) for p, d in by_pos.items() if p not in decoded]
         for pos in chunk:
             if pos in decoded:
                 index.append(pos)

@@ -1,0 +1,82 @@
+"""The CLI end to end on the tiny model: demo, encode, info, audit, fetch-data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from huggingface_hub import constants
+from typer.testing import CliRunner
+
+from skincache.cli import app
+
+runner = CliRunner()
+
+
+def _ok(args: list[str]):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    return r
+
+
+def test_help_lists_only_built_commands():
+    import typer
+
+    commands = typer.main.get_command(app).commands
+    assert set(commands) == {"encode", "demo", "info", "audit", "fetch-data"}
+    out = subprocess.run([sys.executable, "-m", "skincache.cli", "--help"], capture_output=True,
+                         text=True, check=True, env={"COLUMNS": "120", "PATH": ""}).stdout
+    for name, cmd in commands.items():
+        assert name in out and cmd.get_short_help_str(80)[:20] in out
+
+
+def test_demo_then_info_then_noop(tmp_path):
+    r = _ok(["demo", "--cache-dir", str(tmp_path), "--n-images", "60", "--quiet"])
+    assert "wrote" in r.output and "images per split and class" in r.output
+    cache = next(tmp_path.glob("demo-s0__*.h5"))
+    again = _ok(["demo", "--cache-dir", str(tmp_path), "--n-images", "60", "--quiet"])
+    assert "up to date" in again.output
+    info = _ok(["info", str(cache), "--json"])
+    summary = json.loads(info.output)
+    assert summary["model"] == "skincache-tiny" and summary["views"]["k"] == 2
+    assert sum(summary["splits"].values()) == 60
+
+
+def test_encode_cli_writes_then_is_a_no_op(demo_root, tmp_path):
+    args = ["encode", "--data", str(demo_root), "--model", "skincache-tiny", "--pretrained", "",
+            "--device", "cpu", "--views", "1", "--workers", "0", "--quiet",
+            "--cache-dir", str(tmp_path)]
+    first = _ok(args)
+    assert "wrote" in first.output
+    assert "up to date" in _ok(args).output
+    cache = next(tmp_path.glob("*.h5"))
+    shown = _ok(["info", str(cache)])
+    assert "skincache-tiny" in shown.output and "K=1" in shown.output
+
+
+def test_bad_inputs_give_one_clear_line_and_exit_1(tmp_path):
+    r = runner.invoke(app, ["encode", "--data", str(tmp_path / "nowhere"), "--quiet"])
+    assert r.exit_code == 1 and "error:" in r.output and "nowhere" in r.output
+    r = runner.invoke(app, ["info", str(tmp_path / "missing.h5")])
+    assert r.exit_code == 1 and "no such cache" in r.output
+    r = runner.invoke(app, ["encode", "--data", str(tmp_path), "--split-ratios", "a,b"])
+    assert r.exit_code != 0 and "comma-separated" in r.output
+
+
+def test_audit_cli_reports_a_clean_lesion_split(demo_root, tmp_path):
+    out = tmp_path / "audit.json"
+    r = _ok(["audit", "--data", str(demo_root), "--quiet", "--json", str(out)])
+    assert "0 lesion(s) appear in more than one split" in r.output
+    assert json.loads(out.read_text())["cross_split_groups"] == []
+
+
+def test_fetch_data_fails_fast_offline(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    t0 = time.monotonic()
+    r = runner.invoke(app, ["fetch-data", "ham10000", "--to", str(tmp_path / "d")])
+    assert r.exit_code == 1 and "No network" in r.output
+    assert time.monotonic() - t0 < 10
