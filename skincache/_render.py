@@ -110,3 +110,95 @@ def _fmt(xs) -> str:
 
 def _reasons(reasons: dict[str, int]) -> str:
     return ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+
+
+def _ci(report: dict, m: str) -> str:
+    v = report.get(m)
+    if v is None:
+        return "n/a"
+    ci = (report.get("ci") or {}).get(m)
+    return f"{100 * v:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def metrics_table(reports: dict[str, dict], title: str) -> None:
+    """Headline metrics per split, balanced accuracy first (it leads on imbalanced data)."""
+    t = Table(title=title, title_justify="left")
+    for col in ("split", "n", "balanced acc % [95% CI]", "acc % [95% CI]", "macro-F1 %",
+                "AUROC %", "ECE"):
+        t.add_column(col, justify="right" if col != "split" else "left")
+    for split, r in reports.items():
+        t.add_row(split, f"{r['n_samples']:,}", _ci(r, "balanced_accuracy"),
+                  _ci(r, "accuracy"), _ci(r, "macro_f1"), _ci(r, "auroc"),
+                  "n/a" if r.get("ece") is None else f"{r['ece']:.3f}")
+    out.print(t)
+
+
+def per_class_table(report: dict, title: str) -> None:
+    t = Table(title=title, title_justify="left")
+    for col in ("class", "support", "precision %", "recall %", "F1 %"):
+        t.add_column(col, justify="right" if col != "class" else "left")
+    for c, v in report["per_class"].items():
+        t.add_row(c, f"{v['support']:,}", f"{100 * v['precision']:.1f}",
+                  f"{100 * v['recall']:.1f}", f"{100 * v['f1']:.1f}")
+    out.print(t)
+
+
+def heads_table(results: list, split: str) -> None:
+    t = Table(title=f"heads, scored on {split}", title_justify="left")
+    for col in ("head", "fit s", "balanced acc %", "acc %", "macro-F1 %", "AUROC %", "run"):
+        t.add_column(col, justify="left" if col in ("head", "run") else "right")
+    for r in results:
+        m = r.metrics.get(split)
+        if m is None:
+            continue
+        t.add_row(r.head, f"{r.fit_seconds:.2f}", _ci(m, "balanced_accuracy"),
+                  _ci(m, "accuracy"), _ci(m, "macro_f1"), _ci(m, "auroc"), str(r.path))
+    out.print(t)
+
+
+def bench_table(rows: list[dict], title: str) -> None:
+    t = Table(title=title, title_justify="left")
+    for col in ("variant", "seeds", "balanced acc %", "acc %", "macro-F1 %", "AUROC %",
+                "fit s"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+
+    from skincache.bench import format_cell as f
+
+    for r in rows:
+        t.add_row(r["variant"], str(r["n_seeds"]) if r["n_seeds"] > 1 else "1 (det.)",
+                  f(r, "balanced_accuracy"), f(r, "accuracy"), f(r, "macro_f1"), f(r, "auroc"),
+                  f(r, "fit_seconds", pct=False))
+    out.print(t)
+
+
+def predictions(preds: list, top: int = 3) -> None:
+    for p in preds:
+        if not p.ok:
+            out.print(f"[bold red]{p.path}[/]: {p.error}", highlight=False)
+            continue
+        t = Table(title=f"{p.path} → [bold]{p.predicted}[/]", title_justify="left")
+        t.add_column("class")
+        t.add_column("probability", justify="right")
+        for c, v in sorted(p.probabilities.items(), key=lambda kv: -kv[1])[:top]:
+            t.add_row(c, f"{v:.3f}")
+        if p.neighbors:
+            t.add_section()
+            for n in p.neighbors:
+                t.add_row(f"similar: {n['image_id']} ({n['label']})", f"{n['similarity']:.3f}")
+        out.print(t)
+
+
+def near_duplicate_pairs(pairs: list[dict], threshold: float, limit: int = 20) -> None:
+    style = "red" if pairs else "green"
+    out.print(f"[{style}]{len(pairs)} cross-split pair(s) with feature cosine >= "
+              f"{threshold}[/]")
+    if not pairs:
+        return
+    t = Table(title=f"near-duplicates across splits (first {min(limit, len(pairs))})",
+              title_justify="left")
+    for col in ("similarity", "split a", "image a", "split b", "image b", "same lesion"):
+        t.add_column(col)
+    for p in pairs[:limit]:
+        t.add_row(f"{p['similarity']:.4f}", p["split_a"], p["image_a"], p["split_b"],
+                  p["image_b"], "yes" if p["same_group"] else "")
+    out.print(t)

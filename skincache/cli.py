@@ -132,7 +132,12 @@ def info(
 
 @app.command()
 def audit(
-    data: Annotated[str, typer.Option(help="Dataset to audit (any source encode reads).")],
+    data: Annotated[str | None, typer.Option(help="Dataset to audit (any source encode reads)."
+                                             )] = None,
+    cache: Annotated[Path | None, typer.Option(help="A cache: also look for near-duplicate "
+                                                    "images across splits by feature.")] = None,
+    threshold: Annotated[float, typer.Option(help="Cosine similarity above which two images "
+                                                  "count as near-duplicates.")] = 0.95,
     split_ratios: Annotated[str, typer.Option(help="As for encode, for sources without a split."
                                               )] = "0.72,0.19,0.09",
     split_seed: Annotated[int, typer.Option(help="As for encode.")] = 0,
@@ -142,16 +147,26 @@ def audit(
                                                                  "JSON here.")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Split leakage report: lesions in several splits, identical images across splits."""
+    """Split leakage report: lesions in several splits, identical and near-identical images."""
     from skincache._progress import progress_bar
+    from skincache.cache import FeatureCache
     from skincache.data import audit_dataset, load_dataset
+    from skincache.near_duplicates import near_duplicates
 
+    if data is None and cache is None:
+        _render.out.print("[bold red]error:[/] give --data (a dataset), --cache (a cache) or both")
+        raise typer.Exit(1)
+    rep: dict = {}
     with _clear_errors():
-        ds = load_dataset(data, split_ratios=_ratios(split_ratios), seed=split_seed)
-        with progress_bar(len(ds), "hash images", enabled=not (quiet or no_hash)) as advance:
-            report = audit_dataset(ds, hash_images=not no_hash, progress=advance)
-    rep = report.to_dict()
-    _render.audit_report(rep, ds.classes)
+        if data is not None:
+            ds = load_dataset(data, split_ratios=_ratios(split_ratios), seed=split_seed)
+            with progress_bar(len(ds), "hash images", enabled=not (quiet or no_hash)) as adv:
+                rep = audit_dataset(ds, hash_images=not no_hash, progress=adv).to_dict()
+            _render.audit_report(rep, ds.classes)
+        if cache is not None:
+            pairs = near_duplicates(FeatureCache.open(cache), threshold)
+            rep["near_duplicates"] = {"threshold": threshold, "pairs": pairs}
+            _render.near_duplicate_pairs(pairs, threshold)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(rep, indent=2))
@@ -174,6 +189,127 @@ def fetch_data(
     _render.out.print(f"[green]downloaded[/] to {path}; encode it with "
                       f"`skincache encode --data {path}` (audit it first: `skincache audit "
                       f"--data {path}`)")
+
+
+def _params(items: list[str]) -> dict:
+    """`key=value` pairs; values parsed as JSON where they can be (numbers, true, null)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise typer.BadParameter(f"expected key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip().replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip().replace("-", "_")] = v
+    return out
+
+
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder for run folders.")]
+
+
+@app.command("fit-head")
+def fit_head(
+    cache: Annotated[Path, typer.Option(help="A cache file (.h5).")],
+    head: Annotated[str, typer.Option(help="Head name, or 'all'.")] = "mlp",
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Head parameter "
+                                                    "key=value (repeatable).")] = None,
+    templates: Annotated[str, typer.Option(help="Text template set for text heads, or 'all'."
+                                           )] = "all",
+    seed: Annotated[int, typer.Option(help="Seed for heads that take one.")] = 0,
+    name: Annotated[str | None, typer.Option(help="Run name (default: head + timestamp)."
+                                             )] = None,
+    runs_dir: RunsDir = Path("runs"),
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
+) -> None:
+    """Fit a head on the cache's train split in seconds; metrics, predictions and plots."""
+    from skincache.heads import list_heads
+    from skincache.runs import fit_head_run
+
+    names = list_heads() if head == "all" else [head]
+    results = []
+    with _clear_errors():
+        params = _params(param or [])
+        for h in names:
+            results.append(fit_head_run(
+                cache, h, params if head != "all" else None, runs_dir=runs_dir,
+                name=(f"{name}-{h}" if name and head == "all" else name), template_set=templates,
+                seed=seed, n_bootstrap=bootstrap, plots=not no_plots))
+    split = "test" if "test" in results[0].metrics else "val"
+    if len(results) == 1:
+        r = results[0]
+        _render.metrics_table(r.metrics, f"{r.head}: fit in {r.fit_seconds:.2f} s → {r.path}")
+        if split in r.metrics:
+            _render.per_class_table(r.metrics[split], f"per class ({split})")
+    else:
+        _render.heads_table(results, split)
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run folder written by fit-head.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
+    cache: Annotated[Path | None, typer.Option(help="Cache to evaluate on (default: the one "
+                                                    "the head was fit on).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
+) -> None:
+    """Metrics and plots of a saved head on a split (refuses a different model's cache)."""
+    from skincache.runs import evaluate_run
+
+    with _clear_errors():
+        report = evaluate_run(run, split, cache=cache, n_bootstrap=bootstrap)
+    _render.metrics_table({split: report}, f"{run} on {split}")
+    _render.per_class_table(report, f"per class ({split})")
+    _render.out.print(f"metrics, predictions and plots written under {run}")
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="A run folder written by fit-head.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    neighbors: Annotated[int, typer.Option(help="Most similar training cases to show.")] = 5,
+    device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Also write results to .csv or .json.")] = None,
+) -> None:
+    """Class probabilities + the most similar training cases for new images."""
+    from skincache.predict import predict_images, write_predictions
+
+    with _clear_errors():
+        preds = predict_images(run, list(images), device=device, neighbors=neighbors)
+    _render.predictions(preds)
+    if out:
+        write_predictions(preds, out)
+        _render.out.print(f"written to {out}")
+    if not any(p.ok for p in preds):
+        raise typer.Exit(1)
+
+
+@app.command("bench-heads")
+def bench_heads_cmd(
+    cache: Annotated[Path, typer.Option(help="A cache file (.h5).")],
+    seeds: Annotated[int, typer.Option(help="Seeds per seeded head.")] = 5,
+    variants: Annotated[str | None, typer.Option(help="Comma-separated subset of variants."
+                                                 )] = None,
+    split: Annotated[str | None, typer.Option(help="Split to score on (default: test, else "
+                                                   "val).")] = None,
+    templates: Annotated[str, typer.Option(help="Text template set, or 'all'.")] = "all",
+    out_dir: Annotated[Path | None, typer.Option(help="Output folder (default: "
+                                                      "runs/bench-<time>).")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Every head variant x seeds on one cache: mean ± std, fit time; CSV, JSON, markdown."""
+    from skincache._progress import progress_bar
+    from skincache.bench import bench_heads, n_fits
+
+    chosen = variants.split(",") if variants else None
+    with _clear_errors(), progress_bar(n_fits(seeds, chosen), "bench heads", unit="fit",
+                                       enabled=not quiet) as advance:
+        res = bench_heads(cache, seeds=seeds, variants=chosen, eval_split=split,
+                          template_set=templates, out_dir=out_dir, progress=advance)
+    _render.bench_table(res.rows, f"heads on {cache.name}, scored on {res.runs[0]['split']}")
+    _render.out.print(f"results: {res.out_dir}/results.{{json,csv,md}}, one JSON per run in "
+                      f"{res.out_dir}/runs/")
 
 
 def main() -> None:

@@ -508,6 +508,8 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, encoder: Ima
         "skincache_version": __version__,
         "model": loaded.spec.name,
         "pretrained": loaded.spec.pretrained or "",
+        "checkpoint": str(Path(loaded.spec.checkpoint).resolve()) if loaded.spec.checkpoint
+        else "",
         "checkpoint_sha256": loaded.spec.identity()["checkpoint_sha256"] or "",
         "weights_sha256": loaded.weights_sha256,
         "embed_dim": loaded.embed_dim,

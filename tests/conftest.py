@@ -49,3 +49,16 @@ def demo_dataset(demo_root):
     from skincache.data import load_dataset
 
     return load_dataset(demo_root)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo_dataset, tmp_path_factory) -> Path:
+    """The demo dataset encoded with the tiny model, K=2 (shared by the head/run tests)."""
+    from skincache.encode import encode_dataset
+    from skincache.models import TINY_MODEL, ModelSpec
+    from skincache.views import ViewPolicy
+
+    res = encode_dataset(demo_dataset, ModelSpec(TINY_MODEL), policy=ViewPolicy(k=2),
+                         cache_dir=tmp_path_factory.mktemp("cache"), device="cpu",
+                         num_workers=0, progress=False)
+    return res.path

@@ -25,7 +25,8 @@ def test_help_lists_only_built_commands():
     import typer
 
     commands = typer.main.get_command(app).commands
-    assert set(commands) == {"encode", "demo", "info", "audit", "fetch-data"}
+    assert set(commands) == {"encode", "demo", "info", "audit", "fetch-data", "fit-head",
+                             "evaluate", "predict", "bench-heads"}
     out = subprocess.run([sys.executable, "-m", "skincache.cli", "--help"], capture_output=True,
                          text=True, check=True, env={"COLUMNS": "120", "PATH": ""}).stdout
     for name, cmd in commands.items():
@@ -80,3 +81,25 @@ def test_fetch_data_fails_fast_offline(tmp_path, monkeypatch):
     r = runner.invoke(app, ["fetch-data", "ham10000", "--to", str(tmp_path / "d")])
     assert r.exit_code == 1 and "No network" in r.output
     assert time.monotonic() - t0 < 10
+
+
+def test_heads_cli_fit_evaluate_predict_bench_audit(demo_cache, tmp_path):
+    runs = tmp_path / "runs"
+    r = _ok(["fit-head", "--cache", str(demo_cache), "--head", "knn", "-p", "k=3",
+             "--runs-dir", str(runs), "--name", "k3", "--bootstrap", "20", "--no-plots"])
+    assert "balanced" in r.output and "per class" in r.output
+    assert json.loads((runs / "k3" / "run.json").read_text())["params"]["k"] == 3
+    r = _ok(["evaluate", str(runs / "k3"), "--split", "val", "--bootstrap", "20"])
+    assert "val" in r.output and (runs / "k3" / "metrics" / "val.json").is_file()
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"")
+    r = runner.invoke(app, ["predict", str(runs / "k3"), str(bad), "--device", "cpu"])
+    assert r.exit_code == 1 and "empty file" in " ".join(r.output.split())
+    r = _ok(["bench-heads", "--cache", str(demo_cache), "--seeds", "2", "--variants",
+             "knn-k1,linear", "--out-dir", str(tmp_path / "bench"), "--quiet"])
+    assert "knn-k1" in r.output and (tmp_path / "bench" / "results.md").is_file()
+    r = _ok(["audit", "--cache", str(demo_cache), "--threshold", "1.0"])
+    assert "cross-split pair(s)" in r.output
+    r = runner.invoke(app, ["fit-head", "--cache", str(demo_cache), "--head", "nope",
+                            "--runs-dir", str(runs)])
+    assert r.exit_code == 1 and "nope" in r.output

@@ -78,6 +78,9 @@ class TrainConfig:
     eval_init: bool = False
     #: images drawn per epoch (None: all N); lets an expensive head take short epochs
     samples_per_epoch: int | None = None
+    #: small training sets get smaller batches so each epoch still takes this many steps;
+    #: otherwise a demo-sized set (a few hundred images) would see one step per epoch
+    min_steps_per_epoch: int = 10
 
     def check(self) -> None:
         if self.balance not in BALANCE_MODES:
@@ -151,7 +154,8 @@ def train(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             **(optimizer_kwargs or {}))
     n = X.shape[0] if cfg.samples_per_epoch is None else min(cfg.samples_per_epoch, X.shape[0])
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    batch_size = max(1, min(cfg.batch_size, n // cfg.min_steps_per_epoch))
+    steps_per_epoch = math.ceil(n / batch_size)
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))
@@ -189,8 +193,8 @@ def train(
         module.train()
         feats = epoch_features(X, views, cfg.use_views, g)
         order = epoch_indices(y_cpu, n_classes, cfg.balance, g)[:n].to(device)
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
             logits = fwd(feats[idx], idx)
             loss = F.cross_entropy(logits, y[idx], weight=loss_w)
             if penalty is not None:

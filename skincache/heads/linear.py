@@ -11,7 +11,8 @@ from ._registry import register_head
 class LinearHead(FeedForwardHead):
     """Softmax regression on standardised, L2-normalised features.
 
-    epochs/batch_size/lr/weight_decay: AdamW with a cosine schedule to zero.
+    epochs/batch_size/lr/weight_decay: AdamW with a cosine schedule to zero (batch_size is an
+    upper bound: a small training set gets smaller batches, at least 10 steps per epoch).
     balance: None, "loss" (class-weighted cross-entropy) or "sampler" (class-balanced draws).
     use_views: draw one cached augmented view per image per epoch (clean view when K=0).
     patience: epochs without a better validation balanced accuracy before stopping (None: run
@@ -22,8 +23,8 @@ class LinearHead(FeedForwardHead):
     def __init__(
         self,
         epochs: int = 30,
-        batch_size: int = 512,
-        lr: float = 1e-3,
+        batch_size: int = 1024,
+        lr: float = 3e-3,
         weight_decay: float = 1e-4,
         balance: str | None = None,
         use_views: bool = True,

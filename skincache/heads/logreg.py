@@ -29,6 +29,9 @@ class LogRegHead(Head):
     c_range[0] to c_range[1], then quarter-decades around the best when `refine`), falling
     back to C=1.0 without validation data. Ties go to the smaller C (more regularisation).
     class_weight: None or "balanced" (inverse class frequency in the loss).
+    max_iter, tol: lbfgs limits. tol is tighter than scikit-learn's 1e-4 on purpose: its loss is
+    averaged over samples, so at large C a warm-started fit otherwise "converges" at iteration 0
+    and every C above the first good one returns the same weights.
     """
 
     _fitted_arrays = ("coef_", "intercept_")
@@ -40,8 +43,8 @@ class LogRegHead(Head):
         class_weight: str | None = None,
         c_range: tuple[float, float] = (1e-3, 1e3),
         refine: bool = True,
-        max_iter: int = 300,
-        tol: float = 1e-4,
+        max_iter: int = 200,
+        tol: float = 1e-5,
     ) -> None:
         self.C = C
         self.class_weight = class_weight

@@ -19,10 +19,10 @@ class MLPHead(FeedForwardHead):
 
     def __init__(
         self,
-        hidden: int = 512,
+        hidden: int = 256,
         depth: int = 1,
-        dropout: float = 0.2,
-        epochs: int = 30,
+        dropout: float = 0.1,
+        epochs: int = 20,
         batch_size: int = 512,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,

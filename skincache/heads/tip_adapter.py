@@ -5,9 +5,14 @@
 Keys are the training images' features (here the L2-normalised mean of their cached augmented
 views, as the paper averages augmented epochs; the clean view when there are none), values their
 one-hot labels. alpha weighs the cache against the zero-shot prior, beta sharpens the affinity.
-Both are searched on the validation split by balanced accuracy. The grids are log-spaced and
-wider than the paper's few-shot ones: with the whole training set as cache, the cache term grows
-with the class size, so the best alpha can be small and the best beta large.
+Both are searched on the validation split by balanced accuracy, on log-spaced grids wider than
+the paper's few-shot ones (a cache of the whole training set is far larger than 16 shots).
+
+One deliberate extension, `balance_cache` (on by default): the paper's caches hold K shots of
+every class, but a HAM10000 training set is two-thirds nv, and since all dermoscopy images are
+fairly similar to each other, the summed affinities then mostly count class sizes and the search
+drives alpha to zero. With `balance_cache`, class c's values are scaled by (N / C) / n_c, so every
+class carries the same total vote; on a balanced cache this is exactly the paper's formula.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class TipAdapterHead(Head):
     alpha, beta: fixed values; None searches them on the validation split over `n_alpha`
     log-spaced values in `alpha_range` x `n_beta` in `beta_range`, falling back to alpha=1,
     beta=5.5 (the paper's) without validation data.
+    balance_cache: give every class the same total vote in the cache (see module doc).
     """
 
     needs_text = True
@@ -88,6 +94,7 @@ class TipAdapterHead(Head):
         n_alpha: int = 16,
         beta_range: tuple[float, float] = (0.5, 100.0),
         n_beta: int = 12,
+        balance_cache: bool = True,
     ) -> None:
         self.alpha = alpha
         self.beta = beta
@@ -95,6 +102,7 @@ class TipAdapterHead(Head):
         self.n_alpha = n_alpha
         self.beta_range = beta_range
         self.n_beta = n_beta
+        self.balance_cache = balance_cache
 
     # -- shared with tip-adapter-f
 
@@ -102,8 +110,16 @@ class TipAdapterHead(Head):
         return torch.device("cpu")
 
     def _values(self, dev: torch.device) -> torch.Tensor:
+        """[N, C] cache values: one-hot labels, class-balanced when `balance_cache`."""
         labels = torch.as_tensor(self.key_labels_, device=dev)
-        return torch.nn.functional.one_hot(labels, self.n_classes_).float()
+        values = torch.nn.functional.one_hot(labels, self.n_classes_).float()
+        if self.balance_cache:
+            counts = values.sum(dim=0)
+            present = counts > 0
+            scale = torch.zeros_like(counts)
+            scale[present] = (labels.numel() / present.sum()) / counts[present]
+            values = values * scale
+        return values
 
     def _choose_alpha_beta(self, data: FitData) -> None:
         """Set alpha_/beta_ from the parameters, the validation search, or the defaults."""

@@ -35,8 +35,8 @@ class _Keys(nn.Module):
 class TipAdapterFHead(TipAdapterHead):
     """Tip-Adapter with fine-tuned keys.
 
-    alpha/beta/alpha_range/n_alpha/beta_range/n_beta: as for `tip-adapter` (searched on the
-    validation split before and after training). epochs, batch_size, lr, weight_decay: AdamW on
+    alpha/beta/alpha_range/n_alpha/beta_range/n_beta/balance_cache: as for `tip-adapter`
+    (alpha and beta are searched on the validation split before and after training). epochs, batch_size, lr, weight_decay: AdamW on
     the keys (paper: lr 1e-3, eps 1e-4). samples_per_epoch: images per epoch (None: all).
     use_views: train on one random cached view per image per epoch. mask_self: see module doc.
     patience: early stopping on validation balanced accuracy (best keys kept). seed, device.
@@ -54,18 +54,21 @@ class TipAdapterFHead(TipAdapterHead):
         n_alpha: int = 16,
         beta_range: tuple[float, float] = (0.5, 100.0),
         n_beta: int = 12,
-        epochs: int = 20,
+        balance_cache: bool = True,
+        epochs: int = 10,
         batch_size: int = 256,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         samples_per_epoch: int | None = 1024,
         use_views: bool = True,
         mask_self: bool = True,
+        normalize_keys: bool = True,
+        balance: str | None = "loss",
         patience: int | None = 5,
         seed: int = 0,
         device: str = "cpu",
     ) -> None:
-        super().__init__(alpha, beta, alpha_range, n_alpha, beta_range, n_beta)
+        super().__init__(alpha, beta, alpha_range, n_alpha, beta_range, n_beta, balance_cache)
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
@@ -73,9 +76,14 @@ class TipAdapterFHead(TipAdapterHead):
         self.samples_per_epoch = samples_per_epoch
         self.use_views = use_views
         self.mask_self = mask_self
+        self.normalize_keys = normalize_keys
+        self.balance = balance
         self.patience = patience
         self.seed = seed
         self.device = device
+
+    def _final_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(keys, dim=1) if self.normalize_keys else keys
 
     def _device(self) -> torch.device:
         return T.inference_device(self.device)
@@ -103,7 +111,10 @@ class TipAdapterFHead(TipAdapterHead):
             module = _Keys(self.keys_).to(dev)
 
         def forward(xb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            e = torch.exp(beta * (xb @ module.keys.T - 1.0))
+            keys = module.keys
+            if self.normalize_keys:
+                keys = torch.nn.functional.normalize(keys, dim=1)
+            e = torch.exp(beta * (xb @ keys.T - 1.0))
             cache = e @ V
             if self.mask_self:  # remove each image's vote for itself
                 cache = cache - e.gather(1, idx[:, None]) * V[idx]
@@ -116,12 +127,13 @@ class TipAdapterFHead(TipAdapterHead):
             zs_val = scale * (q @ W.T)
 
             def predict_val() -> torch.Tensor:
-                (cache,) = affinity_logits(q, module.keys, V, [beta])
+                (cache,) = affinity_logits(q, self._final_keys(module.keys), V, [beta])
                 return zs_val + alpha * cache
 
         cfg = T.TrainConfig(
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
             weight_decay=self.weight_decay, seed=self.seed, use_views=self.use_views,
+            balance=self.balance,
             patience=self.patience, samples_per_epoch=self.samples_per_epoch, eval_init=True,
         )
         with T.seeded(self.seed, dev):
@@ -130,6 +142,7 @@ class TipAdapterFHead(TipAdapterHead):
                 else None, forward=forward, predict_val=predict_val,
                 optimizer_kwargs={"eps": 1e-4},
             )
-        self.keys_ = module.keys.detach().cpu().numpy().astype(np.float32)
+        with torch.no_grad():
+            self.keys_ = self._final_keys(module.keys).cpu().numpy().astype(np.float32)
         self.epochs_run_, self.best_epoch_ = res.epochs_run, res.best_epoch
         self._choose_alpha_beta(data)  # re-search with the tuned keys

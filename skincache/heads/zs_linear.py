@@ -59,7 +59,7 @@ class ZSLinearHead(Head):
         batch_size: int = 512,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
-        balance: str | None = None,
+        balance: str | None = "loss",
         use_views: bool = True,
         patience: int | None = 10,
         seed: int = 0,

@@ -1,0 +1,254 @@
+"""`skincache finetune`: the reference paper's Table 1 setups with the image tower unfrozen.
+
+    cfg = FinetuneConfig.from_setup("augmented", data="../data/HAM10000", device="cuda")
+    result = run_finetune(cfg)            # runs/finetune-augmented-<time>/
+    result.metrics["test"]["balanced_accuracy"]
+
+The setups (Table 1): AdamW, lr 5e-5 with a cosine schedule after a linear warm-up, batch 16,
+20 epochs; `base` trains on the model's eval preprocessing without weight decay,
+`regularization` adds weight decay 0.01, `augmented` trains on Resize 256 / RandomCrop 224 /
+HorizontalFlip 0.5 crops (scaled to the model's input size). Every value can be overridden.
+
+The model is the open_clip image tower plus a linear head on L2-normalised features times the
+model's logit scale, initialised from the zero-shot class prototypes (so training starts from
+zero-shot CLIP exactly), from a head fit earlier by `fit-head`, or at random. Each image is
+decoded once (see `_finetune_data`); checkpoints are atomic and load with `weights_only=True`;
+`resume` continues a killed run to the same result; under `torchrun` it trains with DDP.
+The pieces: `_finetune_data` (pixels), `_finetune_model` (classifier, head init, optimiser
+groups, WiSE-FT), `_finetune_train` (the loop and the run folder), `_finetune_state`
+(checkpoints, JSON, DDP context).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skincache.prompts import TEMPLATE_SETS
+
+#: Table 1 of the reference paper: what each setup changes from `base` (the defaults).
+SETUPS: dict[str, dict[str, Any]] = {
+    "base": {"weight_decay": 0.0, "augment": False},
+    "regularization": {"weight_decay": 0.01, "augment": False},
+    "augmented": {"weight_decay": 0.0, "augment": True},
+}
+
+#: Options a resumed run may change: where and how fast it runs, never what it computes.
+RESUME_MUTABLE = ("device", "workers", "eval_batch_size", "image_store", "resume")
+
+_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_STORES = ("auto", "memory", "stream")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run depends on; each field is one `skincache finetune` option
+    (`--head-lr` for `head_lr`, ...). `weight_decay` and `augment` left as None take the
+    setup's value, so `FinetuneConfig(setup="augmented", lr=1e-5)` is the augmented setup at
+    another learning rate. Recorded in full in `run.json`."""
+
+    data: str = ""
+    model: str = "ViT-B-32"
+    pretrained: str | None = "openai"
+    checkpoint: str | None = None
+    setup: str = "base"
+    epochs: int = 20
+    batch_size: int = 16  # global: split over the processes of a torchrun job
+    lr: float = 5e-5  # image tower (the top layer when layer_decay < 1)
+    head_lr: float | None = None  # None: same as lr
+    weight_decay: float | None = None  # None: the setup's (0, or 0.01 for regularization)
+    warmup_ratio: float = 0.05  # share of all steps spent warming up linearly
+    schedule: str = "cosine"  # "cosine" (to 0 after warm-up) or "constant"
+    augment: bool | None = None  # None: the setup's (True for augmented)
+    aug_resize: int = 256  # the augmentation, for a 224-pixel model (scaled to the model)
+    aug_crop: int = 224
+    aug_hflip: float = 0.5
+    layer_decay: float = 1.0  # layer-wise lr decay; 1.0 = off
+    grad_clip: float | None = None  # max global gradient norm; None = no clipping
+    label_smoothing: float = 0.0
+    balance: str | None = None  # None or "loss": class-weighted cross-entropy
+    head_init: str = "zeroshot"  # "zeroshot", "random", or a fit-head run folder
+    template_set: str = "dermoscopy"  # prompts for the zero-shot head; "all" = every set
+    wise: float | None = None  # WiSE-FT alpha for the final model (0 = initial, 1 = fine-tuned)
+    wise_sweep: bool = False  # evaluate alpha 0, 0.1, ..., 1 on val (picks alpha if wise=None)
+    patience: int | None = None  # early stopping on val balanced accuracy; None = off
+    seed: int = 0
+    deterministic: bool = True  # deterministic algorithms where the backend has them
+    device: str = "auto"
+    precision: str = "auto"  # bf16 autocast on CUDA, fp32 elsewhere
+    split_ratios: tuple[float, ...] = (0.72, 0.19, 0.09)  # for sources without a split
+    split_seed: int = 0
+    runs_dir: str = "runs"
+    name: str | None = None  # default finetune-<setup>-<timestamp>
+    resume: str | None = None  # a run folder: continue it from its last.pt
+    workers: int | None = None  # decode processes per training process; None = cores/procs
+    eval_batch_size: int | None = None  # None: 256 on CUDA, 64 elsewhere
+    image_store: str = "auto"  # "memory" (decode once), "stream", or "auto" (memory if it fits)
+    n_bootstrap: int = 1000  # bootstrap resamples for the final metrics' CIs
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.setup not in SETUPS:
+            raise ValueError(f"unknown setup {self.setup!r}; choose one of {', '.join(SETUPS)}")
+        preset = SETUPS[self.setup]
+        if self.weight_decay is None:
+            self.weight_decay = float(preset["weight_decay"])
+        if self.augment is None:
+            self.augment = bool(preset["augment"])
+        if self.pretrained == "":
+            self.pretrained = None
+        self.split_ratios = tuple(float(r) for r in self.split_ratios)
+        self._check()
+
+    def _check(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"finetune: {msg}")
+
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+        need(self.lr >= 0 and (self.head_lr is None or self.head_lr >= 0),
+             "learning rates must be >= 0")
+        need(self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got "
+             f"{self.warmup_ratio}")
+        need(self.schedule in ("cosine", "constant"), "schedule must be cosine or constant")
+        need(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        need(self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 or None")
+        need(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+        need(self.balance in (None, "loss"), f"balance must be None or 'loss', got "
+             f"{self.balance!r}")
+        need(self.template_set == "all" or self.template_set in TEMPLATE_SETS,
+             f"template_set must be 'all' or one of {sorted(TEMPLATE_SETS)}")
+        need(self.wise is None or 0.0 <= self.wise <= 1.0, f"wise alpha must be in [0, 1], got "
+             f"{self.wise}")
+        need(self.patience is None or self.patience >= 1, "patience must be >= 1 or None")
+        need(self.precision in _PRECISIONS, f"precision must be one of {_PRECISIONS}")
+        need(self.image_store in _STORES, f"image_store must be one of {_STORES}")
+        need(self.aug_resize >= self.aug_crop >= 1, "aug_resize must be >= aug_crop >= 1")
+        need(0 <= self.aug_hflip <= 1, "aug_hflip must be in [0, 1]")
+        need(self.n_bootstrap >= 0, "n_bootstrap must be >= 0")
+        need(self.eval_batch_size is None or self.eval_batch_size >= 1,
+             "eval_batch_size must be >= 1")
+        need(bool(self.data) or bool(self.resume), "give the data (or a run to resume)")
+
+    @classmethod
+    def from_setup(cls, setup: str, **overrides: Any) -> FinetuneConfig:
+        """A named setup (base, regularization, augmented) with any field overridden; None
+        values are ignored so a CLI can pass every option through unchanged."""
+        return cls(setup=setup, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["split_ratios"] = list(self.split_ratios)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def effective_head_lr(self) -> float:
+        return self.lr if self.head_lr is None else self.head_lr
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced. On ranks other than 0 of a torchrun job only `run_dir`, `rank`
+    and `world_size` are meaningful (`is_main` is False): print nothing there."""
+
+    run_dir: Path
+    config: FinetuneConfig
+    history: list[dict[str, Any]] = field(default_factory=list)
+    init_val: dict[str, float] | None = None  # the initial (zero-shot) model on val
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> report
+    best_epoch: int | None = None
+    best_val_balanced_accuracy: float | None = None
+    wise_alpha: float | None = None  # the alpha of the final model, if WiSE-FT was applied
+    wise_curve: list[dict[str, float]] | None = None  # one row per alpha, on val
+    failed: list[dict[str, str]] = field(default_factory=list)
+    stopped_early: bool = False
+    resumed: bool = False
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
+    """Fine-tune, evaluate and write `runs/<name>/` (see the module doc and the README).
+
+    Under torchrun (WORLD_SIZE > 1 in the environment) every process calls this; they join one
+    process group and only rank 0 writes. A finished run given to `resume` is read back, not
+    trained again."""
+    from skincache._finetune_state import DistContext
+    from skincache._finetune_train import FinetuneRun, finished_result
+    from skincache.encode import resolve_device
+
+    cfg = _resolve_resume(config)
+    if cfg.resume and _status(Path(cfg.resume)) == "complete":
+        return finished_result(Path(cfg.resume), cfg)
+    device = resolve_device(cfg.device)
+    ctx = DistContext.from_env(device)
+    try:
+        with _runtime(cfg, ctx.device, ctx.local_world):
+            return FinetuneRun(cfg, ctx, progress=progress and ctx.main).run()
+    finally:
+        ctx.close()
+
+
+def _status(run_dir: Path) -> str | None:
+    meta = run_dir / "run.json"
+    return json.loads(meta.read_text()).get("status") if meta.is_file() else None
+
+
+def _resolve_resume(config: FinetuneConfig) -> FinetuneConfig:
+    """With `resume`, the run's own saved config, except where and how fast it runs: a
+    different learning rate or epoch count would not continue the same run."""
+    if not config.resume:
+        return config
+    meta_path = Path(config.resume) / "run.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"--resume {config.resume}: no run.json there (not a run folder)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("kind") != "finetune":
+        raise ValueError(f"{meta_path}: kind is {meta.get('kind')!r}, not a fine-tuning run")
+    saved = FinetuneConfig.from_dict(meta["config"])
+    keep = {k: getattr(config, k) for k in RESUME_MUTABLE}
+    return dataclasses.replace(saved, **keep)
+
+
+@contextlib.contextmanager
+def _runtime(cfg: FinetuneConfig, device: torch.device, local_world: int):
+    """Determinism and CPU threads for the run only, restored afterwards (a library call
+    should not leave the process in another mode)."""
+    import torch.backends.cudnn as cudnn
+
+    prev = (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.deterministic,
+            cudnn.benchmark, torch.get_num_threads())
+    if cfg.deterministic:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn.deterministic, cudnn.benchmark = cfg.deterministic, not cfg.deterministic
+    if device.type == "cpu" and local_world > 1:  # processes of one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        cudnn.deterministic, cudnn.benchmark = prev[2], prev[3]
+        torch.set_num_threads(prev[4])

@@ -1,0 +1,122 @@
+"""`predict`: new images through the cache's own model and preprocessing, then a saved head.
+
+The images go through `ImageEncoder` (the encode code path: same decoding, same clean view,
+same precision), so a prediction sees exactly what the head was trained on. Each image also
+gets its most similar training cases from the cache (cosine similarity of clean-view features),
+which is what a clinician asks next: "what did similar lesions turn out to be?".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from skincache.data import Record
+from skincache.data._files import IMAGE_EXTS
+from skincache.encode import ImageEncoder, resolve_device, resolve_precision
+from skincache.heads import create_head
+from skincache.models import ModelSpec, load_model
+from skincache.runs import RunError, load_run
+from skincache.views import ViewPolicy
+
+
+@dataclass
+class Prediction:
+    path: str
+    error: str = ""
+    predicted: str = ""
+    probabilities: dict[str, float] = field(default_factory=dict)
+    neighbors: list[dict] = field(default_factory=list)  # image_id, label, similarity
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def expand_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Files as given (even unreadable ones, to report them), folders searched recursively."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTS)
+        else:
+            out.append(p)
+    return out
+
+
+def predict_images(
+    run: str | Path,
+    inputs: list[str | Path],
+    *,
+    cache: str | Path | None = None,
+    device: str = "auto",
+    neighbors: int = 5,
+    batch_size: int = 32,
+) -> list[Prediction]:
+    """Class probabilities and nearest training cases for each image (or a per-file error)."""
+    loaded_run = load_run(run)
+    fc = loaded_run.open_cache(cache)
+    a = fc.attrs
+    spec = ModelSpec(a["model"], a.get("pretrained") or None, a.get("checkpoint") or None)
+    dev = resolve_device(device)
+    model = load_model(spec, dev)
+    if model.weights_sha256 != a["weights_sha256"]:
+        raise RunError(f"the weights loaded for {spec.name} (sha256 {model.weights_sha256[:12]}) "
+                       f"differ from those cache {fc.path} was encoded with "
+                       f"({a['weights_sha256'][:12]}); predictions would not match the head")
+    encoder = ImageEncoder(model, ViewPolicy(k=0), dev, a.get("precision") or
+                           resolve_precision("auto", dev))
+    paths = expand_inputs(inputs)
+    records = [Record(image_id=p.stem, source=str(p), label="") for p in paths]
+    results = {i: Prediction(str(p)) for i, p in enumerate(paths)}
+    feats: dict[int, np.ndarray] = {}
+    for batch in encoder.batches(records, list(range(len(records))), batch_size, num_workers=0):
+        for pos, _, reason in batch.failed:
+            results[pos].error = reason.replace("listed in the metadata but not found",
+                                                "file not found")
+        if len(batch.index):
+            f = encoder.features(batch.pixels)[:, 0]
+            feats.update(zip(batch.index, f, strict=True))
+    ok = sorted(feats)
+    if ok:
+        X = np.stack([feats[i] for i in ok])
+        proba = loaded_run.head.predict_proba(X)
+        train = fc.split("train")
+        knn = create_head("knn", k=max(1, neighbors)).fit(train.features, train.labels,
+                                                          n_classes=len(fc.classes))
+        sims, rows = knn.kneighbors(X, k=min(neighbors, len(train))) if neighbors else (
+            np.zeros((len(ok), 0)), np.zeros((len(ok), 0), dtype=int))
+        for j, i in enumerate(ok):
+            r = results[i]
+            r.probabilities = {c: float(p) for c, p in zip(fc.classes, proba[j], strict=True)}
+            r.predicted = fc.classes[int(proba[j].argmax())]
+            r.neighbors = [{"image_id": str(train.image_id[row]),
+                            "label": fc.classes[int(train.labels[row])],
+                            "similarity": float(s)} for s, row in zip(sims[j], rows[j],
+                                                                     strict=True)]
+    return [results[i] for i in range(len(paths))]
+
+
+def write_predictions(preds: list[Prediction], path: str | Path) -> Path:
+    """Predictions as JSON (everything) or CSV (one row per image, p_<class> columns)."""
+    import csv
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps([p.__dict__ for p in preds], indent=2))
+        return path
+    classes = next((list(p.probabilities) for p in preds if p.ok), [])
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "predicted", *(f"p_{c}" for c in classes), "nearest", "error"])
+        for p in preds:
+            nearest = ";".join(f"{n['image_id']}:{n['label']}:{n['similarity']:.3f}"
+                               for n in p.neighbors)
+            w.writerow([p.path, p.predicted, *(p.probabilities.get(c, "") for c in classes),
+                        nearest, p.error])
+    return path
