@@ -99,7 +99,6 @@ def cut_crops(base: torch.Tensor | list[torch.Tensor], idx: torch.Tensor, top: t
     ch, cw = crop_hw
     if isinstance(base, torch.Tensor):
         dev = base.device
-        idx, top, left, flip = (t.to(dev) for t in (idx, top, left, flip))
         rows = top[:, None] + torch.arange(ch, device=dev)  # [B, ch]
         cols = left[:, None] + torch.arange(cw, device=dev)  # [B, cw]
         cols = torch.where(flip[:, None], cols.flip(-1), cols)
@@ -188,41 +187,55 @@ class ImageStore:
             n += sum(b.numel() for b in self.base)
         return n
 
-    def to(self, device: torch.device, pin: bool = False) -> ImageStore:
-        """Move the kept pixels to `device` (or pin them for fast copies to a GPU)."""
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.pin_memory() if pin else t.to(device)
-
+    def to(self, device: torch.device) -> ImageStore:
+        """Move the kept pixels and labels to `device` (a GPU: a batch is then one gather)."""
         if self.clean is not None:
-            self.clean = move(self.clean)
+            self.clean = self.clean.to(device)
         if isinstance(self.base, torch.Tensor):
-            self.base = move(self.base)
+            self.base = self.base.to(device)
         elif self.base:
-            self.base = [move(b) for b in self.base]
+            self.base = [b.to(device) for b in self.base]
+        self.labels = self.labels.to(device)
         return self
+
+    @property
+    def pixel_device(self) -> torch.device:
+        return self.labels.device
 
     def crops(self, seed: int, epoch: int):
         return epoch_crops(self.image_ids, self.base_hw, self.maker, seed, epoch)
 
-    def batches(self, batches: list[list[int]], device: torch.device,
+    def batches(self, order: list[int], batch_size: int, device: torch.device,
                 crops: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(uint8 [b, 3, H, W], labels [b]) on `device` for each list of positions: clean
-        views, or, with `crops` (from `crops(seed, epoch)`), that epoch's augmented crops."""
-        pixels = self._stream(batches, crops) if self.mode == "stream" else (
-            self._memory(b, crops) for b in batches)
-        for b, px in zip(batches, pixels, strict=True):
-            y = self.labels[torch.as_tensor(b, dtype=torch.long)]
-            yield px.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        """(uint8 [b, 3, H, W], labels [b]) on `device` for consecutive slices of `order`:
+        clean views, or, with `crops` (from `crops(seed, epoch)`), that epoch's crops.
 
-    def _memory(self, b: list[int], crops) -> torch.Tensor:
-        idx = torch.as_tensor(b, dtype=torch.long)
-        if crops is None:
-            assert self.clean is not None
-            return self.clean[idx.to(self.clean.device)]
-        assert self.base is not None
-        top, left, flip = (c[idx] for c in crops)
-        return cut_crops(self.base, idx, top, left, flip, self.maker.crop_hw)
+        The whole order (and the epoch's crop table) goes to the pixels' device once, so a
+        batch costs one gather and no host-device synchronisation."""
+        order_cpu = torch.as_tensor(order, dtype=torch.long)
+        if self.mode == "stream":
+            chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+            for b, px in zip(chunks, self._stream(chunks, crops), strict=True):
+                y = self.labels[torch.as_tensor(b, dtype=torch.long)]
+                yield px.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            return
+        dev = self.pixel_device
+        order_dev = order_cpu.to(dev)
+        if crops is not None:
+            stacked = isinstance(self.base, torch.Tensor)
+            crops = tuple(c.to(dev if stacked else "cpu") for c in crops)
+        for i in range(0, len(order), batch_size):
+            idx = order_dev[i:i + batch_size]
+            if crops is None:
+                assert self.clean is not None
+                px = self.clean[idx]
+            else:
+                assert self.base is not None
+                sel = idx if isinstance(self.base, torch.Tensor) else order_cpu[i:i + batch_size]
+                top, left, flip = (c[sel] for c in crops)
+                px = cut_crops(self.base, sel, top, left, flip, self.maker.crop_hw)
+            yield px.to(device, non_blocking=True), self.labels[idx].to(device, non_blocking=True)
 
     def _stream(self, batches, crops) -> Iterator[torch.Tensor]:
         loader = torch.utils.data.DataLoader(

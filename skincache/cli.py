@@ -66,6 +66,9 @@ def encode(
     split_ratios: Annotated[str, typer.Option(help="train,val[,test] shares for sources without "
                                                    "a split (lesion-grouped).")] = "0.72,0.19,0.09",
     split_seed: Annotated[int, typer.Option(help="Seed of the lesion-grouped split.")] = 0,
+    test_data: Annotated[str | None, typer.Option(help="A second source used whole as the "
+                                                       "test split (e.g. the ISIC 2018 test "
+                                                       "set); give two --split-ratios.")] = None,
     cache_dir: CacheDir = Path("cache"),
     force: Annotated[bool, typer.Option(help="Rebuild even if the cache exists.")] = False,
     wait: Annotated[bool, typer.Option(help="Wait for another run on the same cache instead of "
@@ -79,7 +82,8 @@ def encode(
     from skincache.views import ViewPolicy
 
     with _clear_errors():
-        ds = load_dataset(data, split_ratios=_ratios(split_ratios), seed=split_seed)
+        ds = load_dataset(data, split_ratios=_ratios(split_ratios), seed=split_seed,
+                          test=test_data)
         spec = ModelSpec(model, pretrained or None, str(checkpoint) if checkpoint else None)
         result = encode_dataset(
             ds, spec, policy=ViewPolicy(k=views, seed=view_seed), cache_dir=cache_dir,
@@ -141,6 +145,7 @@ def audit(
     split_ratios: Annotated[str, typer.Option(help="As for encode, for sources without a split."
                                               )] = "0.72,0.19,0.09",
     split_seed: Annotated[int, typer.Option(help="As for encode.")] = 0,
+    test_data: Annotated[str | None, typer.Option(help="As for encode.")] = None,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the byte-identical image "
                                                             "check (reads every file).")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as "
@@ -159,7 +164,8 @@ def audit(
     rep: dict = {}
     with _clear_errors():
         if data is not None:
-            ds = load_dataset(data, split_ratios=_ratios(split_ratios), seed=split_seed)
+            ds = load_dataset(data, split_ratios=_ratios(split_ratios), seed=split_seed,
+                              test=test_data)
             with progress_bar(len(ds), "hash images", enabled=not (quiet or no_hash)) as adv:
                 rep = audit_dataset(ds, hash_images=not no_hash, progress=adv).to_dict()
             _render.audit_report(rep, ds.classes)

@@ -141,9 +141,13 @@ class FinetuneConfig:
 
     @classmethod
     def from_setup(cls, setup: str, **overrides: Any) -> FinetuneConfig:
-        """A named setup (base, regularization, augmented) with any field overridden; None
-        values are ignored so a CLI can pass every option through unchanged."""
-        return cls(setup=setup, **{k: v for k, v in overrides.items() if v is not None})
+        """A named setup (base, regularization, augmented) with any field overridden. None for
+        a field that cannot be None (epochs, lr, ...) means "the default", so a CLI can pass
+        every option through unchanged; `pretrained=None` still means random init."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        keep = {k: v for k, v in overrides.items()
+                if v is not None or defaults.get(k) is None or k == "pretrained"}
+        return cls(setup=setup, **keep)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -60,3 +60,15 @@ def test_isic2018_test_counts() -> None:
     assert Counter(r.label for r in ds.records) == {
         "nv": 909, "bkl": 217, "mel": 171, "bcc": 93, "df": 44, "akiec": 43, "vasc": 35}
     assert all(os.path.isfile(r.source) for r in ds.records)
+
+
+def test_ham10000_train_val_with_the_official_isic2018_test_set(ham10000_dir, isic2018_dir):
+    from skincache.data import load_dataset
+
+    ds = load_dataset(ham10000_dir, split_ratios=(0.8, 0.2), test=isic2018_dir)
+    counts = {s: len(ds.split_records(s)) for s in ds.splits}
+    assert counts["test"] == 1512 and counts["train"] + counts["val"] == 10015
+    assert ds.declared_splits == ["train", "val", "test"]
+    ds.validate()
+    with pytest.raises(Exception, match="already has a test split"):
+        load_dataset(ham10000_dir, test=isic2018_dir)

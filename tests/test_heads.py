@@ -338,6 +338,28 @@ def test_logreg_c_choice(separable):
     assert np.abs(strong).max() > 2 * np.abs(weak).max()
 
 
+@pytest.mark.parametrize("n_classes", [2, C])
+def test_logreg_probabilities_match_sklearn(n_classes, separable):
+    from sklearn.linear_model import LogisticRegression
+
+    keep = separable["y"] < n_classes
+    X, y = separable["X"][keep], separable["y"][keep]
+    head = create_head("logreg", C=0.5).fit(X, y)
+    ref = LogisticRegression(C=0.5, max_iter=200, tol=1e-5).fit(l2_normalize(X), y)
+    x = separable["X_test"]
+    np.testing.assert_allclose(head.predict_proba(x), ref.predict_proba(l2_normalize(x)),
+                               atol=1e-5)
+
+
+def test_device_choice(separable):
+    head = fit("linear", separable, device="auto")
+    assert next(head.module_.parameters()).device.type == (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            fit("linear", separable, device="cuda")
+
+
 def test_knn_neighbours_and_view_keys(separable):
     X, y, views = separable["X"], separable["y"], separable["views"]
     head = create_head("knn", k=5).fit(X, y, views=views)

@@ -7,6 +7,7 @@ decodes images for the model or knows about the cache.
 from ._record import SPLITS, DataError, Dataset, Record
 from .audit import AuditReport, audit_dataset
 from .classes import DX_NAMES, HAM10000_CLASSES, display_name
+from .combine import with_test_set
 from .demo import make_demo_dataset
 from .fetch import FetchError, fetch_ham10000
 from .sources import detect_kind, load_dataset, read_image_bytes
@@ -30,4 +31,5 @@ __all__ = [
     "load_dataset",
     "make_demo_dataset",
     "read_image_bytes",
+    "with_test_set",
 ]

@@ -303,13 +303,16 @@ def load_dataset(
     split_ratios: tuple[float, ...] = DEFAULT_RATIOS,
     seed: int = 0,
     kind: str | None = None,
+    test: str | Path | None = None,
 ) -> Dataset:
     """Load any supported source and give every record a split.
 
     `spec` is a path, optionally prefixed `ham10000:`, `isic2018:`, `parquet:`, `csv:` or
     `folder:`; without a prefix (or `kind`) the kind is detected from the path. Records that
     the source gives a split keep it; the others get a seeded split stratified by class and
-    grouped by lesion (`assign_splits`). Record order is the source's order.
+    grouped by lesion (`assign_splits`). Record order is the source's order. `test` names a
+    second source used whole as the test split (e.g. the ISIC 2018 Task 3 test set); then
+    `split_ratios` should have two entries (train, val).
     """
     chosen, path = parse_spec(spec, kind)
     if not path.exists():
@@ -319,6 +322,10 @@ def load_dataset(
     if any(r.split is None for r in ds.records):
         ds.records = assign_splits(ds.records, split_ratios, seed)
         ds.declared_splits = check_ratios(split_ratios)
+    if test is not None:
+        from .combine import with_test_set
+
+        ds = with_test_set(ds, load_dataset(test, split_ratios=split_ratios, seed=seed))
     return ds
 
 

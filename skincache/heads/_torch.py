@@ -56,7 +56,9 @@ def inference_device(device: str | torch.device) -> torch.device:
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Seed torch's global generators for the duration only (module init, dropout)."""
-    devices = [device] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
@@ -111,14 +113,16 @@ def epoch_indices(
 
 
 def epoch_features(
-    X: torch.Tensor, views: torch.Tensor, use_views: bool, g: torch.Generator
+    X: torch.Tensor, views: torch.Tensor, use_views: bool, g: torch.Generator,
+    order: torch.Tensor,
 ) -> torch.Tensor:
-    """One feature row per image for this epoch: a random cached view, or the clean one."""
+    """The epoch's feature rows in visiting order (one gather per epoch, so batches are
+    contiguous slices): for each image a random cached view, or the clean view."""
     n, k = views.shape[0], views.shape[1]
     if not use_views or k == 0:
-        return X
+        return X[order]
     pick = torch.randint(k, (n,), generator=g).to(views.device)
-    return views[torch.arange(n, device=views.device), pick]
+    return views[order, pick[order]]
 
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -191,12 +195,12 @@ def train(
         validate(0)
     for epoch in range(1, cfg.epochs + 1):
         module.train()
-        feats = epoch_features(X, views, cfg.use_views, g)
         order = epoch_indices(y_cpu, n_classes, cfg.balance, g)[:n].to(device)
+        feats, labels = epoch_features(X, views, cfg.use_views, g, order), y[order]
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            logits = fwd(feats[idx], idx)
-            loss = F.cross_entropy(logits, y[idx], weight=loss_w)
+            stop = start + batch_size
+            logits = fwd(feats[start:stop], order[start:stop])
+            loss = F.cross_entropy(logits, labels[start:stop], weight=loss_w)
             if penalty is not None:
                 loss = loss + penalty()
             opt.zero_grad(set_to_none=True)

@@ -11,6 +11,10 @@ from ._registry import register_head
 class MLPHead(FeedForwardHead):
     """`depth` hidden layers of width `hidden` (GELU, dropout) and a linear output.
 
+    Defaults are sized for speed on a CPU (10k x 512 in about a second): hidden 128, and no
+    dropout, because on a CPU the dropout masks cost a quarter of the fit and the random cached
+    views already regularise. Raise `hidden` / set `dropout` when a GPU or time allows.
+
     Training parameters as for `linear`: epochs/batch_size/lr/weight_decay (AdamW, cosine),
     balance (None | "loss" | "sampler"), use_views (one random cached view per image per epoch),
     patience (early stopping on validation balanced accuracy, best weights restored), seed,
@@ -19,9 +23,9 @@ class MLPHead(FeedForwardHead):
 
     def __init__(
         self,
-        hidden: int = 256,
+        hidden: int = 128,
         depth: int = 1,
-        dropout: float = 0.1,
+        dropout: float = 0.0,
         epochs: int = 20,
         batch_size: int = 512,
         lr: float = 1e-3,

@@ -1,14 +1,20 @@
 """Tip-Adapter-F: Tip-Adapter whose cache keys are fine-tuned by gradient descent.
 
-As in the paper, only the keys are trained (AdamW, cosine schedule); the zero-shot prototypes
-and the one-hot values stay fixed. Two choices differ from the few-shot original, both because
-here the cache is the whole training set:
+As in the paper, only the keys are trained (AdamW with eps 1e-4, cosine schedule); the zero-shot
+prototypes and the values stay fixed. The paper's cache is a few shots per class; here it is the
+whole, imbalanced training set, which forced four changes, each a parameter:
 - alpha and beta during training are those the training-free search picked on the validation
   split (the paper's defaults without one); after training they are searched again.
 - `mask_self`: an image's own key is left out of its cache logits during training. Otherwise
   the loss is minimised by each image recognising itself (similarity 1), which teaches the keys
   nothing that transfers.
-Cost: each step multiplies a batch by all N keys, so epochs draw `samples_per_epoch` images
+- `normalize_keys`: keys are used (and saved) L2-normalised. With thousands of keys per class,
+  a small coherent growth of one class's key norms raises that class's logit for every query;
+  on the sphere only the directions can move.
+- `balance="loss"`: class-weighted cross-entropy. The cache is class-balanced (see
+  `tip_adapter`); an unweighted loss on a 67%-nv training set pulls all keys towards nv, and
+  validation balanced accuracy then falls from the first epoch.
+Cost: each step multiplies a batch by all N keys, so an epoch draws `samples_per_epoch` images
 rather than all of them; the defaults fit 10k x 512 in a few seconds on two CPU cores.
 """
 
@@ -35,11 +41,13 @@ class _Keys(nn.Module):
 class TipAdapterFHead(TipAdapterHead):
     """Tip-Adapter with fine-tuned keys.
 
-    alpha/beta/alpha_range/n_alpha/beta_range/n_beta/balance_cache: as for `tip-adapter`
-    (alpha and beta are searched on the validation split before and after training). epochs, batch_size, lr, weight_decay: AdamW on
-    the keys (paper: lr 1e-3, eps 1e-4). samples_per_epoch: images per epoch (None: all).
-    use_views: train on one random cached view per image per epoch. mask_self: see module doc.
-    patience: early stopping on validation balanced accuracy (best keys kept). seed, device.
+    alpha, beta, alpha_range, n_alpha, beta_range, n_beta, balance_cache: as for
+    `tip-adapter`; alpha and beta are searched on the validation split before and after
+    training. epochs, batch_size, lr, weight_decay: AdamW on the keys (paper: lr 1e-3).
+    samples_per_epoch: images per epoch (None: all). use_views: train on one random cached
+    view per image per epoch. mask_self, normalize_keys, balance: see the module doc.
+    patience: early stopping on validation balanced accuracy, counting the training-free
+    start as epoch 0, so fine-tuning that only hurts is undone. seed, device.
     """
 
     _fitted_scalars = TipAdapterHead._fitted_scalars + (
