@@ -145,11 +145,13 @@ def decode_all(records: list[Record], maker: ViewMaker, keep_base: bool, workers
 class ImageStore:
     """The decoded images of one split: labels, ids, clean views and (train, augmented) bases.
 
-    `mode` is "memory" (pixels kept, on `device` when given) or "stream" (decoded again for
-    every batch by worker processes; only which images are usable is kept)."""
+    `mode` is "memory" (pixels kept; `to(device)` moves them) or "stream" (decoded again for
+    every batch by worker processes; only which images are usable is kept). The augmented
+    setup's training store keeps only the resized bases (`keep_clean=False`)."""
 
     def __init__(self, records: list[Record], labels: list[int], maker: ViewMaker, *,
-                 keep_base: bool, mode: str, workers: int, split: str, advance=None):
+                 keep_base: bool, mode: str, workers: int, split: str, keep_clean: bool = True,
+                 advance=None):
         self.maker, self.keep_base, self.mode, self.workers = maker, keep_base, mode, workers
         self.failed: list[Failure] = []
         keep_records, keep_labels, clean, bases = [], [], [], []
@@ -164,7 +166,8 @@ class ImageStore:
             if b is not None:
                 self.base_hw.append((int(b.shape[1]), int(b.shape[2])))
             if mode == "memory":
-                clean.append(torch.from_numpy(c))
+                if keep_clean:
+                    clean.append(torch.from_numpy(c))
                 if b is not None:
                     bases.append(torch.from_numpy(b))
         self.records = keep_records

@@ -54,14 +54,18 @@ class ClipClassifier(nn.Module):
 
 
 def text_features(loaded: LoadedModel, classes: list[str], template_set: str) -> np.ndarray:
-    """[C, T, D] prompt embeddings of every class (all template sets when "all")."""
-    sets = list(TEMPLATE_SETS) if template_set == "all" else [template_set]
-    per_set = [class_prompts(classes, s) for s in sets]
-    prompts = [[p for ps in per_set for p in ps[c]] for c in range(len(classes))]
-    flat = [p for per_class in prompts for p in per_class]
+    """[C, T, D] prompt embeddings of every class, computed as `encode` computes the cache's
+    text (one batch per template set) and, for "all", the sets side by side in sorted order as
+    `fit-head --templates all` reads them: the zero-shot start is the zero-shot head's."""
+    sets = sorted(TEMPLATE_SETS) if template_set == "all" else [template_set]
     device = next(loaded.model.parameters()).device
-    f = loaded.encode_text(flat, device).cpu().numpy()
-    return f.reshape(len(classes), len(prompts[0]), -1)
+    out = []
+    for s in sets:
+        prompts = class_prompts(classes, s)
+        flat = [p for per_class in prompts for p in per_class]
+        f = loaded.encode_text(flat, device).cpu().numpy()
+        out.append(f.reshape(len(classes), len(prompts[0]), -1))
+    return np.concatenate(out, axis=1)
 
 
 def zeroshot_head(loaded: LoadedModel, classes: list[str], template_set: str
@@ -89,16 +93,24 @@ def head_dir(path: str | Path) -> Path:
 
 
 def fitted_head(path: str | Path, logit_scale: float, n_classes: int, dim: int,
-                classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+                classes: list[str], model: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W, b) in this model's parametrisation from a linear head saved by `fit-head`, such that
-    softmax(logit_scale * normalize(x) @ W^T + b) == head.predict_proba(x)."""
+    softmax(logit_scale * normalize(x) @ W^T + b) == head.predict_proba(x).
+
+    The run's `run.json` (when there is one) must name the same classes and, given `model`,
+    the same architecture: a head fit on another model's features is meaningless here."""
     d = head_dir(path)
-    for meta in (d / "run.json", d.parent / "run.json"):
-        if meta.is_file():
-            saved = json.loads(meta.read_text()).get("classes")
+    for meta_path in (d / "run.json", d.parent / "run.json"):
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            saved = meta.get("classes")
             if saved is not None and list(saved) != list(classes):
-                raise ValueError(f"{meta}: the head was fit on classes {saved}, this dataset "
-                                 f"has {classes}")
+                raise ValueError(f"{meta_path}: the head was fit on classes {saved}, this "
+                                 f"dataset has {classes}")
+            if model and meta.get("model") and meta["model"] != model:
+                raise ValueError(f"{meta_path}: the head was fit on {meta['model']} features; "
+                                 f"this run fine-tunes {model}")
             break
     head = load_head(d)
     if head.n_features_in_ != dim or head.n_classes_ != n_classes:

@@ -1,16 +1,22 @@
-"""A finished fine-tuning run's outputs, the same ones `fit-head` writes for a head:
-`metrics/<split>.json` (skincache.metrics' report: balanced accuracy first, bootstrap CIs,
+"""A fine-tuning run's folder: `run.json`, and at the end the outputs `fit-head` writes for a
+head: `metrics/<split>.json` (skincache.metrics' report: balanced accuracy first, bootstrap CIs,
 confusion matrix, calibration), `predictions/<split>.csv`, the report plots per split, plus the
-training curves and, with WiSE-FT, the alpha curve."""
+training curves and, with WiSE-FT, the alpha curve. A finished run can be read back from it."""
 
 from __future__ import annotations
 
+import json
+import platform
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from skincache import __version__
 from skincache._finetune_state import write_json
+from skincache.heads.base import balanced_accuracy, softmax
 from skincache.metrics import classification_report, write_predictions_csv
 
 
@@ -69,3 +75,93 @@ def plot_wise_curve(curve: list[dict[str, float]], path: Path, chosen: float | N
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     return path
+
+
+# ---------------------------------------------------------------------------- run folder
+
+
+def run_meta(run, status: str, old: dict[str, Any], result=None) -> dict[str, Any]:
+    """`run.json`: kind, status, the full config, the model and data identities, versions."""
+    lp = run.loaded
+    meta: dict[str, Any] = {
+        "kind": "finetune", "format_version": 1, "status": status,
+        "created": old.get("created", _now()), "updated": _now(),
+        "config": run.cfg.to_dict(),
+        "model": {**run.spec.identity(), "checkpoint": run.spec.checkpoint,
+                  "weights_sha256": lp.weights_sha256, "embed_dim": lp.embed_dim,
+                  "logit_scale": lp.logit_scale,
+                  "preprocess": json.loads(lp.preprocess.to_json()),
+                  "scaled_augmentation": {"resize": run.maker.aug_resize,
+                                          "crop": list(run.maker.crop_hw)}},
+        "dataset": {"name": run.ds.name, "kind": run.ds.kind, "root": str(run.ds.root),
+                    "fingerprint": run.fingerprint, "classes": run.classes,
+                    "split_sizes": {s: len(run.ds.split_records(s)) for s in run.ds.splits},
+                    "failed": len(run.failed)},
+        "classes": run.classes,
+        "world_size": run.ctx.world, "device": run.device.type,
+        "precision": run.precision, "image_store": run.store_mode,
+        "versions": versions(),
+        "checkpoints": {"best": "best.pt", "last": "last.pt"},
+    }
+    if result is not None:
+        meta.update(best_epoch=result.best_epoch, wise_alpha=result.wise_alpha,
+                    stopped_early=result.stopped_early, timings=result.timings,
+                    headline={s: {k: m.get(k) for k in ("balanced_accuracy", "accuracy")}
+                              for s, m in result.metrics.items()})
+        if result.wise_alpha not in (None, 1.0):
+            meta["checkpoints"]["wise"] = "wise.pt"
+    return meta
+
+
+def quick_scores(y: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """Per-epoch validation numbers: balanced accuracy (the ISIC metric), accuracy, loss."""
+    proba = softmax(logits)
+    pred = proba.argmax(axis=1)
+    loss = float(-np.log(np.clip(proba[np.arange(len(y)), y], 1e-15, None)).mean())
+    return {"balanced_accuracy": balanced_accuracy(y, pred),
+            "accuracy": float((pred == y).mean()), "loss": loss}
+
+
+def train_timing(history: list[dict[str, Any]]) -> dict[str, float]:
+    rows = [r for r in history if r.get("train_seconds")]
+    if not rows:
+        return {}
+    imgs = sum(r["train_images"] for r in rows)
+    secs = sum(r["train_seconds"] for r in rows)
+    return {"train_s": secs, "train_images_per_s": imgs / secs,
+            "eval_s": sum(r.get("eval_seconds", 0.0) for r in rows),
+            "save_s": sum(r.get("save_seconds", 0.0) for r in rows)}
+
+
+def versions() -> dict[str, str]:
+    import open_clip
+    import PIL
+    import torchvision
+
+    return {"skincache": __version__, "torch": torch.__version__,
+            "open_clip": open_clip.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "pillow": PIL.__version__,
+            "python": platform.python_version()}
+
+
+def finished_result(run_dir: Path, cfg):
+    """A complete run read back from its folder (resuming it again trains nothing)."""
+    meta = json.loads((run_dir / "run.json").read_text())
+    hist = json.loads((run_dir / "history.json").read_text())
+    metrics = {p.stem: json.loads(p.read_text())
+               for p in sorted((run_dir / "metrics").glob("*.json")) if p.stem != "wise_curve"}
+    curve_path = run_dir / "metrics" / "wise_curve.json"
+    from skincache.finetune import FinetuneResult
+
+    return FinetuneResult(
+        run_dir=run_dir, config=cfg, history=hist["epochs"], init_val=hist["init"],
+        metrics=metrics, best_epoch=hist["best_epoch"],
+        best_val_balanced_accuracy=hist["best_val_balanced_accuracy"],
+        wise_alpha=meta.get("wise_alpha"),
+        wise_curve=json.loads(curve_path.read_text()) if curve_path.is_file() else None,
+        failed=json.loads((run_dir / "failed.json").read_text()),
+        stopped_early=hist["stopped_early"], resumed=True, timings=meta.get("timings", {}))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from skincache import __version__
+from skincache import _finetune_report as report
 from skincache import _finetune_state as state
 from skincache._finetune_data import (
     ImageStore,
@@ -42,15 +41,31 @@ from skincache._finetune_model import (
     warmup_cosine,
     zeroshot_head,
 )
+from skincache._finetune_report import quick_scores, train_timing
 from skincache._progress import console, progress_bar
 from skincache.data import load_dataset
 from skincache.encode import resolve_precision
 from skincache.finetune import FinetuneConfig, FinetuneResult
-from skincache.heads.base import balanced_accuracy, balanced_class_weights, softmax
+from skincache.heads.base import balanced_class_weights, softmax
 from skincache.models import ModelSpec, load_model
-from skincache.views import ViewMaker, ViewPolicy, normalize
+from skincache.views import ViewMaker, ViewPolicy
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Normalizer:
+    """`views.normalize` with its mean/std tensors built once on the device: building them
+    every step is a host-to-device copy from pageable memory, which waits for the GPU queue
+    to drain and so stalls every training step."""
+
+    def __init__(self, preprocess, device: torch.device):
+        self.mean = torch.tensor(preprocess.mean, device=device, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(preprocess.std, device=device, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.to(torch.float32) / 255.0 - self.mean) / self.std
+
+
 WISE_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
 
@@ -120,7 +135,8 @@ class FinetuneRun:
 
     def _load_data(self) -> None:
         cfg = self.cfg
-        self.ds = load_dataset(cfg.data, split_ratios=cfg.split_ratios, seed=cfg.split_seed)
+        self.ds = load_dataset(cfg.data, split_ratios=cfg.split_ratios, seed=cfg.split_seed,
+                               test=cfg.test_data)
         self.ds.validate()
         self.fingerprint = self.ds.fingerprint()
         if "train" not in self.ds.splits:
@@ -145,16 +161,18 @@ class FinetuneRun:
         self.maker = ViewMaker(self.loaded.preprocess, policy)
         splits = ["train"] + (self.eval_splits if ctx.main else [])
         records = {s: self.ds.split_records(s) for s in splits}
-        n_clean = sum(len(r) for r in records.values())
+        n_clean = sum(len(r) for s, r in records.items() if s != "train" or not cfg.augment)
         need = estimate_bytes(n_clean, len(records["train"]) if cfg.augment else 0, self.maker)
         self.store_mode = choose_mode(cfg.image_store, need, ctx.local_world)
         workers = default_workers(ctx.local_world) if cfg.workers is None else cfg.workers
         self.stores: dict[str, ImageStore] = {}
-        with progress_bar(n_clean, "decode (once)", enabled=self.progress) as advance:
+        total = sum(len(r) for r in records.values())
+        with progress_bar(total, "decode (once)", enabled=self.progress) as advance:
             for s in splits:
                 labels = [self.ds.label_index(r.label) for r in records[s]]
+                crops = cfg.augment and s == "train"
                 self.stores[s] = ImageStore(
-                    records[s], labels, self.maker, keep_base=cfg.augment and s == "train",
+                    records[s], labels, self.maker, keep_base=crops, keep_clean=not crops,
                     mode=self.store_mode, workers=workers, split=s, advance=advance)
         self.failed = [f for s in splits for f in self.stores[s].failed]
         if not len(self.stores["train"]):
@@ -180,8 +198,9 @@ class FinetuneRun:
         w, b = self._initial_head()
         self.model = ClipClassifier(self.loaded.model.visual, w, b, self.loaded.logit_scale)
         self.model.to(self.device)
-        self.init_state = (state.cpu_state(self.model)
-                           if cfg.wise is not None or cfg.wise_sweep else None)
+        self.normalize = Normalizer(self.loaded.preprocess, self.device)
+        wise = cfg.wise is not None or cfg.wise_sweep
+        self.init_state = state.cpu_state(self.model) if wise and self.ctx.main else None
 
     def _initial_head(self) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, n, d = self.cfg, len(self.classes), self.loaded.embed_dim
@@ -189,7 +208,8 @@ class FinetuneRun:
             return zeroshot_head(self.loaded, self.classes, cfg.template_set)
         if cfg.head_init == "random":
             return random_head(n, d, cfg.seed)
-        return fitted_head(cfg.head_init, self.loaded.logit_scale, n, d, self.classes)
+        return fitted_head(cfg.head_init, self.loaded.logit_scale, n, d, self.classes,
+                           model=cfg.model)
 
     def _build_optim(self) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -209,7 +229,7 @@ class FinetuneRun:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.loss_weight = None
         if cfg.balance == "loss":
-            y = self.stores["train"].labels.numpy()
+            y = self.stores["train"].labels.cpu().numpy()
             w = balanced_class_weights(y, len(self.classes))
             self.loss_weight = torch.as_tensor(w, dtype=torch.float32, device=self.device)
         self.train_model = self.model
@@ -299,7 +319,7 @@ class FinetuneRun:
         desc = f"epoch {epoch}/{cfg.epochs}"
         with progress_bar(len(order) * ctx.world, desc, enabled=self.progress) as advance:
             for px, y in store.batches(order, self.per_rank_batch, self.device, crops):
-                x = normalize(px, self.loaded.preprocess)
+                x = self.normalize(px)
                 with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                     logits = self.train_model(x)
                 loss = F.cross_entropy(logits.float(), y, weight=self.loss_weight,
@@ -323,7 +343,8 @@ class FinetuneRun:
         seconds = time.perf_counter() - t0
         loss_sum, correct, count = ctx.all_sum(sums).tolist()
         return {"epoch": epoch, "train_loss": loss_sum / count, "train_accuracy": correct / count,
-                "lr": self.opt.param_groups[-1]["lr"], "train_images": int(count),
+                "lr": max(g["lr"] for g in self.opt.param_groups if g["name"].startswith(
+                    "visual")), "train_images": int(count),
                 "train_seconds": seconds, "train_images_per_s": count / seconds}
 
     def _end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
@@ -366,7 +387,7 @@ class FinetuneRun:
         self.model.eval()
         out = []
         for px, _ in store.batches(list(range(len(store))), bs, self.device):
-            x = normalize(px, self.loaded.preprocess)
+            x = self.normalize(px)
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 out.append(self.model(x).float())
         if not out:
@@ -382,8 +403,6 @@ class FinetuneRun:
     # ------------------------------------------------------------------ the end
 
     def _finish(self, result: FinetuneResult) -> None:
-        from skincache import _finetune_report as report
-
         cfg = self.cfg
         best = self.run_dir / "best.pt"
         if best.is_file():
@@ -441,86 +460,5 @@ class FinetuneRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         meta_path = self.run_dir / "run.json"
         old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        lp = self.loaded
-        meta: dict[str, Any] = {
-            "kind": "finetune", "format_version": 1, "status": status,
-            "created": old.get("created", _now()), "updated": _now(),
-            "config": self.cfg.to_dict(),
-            "model": {**self.spec.identity(), "checkpoint": self.spec.checkpoint,
-                      "weights_sha256": lp.weights_sha256, "embed_dim": lp.embed_dim,
-                      "logit_scale": lp.logit_scale, "preprocess": json.loads(
-                          lp.preprocess.to_json()),
-                      "scaled_augmentation": {"resize": self.maker.aug_resize,
-                                              "crop": list(self.maker.crop_hw)}},
-            "dataset": {"name": self.ds.name, "kind": self.ds.kind, "root": str(self.ds.root),
-                        "fingerprint": self.fingerprint, "classes": self.classes,
-                        "split_sizes": {s: len(self.ds.split_records(s))
-                                        for s in self.ds.splits},
-                        "failed": len(self.failed)},
-            "classes": self.classes,
-            "world_size": self.ctx.world, "device": self.device.type,
-            "precision": self.precision, "image_store": self.store_mode,
-            "versions": versions(),
-            "checkpoints": {"best": "best.pt", "last": "last.pt"},
-        }
-        if result is not None:
-            meta.update(best_epoch=result.best_epoch, wise_alpha=result.wise_alpha,
-                        stopped_early=result.stopped_early, timings=result.timings,
-                        headline={s: {k: m.get(k) for k in ("balanced_accuracy", "accuracy")}
-                                  for s, m in result.metrics.items()})
-            if result.wise_alpha not in (None, 1.0):
-                meta["checkpoints"]["wise"] = "wise.pt"
-        state.write_json(meta_path, meta)
+        state.write_json(meta_path, report.run_meta(self, status, old, result))
         state.write_json(self.run_dir / "failed.json", [f.__dict__ for f in self.failed])
-
-
-def quick_scores(y: np.ndarray, logits: np.ndarray) -> dict[str, float]:
-    """Per-epoch validation numbers: balanced accuracy (the ISIC metric), accuracy, loss."""
-    proba = softmax(logits)
-    pred = proba.argmax(axis=1)
-    loss = float(-np.log(np.clip(proba[np.arange(len(y)), y], 1e-15, None)).mean())
-    return {"balanced_accuracy": balanced_accuracy(y, pred),
-            "accuracy": float((pred == y).mean()), "loss": loss}
-
-
-def train_timing(history: list[dict[str, Any]]) -> dict[str, float]:
-    rows = [r for r in history if r.get("train_seconds")]
-    if not rows:
-        return {}
-    imgs = sum(r["train_images"] for r in rows)
-    secs = sum(r["train_seconds"] for r in rows)
-    return {"train_s": secs, "train_images_per_s": imgs / secs,
-            "eval_s": sum(r.get("eval_seconds", 0.0) for r in rows),
-            "save_s": sum(r.get("save_seconds", 0.0) for r in rows)}
-
-
-def versions() -> dict[str, str]:
-    import open_clip
-    import PIL
-    import torchvision
-
-    return {"skincache": __version__, "torch": torch.__version__,
-            "open_clip": open_clip.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "pillow": PIL.__version__,
-            "python": platform.python_version()}
-
-
-def finished_result(run_dir: Path, cfg: FinetuneConfig) -> FinetuneResult:
-    """A complete run read back from its folder (resuming it again trains nothing)."""
-    meta = json.loads((run_dir / "run.json").read_text())
-    hist = json.loads((run_dir / "history.json").read_text())
-    metrics = {p.stem: json.loads(p.read_text())
-               for p in sorted((run_dir / "metrics").glob("*.json")) if p.stem != "wise_curve"}
-    curve_path = run_dir / "metrics" / "wise_curve.json"
-    return FinetuneResult(
-        run_dir=run_dir, config=cfg, history=hist["epochs"], init_val=hist["init"],
-        metrics=metrics, best_epoch=hist["best_epoch"],
-        best_val_balanced_accuracy=hist["best_val_balanced_accuracy"],
-        wise_alpha=meta.get("wise_alpha"),
-        wise_curve=json.loads(curve_path.read_text()) if curve_path.is_file() else None,
-        failed=json.loads((run_dir / "failed.json").read_text()),
-        stopped_early=hist["stopped_early"], resumed=True, timings=meta.get("timings", {}))
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

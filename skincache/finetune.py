@@ -55,6 +55,7 @@ class FinetuneConfig:
     another learning rate. Recorded in full in `run.json`."""
 
     data: str = ""
+    test_data: str | None = None  # a second source used whole as the test split (ISIC 2018)
     model: str = "ViT-B-32"
     pretrained: str | None = "openai"
     checkpoint: str | None = None
@@ -75,7 +76,7 @@ class FinetuneConfig:
     label_smoothing: float = 0.0
     balance: str | None = None  # None or "loss": class-weighted cross-entropy
     head_init: str = "zeroshot"  # "zeroshot", "random", or a fit-head run folder
-    template_set: str = "dermoscopy"  # prompts for the zero-shot head; "all" = every set
+    template_set: str = "all"  # prompts of the zero-shot head: a set, or "all" (fit-head's)
     wise: float | None = None  # WiSE-FT alpha for the final model (0 = initial, 1 = fine-tuned)
     wise_sweep: bool = False  # evaluate alpha 0, 0.1, ..., 1 on val (picks alpha if wise=None)
     patience: int | None = None  # early stopping on val balanced accuracy; None = off
@@ -197,8 +198,9 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     Under torchrun (WORLD_SIZE > 1 in the environment) every process calls this; they join one
     process group and only rank 0 writes. A finished run given to `resume` is read back, not
     trained again."""
+    from skincache._finetune_report import finished_result
     from skincache._finetune_state import DistContext
-    from skincache._finetune_train import FinetuneRun, finished_result
+    from skincache._finetune_train import FinetuneRun
     from skincache.encode import resolve_device
 
     cfg = _resolve_resume(config)

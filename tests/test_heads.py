@@ -64,6 +64,20 @@ def make_problem(seed: int, n_train: int, n_val: int, n_test: int, *, shuffled: 
             "X_test": X_test, "y_test": y_test, "text": text.astype(np.float32)}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These arrays are tiny, so extra threads only add OpenMP spin-waits, and on a shared
+    2-core machine those cost 2-7x the file's run time. Scoped to this module and restored."""
+    import faiss
+
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_threads)
+    faiss.omp_set_num_threads(faiss_threads)
+
+
 @pytest.fixture(scope="module")
 def separable() -> dict:
     return make_problem(0, 240, 120, 200)
@@ -375,6 +389,32 @@ def test_knn_neighbours_and_view_keys(separable):
     assert idx_v.max() < len(X)  # view keys map back to their image's row
     uniform = create_head("knn", k=5, weights="uniform").fit(X, y)
     assert set(np.unique(uniform.predict_proba(X) * 5)) <= {0.0, 1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+def test_knn_balanced_votes():
+    rng = np.random.default_rng(0)
+    X = l2_normalize(rng.standard_normal((10, 8)))
+    y = np.array([0] * 9 + [1])
+    q = X[:3]
+    plain = create_head("knn", k=10, weights="uniform").fit(X, y).predict_proba(q)
+    np.testing.assert_allclose(plain, [[0.9, 0.1]] * 3)
+    fair = create_head("knn", k=10, weights="uniform", class_weight="balanced").fit(X, y)
+    np.testing.assert_allclose(fair.predict_proba(q), [[0.5, 0.5]] * 3)
+
+
+def test_tip_adapter_cache_values():
+    rng = np.random.default_rng(0)
+    X, text = rng.standard_normal((12, 8)), rng.standard_normal((3, 2, 8))
+    balanced_y = np.repeat([0, 1, 2], 4)
+    head = create_head("tip-adapter").fit(X, balanced_y, text=text)
+    # a balanced cache gives exactly the paper's one-hot values
+    np.testing.assert_array_equal(head._values(torch.device("cpu")).numpy(),
+                                  np.eye(3)[balanced_y])
+    skewed_y = np.array([0] * 8 + [1] * 3 + [2])
+    values = create_head("tip-adapter").fit(X, skewed_y, text=text)._values(torch.device("cpu"))
+    np.testing.assert_allclose(values.sum(dim=0).numpy(), [4.0, 4.0, 4.0], rtol=1e-6)
+    raw = create_head("tip-adapter", balance_cache=False).fit(X, skewed_y, text=text)
+    np.testing.assert_array_equal(raw._values(torch.device("cpu")).numpy(), np.eye(3)[skewed_y])
 
 
 def test_tip_adapter_keys_and_fallback(separable):

@@ -158,7 +158,7 @@ def train(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             **(optimizer_kwargs or {}))
     n = X.shape[0] if cfg.samples_per_epoch is None else min(cfg.samples_per_epoch, X.shape[0])
-    batch_size = max(1, min(cfg.batch_size, n // cfg.min_steps_per_epoch))
+    batch_size = max(1, min(cfg.batch_size, X.shape[0] // cfg.min_steps_per_epoch))
     steps_per_epoch = math.ceil(n / batch_size)
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(

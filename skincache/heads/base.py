@@ -362,8 +362,11 @@ def load_head(directory: str | Path) -> Head:
 
 
 def _json_scalar(v: Any) -> Any:
+    """Plain JSON: numpy scalars become Python ones, NaN/inf become null."""
     if isinstance(v, np.generic):
-        return v.item()
+        v = v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
     return v
 
 

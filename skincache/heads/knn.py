@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 
 from ._registry import register_head
-from .base import FitData, Head, l2_normalize
+from .base import FitData, Head, balanced_class_weights, l2_normalize
 
 WEIGHTS = ("similarity", "uniform")
 
@@ -28,6 +28,8 @@ class KNNHead(Head):
     similarity itself (negatives clipped to 0) when temperature is None.
     use_views: also index every cached augmented view as an extra key carrying its image's
     label (more keys, slower search; neighbours may then repeat an image).
+    class_weight: None, or "balanced" to scale class c's votes by n_keys / (C * n_keys_c), so
+    that a class with two-thirds of the keys (nv) does not win by sheer density.
     """
 
     _fitted_arrays = ("keys_", "key_labels_", "key_rows_")
@@ -38,17 +40,21 @@ class KNNHead(Head):
         weights: str = "similarity",
         temperature: float | None = 0.07,
         use_views: bool = False,
+        class_weight: str | None = None,
     ) -> None:
         self.k = k
         self.weights = weights
         self.temperature = temperature
         self.use_views = use_views
+        self.class_weight = class_weight
 
     def _fit(self, data: FitData) -> None:
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.class_weight not in (None, "balanced"):
+            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
         n, k_views, d = data.views.shape
         keys = [l2_normalize(data.X)]
         rows = [np.arange(n)]
@@ -93,4 +99,6 @@ class KNNHead(Head):
         n, c = len(X), self.n_classes_
         cell = (np.arange(n)[:, None] * c + self.key_labels_[keys]).ravel()
         votes = np.bincount(cell, weights=w.ravel(), minlength=n * c).reshape(n, c)
+        if self.class_weight == "balanced":
+            votes *= balanced_class_weights(self.key_labels_, c)
         return votes / votes.sum(axis=1, keepdims=True)

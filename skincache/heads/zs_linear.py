@@ -45,8 +45,11 @@ class ZSLinearHead(Head):
 
     anchor: weight of ||W - W0||^2 (0: the prototypes are only the starting point).
     epochs/batch_size/lr/weight_decay: AdamW, cosine schedule (small lr: with a logit scale of
-    100 a small change of W is a large change of the logits). balance, use_views, patience,
-    seed, device: as for `linear`.
+    100 a small change of W is a large change of the logits). balance: "loss" by default,
+    unlike `linear`: the zero-shot start has no class prior, and an unweighted loss on a
+    67%-nv set first learns that prior, which validation balanced accuracy then rejects (the
+    head falls back to its zero-shot start). use_views, patience, seed, device: as for
+    `linear`; the zero-shot start is scored as epoch 0, so training that only hurts is undone.
     """
 
     needs_text = True
