@@ -156,20 +156,23 @@ def tensor_batches(records: list[Record], positions: list[int], maker: ViewMaker
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
 
-    def read(pos: int):
+    def read(pos: int):  # in the I/O pool: hashing 1 GB/s of JPEGs must not serialise
         try:
-            return read_image_bytes(records[pos].source), ""
+            data = read_image_bytes(records[pos].source)
+            return data, hashlib.sha1(data).hexdigest(), ""
         except FileNotFoundError:
-            return None, f"missing: listed in the metadata but not found at {records[pos].source}"
+            return None, "", (f"missing: listed in the metadata but not found at "
+                              f"{records[pos].source}")
         except OSError as e:
-            return None, f"unreadable: {e}"
+            return None, "", f"unreadable: {e}"
 
     def make_batch(chunk: list[int], pool: ThreadPoolExecutor) -> Batch:
         raw = list(pool.map(read, chunk))
         index, views, sha1s, failed = [], [], [], []
         jpeg_pos, jpeg_data = [], []
         fallback = []
-        for pos, (data, reason) in zip(chunk, raw, strict=True):
+        digest = {pos: h for pos, (_, h, _) in zip(chunk, raw, strict=True)}
+        for pos, (data, _, reason) in zip(chunk, raw, strict=True):
             if data is None:
                 failed.append((pos, "", reason))
             elif data[:3] == b"\xff\xd8\xff":
@@ -191,13 +194,19 @@ def tensor_batches(records: list[Record], positions: list[int], maker: ViewMaker
                         pass
         by_pos = dict(zip(jpeg_pos, jpeg_data, strict=True))
         fallback += [(p, d) for p, d in by_pos.items() if p not in decoded]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
         for pos in chunk:
             if pos in decoded:
+                by_shape.setdefault(tuple(decoded[pos].shape), []).append(pos)
+        for same in by_shape.values():  # one resize per image size, not per image
+            cut = maker.from_tensor_batch(torch.stack([decoded[p] for p in same]),
+                                          [records[p].image_id for p in same])
+            for j, pos in enumerate(same):
                 index.append(pos)
-                sha1s.append(hashlib.sha1(by_pos[pos]).hexdigest())
-                views.append(maker.from_tensor(decoded[pos], records[pos].image_id))
+                sha1s.append(digest[pos])
+                views.append(cut[j])
         for pos, data in fallback:  # Pillow decides: converts odd modes or names the problem
-            sha1 = hashlib.sha1(data).hexdigest()
+            sha1 = digest[pos]
             try:
                 img = decode_image(data)
                 v = torch.from_numpy(maker.from_pil(img, records[pos].image_id)).to(device)

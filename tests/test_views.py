@@ -168,3 +168,14 @@ def test_sixteen_bit_is_scaled_not_clipped():
     img = decode_image(_save(Image.fromarray(ramp), "PNG"))
     arr = np.asarray(img)[..., 0]
     assert arr.min() == 0 and arr.max() == 255 and len(np.unique(arr)) > 200
+
+
+def test_batched_tensor_views_equal_per_image_views(tiny_model):
+    maker = ViewMaker(tiny_model.preprocess, ViewPolicy(k=3, seed=3))
+    imgs = torch.from_numpy(np.random.default_rng(5).integers(0, 255, (4, 3, 150, 200),
+                                                              dtype=np.uint8))
+    ids = [f"ISIC_{i}" for i in range(4)]
+    batched = maker.from_tensor_batch(imgs, ids)
+    assert batched.shape == (4, 4, 3, 64, 64)
+    for i in range(4):
+        assert torch.equal(batched[i], maker.from_tensor(imgs[i], ids[i]))
