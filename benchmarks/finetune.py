@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {s: len(ds.split_records(s)) for s in ds.splits}
         bare = bare_step_rate(args.model, args.pretrained or None, device, precision,
                               args.batch_size, args.bare_steps)
-        rows = []
+        rows: list[dict] = []
         for setup in args.setups.split(","):
             cfg = FinetuneConfig.from_setup(
                 setup, data=data, model=args.model, pretrained=args.pretrained or None,
@@ -142,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
             }
             row["projected_paper_base_s"] = projected_seconds(row)
             rows.append(row)
+        # again at the end (best of both): on a shared CPU the first timing in a process is
+        # sometimes several times slower than the same loop a minute later
+        bare = max(bare, bare_step_rate(args.model, args.pretrained or None, device, precision,
+                                        args.batch_size, args.bare_steps))
+        for row in rows:
+            row["bare_step_img_per_s"] = bare
+            row["pipeline_efficiency"] = row["train_img_per_s"] / bare
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -21,6 +21,15 @@ _EXPORTS = {
     "ViewPolicy": "skincache.views",
     "encode_dataset": "skincache.encode",
     "FeatureCache": "skincache.cache",
+    "fit_head_run": "skincache.runs",
+    "evaluate_run": "skincache.runs",
+    "predict_images": "skincache.predict",
+    "bench_heads": "skincache.bench",
+    "create_head": "skincache.heads",
+    "load_head": "skincache.heads",
+    "FinetuneConfig": "skincache.finetune",
+    "FinetuneResult": "skincache.finetune",
+    "run_finetune": "skincache.finetune",
 }
 
 __all__ = ["__version__", *_EXPORTS]

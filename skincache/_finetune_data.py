@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 
 from skincache.data import Record, read_image_bytes
@@ -66,8 +65,7 @@ def decode_record(record: Record, maker: ViewMaker, keep_base: bool
 def base_image(img: Image.Image, maker: ViewMaker) -> np.ndarray:
     """The image resized once for random crops: the first step of `ViewMaker.from_pil`'s
     augmented views (shortest side = the policy's resize, scaled to the model's size)."""
-    base = TF.resize(img, [maker.aug_resize], interpolation=maker.interpolation)
-    return np.ascontiguousarray(np.asarray(base, dtype=np.uint8).transpose(2, 0, 1))
+    return maker.aug_base(img)
 
 
 def epoch_crops(image_ids: list[str], base_hw: list[tuple[int, int]], maker: ViewMaker,

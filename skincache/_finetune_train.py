@@ -48,22 +48,9 @@ from skincache.encode import resolve_precision
 from skincache.finetune import FinetuneConfig, FinetuneResult
 from skincache.heads.base import balanced_class_weights, softmax
 from skincache.models import ModelSpec, load_model
-from skincache.views import ViewMaker, ViewPolicy
+from skincache.views import Normalizer, ViewMaker, ViewPolicy
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class Normalizer:
-    """`views.normalize` with its mean/std tensors built once on the device: building them
-    every step is a host-to-device copy from pageable memory, which waits for the GPU queue
-    to drain and so stalls every training step."""
-
-    def __init__(self, preprocess, device: torch.device):
-        self.mean = torch.tensor(preprocess.mean, device=device, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(preprocess.std, device=device, dtype=torch.float32).view(3, 1, 1)
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels.to(torch.float32) / 255.0 - self.mean) / self.std
 
 
 WISE_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))

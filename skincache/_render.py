@@ -202,3 +202,26 @@ def near_duplicate_pairs(pairs: list[dict], threshold: float, limit: int = 20) -
         t.add_row(f"{p['similarity']:.4f}", p["split_a"], p["image_a"], p["split_b"],
                   p["image_b"], "yes" if p["same_group"] else "")
     out.print(t)
+
+
+def finetune_result(r) -> None:
+    """Per-epoch history, then the final metrics of the chosen model."""
+    t = Table(title=f"finetune {r.config.setup}: {r.run_dir}", title_justify="left")
+    for col in ("epoch", "train loss", "train acc %", "val bal. acc %", "val acc %", "img/s"):
+        t.add_column(col, justify="right")
+    for h in r.history:
+        best = " *" if h["epoch"] == r.best_epoch else ""
+        t.add_row(f"{h['epoch']}{best}", f"{h['train_loss']:.4f}",
+                  f"{100 * h['train_accuracy']:.1f}",
+                  "" if h.get("val_balanced_accuracy") is None else
+                  f"{100 * h['val_balanced_accuracy']:.1f}",
+                  "" if h.get("val_accuracy") is None else f"{100 * h['val_accuracy']:.1f}",
+                  f"{h.get('train_images_per_s', 0):,.0f}")
+    out.print(t)
+    if r.wise_alpha is not None:
+        out.print(f"WiSE-FT alpha {r.wise_alpha:g} applied to the final model")
+    if r.metrics:
+        metrics_table(r.metrics, f"final model (best epoch {r.best_epoch})")
+    if r.failed:
+        out.print(f"[yellow]{len(r.failed)} image(s) could not be read and were skipped[/] "
+                  f"(listed in {r.run_dir}/failed.json)")

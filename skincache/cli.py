@@ -33,7 +33,8 @@ def _clear_errors():
 
     try:
         yield
-    except (DataError, CacheError, FetchError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (DataError, CacheError, FetchError, FileNotFoundError, FileExistsError,
+            ValueError, RuntimeError) as e:
         _render.out.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(1) from None
 
@@ -84,7 +85,8 @@ def encode(
     with _clear_errors():
         ds = load_dataset(data, split_ratios=_ratios(split_ratios), seed=split_seed,
                           test=test_data)
-        spec = ModelSpec(model, pretrained or None, str(checkpoint) if checkpoint else None)
+        spec = ModelSpec(model, None if checkpoint else (pretrained or None),
+                         str(checkpoint) if checkpoint else None)
         result = encode_dataset(
             ds, spec, policy=ViewPolicy(k=views, seed=view_seed), cache_dir=cache_dir,
             device=device, precision=precision, batch_size=batch_size, num_workers=workers,
@@ -316,6 +318,81 @@ def bench_heads_cmd(
     _render.bench_table(res.rows, f"heads on {cache.name}, scored on {res.runs[0]['split']}")
     _render.out.print(f"results: {res.out_dir}/results.{{json,csv,md}}, one JSON per run in "
                       f"{res.out_dir}/runs/")
+
+
+@app.command()
+def finetune(
+    data: Annotated[str | None, typer.Option(help="Dataset (as for encode); not needed with "
+                                                  "--resume.")] = None,
+    setup: Annotated[str, typer.Option(help="base, regularization or augmented (the reference "
+                                            "paper's Table 1).")] = "base",
+    model: Annotated[str, typer.Option(help="open_clip architecture or hf-hub: id.")] = "ViT-B-32",
+    pretrained: Annotated[str, typer.Option(help="open_clip pretrained tag ('' for none).")] = (
+        "openai"),
+    checkpoint: Annotated[Path | None, typer.Option(help="Local weights to start from.")] = None,
+    test_data: Annotated[str | None, typer.Option(help="A second source used whole as the "
+                                                       "test split.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (setup: 20).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global batch size (setup: 16).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Backbone learning rate (setup: 5e-5).")] = None,
+    head_lr: Annotated[float | None, typer.Option(help="Head learning rate (default: --lr)."
+                                                  )] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (setup: 0, "
+                                                             "regularization 0.01).")] = None,
+    warmup_ratio: Annotated[float | None, typer.Option(help="Share of steps warming up.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="cosine or constant.")] = None,
+    layer_decay: Annotated[float | None, typer.Option(help="Layer-wise lr decay (1 = off)."
+                                                      )] = None,
+    grad_clip: Annotated[float | None, typer.Option(help="Max gradient norm.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing.")] = None,
+    balance: Annotated[str | None, typer.Option(help="'loss' for class-weighted "
+                                                     "cross-entropy.")] = None,
+    head_init: Annotated[str | None, typer.Option(help="zeroshot, random, or a fit-head run "
+                                                       "folder.")] = None,
+    templates: Annotated[str | None, typer.Option(help="Prompt set of the zero-shot head, or "
+                                                       "'all'.")] = None,
+    wise: Annotated[float | None, typer.Option(help="WiSE-FT alpha for the final model.")] = None,
+    wise_sweep: Annotated[bool, typer.Option(help="Evaluate WiSE-FT alpha 0..1 on val.")] = False,
+    patience: Annotated[int | None, typer.Option(help="Early stopping patience (epochs).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, mps or auto.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (bf16 on cuda), fp32, bf16.")] = None,
+    split_ratios: Annotated[str | None, typer.Option(help="As for encode.")] = None,
+    split_seed: Annotated[int | None, typer.Option(help="As for encode.")] = None,
+    runs_dir: RunsDir = Path("runs"),
+    name: Annotated[str | None, typer.Option(help="Run name (default: finetune-<setup>-<time>)."
+                                             )] = None,
+    resume: Annotated[Path | None, typer.Option(help="A run folder to continue from its last "
+                                                     "saved epoch.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decode processes.")] = None,
+    image_store: Annotated[str | None, typer.Option(help="auto, memory or stream.")] = None,
+    bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples for the CIs.")] = None,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune the image tower (backbone unfrozen); resumable, DDP under torchrun."""
+    from skincache.finetune import FinetuneConfig, run_finetune
+
+    if data is None and resume is None:
+        _render.out.print("[bold red]error:[/] give --data (or --resume a run)")
+        raise typer.Exit(1)
+    with _clear_errors():
+        config = FinetuneConfig.from_setup(
+            setup, data=data or "", test_data=test_data, model=model,
+            pretrained=None if (checkpoint or not pretrained) else pretrained,
+            checkpoint=str(checkpoint) if checkpoint else None, epochs=epochs,
+            batch_size=batch_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay,
+            warmup_ratio=warmup_ratio, schedule=schedule, layer_decay=layer_decay,
+            grad_clip=grad_clip, label_smoothing=label_smoothing, balance=balance,
+            head_init=head_init, template_set=templates, wise=wise, wise_sweep=wise_sweep,
+            patience=patience, seed=seed, device=device, precision=precision,
+            split_ratios=_ratios(split_ratios) if split_ratios else None, split_seed=split_seed,
+            runs_dir=str(runs_dir), name=name, resume=str(resume) if resume else None,
+            workers=workers, image_store=image_store, n_bootstrap=bootstrap,
+            plots=not no_plots)
+        result = run_finetune(config, progress=not quiet)
+    if result.is_main:
+        _render.finetune_result(result)
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ from skincache.data import Dataset, Record, read_image_bytes
 from skincache.data.classes import display_name
 from skincache.models import LoadedModel, ModelSpec, load_model
 from skincache.prompts import TEMPLATE_SETS, class_prompts
-from skincache.views import DecodeError, ViewMaker, ViewPolicy, decode_image, normalize
+from skincache.views import DecodeError, Normalizer, ViewMaker, ViewPolicy, decode_image
 
 DEFAULT_CACHE_DIR = Path("cache")
 
@@ -281,13 +281,14 @@ class ImageEncoder:
         self.device = device
         self.precision = precision
         self.maker = ViewMaker(loaded.preprocess, policy)
+        self.normalize = Normalizer(loaded.preprocess, device)
 
     @torch.no_grad()
     def features(self, pixels: torch.Tensor) -> np.ndarray:
         """uint8 [n, V, 3, H, W] -> float32 [n, V, D] (not normalised)."""
         n, v = pixels.shape[:2]
         x = pixels.reshape(n * v, *pixels.shape[2:]).to(self.device, non_blocking=True)
-        x = normalize(x, self.loaded.preprocess)
+        x = self.normalize(x)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             f = self.loaded.model.encode_image(x)

@@ -167,10 +167,14 @@ class ViewMaker:
         out = np.empty((self.n_views, *clean.shape), dtype=np.uint8)
         out[0] = clean
         if self.policy.k:
-            base = TF.resize(img, [self.aug_resize], interpolation=self.interpolation)
-            arr = np.asarray(base, dtype=np.uint8).transpose(2, 0, 1)
-            self._cut(arr, image_id, out, flip=lambda a: a[:, :, ::-1])
+            self._cut(self.aug_base(img), image_id, out, flip=lambda a: a[:, :, ::-1])
         return out
+
+    def aug_base(self, img: Image.Image) -> np.ndarray:
+        """uint8 [3, h, w]: the image resized once (shortest side = the scaled resize), from
+        which the augmented crops are cut (also kept in memory by finetune)."""
+        base = TF.resize(img, [self.aug_resize], interpolation=self.interpolation)
+        return np.ascontiguousarray(np.asarray(base, dtype=np.uint8).transpose(2, 0, 1))
 
     def from_tensor(self, img: torch.Tensor, image_id: str) -> torch.Tensor:
         """uint8 [1+K, 3, H, W] from a uint8 [3, H, W] tensor on any device."""
@@ -206,8 +210,19 @@ class ViewMaker:
             out[1 + i] = flip(crop) if do_flip else crop
 
 
-def normalize(pixels: torch.Tensor, preprocess: PreprocessSpec, dtype=torch.float32):
-    """uint8 [..., 3, H, W] -> normalised float on the same device."""
-    mean = torch.tensor(preprocess.mean, device=pixels.device, dtype=dtype).view(3, 1, 1)
-    std = torch.tensor(preprocess.std, device=pixels.device, dtype=dtype).view(3, 1, 1)
-    return (pixels.to(dtype) / 255.0 - mean) / std
+class Normalizer:
+    """uint8 pixels -> normalised float, with the mean/std tensors built once on the device:
+    building them per batch is a host-to-device copy from pageable memory, which waits for the
+    GPU queue to drain and so stalls every batch."""
+
+    def __init__(self, preprocess: PreprocessSpec, device: torch.device | str = "cpu"):
+        self.mean = torch.tensor(preprocess.mean, device=device, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(preprocess.std, device=device, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.to(torch.float32) / 255.0 - self.mean) / self.std
+
+
+def normalize(pixels: torch.Tensor, preprocess: PreprocessSpec) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> normalised float on the same device (one-off use)."""
+    return Normalizer(preprocess, pixels.device)(pixels)

@@ -26,7 +26,7 @@ def test_help_lists_only_built_commands():
 
     commands = typer.main.get_command(app).commands
     assert set(commands) == {"encode", "demo", "info", "audit", "fetch-data", "fit-head",
-                             "evaluate", "predict", "bench-heads"}
+                             "evaluate", "predict", "bench-heads", "finetune"}
     out = subprocess.run([sys.executable, "-m", "skincache.cli", "--help"], capture_output=True,
                          text=True, check=True, env={"COLUMNS": "120", "PATH": ""}).stdout
     for name, cmd in commands.items():
@@ -103,3 +103,23 @@ def test_heads_cli_fit_evaluate_predict_bench_audit(demo_cache, tmp_path):
     r = runner.invoke(app, ["fit-head", "--cache", str(demo_cache), "--head", "nope",
                             "--runs-dir", str(runs)])
     assert r.exit_code == 1 and "nope" in r.output
+
+
+def test_finetune_then_reencode_with_its_checkpoint_then_fit_head(demo_root, tmp_path):
+    runs, caches = tmp_path / "runs", tmp_path / "cache"
+    r = _ok(["finetune", "--data", str(demo_root), "--model", "skincache-tiny", "--pretrained",
+             "", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--runs-dir",
+             str(runs), "--name", "ft", "--bootstrap", "0", "--no-plots", "--quiet"])
+    assert "finetune base" in " ".join(r.output.split())
+    assert (runs / "ft" / "best.pt").is_file() and (runs / "ft" / "history.json").is_file()
+    r = runner.invoke(app, ["finetune", "--model", "skincache-tiny"])
+    assert r.exit_code == 1 and "--data" in r.output
+    _ok(["encode", "--data", str(demo_root), "--model", "skincache-tiny", "--checkpoint",
+         str(runs / "ft" / "best.pt"), "--device", "cpu", "--views", "0", "--workers", "0",
+         "--quiet", "--cache-dir", str(caches)])
+    cache = next(caches.glob("*.h5"))
+    assert "best" in cache.name and "openai" not in cache.name
+    info = json.loads(_ok(["info", str(cache), "--json"]).output)
+    assert len(info["checkpoint_sha256"]) == 64
+    _ok(["fit-head", "--cache", str(cache), "--head", "zeroshot", "--runs-dir", str(runs),
+         "--bootstrap", "0", "--no-plots"])

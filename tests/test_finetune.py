@@ -26,7 +26,6 @@ from skincache._finetune_model import (
     param_groups,
     zeroshot_head,
 )
-from skincache._finetune_train import Normalizer
 from skincache.cache import FeatureCache
 from skincache.data import load_dataset
 from skincache.encode import ImageEncoder, encode_dataset, load_views
@@ -36,7 +35,7 @@ from skincache.heads.base import softmax
 from skincache.models import TINY_MODEL, ModelSpec, load_model
 from skincache.prompts import TEMPLATE_SETS
 from skincache.runs import fit_head_run
-from skincache.views import ViewMaker, ViewPolicy, decode_image, normalize, view_params
+from skincache.views import Normalizer, ViewMaker, ViewPolicy, decode_image, normalize, view_params
 
 TIMING = ("train_seconds", "train_images_per_s", "eval_seconds", "save_seconds")
 
