@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from skincache.data import Record, read_image_bytes
+from skincache.data import Record
+from skincache.encode import read_record
 from skincache.views import DecodeError, ViewMaker, ViewPolicy, decode_image, view_params
 
 
@@ -43,14 +44,11 @@ def decode_record(record: Record, maker: ViewMaker, keep_base: bool
                   ) -> tuple[np.ndarray | None, np.ndarray | None, str]:
     """(clean uint8 [3,H,W], resized base uint8 [3,h,w] or None, failure reason); never raises.
 
-    The reasons are worded as `encode.load_views` words them, so a failure reads the same in a
-    cache's `/failed` table and in a fine-tuning run's `failed.json`."""
-    try:
-        data = read_image_bytes(record.source)
-    except FileNotFoundError:
-        return None, None, f"missing: listed in the metadata but not found at {record.source}"
-    except OSError as e:
-        return None, None, f"unreadable: {e}"
+    Reading is `encode.read_record`, so a failure reads the same in a cache's `/failed` table
+    and in a fine-tuning run's `failed.json`."""
+    data, _, reason = read_record(record)
+    if data is None:
+        return None, None, reason
     draft = maker.draft_shortest()
     if keep_base:
         draft = max(draft, maker.aug_resize)

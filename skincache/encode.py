@@ -92,15 +92,22 @@ class Batch:
         return len(self.index) + len(self.failed)
 
 
-def load_views(record: Record, maker: ViewMaker) -> tuple[str, np.ndarray | None, str]:
-    """(sha1, uint8 views or None, failure reason) for one record, never raising."""
+def read_record(record: Record) -> tuple[bytes | None, str, str]:
+    """(bytes or None, sha1, failure reason) for one record's image, never raising."""
     try:
         data = read_image_bytes(record.source)
     except FileNotFoundError:
-        return "", None, f"missing: listed in the metadata but not found at {record.source}"
+        return None, "", f"missing: no file at {record.source}"
     except OSError as e:
-        return "", None, f"unreadable: {e}"
-    sha1 = hashlib.sha1(data).hexdigest()
+        return None, "", f"unreadable: {e}"
+    return data, hashlib.sha1(data).hexdigest(), ""
+
+
+def load_views(record: Record, maker: ViewMaker) -> tuple[str, np.ndarray | None, str]:
+    """(sha1, uint8 views or None, failure reason) for one record, never raising."""
+    data, sha1, reason = read_record(record)
+    if data is None:
+        return sha1, None, reason
     try:
         img = decode_image(data, maker.draft_shortest())
         return sha1, maker.from_pil(img, record.image_id), ""
@@ -156,18 +163,9 @@ def tensor_batches(records: list[Record], positions: list[int], maker: ViewMaker
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
 
-    def read(pos: int):  # in the I/O pool: hashing 1 GB/s of JPEGs must not serialise
-        try:
-            data = read_image_bytes(records[pos].source)
-            return data, hashlib.sha1(data).hexdigest(), ""
-        except FileNotFoundError:
-            return None, "", (f"missing: listed in the metadata but not found at "
-                              f"{records[pos].source}")
-        except OSError as e:
-            return None, "", f"unreadable: {e}"
-
     def make_batch(chunk: list[int], pool: ThreadPoolExecutor) -> Batch:
-        raw = list(pool.map(read, chunk))
+        # hashing ~1 GB/s of JPEGs in the I/O pool, not serially in this thread
+        raw = list(pool.map(lambda pos: read_record(records[pos]), chunk))
         index, views, sha1s, failed = [], [], [], []
         jpeg_pos, jpeg_data = [], []
         fallback = []

@@ -9,9 +9,11 @@ the demo run offline through exactly the code path a real model takes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -132,7 +134,15 @@ class LoadedModel:
         return self.model.encode_text(tokens).float()
 
 
-def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, remembered per (path, size, mtime): a checkpoint of several
+    hundred MB is hashed once per process, not at every use of its identity."""
+    st = os.stat(path)
+    return _file_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int, block: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):

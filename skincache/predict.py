@@ -75,8 +75,7 @@ def predict_images(
     feats: dict[int, np.ndarray] = {}
     for batch in encoder.batches(records, list(range(len(records))), batch_size, num_workers=0):
         for pos, _, reason in batch.failed:
-            results[pos].error = reason.replace("listed in the metadata but not found",
-                                                "file not found")
+            results[pos].error = reason
         if len(batch.index):
             f = encoder.features(batch.pixels)[:, 0]
             feats.update(zip(batch.index, f, strict=True))

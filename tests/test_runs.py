@@ -78,7 +78,7 @@ def test_predict_uses_the_encode_path_and_reports_bad_files(demo_cache, tmp_path
     preds = predict_images(tmp_path / "mlp", [src[i] for i in ids] + [bad, tmp_path / "no.jpg",
                                                                         gray], neighbors=3)
     assert [p.ok for p in preds] == [True, True, True, False, False, True]
-    assert "not an image" in preds[3].error and "not found" in preds[4].error
+    assert "not an image" in preds[3].error and "no file" in preds[4].error
     head = load_run(tmp_path / "mlp").head
     expected = head.predict_proba(train.features[:3])
     for j, p in enumerate(preds[:3]):
