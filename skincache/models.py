@@ -176,8 +176,10 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
             f"(e.g. ViT-B-32), an 'hf-hub:org/repo' id, or '{TINY_MODEL}'"
         )
     random_init = not (is_hub or spec.checkpoint or spec.pretrained)
+    needs_hub = is_hub or (spec.pretrained and not spec.checkpoint)
     try:
-        with torch.random.fork_rng(devices=[]), _quiet_logs(random_init):
+        with torch.random.fork_rng(devices=[]), _quiet_logs(random_init), \
+                _offline_if_unreachable(bool(needs_hub)) as offline:
             torch.manual_seed(TINY_SEED)
             model = open_clip.create_model(
                 spec.name,
@@ -185,8 +187,11 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
                 weights_only=True,
             )
     except Exception as e:  # open_clip raises many types for unreachable hubs / unknown tags
+        hint = (f" ({offline}; the weights are not in the local Hugging Face cache "
+                "either; download them on a connected machine, or pass --checkpoint FILE)"
+                if offline else "")
         raise RuntimeError(
-            f"could not load model '{spec.name}' (pretrained={spec.pretrained}): {e}"
+            f"could not load model '{spec.name}' (pretrained={spec.pretrained}): {e}{hint}"
         ) from e
     if spec.checkpoint:
         open_clip.load_checkpoint(model, spec.checkpoint, weights_only=True)
@@ -203,6 +208,39 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
         logit_scale=float(model.logit_scale.exp().item()),
         weights_sha256=state_dict_sha256(model),
     )
+
+
+@contextlib.contextmanager
+def _offline_if_unreachable(needs_hub: bool):
+    """When the Hub cannot be reached, load in offline mode: weights already in the local cache
+    still load, missing ones fail at once instead of after a minute of retries. Yields the
+    reason when offline, else ''."""
+    if not needs_hub:
+        yield ""
+        return
+    from huggingface_hub import constants
+
+    from skincache.data.fetch import FetchError, check_online
+
+    try:
+        check_online()
+        reason = ""
+    except FetchError as e:
+        reason = str(e).rstrip(".")
+    if not reason:
+        yield ""
+        return
+    before_env, before_const = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield reason
+    finally:
+        constants.HF_HUB_OFFLINE = before_const
+        if before_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before_env
 
 
 @contextlib.contextmanager
