@@ -144,6 +144,8 @@ def audit(
                                                     "images across splits by feature.")] = None,
     threshold: Annotated[float, typer.Option(help="Cosine similarity above which two images "
                                                   "count as near-duplicates.")] = 0.95,
+    per_image: Annotated[int, typer.Option(help="Most similar images kept per image and "
+                                                "split (bounds the report).")] = 5,
     split_ratios: Annotated[str, typer.Option(help="As for encode, for sources without a split."
                                               )] = "0.72,0.19,0.09",
     split_seed: Annotated[int, typer.Option(help="As for encode.")] = 0,
@@ -172,7 +174,7 @@ def audit(
                 rep = audit_dataset(ds, hash_images=not no_hash, progress=adv).to_dict()
             _render.audit_report(rep, ds.classes)
         if cache is not None:
-            pairs = near_duplicates(FeatureCache.open(cache), threshold)
+            pairs = near_duplicates(FeatureCache.open(cache), threshold, per_image)
             rep["near_duplicates"] = {"threshold": threshold, "pairs": pairs}
             _render.near_duplicate_pairs(pairs, threshold)
     if json_out:

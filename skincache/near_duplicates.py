@@ -19,8 +19,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def near_duplicates(cache: FeatureCache, threshold: float = 0.95) -> list[dict]:
-    """Cross-split pairs with cosine similarity >= threshold, most similar first."""
+def near_duplicates(cache: FeatureCache, threshold: float = 0.95,
+                    per_image: int = 5) -> list[dict]:
+    """Cross-split pairs with cosine similarity >= threshold, most similar first.
+
+    Each image contributes at most its `per_image` most similar images of every later split,
+    so the report stays bounded (N x per_image) even when a threshold is too low for the
+    model (a random-initialised model puts every pair above 0.95)."""
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
     names = list(cache.splits)
@@ -31,15 +36,14 @@ def near_duplicates(cache: FeatureCache, threshold: float = 0.95) -> list[dict]:
             sb = cache.splits[b]
             index = faiss.IndexFlatIP(xa.shape[1])
             index.add(_unit(sb.features))
-            lims, sims, rows = index.range_search(xa, float(threshold))
-            for qa in range(len(xa)):
-                for s, rb in zip(sims[lims[qa]:lims[qa + 1]], rows[lims[qa]:lims[qa + 1]],
-                                 strict=True):
-                    ga, gb = cache.splits[a].group_id[qa], sb.group_id[rb]
-                    pairs.append({
-                        "split_a": a, "image_a": str(cache.splits[a].image_id[qa]),
-                        "split_b": b, "image_b": str(sb.image_id[rb]),
-                        "similarity": float(s), "same_group": bool(ga and ga == gb),
-                    })
+            sims, rows = index.search(xa, min(per_image, len(sb)))
+            for qa, j in zip(*np.nonzero(sims >= threshold), strict=True):
+                rb = rows[qa, j]
+                ga, gb = cache.splits[a].group_id[qa], sb.group_id[rb]
+                pairs.append({
+                    "split_a": a, "image_a": str(cache.splits[a].image_id[qa]),
+                    "split_b": b, "image_b": str(sb.image_id[rb]),
+                    "similarity": float(sims[qa, j]), "same_group": bool(ga and ga == gb),
+                })
     pairs.sort(key=lambda p: -p["similarity"])
     return pairs

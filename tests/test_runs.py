@@ -128,7 +128,8 @@ def test_near_duplicates_finds_a_planted_cross_split_pair(tmp_path):
     p = pairs[0]
     assert (p["image_a"], p["image_b"], p["same_group"]) == ("t11", "v7", True)
     assert p["similarity"] > 0.999
-    assert len(near_duplicates(fc, -1.0)) == 50 * 20
+    assert len(near_duplicates(fc, -1.0)) == 50 * 5  # bounded: 5 per image by default
+    assert len(near_duplicates(fc, -1.0, per_image=20)) == 50 * 20
     with pytest.raises(ValueError):
         near_duplicates(fc, 2.0)
 
