@@ -18,6 +18,8 @@ def cache_summary(s: dict) -> None:
     rows = [
         ("key", s["key"]),
         ("model", f"{s['model']}" + (f" / {s['pretrained']}" if s["pretrained"] else "")),
+        ("checkpoint", f"{s['checkpoint']} (sha256 {s['checkpoint_sha256'][:12]}…)"
+         if s.get("checkpoint") else "none"),
         ("weights sha256", s["weights_sha256"][:16] + "…"),
         ("precision", s["precision"]),
         ("embedding", f"D={s['embed_dim']}, stored {s['feature_dtype']}, not normalised"),
@@ -145,15 +147,17 @@ def per_class_table(report: dict, title: str) -> None:
 
 def heads_table(results: list, split: str) -> None:
     t = Table(title=f"heads, scored on {split}", title_justify="left")
-    for col in ("head", "fit s", "balanced acc %", "acc %", "macro-F1 %", "AUROC %", "run"):
-        t.add_column(col, justify="left" if col in ("head", "run") else "right")
+    for col in ("head", "fit s", "balanced acc %", "acc %", "macro-F1 %", "AUROC %"):
+        t.add_column(col, justify="left" if col == "head" else "right")
     for r in results:
         m = r.metrics.get(split)
         if m is None:
             continue
         t.add_row(r.head, f"{r.fit_seconds:.2f}", _ci(m, "balanced_accuracy"),
-                  _ci(m, "accuracy"), _ci(m, "macro_f1"), _ci(m, "auroc"), str(r.path))
+                  _ci(m, "accuracy"), _ci(m, "macro_f1"), _ci(m, "auroc"))
     out.print(t)
+    for r in results:  # full paths, for evaluate / predict
+        out.print(f"{r.head}: {r.path}", highlight=False, soft_wrap=True)
 
 
 def bench_table(rows: list[dict], title: str) -> None:
@@ -190,7 +194,7 @@ def predictions(preds: list, top: int = 3) -> None:
 
 def near_duplicate_pairs(pairs: list[dict], threshold: float, limit: int = 20) -> None:
     style = "red" if pairs else "green"
-    out.print(f"[{style}]{len(pairs)} cross-split pair(s) with feature cosine >= "
+    out.print(f"[{style}]{len(pairs):,} cross-split pair(s) with feature cosine >= "
               f"{threshold}[/]")
     if not pairs:
         return

@@ -86,6 +86,9 @@ class FeatureCache:
         ):
             raise CacheError(f"{path}: a partial cache (an encode run that has not finished); "
                              "run the same `skincache encode` again to resume it")
+        if path.is_dir():
+            raise CacheError(f"{path}: a folder, not a cache file; caches are the .h5 files "
+                             "in it")
         if not path.is_file():
             partial = path.with_suffix(".partial")
             hint = (" (an unfinished run exists: run the same encode again to resume it)"
@@ -130,6 +133,15 @@ class FeatureCache:
         return self.attrs["key"]
 
     @property
+    def encoding_key(self) -> str:
+        """What the features mean, without which images they are of: model weights,
+        preprocessing, precision, class list. Two caches with the same encoding key can share
+        a head (fit on one dataset, evaluate on another: external validation)."""
+        a = self.attrs
+        return cache_key({"weights": a["weights_sha256"], "preprocess": a["preprocess"],
+                          "precision": a["precision"], "classes": a["classes"]})
+
+    @property
     def classes(self) -> list[str]:
         return json.loads(self.attrs["classes"])
 
@@ -162,6 +174,7 @@ class FeatureCache:
             "key": a["key"],
             "model": a["model"],
             "pretrained": a.get("pretrained") or "",
+            "checkpoint": a.get("checkpoint") or "",
             "checkpoint_sha256": a.get("checkpoint_sha256") or "",
             "weights_sha256": a["weights_sha256"],
             "precision": a["precision"],

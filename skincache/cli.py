@@ -114,6 +114,8 @@ def demo(
                           data_dir=data_dir, progress=not quiet)
         _render.encode_result(result)
         _render.cache_summary(FeatureCache.open(result.path).summary())
+    _render.out.print(f"next: skincache fit-head --cache {result.path} --head mlp   "
+                      f"(the synthetic images are in {result.path.parent / 'demo-data'})")
 
 
 @app.command()
@@ -215,6 +217,15 @@ def _params(items: list[str]) -> dict:
     return out
 
 
+def _with_param_errors(head: str, fn, *args, **kwargs):
+    """A head parameter of the wrong name or type is a user error, not a traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"head '{head}': bad --param ({e}); `skincache fit-head --help` and "
+                         "the README list each head's parameters") from None
+
+
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder for run folders.")]
 
 
@@ -242,7 +253,7 @@ def fit_head(
     with _clear_errors():
         params = _params(param or [])
         for h in names:
-            results.append(fit_head_run(
+            results.append(_with_param_errors(h, fit_head_run,
                 cache, h, params if head != "all" else None, runs_dir=runs_dir,
                 name=(f"{name}-{h}" if name and head == "all" else name), template_set=templates,
                 seed=seed, n_bootstrap=bootstrap, plots=not no_plots))

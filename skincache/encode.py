@@ -407,6 +407,7 @@ def encode_dataset(
         lock.acquire(wait=wait)
         if final.exists() and not force:  # another run finished it while we waited
             return EncodeResult(final, "exists")
+        loaded = load_model(spec, dev)  # before any file is written: a failed load leaves none
         partial = PartialCache(cache_dir / f"{name}.partial")
         if force:
             partial.remove()
@@ -421,7 +422,6 @@ def encode_dataset(
         first = len(done) if done == list(range(len(done))) else 0
         status = "resumed" if first else "built"
 
-        loaded = load_model(spec, dev)
         encoder = ImageEncoder(loaded, policy, dev, precision)
         if partial.read_array("text") is None:
             partial.write_array("text", **{s: encoder.text_features(dataset.classes, s)

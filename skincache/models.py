@@ -175,7 +175,7 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
             f"unknown model '{spec.name}': use an open_clip architecture "
             f"(e.g. ViT-B-32), an 'hf-hub:org/repo' id, or '{TINY_MODEL}'"
         )
-    random_init = not (is_hub or spec.checkpoint or spec.pretrained)
+    random_init = not (is_hub or spec.pretrained)  # a checkpoint is loaded right after
     needs_hub = is_hub or (spec.pretrained and not spec.checkpoint)
     try:
         with torch.random.fork_rng(devices=[]), _quiet_logs(random_init), \

@@ -149,6 +149,7 @@ def fit_head_run(
         "params": {k: _jsonable(v) for k, v in model.get_params().items()},
         "cache": str(fc.path.resolve()),
         "cache_key": fc.key,
+        "encoding_key": fc.encoding_key,
         "model": fc.attrs["model"],
         "pretrained": fc.attrs.get("pretrained", ""),
         "classes": fc.classes,
@@ -177,13 +178,16 @@ class LoadedRun:
     head: Head
 
     def check_cache(self, cache: FeatureCache) -> None:
-        """Refuse a cache other than the one the head was fit on."""
-        if cache.key != self.config["cache_key"]:
+        """Refuse a cache whose features mean something else (another model, weights,
+        preprocessing, precision or class list). Another dataset encoded the same way is
+        fine: that is external validation."""
+        if cache.encoding_key != self.config["encoding_key"]:
             raise RunError(
-                f"run {self.path} was fit on cache {self.config['cache']} (key "
-                f"{self.config['cache_key'][:12]}, model {self.config['model']}); "
-                f"cache {cache.path} has key {cache.key[:12]} (model {cache.attrs['model']}). "
-                "A head fit on one model's features is meaningless on another's."
+                f"run {self.path} was fit on features of {self.config['model']} (cache "
+                f"{self.config['cache']}, encoding {self.config['encoding_key'][:12]}); cache "
+                f"{cache.path} holds features of {cache.attrs['model']} encoded differently "
+                f"(encoding {cache.encoding_key[:12]}: other weights, preprocessing, precision "
+                "or classes). A head fit on one model's features is meaningless on another's."
             )
 
     def open_cache(self, cache: str | Path | None = None) -> FeatureCache:

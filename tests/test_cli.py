@@ -103,6 +103,12 @@ def test_heads_cli_fit_evaluate_predict_bench_audit(demo_cache, tmp_path):
     r = runner.invoke(app, ["fit-head", "--cache", str(demo_cache), "--head", "nope",
                             "--runs-dir", str(runs)])
     assert r.exit_code == 1 and "nope" in r.output
+    for bad in ("hiden=256", "hidden=abc"):
+        r = runner.invoke(app, ["fit-head", "--cache", str(demo_cache), "--head", "mlp", "-p",
+                                bad, "--runs-dir", str(runs), "--no-plots"])
+        assert r.exit_code == 1 and "bad --param" in " ".join(r.output.split()), r.output
+    r = runner.invoke(app, ["info", str(tmp_path)])
+    assert r.exit_code == 1 and "a folder, not a cache file" in " ".join(r.output.split())
 
 
 def test_finetune_then_reencode_with_its_checkpoint_then_fit_head(demo_root, tmp_path):

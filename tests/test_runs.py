@@ -51,16 +51,34 @@ def test_fit_head_run_writes_a_consistent_run_folder(demo_cache, tmp_path):
         fit_head_run(demo_cache, "logreg", runs_dir=tmp_path, name="lr")
 
 
-def test_evaluate_refuses_another_models_cache(demo_cache, demo_dataset, tmp_path):
+def test_evaluate_accepts_another_dataset_and_refuses_another_model(demo_cache, demo_root,
+                                                                    tiny_model, tmp_path):
+    import torch
+
+    from skincache.data import make_demo_dataset
+
     fit_head_run(demo_cache, "knn", runs_dir=tmp_path, name="knn", n_bootstrap=0, plots=False)
     report = evaluate_run(tmp_path / "knn", "val", n_bootstrap=0, plots=False)
     assert report["n_samples"] == len(FeatureCache.open(demo_cache).split("val"))
-    other = encode_dataset(demo_dataset, ModelSpec(TINY_MODEL), policy=ViewPolicy(k=1),
-                           cache_dir=tmp_path / "other", device="cpu", num_workers=0,
-                           progress=False).path
+    # external validation: other images, same model and preprocessing -> accepted
+    other_data = make_demo_dataset(tmp_path / "other-data", n_images=40, seed=5)
+    external = encode_dataset(load_dataset(other_data), ModelSpec(TINY_MODEL),
+                              policy=ViewPolicy(k=0), cache_dir=tmp_path / "ext", device="cpu",
+                              num_workers=0, progress=False).path
+    assert FeatureCache.open(external).key != FeatureCache.open(demo_cache).key
+    ext = evaluate_run(tmp_path / "knn", "val", cache=external, n_bootstrap=0, plots=False)
+    assert ext["n_samples"] == len(FeatureCache.open(external).split("val"))
+    # other weights -> refused, naming both caches
+    sd = {k: v.clone() for k, v in tiny_model.model.state_dict().items()}
+    sd["visual.proj"] = sd["visual.proj"] * -1
+    torch.save({"state_dict": sd}, tmp_path / "other.pt")
+    other = encode_dataset(load_dataset(demo_root), ModelSpec(TINY_MODEL, None,
+                                                              str(tmp_path / "other.pt")),
+                           policy=ViewPolicy(k=0), cache_dir=tmp_path / "other", device="cpu",
+                           num_workers=0, progress=False).path
     with pytest.raises(RunError, match="meaningless") as e:
         evaluate_run(tmp_path / "knn", "val", cache=other)
-    assert other.name in str(e.value) and FeatureCache.open(demo_cache).key[:12] in str(e.value)
+    assert other.name in str(e.value) and demo_cache.name in str(e.value)
 
 
 def test_predict_uses_the_encode_path_and_reports_bad_files(demo_cache, tmp_path):
