@@ -436,6 +436,8 @@ def encode_dataset(
         result = _assemble(final, partial, dataset, encoder, key, n_chunks, template_sets,
                            manifest)
         partial.remove()
+        # safe while held: a process waiting on the old inode re-checks `final` once it has it
+        lock.path.unlink(missing_ok=True)
     result.status = status
     result.seconds = time.perf_counter() - t0
     return result

@@ -31,6 +31,7 @@ FAST = dict(device="cpu", batch_size=8, chunk_batches=2, num_workers=0, progress
 def test_round_trip_shapes_labels_text_and_attrs(demo_dataset, tmp_path, tiny_model):
     res = encode_dataset(demo_dataset, TINY, policy=ViewPolicy(k=3), cache_dir=tmp_path, **FAST)
     assert res.status == "built" and res.path.suffix == ".h5" and res.n_failed == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [res.path.name]  # no lock, no partial
     fc = FeatureCache.open(res.path)
     assert list(fc.splits) == demo_dataset.splits
     total = 0
