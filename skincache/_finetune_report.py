@@ -41,7 +41,8 @@ def write_outputs(run_dir: Path, result, stores: dict, probas: dict[str, np.ndar
 
     plots = run_dir / "plots"
     for split, rep in result.metrics.items():
-        write_report_plots(rep, plots, prefix=f"{split}_")
+        write_report_plots(rep, plots, prefix=f"{split}_",
+                           label=f"{run_dir.name} · {split} split (n={rep['n_samples']:,})")
     series = curve_series(result.history)
     if series:
         plot_curves(series, plots / "curves.png", title=f"Fine-tuning ({cfg.setup})")

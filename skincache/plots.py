@@ -298,25 +298,28 @@ def plot_reliability(
 
 
 def write_report_plots(
-    report: Mapping[str, Any], out_dir: str | os.PathLike[str], *, prefix: str = ""
+    report: Mapping[str, Any], out_dir: str | os.PathLike[str], *, prefix: str = "",
+    label: str = "",
 ) -> list[Path]:
     """The standard plots of a `skincache.metrics.classification_report` into `out_dir`:
     `confusion_matrix_counts.png`, `confusion_matrix_normalized.png`, `classwise.png`, and
     `reliability.png` when the report carries its calibration bins. `prefix` (e.g. "test_")
-    keeps several splits' plots apart in one run folder."""
+    keeps several splits' plots apart in one run folder; `label` (e.g. "mlp run x, test
+    split") goes above each plot so that a figure shared on its own still says what it shows."""
     out = Path(out_dir)
     classes = list(report["classes"])
     cm = np.asarray(report["confusion_matrix"])
-    paths = [
-        plot_confusion_matrix(
-            cm, classes, out / f"{prefix}confusion_matrix_counts.png", normalize=False
-        ),
-        plot_confusion_matrix(
-            cm, classes, out / f"{prefix}confusion_matrix_normalized.png", normalize=True
-        ),
-        plot_classwise(cm, classes, out / f"{prefix}classwise.png"),
+    figures = [
+        (confusion_figure(cm, classes, normalize=False), "confusion_matrix_counts.png"),
+        (confusion_figure(cm, classes, normalize=True), "confusion_matrix_normalized.png"),
+        (classwise_figure(cm, classes), "classwise.png"),
     ]
     if report.get("calibration"):
-        fig = reliability_figure(report["calibration"], ece=report.get("ece"))
-        paths.append(_save(fig, out / f"{prefix}reliability.png"))
+        figures.append((reliability_figure(report["calibration"], ece=report.get("ece")),
+                        "reliability.png"))
+    paths = []
+    for fig, name in figures:
+        if label:
+            fig.suptitle(label, fontsize=9, color="0.35")
+        paths.append(_save(fig, out / f"{prefix}{name}"))
     return paths

@@ -100,7 +100,8 @@ def _write_split(run: Path, cache: FeatureCache, split: str, report: dict, proba
     write_predictions_csv(run / "predictions" / f"{split}.csv", list(data.image_id),
                           data.labels, proba, cache.classes)
     if plots:
-        write_report_plots(report, run / "plots", prefix=f"{split}_")
+        write_report_plots(report, run / "plots", prefix=f"{split}_",
+                           label=f"{run.name} · {split} split (n={report['n_samples']:,})")
 
 
 def _now() -> str:
