@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 out = Console()
+err = Console(stderr=True)  # errors, so `> file` keeps only results
 
 
 def cache_summary(s: dict) -> None:
@@ -178,7 +179,7 @@ def bench_table(rows: list[dict], title: str) -> None:
 def predictions(preds: list, top: int = 3) -> None:
     for p in preds:
         if not p.ok:
-            out.print(f"[bold red]{p.path}[/]: {p.error}", highlight=False)
+            err.print(f"[bold red]{p.path}[/]: {p.error}", highlight=False)
             continue
         t = Table(title=f"{p.path} → [bold]{p.predicted}[/]", title_justify="left")
         t.add_column("class")

@@ -35,7 +35,7 @@ def _clear_errors():
         yield
     except (DataError, CacheError, FetchError, FileNotFoundError, FileExistsError,
             ValueError, RuntimeError) as e:
-        _render.out.print(f"[bold red]error:[/] {e}", highlight=False)
+        _render.err.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -165,7 +165,7 @@ def audit(
     from skincache.near_duplicates import near_duplicates
 
     if data is None and cache is None:
-        _render.out.print("[bold red]error:[/] give --data (a dataset), --cache (a cache) or both")
+        _render.err.print("[bold red]error:[/] give --data (a dataset), --cache (a cache) or both")
         raise typer.Exit(1)
     rep: dict = {}
     with _clear_errors():
@@ -194,7 +194,7 @@ def fetch_data(
     from skincache.data import fetch_ham10000
 
     if name.lower() != "ham10000":
-        _render.out.print(f"[bold red]error:[/] unknown dataset {name!r}; known: ham10000")
+        _render.err.print(f"[bold red]error:[/] unknown dataset {name!r}; known: ham10000")
         raise typer.Exit(1)
     with _clear_errors():
         path = fetch_ham10000(to)
@@ -387,7 +387,7 @@ def finetune(
     from skincache.finetune import FinetuneConfig, run_finetune
 
     if data is None and resume is None:
-        _render.out.print("[bold red]error:[/] give --data (or --resume a run)")
+        _render.err.print("[bold red]error:[/] give --data (or --resume a run)")
         raise typer.Exit(1)
     with _clear_errors():
         config = FinetuneConfig.from_setup(
