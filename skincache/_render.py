@@ -120,20 +120,25 @@ def _ci(report: dict, m: str) -> str:
     if v is None:
         return "n/a"
     ci = (report.get("ci") or {}).get(m)
-    return f"{100 * v:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+    return f"{100 * v:.1f}" + (f" [{100 * ci[0]:.0f}-{100 * ci[1]:.0f}]" if ci else "")
 
 
 def metrics_table(reports: dict[str, dict], title: str) -> None:
-    """Headline metrics per split, balanced accuracy first (it leads on imbalanced data)."""
+    """Headline metrics per split, balanced accuracy first (it leads on imbalanced data).
+    CIs for the first two; every CI is in metrics/<split>.json."""
     t = Table(title=title, title_justify="left")
-    for col in ("split", "n", "balanced acc % [95% CI]", "acc % [95% CI]", "macro-F1 %",
-                "AUROC %", "ECE"):
+    for col in ("split", "n", "bal. acc % [95% CI]", "acc % [95% CI]", "F1 %", "AUROC %",
+                "ECE"):
         t.add_column(col, justify="right" if col != "split" else "left")
     for split, r in reports.items():
         t.add_row(split, f"{r['n_samples']:,}", _ci(r, "balanced_accuracy"),
-                  _ci(r, "accuracy"), _ci(r, "macro_f1"), _ci(r, "auroc"),
+                  _ci(r, "accuracy"), _pct(r.get("macro_f1")), _pct(r.get("auroc")),
                   "n/a" if r.get("ece") is None else f"{r['ece']:.3f}")
     out.print(t)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
 
 
 def per_class_table(report: dict, title: str) -> None:

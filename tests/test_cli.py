@@ -87,7 +87,7 @@ def test_heads_cli_fit_evaluate_predict_bench_audit(demo_cache, tmp_path):
     runs = tmp_path / "runs"
     r = _ok(["fit-head", "--cache", str(demo_cache), "--head", "knn", "-p", "k=3",
              "--runs-dir", str(runs), "--name", "k3", "--bootstrap", "20", "--no-plots"])
-    assert "balanced" in r.output and "per class" in r.output
+    assert "bal. acc" in r.output and "per class" in r.output
     assert json.loads((runs / "k3" / "run.json").read_text())["params"]["k"] == 3
     r = _ok(["evaluate", str(runs / "k3"), "--split", "val", "--bootstrap", "20"])
     assert "val" in r.output and (runs / "k3" / "metrics" / "val.json").is_file()
