@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from skincache.cache import FeatureCache
+from skincache.heads import get_head_class
 from skincache.metrics import classification_report
 from skincache.runs import ALL_TEMPLATES, fit_inputs, is_seeded, make_head
 
@@ -68,7 +69,7 @@ def bench_heads(
     evald = fc.split(split)
     inputs = fit_inputs(fc, template_set=template_set)
     if inputs["text"] is None:
-        chosen = [v for v in chosen if not make_head(v[1]).needs_text]
+        chosen = [v for v in chosen if not get_head_class(v[1]).needs_text]
     out = Path(out_dir or Path("runs") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []

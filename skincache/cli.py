@@ -245,6 +245,7 @@ def fit_head(
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
 ) -> None:
     """Fit a head on the cache's train split in seconds; metrics, predictions and plots."""
+    from skincache.cache import FeatureCache
     from skincache.heads import list_heads
     from skincache.runs import fit_head_run
 
@@ -252,9 +253,10 @@ def fit_head(
     results = []
     with _clear_errors():
         params = _params(param or [])
+        fc = FeatureCache.open(cache)  # read once, shared by every head
         for h in names:
             results.append(_with_param_errors(h, fit_head_run,
-                cache, h, params if head != "all" else None, runs_dir=runs_dir,
+                fc, h, params if head != "all" else None, runs_dir=runs_dir,
                 name=(f"{name}-{h}" if name and head == "all" else name), template_set=templates,
                 seed=seed, n_bootstrap=bootstrap, plots=not no_plots))
     split = "test" if "test" in results[0].metrics else "val"

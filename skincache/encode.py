@@ -356,13 +356,14 @@ class EncodeResult:
 
 
 def encode_key(dataset: Dataset, spec: ModelSpec, policy: ViewPolicy, precision: str,
-               template_sets: list[str]) -> str:
+               template_sets: list[str], fingerprint: str | None = None) -> str:
+    """The cache key; pass `fingerprint` when it is already known (it stats every file)."""
     return cache_key({
         "schema": SCHEMA_VERSION,
         "model": spec.identity(),
         "precision": precision,
         "views": policy.to_dict(),
-        "dataset": dataset.fingerprint(),
+        "dataset": fingerprint or dataset.fingerprint(),
         "classes": dataset.classes,
         "templates": {k: TEMPLATE_SETS[k] for k in template_sets},
     })
@@ -394,7 +395,8 @@ def encode_dataset(
     dataset.validate()
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
-    key = encode_key(dataset, spec, policy, precision, template_sets)
+    fingerprint = dataset.fingerprint()
+    key = encode_key(dataset, spec, policy, precision, template_sets, fingerprint)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     name = cache_name(dataset.name, spec.slug, policy.k, key)
@@ -433,8 +435,8 @@ def encode_dataset(
             advance(first * chunk_size)
             _run_chunks(encoder, records, positions, partial, first, chunk_size, batch_size,
                         num_workers, loader, advance)
-        result = _assemble(final, partial, dataset, encoder, key, n_chunks, template_sets,
-                           manifest)
+        result = _assemble(final, partial, dataset, fingerprint, encoder, key, n_chunks,
+                           template_sets, manifest)
         partial.remove()
         # safe while held: a process waiting on the old inode re-checks `final` once it has it
         lock.path.unlink(missing_ok=True)
@@ -484,7 +486,8 @@ def _commit(partial: PartialCache, chunk: int, batches: list[Batch], feats: list
     )
 
 
-def _assemble(final: Path, partial: PartialCache, dataset: Dataset, encoder: ImageEncoder,
+def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint: str,
+              encoder: ImageEncoder,
               key: str, n_chunks: int, template_sets: list[str], manifest: dict) -> EncodeResult:
     parts = [partial.read_chunk(i) for i in range(n_chunks)]
     records = dataset.records
@@ -534,7 +537,7 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, encoder: Ima
         "dataset": dataset.name,
         "dataset_kind": dataset.kind,
         "dataset_root": str(dataset.root),
-        "dataset_fingerprint": dataset.fingerprint(),
+        "dataset_fingerprint": fingerprint,
         "classes": json.dumps(dataset.classes),
         "class_names": json.dumps([display_name(c) for c in dataset.classes]),
         "template_sets": json.dumps({k: TEMPLATE_SETS[k] for k in template_sets}),
