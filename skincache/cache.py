@@ -25,12 +25,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from skincache.errors import SkincacheError
+
 SCHEMA_VERSION = 1
 FEATURE_DTYPE = np.float16
 _STR = h5py.string_dtype()
 
 
-class CacheError(RuntimeError):
+class CacheError(SkincacheError, RuntimeError):
     """A cache that cannot be used as asked; the message names the file and the reason."""
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from skincache import __version__
 from skincache.cache import CacheError, FeatureCache
+from skincache.errors import SkincacheError
 from skincache.heads import Head, create_head, get_head_class, load_head
 from skincache.metrics import classification_report, write_predictions_csv
 from skincache.plots import write_report_plots
@@ -33,7 +34,7 @@ DEFAULT_RUNS_DIR = Path("runs")
 ALL_TEMPLATES = "all"
 
 
-class RunError(RuntimeError):
+class RunError(SkincacheError, RuntimeError):
     """A run folder that cannot be used as asked; the message names it and the reason."""
 
 

@@ -9,6 +9,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from skincache.errors import SkincacheError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -30,7 +32,7 @@ class Record:
     meta: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
-class DataError(ValueError):
+class DataError(SkincacheError, ValueError):
     """A dataset that cannot be used as given; the message names the file and the problem."""
 
 

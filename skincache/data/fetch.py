@@ -12,6 +12,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from skincache.errors import SkincacheError
+
 DEFAULT_REPO = "marmal88/skin_cancer"
 PROBE_TIMEOUT_S = 3.0
 
@@ -25,7 +27,7 @@ MANUAL = (
 )
 
 
-class FetchError(RuntimeError):
+class FetchError(SkincacheError, RuntimeError):
     """The dataset could not be downloaded; the message says why and what to do instead."""
 
 
