@@ -68,6 +68,7 @@ class FeedForwardHead(Head):
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
             weight_decay=self.weight_decay, seed=self.seed, balance=self.balance,
             use_views=self.use_views, patience=self.patience,
+            val_score=self._val_score(data) if data.has_val else None, name=self.name,
         )
         with T.seeded(self.seed, dev):
             module = self._build(d, data.n_classes).to(dev)

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import balanced_accuracy, balanced_class_weights
+from . import _progress
+from ._math import balanced_accuracy, balanced_class_weights
 
 BALANCE_MODES = (None, "loss", "sampler")
 
@@ -83,6 +84,12 @@ class TrainConfig:
     #: small training sets get smaller batches so each epoch still takes this many steps;
     #: otherwise a demo-sized set (a few hundred images) would see one step per epoch
     min_steps_per_epoch: int = 10
+    #: validation score of the logits (higher is better); default: plain balanced accuracy.
+    #: Heads pass the score after their logit adjustment, so early stopping and the final
+    #: head agree.
+    val_score: Callable[[np.ndarray], float] | None = None
+    #: shown in progress lines
+    name: str = "head"
 
     def check(self) -> None:
         if self.balance not in BALANCE_MODES:
@@ -182,8 +189,9 @@ def train(
         nonlocal best_state
         module.eval()
         with torch.no_grad():
-            pred = predict_val().argmax(dim=1).cpu().numpy()
-        score = balanced_accuracy(y_val, pred)
+            logits = predict_val().float().cpu().numpy()
+        score = (cfg.val_score(logits) if cfg.val_score is not None
+                 else balanced_accuracy(y_val, logits.argmax(axis=1)))
         result.val_scores.append(score)
         if best_state is None or score > result.best_val_score:
             result.best_val_score, result.best_epoch = score, epoch
@@ -208,6 +216,8 @@ def train(
             opt.step()
             sched.step()
         result.epochs_run = epoch
+        _progress.report(f"{cfg.name} epochs", epoch, cfg.epochs,
+                         f"val {result.best_val_score:.3f}" if use_val else "")
         if use_val and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs) and validate(epoch):
             break
     if best_state is not None:

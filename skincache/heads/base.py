@@ -7,7 +7,6 @@ that needs an extra it was not given says so by name instead of failing somewher
 
 from __future__ import annotations
 
-import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError
 
+from . import _posthoc
+from ._math import (  # noqa: F401  (re-exported: heads import them from here)
+    balanced_accuracy,
+    balanced_class_weights,
+    class_counts,
+    l2_normalize,
+    log_softmax,
+    softmax,
+)
 from ._registry import get_head_class
 
 #: CLIP's learned temperature, already exponentiated; used when `fit` gets no `logit_scale`.
@@ -26,50 +35,6 @@ FORMAT = "skincache.head"
 FORMAT_VERSION = 1
 CONFIG_FILE = "head.json"
 ARRAYS_FILE = "head.safetensors"
-
-
-# ----------------------------------------------------------------------------- numeric helpers
-
-
-def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-    """Unit vectors along `axis` (zero vectors stay zero rather than becoming NaN)."""
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.maximum(norm, eps)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row softmax in float64, stable for the large logits a logit scale of 100 produces."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
-
-
-def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean recall over the classes present in `y_true`, as `sklearn.metrics.
-    balanced_accuracy_score` defines it; a few times faster, which matters inside the
-    per-epoch early-stopping check and the hyper-parameter grids."""
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
-    classes, inverse, counts = np.unique(y_true, return_inverse=True, return_counts=True)
-    correct = (y_true == y_pred).astype(np.float64)
-    hits = np.bincount(inverse, weights=correct, minlength=classes.size)
-    return float(np.mean(hits / counts))
-
-
-def class_counts(y: np.ndarray, n_classes: int) -> np.ndarray:
-    return np.bincount(y, minlength=n_classes).astype(np.int64)
-
-
-def balanced_class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
-    """N / (C_present * count_c), scikit-learn's "balanced" weights; 0 for absent classes."""
-    counts = class_counts(y, n_classes).astype(np.float64)
-    present = counts > 0
-    w = np.zeros(n_classes, dtype=np.float64)
-    w[present] = len(y) / (present.sum() * counts[present])
-    return w
 
 
 # ----------------------------------------------------------------------------- fit inputs
@@ -196,12 +161,20 @@ def check_fit_inputs(
 # ----------------------------------------------------------------------------- the base class
 
 
-class Head:
-    """Base class: sklearn-style parameters, the uniform `fit`, prediction, and save/load.
+class Head(ClassifierMixin, BaseEstimator):
+    """Base class: scikit-learn's estimator contract, the uniform `fit`, the post-hoc steps every
+    head shares (logit adjustment, temperature scaling), prediction, and save/load.
 
-    Subclasses implement `_fit(data)` and `_predict_proba(X)`; they list the fitted arrays and
-    scalars that `save` must write in `_fitted_arrays` / `_fitted_scalars` and override
-    `_restore` when loading must rebuild something (a torch module, a faiss index).
+    Subclasses implement `_fit(data)` and `_predict_proba(X)` (their raw probabilities); they
+    list the fitted arrays and scalars that `save` must write in `_fitted_arrays` /
+    `_fitted_scalars` and override `_restore` when loading must rebuild something (a torch
+    module, a faiss index). Each subclass's `__init__` lists its parameters, including
+    `logit_adjust` and `calibrate`, and only stores them (scikit-learn's rule, which makes
+    `get_params`, `set_params`, `clone` and the repr work).
+
+    logit_adjust: "auto" (tau chosen on the validation split by balanced accuracy; 1.0 without
+    one), a fixed tau >= 0, or None/0 for the plain scores. calibrate: fit a temperature on the
+    validation split (never changes the predicted class).
     """
 
     name: ClassVar[str] = ""
@@ -209,28 +182,16 @@ class Head:
     needs_text: ClassVar[bool] = False
     _fitted_arrays: ClassVar[tuple[str, ...]] = ()
     _fitted_scalars: ClassVar[tuple[str, ...]] = ()
+    #: written by every head (the post-hoc steps), on top of the subclass's own state
+    _posthoc_arrays: ClassVar[tuple[str, ...]] = ("log_prior_",)
+    _posthoc_scalars: ClassVar[tuple[str, ...]] = ("logit_adjust_", "temperature_")
 
-    # -- parameters (sklearn's get_params/set_params contract, without deep nesting)
+    logit_adjust: Any = 0.0
+    calibrate: bool = False
 
     @classmethod
     def _param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        return [p.name for p in sig.parameters.values() if p.name != "self"]
-
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._param_names()}
-
-    def set_params(self, **params: Any) -> Head:
-        valid = set(self._param_names())
-        for k, v in params.items():
-            if k not in valid:
-                raise ValueError(f"head {self.name!r} has no parameter {k!r}")
-            setattr(self, k, v)
-        return self
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
+        return list(cls._get_param_names())
 
     # -- fitting
 
@@ -264,11 +225,36 @@ class Head:
             X, y, views=views, X_val=X_val, y_val=y_val, text=text,
             logit_scale=logit_scale, n_classes=n_classes,
         )
+        _posthoc.check_logit_adjust(self.logit_adjust)
         self.n_classes_ = data.n_classes
         self.classes_ = np.arange(data.n_classes)
         self.n_features_in_ = data.n_features
+        self.log_prior_ = _posthoc.log_prior(data.y, data.n_classes).astype(np.float32)
+        self.logit_adjust_, self.temperature_ = 0.0, 1.0
         self._fit(data)
+        self._fit_posthoc(data)
         return self
+
+    def _val_score(self, data: FitData):
+        """The validation score a head's own selection (C, epochs) maximises: balanced accuracy
+        after the logit adjustment this head will apply. Call only when `data.has_val`."""
+        assert data.y_val is not None
+        return _posthoc.val_scorer(self.logit_adjust, data.y_val, self.log_prior_)
+
+    def _fit_posthoc(self, data: FitData) -> None:
+        """Choose tau (logit adjustment) and then T (temperature) on the validation split."""
+        fixed = _posthoc.check_logit_adjust(self.logit_adjust)
+        if not data.has_val:
+            self.logit_adjust_ = _posthoc.TAU_WITHOUT_VAL if fixed is None else fixed
+            return
+        assert data.X_val is not None and data.y_val is not None
+        scores = _posthoc.as_scores(self._predict_proba(data.X_val))
+        if fixed is None:
+            fixed = _posthoc.choose_tau(scores, data.y_val, self.log_prior_)[0]
+        self.logit_adjust_ = float(fixed)
+        if self.calibrate:
+            adjusted = scores - self.logit_adjust_ * self.log_prior_
+            self.temperature_ = _posthoc.fit_temperature(adjusted, data.y_val)
 
     def _fit(self, data: FitData) -> None:
         raise NotImplementedError
@@ -285,11 +271,25 @@ class Head:
         return X
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Class probabilities [N, C] (float64, rows sum to 1)."""
+        """Class probabilities [N, C] (float64, rows sum to 1), after the logit adjustment and
+        the temperature chosen on validation."""
+        return self._posthoc_proba(X, getattr(self, "temperature_", 1.0))
+
+    def predict_proba_uncalibrated(self, X: np.ndarray) -> np.ndarray:
+        """As `predict_proba` without the temperature (T = 1): the "before" of calibration."""
+        return self._posthoc_proba(X, 1.0)
+
+    def _posthoc_proba(self, X: np.ndarray, temperature: float) -> np.ndarray:
         X = self._check_X(X)
         if len(X) == 0:
             return np.zeros((0, self.n_classes_), dtype=np.float64)
-        return self._predict_proba(X)
+        raw = self._predict_proba(X)
+        tau = getattr(self, "logit_adjust_", 0.0)
+        if tau == 0.0 and temperature == 1.0:
+            return raw
+        scores = (_posthoc.as_scores(raw) - tau * self.log_prior_) / temperature
+        scores[raw <= 0] = -np.inf  # a class the head rules out stays ruled out
+        return softmax(scores)
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -306,6 +306,10 @@ class Head:
     def _state_scalars(self) -> dict[str, Any]:
         return {k: _json_scalar(getattr(self, k)) for k in self._fitted_scalars}
 
+    def _posthoc_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return ({k: np.ascontiguousarray(getattr(self, k)) for k in self._posthoc_arrays},
+                {k: float(getattr(self, k)) for k in self._posthoc_scalars})
+
     def _restore(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
         for k, v in arrays.items():
             setattr(self, k, v)
@@ -319,7 +323,8 @@ class Head:
             raise NotFittedError(f"head {self.name!r} is not fitted; nothing to save")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        arrays = self._state_arrays()
+        post_arrays, post_scalars = self._posthoc_state()
+        arrays = {**self._state_arrays(), **post_arrays}
         save_file(arrays, str(out / ARRAYS_FILE))
         config = {
             "format": FORMAT,
@@ -330,6 +335,7 @@ class Head:
             "n_classes": int(self.n_classes_),
             "n_features_in": int(self.n_features_in_),
             "fitted": self._state_scalars(),
+            "posthoc": post_scalars,
             "arrays": sorted(arrays),
         }
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -357,6 +363,10 @@ def load_head(directory: str | Path) -> Head:
     head.n_classes_ = int(config["n_classes"])
     head.classes_ = np.arange(head.n_classes_)
     head.n_features_in_ = int(config["n_features_in"])
+    post = config.get("posthoc", {})
+    head.log_prior_ = arrays.pop("log_prior_", np.zeros(head.n_classes_, dtype=np.float32))
+    head.logit_adjust_ = float(post.get("logit_adjust_", 0.0))
+    head.temperature_ = float(post.get("temperature_", 1.0))
     head._restore(arrays, dict(config.get("fitted", {})))
     return head
 

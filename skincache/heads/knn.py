@@ -41,12 +41,16 @@ class KNNHead(Head):
         temperature: float | None = 0.07,
         use_views: bool = False,
         class_weight: str | None = None,
+        logit_adjust: float | str | None = "auto",
+        calibrate: bool = True,
     ) -> None:
         self.k = k
         self.weights = weights
         self.temperature = temperature
         self.use_views = use_views
         self.class_weight = class_weight
+        self.logit_adjust = logit_adjust
+        self.calibrate = calibrate
 
     def _fit(self, data: FitData) -> None:
         if self.weights not in WEIGHTS:

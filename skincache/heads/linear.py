@@ -31,6 +31,8 @@ class LinearHead(FeedForwardHead):
         patience: int | None = 10,
         seed: int = 0,
         device: str = "cpu",
+        logit_adjust: float | str | None = "auto",
+        calibrate: bool = True,
     ) -> None:
         self.epochs = epochs
         self.batch_size = batch_size
@@ -41,3 +43,5 @@ class LinearHead(FeedForwardHead):
         self.patience = patience
         self.seed = seed
         self.device = device
+        self.logit_adjust = logit_adjust
+        self.calibrate = calibrate

@@ -35,6 +35,8 @@ class MLPHead(FeedForwardHead):
         patience: int | None = 10,
         seed: int = 0,
         device: str = "cpu",
+        logit_adjust: float | str | None = "auto",
+        calibrate: bool = True,
     ) -> None:
         self.hidden = hidden
         self.depth = depth
@@ -48,3 +50,5 @@ class MLPHead(FeedForwardHead):
         self.patience = patience
         self.seed = seed
         self.device = device
+        self.logit_adjust = logit_adjust
+        self.calibrate = calibrate

@@ -95,6 +95,8 @@ class TipAdapterHead(Head):
         beta_range: tuple[float, float] = (0.5, 100.0),
         n_beta: int = 12,
         balance_cache: bool = True,
+        logit_adjust: float | str | None = "auto",
+        calibrate: bool = True,
     ) -> None:
         self.alpha = alpha
         self.beta = beta
@@ -103,6 +105,8 @@ class TipAdapterHead(Head):
         self.beta_range = beta_range
         self.n_beta = n_beta
         self.balance_cache = balance_cache
+        self.logit_adjust = logit_adjust
+        self.calibrate = calibrate
 
     # -- shared with tip-adapter-f
 

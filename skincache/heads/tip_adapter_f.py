@@ -77,6 +77,8 @@ class TipAdapterFHead(TipAdapterHead):
         patience: int | None = None,
         seed: int = 0,
         device: str = "cpu",
+        logit_adjust: float | str | None = "auto",
+        calibrate: bool = True,
     ) -> None:
         super().__init__(alpha, beta, alpha_range, n_alpha, beta_range, n_beta, balance_cache)
         self.epochs = epochs
@@ -91,6 +93,8 @@ class TipAdapterFHead(TipAdapterHead):
         self.patience = patience
         self.seed = seed
         self.device = device
+        self.logit_adjust = logit_adjust
+        self.calibrate = calibrate
 
     def _final_keys(self, keys: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(keys, dim=1) if self.normalize_keys else keys
@@ -145,6 +149,7 @@ class TipAdapterFHead(TipAdapterHead):
             weight_decay=self.weight_decay, seed=self.seed, use_views=self.use_views,
             balance=self.balance,
             patience=self.patience, samples_per_epoch=self.samples_per_epoch, eval_init=True,
+            val_score=self._val_score(data) if data.has_val else None, name=self.name,
         )
         with T.seeded(self.seed, dev):
             res = T.train(

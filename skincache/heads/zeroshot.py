@@ -37,7 +37,10 @@ class ZeroShotHead(Head):
     _fitted_arrays = ("weights_",)
     _fitted_scalars = ("logit_scale_",)
 
-    def __init__(self) -> None:
+    def __init__(self, logit_adjust: float | str | None = None, calibrate: bool = True
+                 ) -> None:
+        self.logit_adjust = logit_adjust
+        self.calibrate = calibrate
         pass
 
     def _fit(self, data: FitData) -> None:

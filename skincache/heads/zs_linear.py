@@ -67,6 +67,8 @@ class ZSLinearHead(Head):
         patience: int | None = 10,
         seed: int = 0,
         device: str = "cpu",
+        logit_adjust: float | str | None = "auto",
+        calibrate: bool = True,
     ) -> None:
         self.anchor = anchor
         self.epochs = epochs
@@ -78,6 +80,8 @@ class ZSLinearHead(Head):
         self.patience = patience
         self.seed = seed
         self.device = device
+        self.logit_adjust = logit_adjust
+        self.calibrate = calibrate
 
     def _fit(self, data: FitData) -> None:
         assert data.text is not None
@@ -90,6 +94,7 @@ class ZSLinearHead(Head):
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
             weight_decay=self.weight_decay, seed=self.seed, balance=self.balance,
             use_views=self.use_views, patience=self.patience, eval_init=True,
+            val_score=self._val_score(data) if data.has_val else None, name=self.name,
         )
         module = ScaledLinear(w0, self.logit_scale_).to(dev)
         anchor = float(self.anchor)

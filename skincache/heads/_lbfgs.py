@@ -1,0 +1,98 @@
+"""Multinomial L2 logistic regression by full-batch L-BFGS in torch, along a path of C values.
+
+Same objective as scikit-learn's `LogisticRegression(penalty="l2", solver="lbfgs")` for more
+than two classes, so a C means the same in both:
+
+    sum_i s_i * CE(x_i W^T + b, y_i) + ||W||^2 / (2 C)        (b is not penalised)
+
+divided here by sum_i s_i (the same minimiser, and well-scaled for float32). Why our own solver:
+scikit-learn's runs in float64 through scipy on one core and re-validates its inputs on every
+fit; on 7k x 1280 features a C sweep took most of a minute. Here:
+
+- the features are centred once (an exact reparameterisation: the intercept absorbs the mean,
+  and the penalty does not see it), which removes the dominant, nearly-constant direction of
+  post-ReLU CNN or CLIP features and cuts L-BFGS iterations;
+- each C starts from the previous solution (the path runs from strong to weak regularisation);
+- the forward/backward is two float32 matmuls on the chosen device (CPU threads or a GPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PathPoint:
+    C: float
+    coef: np.ndarray  # [C, D] float32, in the original (uncentred) feature space
+    intercept: np.ndarray  # [C] float32
+    n_evals: int
+
+
+def logreg_path(
+    X: np.ndarray,
+    y: np.ndarray,
+    Cs: Sequence[float],
+    *,
+    n_classes: int,
+    sample_weight: np.ndarray | None = None,
+    device: torch.device | str = "cpu",
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    init: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Iterator[PathPoint]:
+    """Fit the multinomial L2 logistic regression at each C in `Cs`, in the order given, each
+    warm-started from the previous solution (or `init`). Yields one `PathPoint` per C.
+
+    max_iter bounds the function evaluations per C (the L-BFGS line search included);
+    tol is the gradient tolerance (max-abs of the gradient of the sample-averaged loss).
+    """
+    dev = torch.device(device)
+    Xt = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=dev)
+    yt = torch.as_tensor(np.asarray(y, dtype=np.int64), device=dev)
+    n, d = Xt.shape
+    w = (torch.ones(n, device=dev) if sample_weight is None
+         else torch.as_tensor(np.asarray(sample_weight, dtype=np.float32), device=dev))
+    total = float(w.sum())
+    mu = (w[:, None] * Xt).sum(0) / total
+    Xc = Xt - mu
+    W = torch.zeros(n_classes, d, device=dev)
+    b = torch.zeros(n_classes, device=dev)
+    if init is not None:
+        W = torch.as_tensor(init[0], dtype=torch.float32, device=dev).clone()
+        b = torch.as_tensor(init[1], dtype=torch.float32, device=dev).clone()
+        b = b + W @ mu  # into the centred parameterisation
+    for C in Cs:
+        W, b, evals = _solve(Xc, yt, w, total, float(C), W, b, max_iter, tol)
+        yield PathPoint(float(C), W.cpu().numpy().copy(), (b - W @ mu).cpu().numpy().copy(),
+                        evals)
+
+
+def _solve(Xc: torch.Tensor, y: torch.Tensor, w: torch.Tensor, total: float, C: float,
+           W0: torch.Tensor, b0: torch.Tensor, max_iter: int, tol: float
+           ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One L-BFGS solve at C from (W0, b0) on centred features; (W, b, evaluations)."""
+    Wp = W0.clone().requires_grad_(True)
+    bp = b0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([Wp, bp], lr=1.0, max_iter=max_iter, max_eval=max_iter,
+                            history_size=10, line_search_fn="strong_wolfe",
+                            tolerance_grad=tol, tolerance_change=1e-12)
+    penalty = 1.0 / (2.0 * C * total)
+    evals = 0
+
+    def closure() -> torch.Tensor:
+        nonlocal evals
+        evals += 1
+        opt.zero_grad(set_to_none=True)
+        ce = F.cross_entropy(Xc @ Wp.T + bp, y, reduction="none")
+        loss = (ce * w).sum() / total + penalty * (Wp * Wp).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return Wp.detach(), bp.detach(), evals

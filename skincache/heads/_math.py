@@ -1,0 +1,53 @@
+"""Small numeric helpers the heads share (numpy only, no head imports: a leaf module)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+    """Unit vectors along `axis` (zero vectors stay zero rather than becoming NaN)."""
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(norm, eps)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row log-softmax in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row softmax in float64, stable for the large logits a logit scale of 100 produces."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean recall over the classes present in `y_true`, as `sklearn.metrics.
+    balanced_accuracy_score` defines it; a few times faster, which matters inside the
+    per-epoch early-stopping check and the hyper-parameter grids."""
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    classes, inverse, counts = np.unique(y_true, return_inverse=True, return_counts=True)
+    correct = (y_true == y_pred).astype(np.float64)
+    hits = np.bincount(inverse, weights=correct, minlength=classes.size)
+    return float(np.mean(hits / counts))
+
+
+def class_counts(y: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.bincount(y, minlength=n_classes).astype(np.int64)
+
+
+def balanced_class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """N / (C_present * count_c), scikit-learn's "balanced" weights; 0 for absent classes."""
+    counts = class_counts(y, n_classes).astype(np.float64)
+    present = counts > 0
+    w = np.zeros(n_classes, dtype=np.float64)
+    w[present] = len(y) / (present.sum() * counts[present])
+    return w
