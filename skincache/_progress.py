@@ -48,3 +48,29 @@ def progress_bar(total: int, description: str, *, unit: str = "img",
     ) as p:
         task = p.add_task(description, total=total)
         yield lambda n=1: p.advance(task, n)
+
+
+@contextlib.contextmanager
+def head_progress(enabled: bool = True) -> Iterator[None]:
+    """Show the steps heads report (the logreg C sweep with the best val score so far, training
+    epochs) as rich progress lines, one per task, with a rate. Heads report through
+    `skincache.heads.progress_hook`, so the library stays silent when this is not installed."""
+    from skincache.heads import progress_hook
+
+    if not enabled:
+        yield
+        return
+    with Progress(
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+        MofNCompleteColumn(), RateColumn("step"), TimeElapsedColumn(),
+        TextColumn("{task.fields[note]}"), console=console, transient=True,
+    ) as p:
+        tasks: dict[str, int] = {}
+
+        def hook(task: str, done: int, total: int, note: str) -> None:
+            if task not in tasks:
+                tasks[task] = p.add_task(task, total=total, note="")
+            p.update(tasks[task], completed=done, total=total, note=note)
+
+        with progress_hook(hook):
+            yield

@@ -151,33 +151,61 @@ def per_class_table(report: dict, title: str) -> None:
     out.print(t)
 
 
-def heads_table(results: list, split: str) -> None:
-    t = Table(title=f"heads, scored on {split}", title_justify="left")
-    for col in ("head", "fit s", "balanced acc %", "acc %", "macro-F1 %", "AUROC %"):
+def heads_table(results: list, split: str, picked: int | None = None) -> None:
+    """One row per head: val (where hyper-parameters and the head are chosen) beside `split`;
+    `picked` (the index val chooses) is marked, so nobody picks a head by its test score."""
+    t = Table(title=f"heads: chosen on val, reported on {split}", title_justify="left")
+    for col in ("head", "fit s", "val bal-acc %", f"{split} bal-acc %", "acc %",
+                "macro-F1 %", "AUROC %", "ECE %"):
         t.add_column(col, justify="left" if col == "head" else "right")
-    for r in results:
+    for i, r in enumerate(results):
         m = r.metrics.get(split)
         if m is None:
             continue
-        t.add_row(r.head, f"{r.fit_seconds:.2f}", _ci(m, "balanced_accuracy"),
-                  _ci(m, "accuracy"), _ci(m, "macro_f1"), _ci(m, "auroc"))
+        v = r.metrics.get("val")
+        name = f"{r.head} *" if i == picked else r.head
+        t.add_row(name, f"{r.fit_seconds:.2f}", _pct(v["balanced_accuracy"]) if v else "n/a",
+                  _ci(m, "balanced_accuracy"), _ci(m, "accuracy"), _ci(m, "macro_f1"),
+                  _ci(m, "auroc"), _pct(m.get("ece")))
     out.print(t)
+    if picked is not None:
+        out.print(f"* {results[picked].head}: val's pick (best val balanced accuracy); choose "
+                  "heads on val, never on test", highlight=False, soft_wrap=True)
     for r in results:  # full paths, for evaluate / predict
         out.print(f"{r.head}: {r.path}", highlight=False, soft_wrap=True)
 
 
+def heads_list(specs: list) -> None:
+    """`skincache heads`: one block per head, its parameters with type and default."""
+    for h in specs:
+        t = Table(title=f"[bold]{h.name}[/] — {h.summary}"
+                  + ("  (needs the cache's text features)" if h.needs_text else ""),
+                  title_justify="left", show_edge=False)
+        t.add_column("parameter")
+        t.add_column("type")
+        t.add_column("default")
+        for p in h.params:
+            t.add_row(p.name, p.type, repr(p.default))
+        out.print(t)
+    out.print("set any of them with -p NAME=VALUE, e.g. `skincache fit-head --head logreg "
+              "-p C=10 -p logit_adjust=none`", highlight=False, soft_wrap=True)
+
+
 def bench_table(rows: list[dict], title: str) -> None:
     t = Table(title=title, title_justify="left")
-    for col in ("variant", "seeds", "balanced acc %", "acc %", "macro-F1 %", "AUROC %",
-                "fit s"):
+    shots = any(r.get("shots") is not None for r in rows)
+    for col in ("variant", *(("shots",) if shots else ()), "seeds", "val bal-acc %",
+                "balanced acc %", "acc %", "macro-F1 %", "AUROC %", "fit s"):
         t.add_column(col, justify="left" if col == "variant" else "right")
 
     from skincache.bench import format_cell as f
 
     for r in rows:
-        t.add_row(r["variant"], str(r["n_seeds"]) if r["n_seeds"] > 1 else "1 (det.)",
-                  f(r, "balanced_accuracy"), f(r, "accuracy"), f(r, "macro_f1"), f(r, "auroc"),
-                  f(r, "fit_seconds", pct=False))
+        name = r["variant"] + (" ← val's pick" if r.get("chosen_by_val") else "")
+        t.add_row(name, *((str(r["shots"]),) if shots else ()),
+                  str(r["n_seeds"]) if r["n_seeds"] > 1 else "1 (det.)",
+                  f(r, "val_balanced_accuracy"), f(r, "balanced_accuracy"), f(r, "accuracy"),
+                  f(r, "macro_f1"), f(r, "auroc"), f(r, "fit_seconds", pct=False))
     out.print(t)
 
 

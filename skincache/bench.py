@@ -8,7 +8,6 @@ repeating an identical fit N times to fake a standard deviation.
 from __future__ import annotations
 
 import csv
-import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -17,18 +16,24 @@ from typing import Any
 
 import numpy as np
 
+from skincache._io import write_json
 from skincache.cache import FeatureCache
+from skincache.errors import UsageError
 from skincache.heads import get_head_class
 from skincache.metrics import classification_report
-from skincache.runs import ALL_TEMPLATES, fit_inputs, is_seeded, make_head
+from skincache.runs import ALL_TEMPLATES, fit_inputs, head_proba, is_seeded, make_head
 
 #: (variant name, head name, params): every head plus the variants worth comparing.
+#: Defaults are balanced-accuracy-first (logit adjustment chosen on val); "-plain" variants
+#: are the unadjusted objective, one parameter away.
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("zeroshot", "zeroshot", {}),
     ("logreg", "logreg", {}),
-    ("logreg-balanced", "logreg", {"class_weight": "balanced"}),
+    ("logreg-plain", "logreg", {"logit_adjust": None}),
+    ("logreg-balanced", "logreg", {"class_weight": "balanced", "logit_adjust": None}),
     ("linear", "linear", {}),
     ("mlp", "mlp", {}),
+    ("mlp-plain", "mlp", {"logit_adjust": None}),
     ("mlp-noviews", "mlp", {"use_views": False}),
     ("knn-k1", "knn", {"k": 1}),
     ("knn-k5", "knn", {"k": 5}),
@@ -38,7 +43,7 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("zs-linear", "zs-linear", {}),
 ]
 
-METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auroc")
+METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auroc", "ece", "val_balanced_accuracy")
 
 
 @dataclass
@@ -57,60 +62,101 @@ def bench_heads(
     template_set: str = ALL_TEMPLATES,
     out_dir: str | Path | None = None,
     progress=None,
+    shots: list[int] | None = None,
+    tta: bool = False,
 ) -> BenchResult:
-    """Fit each variant on train (val for selection), score it on `eval_split` (test when the
-    cache has one, else val) and write runs/*.json, results.json, results.csv, results.md."""
+    """Fit each variant on train (val for selection), score it on val and on `eval_split`
+    (test when the cache has one, else val) and write runs/*.json, results.json, results.csv,
+    results.md. `shots`: repeat for K training images per class, each seed drawing its own
+    subset (so every head runs `seeds` times) and plot balanced accuracy against K. `tta`:
+    also score each fit with test-time augmentation (rows `<variant>+tta`, no extra fit)."""
+    chosen = check_variants(variants)
     fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
-    chosen = [v for v in VARIANTS if variants is None or v[0] in variants]
-    unknown = set(variants or []) - {v[0] for v in VARIANTS}
-    if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)}; known: {[v[0] for v in VARIANTS]}")
     split = eval_split or ("test" if "test" in fc.splits else "val")
-    evald = fc.split(split)
-    inputs = fit_inputs(fc, template_set=template_set)
-    if inputs["text"] is None:
+    if split not in fc.splits:
+        raise ValueError(f"{fc.path}: no split '{split}' (has {sorted(fc.splits)})")
+    evald, val = fc.split(split), fc.splits.get("val")
+    full = fit_inputs(fc, template_set=template_set)
+    if full["text"] is None:
         chosen = [v for v in chosen if not get_head_class(v[1]).needs_text]
     out = Path(out_dir or Path("runs") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
-    for variant, head_name, params in chosen:
-        for seed in range(seeds if is_seeded(head_name) else 1):
-            head = make_head(head_name, params, seed)
-            t0 = time.perf_counter()
-            head.fit(**inputs)
-            fit_s = time.perf_counter() - t0
-            report = classification_report(evald.labels, head.predict_proba(evald.features),
-                                           fc.classes, n_bootstrap=0)
-            run = {"variant": variant, "head": head_name, "params": params, "seed": seed,
-                   "split": split, "fit_seconds": fit_s, "cache_key": fc.key,
-                   **{m: report[m] for m in METRICS},
-                   "per_class_recall": {c: v["recall"] for c, v in report["per_class"].items()}}
-            (out / "runs" / f"{variant}_s{seed}.json").write_text(json.dumps(run, indent=2))
-            runs.append(run)
-            if progress:
-                progress(1)
+    for k in shots or [None]:
+        for variant, head_name, params in chosen:
+            n_seeds = seeds if (k is not None or is_seeded(head_name)) else 1
+            for seed in range(n_seeds):
+                inputs = full if k is None else fit_inputs(fc, template_set=template_set,
+                                                           shots=k, seed=seed)
+                head = make_head(head_name, params, seed)
+                t0 = time.perf_counter()
+                head.fit(**inputs)
+                fit_s = time.perf_counter() - t0
+                for with_tta in (False, True) if tta else (False,):
+                    report = classification_report(
+                        evald.labels, head_proba(head, evald.features, evald.views,
+                                                 tta=with_tta), fc.classes, n_bootstrap=0)
+                    val_score = None
+                    if val is not None:
+                        val_score = classification_report(
+                            val.labels, head_proba(head, val.features, val.views,
+                                                   tta=with_tta), fc.classes,
+                            n_bootstrap=0)["balanced_accuracy"]
+                    name = variant + ("+tta" if with_tta else "")
+                    run = {"variant": name, "head": head_name, "params": params, "seed": seed,
+                           "shots": k, "split": split, "fit_seconds": fit_s,
+                           "cache_key": fc.key, "val_balanced_accuracy": val_score,
+                           **{m: report[m] for m in METRICS if m in report},
+                           "per_class_recall": {c: v["recall"]
+                                                for c, v in report["per_class"].items()}}
+                    tag = f"{name}_k{k}" if k is not None else name
+                    write_json(out / "runs" / f"{tag}_s{seed}.json", run)
+                    runs.append(run)
+                if progress:
+                    progress(1)
     rows = aggregate(runs)
     _write_tables(out, rows, fc, split)
+    if shots:
+        from skincache.plots import plot_shots
+
+        plot_shots(rows, out / "shots.png",
+                   title=f"{fc.attrs['model']} · {fc.attrs.get('dataset', '')} · {split}")
     return BenchResult(out, rows, runs)
 
 
-def n_fits(seeds: int, variants: list[str] | None = None) -> int:
-    return sum(seeds if is_seeded(h) else 1 for v, h, _ in VARIANTS
-               if variants is None or v in variants)
+def check_variants(variants: list[str] | None) -> list[tuple[str, str, dict[str, Any]]]:
+    """The chosen variants; unknown names are an error before any work starts."""
+    unknown = sorted(set(variants or []) - {v[0] for v in VARIANTS})
+    if unknown:
+        raise UsageError(f"unknown variants {unknown}; known: {', '.join(v[0] for v in VARIANTS)}")
+    return [v for v in VARIANTS if variants is None or v[0] in variants]
+
+
+def n_fits(seeds: int, variants: list[str] | None = None, shots: list[int] | None = None
+           ) -> int:
+    per_k = [sum(seeds if (k is not None or is_seeded(h)) else 1 for v, h, _ in VARIANTS
+                 if variants is None or v in variants) for k in (shots or [None])]
+    return sum(per_k)
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
-    """Mean and std over seeds per variant, in the order variants first appear."""
-    order = list(dict.fromkeys(r["variant"] for r in runs))
+    """Mean and std over seeds per (variant, shots), in the order they first appear; the row
+    with the best mean val balanced accuracy (per shots) is marked `chosen_by_val`."""
+    order = list(dict.fromkeys((r["variant"], r.get("shots")) for r in runs))
     rows = []
-    for v in order:
-        rs = [r for r in runs if r["variant"] == v]
-        row: dict[str, Any] = {"variant": v, "head": rs[0]["head"], "n_seeds": len(rs)}
+    for v, k in order:
+        rs = [r for r in runs if r["variant"] == v and r.get("shots") == k]
+        row: dict[str, Any] = {"variant": v, "head": rs[0]["head"], "shots": k,
+                               "n_seeds": len(rs)}
         for m in (*METRICS, "fit_seconds"):
-            vals = np.array([np.nan if r[m] is None else r[m] for r in rs], dtype=float)
+            vals = np.array([np.nan if r.get(m) is None else r[m] for r in rs], dtype=float)
             row[f"{m}_mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
             row[f"{m}_std"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else None
         rows.append(row)
+    for k in dict.fromkeys(r["shots"] for r in rows):
+        group = [r for r in rows if r["shots"] == k and r["val_balanced_accuracy_mean"] is not None]
+        if group:
+            max(group, key=lambda r: r["val_balanced_accuracy_mean"])["chosen_by_val"] = True
     return rows
 
 
@@ -125,22 +171,27 @@ def format_cell(row: dict, m: str, pct: bool = True) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| variant | seeds | balanced acc % | acc % | macro-F1 % | AUROC % | fit s |\n"
-            "|---|---|---|---|---|---|---|\n")
+    head = ("| variant | shots | seeds | val bal-acc % | balanced acc % | acc % | macro-F1 % | "
+            "AUROC % | ECE % | fit s |\n|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         seeds = r["n_seeds"] if r["n_seeds"] > 1 else "1 (deterministic)"
-        cells = [format_cell(r, m) for m in METRICS] + [format_cell(r, "fit_seconds", False)]
-        lines.append(f"| {r['variant']} | {seeds} | " + " | ".join(cells) + " |\n")
+        name = r["variant"] + (" (val's pick)" if r.get("chosen_by_val") else "")
+        cells = [format_cell(r, m) for m in ("val_balanced_accuracy", "balanced_accuracy",
+                                             "accuracy", "macro_f1", "auroc", "ece")]
+        cells.append(format_cell(r, "fit_seconds", False))
+        shots = "all" if r.get("shots") is None else str(r["shots"])
+        lines.append(f"| {name} | {shots} | {seeds} | " + " | ".join(cells) + " |\n")
     return head + "".join(lines)
 
 
 def _write_tables(out: Path, rows: list[dict], fc: FeatureCache, split: str) -> None:
     meta = {"cache": str(fc.path), "cache_key": fc.key, "model": fc.attrs["model"],
             "split": split, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    write_json(out / "results.json", {**meta, "rows": rows})
     with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["variant"])
+        fields = list(dict.fromkeys(k for r in rows for k in r)) or ["variant"]
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
     (out / "results.md").write_text(

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from skincache import _render
+from skincache.errors import UsageError
 
 app = typer.Typer(
     name="skincache",
@@ -30,11 +31,12 @@ def _clear_errors():
     """Known failures become one red line and exit status 1, not a traceback."""
     from skincache.cache import CacheError
     from skincache.data import DataError, FetchError
+    from skincache.errors import SkincacheError
 
     try:
         yield
-    except (DataError, CacheError, FetchError, FileNotFoundError, FileExistsError,
-            ValueError, RuntimeError) as e:
+    except (SkincacheError, DataError, CacheError, FetchError, FileNotFoundError,
+            FileExistsError, ValueError, RuntimeError) as e:
         _render.err.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(1) from None
 
@@ -203,27 +205,15 @@ def fetch_data(
                       f"--data {path}`)")
 
 
-def _params(items: list[str]) -> dict:
-    """`key=value` pairs; values parsed as JSON where they can be (numbers, true, null)."""
+def _params(items: list[str]) -> dict[str, str]:
+    """`key=value` pairs as strings; each head types them (`skincache.heads.parse_params`)."""
     out = {}
     for item in items:
         if "=" not in item:
             raise typer.BadParameter(f"expected key=value, got {item!r}")
         k, v = item.split("=", 1)
-        try:
-            out[k.strip().replace("-", "_")] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip().replace("-", "_")] = v
+        out[k.strip().replace("-", "_")] = v.strip()
     return out
-
-
-def _with_param_errors(head: str, fn, *args, **kwargs):
-    """A head parameter of the wrong name or type is a user error, not a traceback."""
-    try:
-        return fn(*args, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"head '{head}': bad --param ({e}); `skincache fit-head --help` and "
-                         "the README list each head's parameters") from None
 
 
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder for run folders.")]
@@ -232,33 +222,48 @@ RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder for run folder
 @app.command("fit-head")
 def fit_head(
     cache: Annotated[Path, typer.Option(help="A cache file (.h5).")],
-    head: Annotated[str, typer.Option(help="Head name, or 'all'.")] = "mlp",
+    head: Annotated[str, typer.Option(help="Head name, or 'all' (`skincache heads` lists them)."
+                                      )] = "mlp",
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Head parameter "
-                                                    "key=value (repeatable).")] = None,
+                                                    "key=value (repeatable; `skincache heads "
+                                                    "NAME` lists them).")] = None,
     templates: Annotated[str, typer.Option(help="Text template set for text heads, or 'all'."
                                            )] = "all",
-    seed: Annotated[int, typer.Option(help="Seed for heads that take one.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for heads that take one (and --shots).")] = 0,
+    shots: Annotated[int | None, typer.Option(help="Few-shot: K training images per class "
+                                                   "(seeded); val stays whole.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average over the "
+                                                    "clean and the cached views.")] = False,
     name: Annotated[str | None, typer.Option(help="Run name (default: head + timestamp)."
                                              )] = None,
     runs_dir: RunsDir = Path("runs"),
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Fit a head on the cache's train split in seconds; metrics, predictions and plots."""
+    from skincache._progress import head_progress
     from skincache.cache import FeatureCache
-    from skincache.heads import list_heads
-    from skincache.runs import fit_head_run
+    from skincache.heads import get_head_class, parse_params
+    from skincache.runs import chosen_by_val, fit_head_run, fit_heads
 
-    names = list_heads() if head == "all" else [head]
-    results = []
     with _clear_errors():
-        params = _params(param or [])
+        raw = _params(param or [])
+        if head == "all":
+            if raw:
+                raise UsageError("-p sets one head's parameters; give --head NAME with -p")
+            params = {}
+        else:
+            get_head_class(head)
+            params = parse_params(head, raw)
         fc = FeatureCache.open(cache)  # read once, shared by every head
-        for h in names:
-            results.append(_with_param_errors(h, fit_head_run,
-                fc, h, params if head != "all" else None, runs_dir=runs_dir,
-                name=(f"{name}-{h}" if name and head == "all" else name), template_set=templates,
-                seed=seed, n_bootstrap=bootstrap, plots=not no_plots))
+        common = dict(runs_dir=runs_dir, template_set=templates, seed=seed,
+                      n_bootstrap=bootstrap, plots=not no_plots, tta=tta, shots=shots)
+        with head_progress(enabled=not quiet):
+            if head == "all":
+                results = fit_heads(fc, name=name, **common)
+            else:
+                results = [fit_head_run(fc, head, params, name=name, **common)]
     split = "test" if "test" in results[0].metrics else "val"
     if len(results) == 1:
         r = results[0]
@@ -266,7 +271,31 @@ def fit_head(
         if split in r.metrics:
             _render.per_class_table(r.metrics[split], f"per class ({split})")
     else:
-        _render.heads_table(results, split)
+        _render.heads_table(results, split, picked=chosen_by_val(results))
+
+
+@app.command()
+def heads(
+    filter: Annotated[str | None, typer.Argument(help="Only heads whose name contains this."
+                                                 )] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List every head with its parameters (type, default) and what it is."""
+    from skincache.heads import describe_heads
+
+    specs = describe_heads(filter)
+    if as_json:
+        typer.echo(json.dumps([{"name": h.name, "summary": h.summary,
+                                "needs_text": h.needs_text,
+                                "params": [{"name": p.name, "type": p.type,
+                                            "default": p.default} for p in h.params]}
+                               for h in specs], indent=2, default=str))
+        return
+    if not specs:
+        _render.err.print(f"[bold red]error:[/] no head matches {filter!r}; "
+                          "`skincache heads` lists them all")
+        raise typer.Exit(1)
+    _render.heads_list(specs)
 
 
 @app.command()
@@ -311,28 +340,43 @@ def predict(
 @app.command("bench-heads")
 def bench_heads_cmd(
     cache: Annotated[Path, typer.Option(help="A cache file (.h5).")],
-    seeds: Annotated[int, typer.Option(help="Seeds per seeded head.")] = 5,
+    seeds: Annotated[int, typer.Option(help="Seeds per seeded head (and per few-shot draw).")
+                     ] = 5,
     variants: Annotated[str | None, typer.Option(help="Comma-separated subset of variants."
                                                  )] = None,
     split: Annotated[str | None, typer.Option(help="Split to score on (default: test, else "
                                                    "val).")] = None,
     templates: Annotated[str, typer.Option(help="Text template set, or 'all'.")] = "all",
+    shots: Annotated[str | None, typer.Option(help="Few-shot protocol: comma-separated K "
+                                                   "(images per class), e.g. 1,2,4,8,16.")
+                     ] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Also score every fit with test-time "
+                                                    "augmentation (rows <variant>+tta).")
+                   ] = False,
     out_dir: Annotated[Path | None, typer.Option(help="Output folder (default: "
                                                       "runs/bench-<time>).")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Every head variant x seeds on one cache: mean ± std, fit time; CSV, JSON, markdown."""
+    """Every head variant x seeds on one cache: val beside test, mean ± std, fit time."""
     from skincache._progress import progress_bar
-    from skincache.bench import bench_heads, n_fits
+    from skincache.bench import bench_heads, check_variants, n_fits
 
-    chosen = variants.split(",") if variants else None
-    with _clear_errors(), progress_bar(n_fits(seeds, chosen), "bench heads", unit="fit",
-                                       enabled=not quiet) as advance:
-        res = bench_heads(cache, seeds=seeds, variants=chosen, eval_split=split,
-                          template_set=templates, out_dir=out_dir, progress=advance)
-    _render.bench_table(res.rows, f"heads on {cache.name}, scored on {res.runs[0]['split']}")
+    with _clear_errors():
+        chosen = variants.split(",") if variants else None
+        check_variants(chosen)  # before any bar is drawn
+        ks = [int(k) for k in shots.split(",")] if shots else None
+        if ks and min(ks) < 1:
+            raise UsageError(f"--shots must be positive integers, got {shots}")
+        with progress_bar(n_fits(seeds, chosen, ks), "bench heads", unit="fit",
+                          enabled=not quiet) as advance:
+            res = bench_heads(cache, seeds=seeds, variants=chosen, eval_split=split,
+                              template_set=templates, out_dir=out_dir, progress=advance,
+                              shots=ks, tta=tta)
+    _render.bench_table(res.rows, f"heads on {cache.name}: chosen on val, scored on "
+                                  f"{res.runs[0]['split']}")
+    extra = f", few-shot plot {res.out_dir}/shots.png" if ks else ""
     _render.out.print(f"results: {res.out_dir}/results.{{json,csv,md}}, one JSON per run in "
-                      f"{res.out_dir}/runs/")
+                      f"{res.out_dir}/runs/{extra}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -323,3 +323,34 @@ def write_report_plots(
             fig.suptitle(label, fontsize=9, color="0.35")
         paths.append(_save(fig, out / f"{prefix}{name}"))
     return paths
+
+
+def plot_shots(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *,
+               title: str = "") -> Path:
+    """Few-shot curve: balanced accuracy (mean and 95% CI over seeds) against training images
+    per class, one line per head variant (log2 x axis, as in CoOp / Tip-Adapter)."""
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    variants = list(dict.fromkeys(r["variant"] for r in rows if r.get("shots") is not None))
+    for v in variants:
+        pts = sorted((r["shots"], r["balanced_accuracy_mean"], r["balanced_accuracy_std"],
+                      r["n_seeds"]) for r in rows
+                     if r["variant"] == v and r.get("shots") is not None
+                     and r["balanced_accuracy_mean"] is not None)
+        if not pts:
+            continue
+        k = np.array([p[0] for p in pts], dtype=float)
+        m = 100 * np.array([p[1] for p in pts])
+        half = 100 * 1.96 * np.array([p[2] for p in pts]) / np.sqrt([max(p[3], 1) for p in pts])
+        line = ax.plot(k, m, marker="o", label=v)[0]
+        ax.fill_between(k, m - half, m + half, color=line.get_color(), alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ks = sorted({r["shots"] for r in rows if r.get("shots") is not None})
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("training images per class (shots)")
+    ax.set_ylabel("balanced accuracy % (mean, 95% CI over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)

@@ -27,7 +27,12 @@ from skincache import __version__
 from skincache.cache import CacheError, FeatureCache
 from skincache.errors import SkincacheError
 from skincache.heads import Head, create_head, get_head_class, load_head
-from skincache.metrics import classification_report, write_predictions_csv
+from skincache.metrics import (
+    calibration_bins,
+    classification_report,
+    expected_calibration_error,
+    write_predictions_csv,
+)
 from skincache.plots import write_report_plots
 
 DEFAULT_RUNS_DIR = Path("runs")
@@ -59,13 +64,33 @@ def text_features(cache: FeatureCache, template_set: str = ALL_TEMPLATES) -> np.
     return cache.text[template_set]
 
 
+def few_shot_indices(y: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
+    """Indices of `shots` training images per class (all of a class that has fewer), drawn
+    without replacement by a seeded generator, in increasing order: the few-shot protocol of
+    CoOp / Tip-Adapter / CLIP_benchmark's `fewshot_k`."""
+    if shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        picked.append(rng.choice(members, size=min(shots, len(members)), replace=False))
+    return np.sort(np.concatenate(picked))
+
+
 def fit_inputs(cache: FeatureCache, *, template_set: str = ALL_TEMPLATES,
-               use_val: bool = True) -> dict[str, Any]:
-    """The uniform `Head.fit` arguments from a cache (train split; val for model selection)."""
+               use_val: bool = True, shots: int | None = None, seed: int = 0
+               ) -> dict[str, Any]:
+    """The uniform `Head.fit` arguments from a cache (train split; val for model selection).
+    `shots`: K training images per class (seeded); val stays whole."""
     train = cache.split("train")
     val = cache.splits.get("val") if use_val else None
+    X, y, views = train.features, train.labels, train.views
+    if shots is not None:
+        idx = few_shot_indices(y, shots, seed)
+        X, y, views = X[idx], y[idx], views[idx]
     return dict(
-        X=train.features, y=train.labels, views=train.views,
+        X=X, y=y, views=views,
         X_val=None if val is None else val.features, y_val=None if val is None else val.labels,
         text=text_features(cache, template_set), logit_scale=cache.logit_scale,
         n_classes=len(cache.classes),
@@ -84,12 +109,35 @@ def is_seeded(name: str) -> bool:
     return "seed" in get_head_class(name)().get_params()
 
 
+def head_proba(head: Head, features: np.ndarray, views: np.ndarray | None, *,
+               tta: bool = False, calibrated: bool = True) -> np.ndarray:
+    """A head's probabilities on one split: the clean view, or with `tta` the mean over the
+    clean view and the split's cached augmented views; `calibrated=False` leaves out the
+    temperature (the "before" of calibration)."""
+    if not tta or views is None or views.shape[1] == 0:
+        return head.predict_proba(features) if calibrated else (
+            head.predict_proba_uncalibrated(features))
+    if calibrated:
+        return head.predict_proba_tta(features, views)
+    n, k, d = views.shape
+    flat = head.predict_proba_uncalibrated(views.reshape(n * k, d)).reshape(n, k, -1)
+    return (head.predict_proba_uncalibrated(features) + flat.sum(axis=1)) / (k + 1)
+
+
 def evaluate_head(head: Head, cache: FeatureCache, split: str, *, n_bootstrap: int = 1000,
-                  seed: int = 0) -> tuple[dict, np.ndarray]:
+                  seed: int = 0, tta: bool = False) -> tuple[dict, np.ndarray]:
+    """classification_report of `head` on `split`, plus the ECE before temperature scaling
+    (`ece_uncalibrated`) and the post-hoc values the head applied."""
     data = cache.split(split)
-    proba = head.predict_proba(data.features)
+    proba = head_proba(head, data.features, data.views, tta=tta)
     report = classification_report(data.labels, proba, cache.classes, n_bootstrap=n_bootstrap,
                                    seed=seed)
+    raw = head_proba(head, data.features, data.views, tta=tta, calibrated=False)
+    report["ece_uncalibrated"] = expected_calibration_error(data.labels, raw)
+    report["calibration_uncalibrated"] = calibration_bins(data.labels, raw)
+    report["posthoc"] = {"tta": bool(tta and data.views.shape[1] > 0),
+                         "logit_adjust": float(getattr(head, "logit_adjust_", 0.0)),
+                         "temperature": float(getattr(head, "temperature_", 1.0))}
     return report, proba
 
 
@@ -125,24 +173,29 @@ def fit_head_run(
     eval_splits: tuple[str, ...] = ("val", "test"),
     n_bootstrap: int = 1000,
     plots: bool = True,
+    tta: bool = False,
+    shots: int | None = None,
 ) -> RunResult:
-    """Fit `head` on the cache's train split (val chooses hyper-parameters), evaluate it on
-    `eval_splits` that exist, and write the run folder."""
+    """Fit `head` on the cache's train split (val chooses hyper-parameters, the logit
+    adjustment and the temperature), evaluate it on `eval_splits` that exist (with `tta`: the
+    mean over the clean and the cached augmented views), and write the run folder. `shots`:
+    K training images per class, drawn with `seed`."""
     fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
+    run = Path(runs_dir) / (name or default_run_name(head))
+    if (run / "run.json").exists():
+        raise RunError(f"{run}: a run with this name exists; choose another --name")
     model = make_head(head, params, seed)
-    inputs = fit_inputs(fc, template_set=template_set)
+    inputs = fit_inputs(fc, template_set=template_set, shots=shots, seed=seed)
     t0 = time.perf_counter()
     model.fit(**inputs)
     fit_s = time.perf_counter() - t0
 
-    run = Path(runs_dir) / (name or default_run_name(head))
-    if (run / "run.json").exists():
-        raise RunError(f"{run}: a run with this name exists; choose another --name")
     model.save(run / "head")
     result = RunResult(run, head, model.get_params(), fit_s)
     for split in eval_splits:
         if split in fc.splits:
-            report, proba = evaluate_head(model, fc, split, n_bootstrap=n_bootstrap, seed=seed)
+            report, proba = evaluate_head(model, fc, split, n_bootstrap=n_bootstrap, seed=seed,
+                                          tta=tta)
             _write_split(run, fc, split, report, proba, plots)
             result.metrics[split] = report
     (run / "run.json").write_text(json.dumps({
@@ -157,12 +210,43 @@ def fit_head_run(
         "classes": fc.classes,
         "template_set": template_set,
         "seed": seed,
+        "tta": tta,
+        "shots": shots,
+        "train_images": int(len(inputs["y"])),
+        "posthoc": {"logit_adjust": float(model.logit_adjust_),
+                    "temperature": float(model.temperature_)},
         "fit_seconds": fit_s,
         "splits": {s: len(fc.splits[s]) for s in fc.splits},
         "created": _now(),
         "skincache_version": __version__,
     }, indent=2))
     return result
+
+
+def fit_heads(
+    cache: FeatureCache | str | Path,
+    heads: list[str] | None = None,
+    *,
+    name: str | None = None,
+    **kwargs: Any,
+) -> list[RunResult]:
+    """`fit_head_run` for several heads (default: every registered head the cache can serve,
+    text heads only with text), one run folder each (`<name>-<head>` when `name` is given),
+    reading the cache once."""
+    from skincache.heads import list_heads
+
+    fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
+    names = heads or [h for h in list_heads() if fc.text or not get_head_class(h).needs_text]
+    return [fit_head_run(fc, h, None, name=f"{name}-{h}" if name else None, **kwargs)
+            for h in names]
+
+
+def chosen_by_val(results: list[RunResult]) -> int | None:
+    """Index of the run with the best validation balanced accuracy (ties: the first), or None
+    without a val split: the only fair way to pick a head."""
+    scored = [(r.metrics["val"]["balanced_accuracy"], -i) for i, r in enumerate(results)
+              if "val" in r.metrics and r.metrics["val"]["balanced_accuracy"] is not None]
+    return -max(scored)[1] if scored else None
 
 
 def _jsonable(v: Any) -> Any:

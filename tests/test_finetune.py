@@ -429,7 +429,10 @@ def test_ddp_on_two_cpu_processes_matches_one_process(demo_root, demo_dataset, t
             # keys); Adam turns the float noise there into lr-sized steps of random sign, so
             # only the query and value biases can be compared.
             a, v = torch.cat([a[:64], a[128:]]), torch.cat([v[:64], v[128:]])
-        torch.testing.assert_close(a, v, atol=2e-5, rtol=1e-4, msg=k)
+        # Adam divides by sqrt(v): where a gradient is ~0, all-reduce round-off (a different
+        # summation order than one process) becomes a visible step; 1e-3 still catches a
+        # wrong gradient average (those differ by the learning rate, 1e-2 here and up).
+        torch.testing.assert_close(a, v, atol=1e-3, rtol=1e-3, msg=lambda m, k=k: f"{k}: {m}")
     _, pa = _probs_csv(tmp_path / "ddp" / "predictions" / "test.csv")
     _, pb = _probs_csv(tmp_path / "one" / "predictions" / "test.csv")
     np.testing.assert_allclose(pa, pb, atol=1e-4)

@@ -22,6 +22,8 @@ from . import (  # noqa: F401
     zeroshot,
     zs_linear,
 )
+from ._describe import HeadSpec, ParamSpec, describe_head, describe_heads, parse_params
+from ._progress import progress_hook
 from ._registry import HEADS, create_head, get_head_class, list_heads, register_head
 from .base import DEFAULT_LOGIT_SCALE, FitData, Head, balanced_accuracy, load_head
 from .knn import KNNHead
@@ -37,6 +39,8 @@ __all__ = [
     "DEFAULT_LOGIT_SCALE",
     "HEADS",
     "FitData",
+    "HeadSpec",
+    "ParamSpec",
     "Head",
     "KNNHead",
     "LinearHead",
@@ -48,9 +52,13 @@ __all__ = [
     "ZeroShotHead",
     "balanced_accuracy",
     "create_head",
+    "describe_head",
+    "describe_heads",
     "get_head_class",
     "list_heads",
     "load_head",
+    "parse_params",
+    "progress_hook",
     "register_head",
     "zeroshot_prototypes",
 ]

@@ -275,6 +275,17 @@ class Head(ClassifierMixin, BaseEstimator):
         the temperature chosen on validation."""
         return self._posthoc_proba(X, getattr(self, "temperature_", 1.0))
 
+    def predict_proba_tta(self, X: np.ndarray, views: np.ndarray | None) -> np.ndarray:
+        """Test-time augmentation for free: the mean of `predict_proba` over the clean view
+        X [N, D] and the cached augmented views [N, K, D] of the same images (K = 0 or None:
+        the clean view alone)."""
+        proba = self.predict_proba(X)
+        if views is None or views.ndim != 3 or views.shape[1] == 0 or len(X) == 0:
+            return proba
+        n, k, d = views.shape
+        flat = self.predict_proba(np.asarray(views, dtype=np.float32).reshape(n * k, d))
+        return (proba + flat.reshape(n, k, -1).sum(axis=1)) / (k + 1)
+
     def predict_proba_uncalibrated(self, X: np.ndarray) -> np.ndarray:
         """As `predict_proba` without the temperature (T = 1): the "before" of calibration."""
         return self._posthoc_proba(X, 1.0)
