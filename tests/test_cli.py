@@ -26,7 +26,7 @@ def test_help_lists_only_built_commands():
 
     commands = typer.main.get_command(app).commands
     assert set(commands) == {"encode", "demo", "info", "audit", "fetch-data", "fit-head",
-                             "evaluate", "predict", "bench-heads", "finetune"}
+                             "evaluate", "predict", "bench-heads", "finetune", "heads"}
     out = subprocess.run([sys.executable, "-m", "skincache.cli", "--help"], capture_output=True,
                          text=True, check=True, env={"COLUMNS": "120", "PATH": ""}).stdout
     for name, cmd in commands.items():
@@ -106,7 +106,7 @@ def test_heads_cli_fit_evaluate_predict_bench_audit(demo_cache, tmp_path):
     for bad in ("hiden=256", "hidden=abc"):
         r = runner.invoke(app, ["fit-head", "--cache", str(demo_cache), "--head", "mlp", "-p",
                                 bad, "--runs-dir", str(runs), "--no-plots"])
-        assert r.exit_code == 1 and "bad --param" in " ".join(r.output.split()), r.output
+        assert r.exit_code == 1 and "skincache heads mlp" in " ".join(r.output.split()), r.output
     r = runner.invoke(app, ["info", str(tmp_path)])
     assert r.exit_code == 1 and "a folder, not a cache file" in " ".join(r.output.split())
 

@@ -126,7 +126,8 @@ def parse_params(name: str, items: dict[str, str]) -> dict[str, Any]:
         try:
             out[key] = _convert(str(raw), hints.get(key, Any))
         except (ValueError, TypeError):
-            raise UsageError(f"head '{name}': -p {key}={raw} is not of type "
-                             f"{by_name[key].type} (default: {by_name[key].default!r})"
-                             ) from None
+            spec_ = by_name[key]
+            raise UsageError(f"head '{name}': -p {key}={raw} is not of type {spec_.type} "
+                             f"(default: {spec_.default!r}; `skincache heads {name}` lists "
+                             "its parameters)") from None
     return out
