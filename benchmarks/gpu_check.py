@@ -104,7 +104,7 @@ FULL = {"n_images": 20000, "shards": 16, "batch": 256, "real_n": 0, "views_real"
         "bare_steps": 30, "heads_scale": 1.0, "budget_s": 300.0}
 QUICK = {"n_images": 64, "shards": 1, "batch": 32, "real_n": 40, "views_real": 1,
          "tower_batch": 32, "tower_iters": 4, "ft_batches": (16, 32), "ft_epochs": 2,
-         "bare_steps": 4, "heads_scale": 0.1, "budget_s": 600.0}
+         "bare_steps": 4, "heads_scale": 0.03, "budget_s": 600.0}
 #: seconds a step needs at full size, roughly: skipped when less is left of the budget
 STEP_NEEDS_S = {1: 60, 2: 20, 3: 10, 4: 15, 5: 45, 6: 20}
 
