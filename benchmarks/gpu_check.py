@@ -36,6 +36,7 @@ Exit status: 0 when every step ran (targets met or not), 1 when a step raised.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import io
@@ -100,7 +101,7 @@ HAM10000_COUNTS = [327, 514, 1099, 115, 1113, 6705, 142]  # akiec bcc bkl df mel
 
 #: sizes: the GPU run and the CI-sized CPU run (--quick)
 FULL = {"n_images": 20000, "shards": 16, "batch": 256, "real_n": 0, "views_real": 1,
-        "tower_batch": 256, "tower_iters": 40, "ft_batches": (16, 128), "ft_epochs": 2,
+        "tower_batch": 256, "tower_iters": 100, "ft_batches": (16, 128), "ft_epochs": 2,
         "bare_steps": 30, "heads_scale": 1.0, "budget_s": 300.0}
 QUICK = {"n_images": 64, "shards": 1, "batch": 32, "real_n": 40, "views_real": 1,
          "tower_batch": 32, "tower_iters": 4, "ft_batches": (16, 32), "ft_epochs": 2,
@@ -180,7 +181,8 @@ class Check:
                      verdict="error")
         finally:
             if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+                with contextlib.suppress(Exception):  # a broken context is the step's error
+                    torch.cuda.empty_cache()
         rec["seconds"] = round(time.perf_counter() - t0, 1)
         print(f"[gpu_check] step {n} ({title}): {rec['status']} in {rec['seconds']} s "
               f"(elapsed {self.elapsed():.0f} s)", flush=True)
@@ -393,12 +395,16 @@ def step_encode(chk: Check, state: dict) -> None:
     sync(dev)
     load_s = time.perf_counter() - t0
     chk.row(1, "model load, first in the process", f"{load_s:.1f} s", model_load_s=load_s)
-    # warm-up, paid once per process by any user too: CUDA context, kernels, nvjpeg, workers
+    # warm-up, not in the rates below (a one-off CLI run pays it on top): CUDA context and
+    # kernels, cuBLAS, nvjpeg, worker start, for both loops
+    t0 = time.perf_counter()
     baseline_seconds(paths[: sz["batch"]], loaded, 0, dev, precision, sz["batch"], workers)
     warm = load_dataset(synthetic(state, "shard0"))
     encode_dataset(warm, spec, policy=ViewPolicy(k=0), cache_dir=state["tmp"] / "warm",
                    device=str(dev), batch_size=sz["batch"], num_workers=workers, force=True,
                    progress=False)
+    chk.row(1, f"warm-up, not timed below (baseline 1 batch, skincache {len(warm.records)} "
+               "images)", f"{time.perf_counter() - t0:.1f} s")
     # what one encode pays for its model in a warm process (the first load above also paid
     # open_clip's imports): subtracted below for the rate without the model load
     t0 = time.perf_counter()
@@ -690,9 +696,10 @@ def step_precision(chk: Check, state: dict) -> None:
     for mode, tower in (("fp32", fp32), ("autocast", fp32), ("bf16-weights", bf16)):
         chk.need(3 if not chk.args.quick else 0, f"step 4, {mode} speed")
         rates[mode] = _tower_rate(tower, shape, dev, mode, sz["tower_iters"])
+        enough = chk.judge(rates[mode], need, speed=True)  # not a target itself: which
+        enough = {"met": "enough", "MISSED": "short"}.get(enough, enough)  # modes could do
         chk.row(4, f"tower img/s, {mode} (batch {shape[0]})", f"{rates[mode]:,.0f}",
-                f">= {need:,.0f} for K=4", chk.judge(rates[mode], need, speed=True),
-                mode=mode, img_per_s=rates[mode])
+                f">= {need:,.0f} for K=4", enough, mode=mode, img_per_s=rates[mode])
     del loaded, fp32, bf16
 
 
