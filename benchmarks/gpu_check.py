@@ -216,9 +216,12 @@ class Check:
     def markdown(self) -> str:
         lines = [f"**{self.title()}**", "", "| step | measure | value | target | verdict |",
                  "|---|---|---:|---:|---|"]
+        def cell(text: object) -> str:
+            return str(text).replace("|", "\\|").replace("\n", " ")
+
         for r in self.rows:
-            lines.append(f"| {r['step']} | {r['measure']} | {r['value']} | {r['target']} | "
-                         f"{r['verdict']} |")
+            lines.append("| " + " | ".join(cell(r[c]) for c in ("step", "measure", "value",
+                                                                "target", "verdict")) + " |")
         return "\n".join(lines)
 
     def print_table(self) -> None:
@@ -619,7 +622,7 @@ def step_bad_inputs(chk: Check, state: dict) -> None:
     mad = {recs[p].image_id: float(np.abs(pa[p].astype(np.int16) - pb[p]).mean())
            for p in both}
     worst = max(mad, key=mad.get) if mad else None
-    chk.row(3, f"kept by both ({len(both)}): max mean |pixel difference| of the clean view "
+    chk.row(3, f"kept by both ({len(both)}): max mean abs. pixel difference of the clean view "
                f"(0-255; worst {worst})", f"{mad[worst]:.2f}" if worst else "—",
             f"<= {TARGETS['pixel_mad']:.0f}",
             chk.judge(mad[worst], TARGETS["pixel_mad"], higher=False) if worst else "—",
