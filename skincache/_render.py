@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from rich.console import Console
 from rich.table import Table
 
-out = Console()
-err = Console(stderr=True)  # errors, so `> file` keeps only results
+from skincache._progress import PlainWhenPiped
+
+out = PlainWhenPiped()
+err = PlainWhenPiped(stderr=True)  # errors, so `> file` keeps only results
+
+
+def _show(t: Table) -> None:
+    """Print a table. Piped or redirected, its title goes on a line of its own first: rich
+    wraps a title to the table's width, which would split a cache path over many lines."""
+    if not out.is_terminal and t.title:
+        title, t.title = t.title, None
+        out.print(title)
+    out.print(t)
 
 
 def cache_summary(s: dict) -> None:
@@ -36,7 +46,7 @@ def cache_summary(s: dict) -> None:
     ]
     for k, val in rows:
         t.add_row(k, str(val))
-    out.print(t)
+    _show(t)
     class_table(s["class_counts"], s["classes"], title="images per split and class")
 
 
@@ -48,7 +58,7 @@ def class_table(counts: dict[str, dict[str, int]], classes: list[str], title: st
     t.add_column("total", justify="right", style="bold")
     for split, per in counts.items():
         t.add_row(split, *(f"{per.get(c, 0):,}" for c in classes), f"{sum(per.values()):,}")
-    out.print(t)
+    _show(t)
 
 
 def encode_result(r, quiet: bool = False) -> None:
@@ -73,7 +83,7 @@ def failed_table(rows: list[dict]) -> None:
     for row in rows:
         t.add_row(row.get("image_id", ""), row.get("split", ""), row.get("reason", ""),
                   row.get("source", ""))
-    out.print(t)
+    _show(t)
 
 
 def audit_report(rep: dict, classes: list[str]) -> None:
@@ -104,7 +114,7 @@ def _sample(items: list[dict], cols: tuple[str, ...], title: str, limit: int = 1
     for it in items[:limit]:
         t.add_row(*(", ".join(map(str, it[c])) if isinstance(it[c], list) else str(it[c])
                     for c in cols))
-    out.print(t)
+    _show(t)
 
 
 def _fmt(xs) -> str:
@@ -134,7 +144,7 @@ def metrics_table(reports: dict[str, dict], title: str) -> None:
         t.add_row(split, f"{r['n_samples']:,}", _ci(r, "balanced_accuracy"),
                   _ci(r, "accuracy"), _pct(r.get("macro_f1")), _pct(r.get("auroc")),
                   "n/a" if r.get("ece") is None else f"{r['ece']:.3f}")
-    out.print(t)
+    _show(t)
 
 
 def _pct(v: float | None) -> str:
@@ -148,7 +158,7 @@ def per_class_table(report: dict, title: str) -> None:
     for c, v in report["per_class"].items():
         t.add_row(c, f"{v['support']:,}", f"{100 * v['precision']:.1f}",
                   f"{100 * v['recall']:.1f}", f"{100 * v['f1']:.1f}")
-    out.print(t)
+    _show(t)
 
 
 def heads_table(results: list, split: str) -> None:
@@ -161,7 +171,7 @@ def heads_table(results: list, split: str) -> None:
             continue
         t.add_row(r.head, f"{r.fit_seconds:.2f}", _ci(m, "balanced_accuracy"),
                   _ci(m, "accuracy"), _ci(m, "macro_f1"), _ci(m, "auroc"))
-    out.print(t)
+    _show(t)
     for r in results:  # full paths, for evaluate / predict
         out.print(f"{r.head}: {r.path}", highlight=False, soft_wrap=True)
 
@@ -178,7 +188,7 @@ def bench_table(rows: list[dict], title: str) -> None:
         t.add_row(r["variant"], str(r["n_seeds"]) if r["n_seeds"] > 1 else "1 (det.)",
                   f(r, "balanced_accuracy"), f(r, "accuracy"), f(r, "macro_f1"), f(r, "auroc"),
                   f(r, "fit_seconds", pct=False))
-    out.print(t)
+    _show(t)
 
 
 def predictions(preds: list, top: int = 3) -> None:
@@ -195,7 +205,7 @@ def predictions(preds: list, top: int = 3) -> None:
             t.add_section()
             for n in p.neighbors:
                 t.add_row(f"similar: {n['image_id']} ({n['label']})", f"{n['similarity']:.3f}")
-        out.print(t)
+        _show(t)
 
 
 def near_duplicate_pairs(pairs: list[dict], threshold: float, limit: int = 20) -> None:
@@ -211,7 +221,7 @@ def near_duplicate_pairs(pairs: list[dict], threshold: float, limit: int = 20) -
     for p in pairs[:limit]:
         t.add_row(f"{p['similarity']:.4f}", p["split_a"], p["image_a"], p["split_b"],
                   p["image_b"], "yes" if p["same_group"] else "")
-    out.print(t)
+    _show(t)
 
 
 def finetune_result(r) -> None:
@@ -227,7 +237,7 @@ def finetune_result(r) -> None:
                   f"{100 * h['val_balanced_accuracy']:.1f}",
                   "" if h.get("val_accuracy") is None else f"{100 * h['val_accuracy']:.1f}",
                   f"{h.get('train_images_per_s', 0):,.0f}")
-    out.print(t)
+    _show(t)
     if r.wise_alpha is not None:
         out.print(f"WiSE-FT alpha {r.wise_alpha:g} applied to the final model")
     if r.metrics:
