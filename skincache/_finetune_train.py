@@ -43,7 +43,7 @@ from skincache._finetune_model import (
 )
 from skincache._finetune_report import quick_scores, train_timing
 from skincache._progress import console, progress_bar
-from skincache.data import load_dataset
+from skincache.data import limit_dataset, load_dataset
 from skincache.encode import resolve_precision
 from skincache.finetune import FinetuneConfig, FinetuneResult
 from skincache.heads.base import balanced_class_weights, softmax
@@ -122,8 +122,9 @@ class FinetuneRun:
 
     def _load_data(self) -> None:
         cfg = self.cfg
-        self.ds = load_dataset(cfg.data, split_ratios=cfg.split_ratios, seed=cfg.split_seed,
-                               test=cfg.test_data)
+        self.ds = limit_dataset(load_dataset(cfg.data, split_ratios=cfg.split_ratios,
+                                             seed=cfg.split_seed, test=cfg.test_data),
+                                cfg.limit, cfg.split_seed)
         self.ds.validate()
         self.fingerprint = self.ds.fingerprint()
         if "train" not in self.ds.splits:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from skincache.cache import FeatureCache
+from skincache.errors import UsageError
 from skincache.heads import get_head_class
 from skincache.metrics import classification_report
 from skincache.runs import ALL_TEMPLATES, fit_inputs, is_seeded, make_head
@@ -61,10 +62,8 @@ def bench_heads(
     """Fit each variant on train (val for selection), score it on `eval_split` (test when the
     cache has one, else val) and write runs/*.json, results.json, results.csv, results.md."""
     fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
+    check_variants(variants)
     chosen = [v for v in VARIANTS if variants is None or v[0] in variants]
-    unknown = set(variants or []) - {v[0] for v in VARIANTS}
-    if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)}; known: {[v[0] for v in VARIANTS]}")
     split = eval_split or ("test" if "test" in fc.splits else "val")
     evald = fc.split(split)
     inputs = fit_inputs(fc, template_set=template_set)
@@ -92,6 +91,15 @@ def bench_heads(
     rows = aggregate(runs)
     _write_tables(out, rows, fc, split)
     return BenchResult(out, rows, runs)
+
+
+def check_variants(variants: list[str] | None) -> None:
+    """UsageError naming unknown variants and the known ones: called before anything is
+    read or drawn (a progress bar, then an error, reads as a crash)."""
+    unknown = sorted(set(variants or []) - {v[0] for v in VARIANTS})
+    if unknown:
+        raise UsageError(f"--variants: unknown variants {', '.join(unknown)}; known: "
+                         f"{', '.join(v[0] for v in VARIANTS)}")
 
 
 def n_fits(seeds: int, variants: list[str] | None = None) -> int:
