@@ -42,6 +42,7 @@ from skincache._finetune_model import (
     zeroshot_head,
 )
 from skincache._finetune_report import quick_scores, train_timing
+from skincache._options import set_interrupt_hint
 from skincache._progress import console, progress_bar
 from skincache.data import limit_dataset, load_dataset
 from skincache.encode import resolve_precision
@@ -82,6 +83,8 @@ class FinetuneRun:
         resumed = self._restore()
         if self.ctx.main:
             self._write_run_json("running")
+            set_interrupt_hint(f"continue with `skincache finetune --resume {self.run_dir}` "
+                               "(from its last finished epoch)")
             if not resumed:
                 self.init_val = self._val_scores()
         self.init_val = self.ctx.broadcast(self.init_val)

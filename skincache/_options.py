@@ -62,3 +62,19 @@ def check_model(name: str) -> None:
     raise UsageError(f"unknown model {name!r}{hint}: `skincache models` lists the "
                      f"architectures and their pretrained tags; '{TINY_MODEL}' runs offline, "
                      "or give an hf-hub:org/repo id")
+
+
+_resume_hint = ""
+
+
+def set_interrupt_hint(text: str) -> None:
+    """What to say if Ctrl-C stops the command now (e.g. finetune names its run folder once
+    it exists)."""
+    global _resume_hint
+    _resume_hint = text
+
+
+def interrupt_hint() -> str:
+    """How to go on after Ctrl-C; encode resumes from its last committed chunk when the same
+    command runs again, and nothing else writes anything a rerun cannot redo."""
+    return _resume_hint or "run the same command again to resume"

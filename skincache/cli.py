@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from skincache import _render
-from skincache._options import check_file
+from skincache._options import check_file, interrupt_hint, set_interrupt_hint
 from skincache._sanity import cache_attrs, one_class_warning, random_init_warning
 from skincache.errors import UsageError
 
@@ -164,6 +164,34 @@ def demo(
         _render.cache_summary(FeatureCache.open(result.path).summary())
     _render.out.print(f"next: skincache fit-head --cache {result.path} --head mlp   "
                       f"(the synthetic images are in {result.path.parent / 'demo-data'})")
+
+
+@app.command()
+def models(
+    filter_: Annotated[str, typer.Argument(metavar="[FILTER]", help="Keep architectures whose "
+                                           "name or a tag contains this (any case).")] = "",
+) -> None:
+    """Model architectures open_clip can build here and their --pretrained tags."""
+    from skincache.models import DEFAULT_PRETRAINED, TINY_MODEL, list_architectures
+
+    rows = list_architectures(filter_)
+    if not rows:
+        _render.err.print(f"[bold red]error:[/] no architecture or tag contains {filter_!r}; "
+                          "`skincache models` lists them all", highlight=False)
+        raise typer.Exit(1)
+    width = max(len(name) for name, _ in rows)
+    for name, tags in rows:
+        if name == TINY_MODEL:
+            text = ("no tags: random init, shipped with skincache for the demo and quick "
+                    "pipeline checks (runs offline)")
+        elif not tags:
+            text = "no tags: random init, or --checkpoint FILE"
+        else:
+            text = ", ".join(f"{t} (default)" if t == DEFAULT_PRETRAINED else t for t in tags)
+        _render.out.print(f"{name:<{width}}  {text}", highlight=False)
+    _render.out.print(f"{len(rows)} architecture(s). Encode with --model NAME --pretrained TAG; "
+                      "hf-hub:org/repo ids (BiomedCLIP, DermLIP) bring their own weights and "
+                      "are not listed.", highlight=False)
 
 
 @app.command()
@@ -507,6 +535,7 @@ def finetune(
         _check_min("--limit", limit, 1)
         if resume is not None and not (resume / "run.json").is_file():
             raise UsageError(f"--resume {resume}: not a run folder (no run.json there)")
+        set_interrupt_hint("nothing was saved yet: run the same command again")
         # torch and open_clip load from here on: every cheap check is done
         from skincache.finetune import FinetuneConfig, run_finetune
         from skincache.models import resolve_pretrained
@@ -529,10 +558,21 @@ def finetune(
         result = run_finetune(config, progress=not quiet)
     if result.is_main:
         _render.finetune_result(result)
+        c = result.config
+        _warn_meaningless({"model": c.model, "pretrained": c.pretrained,
+                           "checkpoint": c.checkpoint}, result.metrics, "the fine-tuned model")
 
 
 def main() -> None:
-    app()
+    """The `skincache` entry point. Ctrl-C gets one line saying how to go on, not a silent
+    exit 130: encode resumes from its last committed chunk, finetune from its last epoch."""
+    try:
+        app(standalone_mode=True)
+    except SystemExit as e:
+        if e.code == 130:
+            _render.err.print(f"[bold yellow]interrupted[/]; {interrupt_hint()}",
+                              highlight=False)
+        raise
 
 
 if __name__ == "__main__":
