@@ -385,7 +385,9 @@ def evaluate(
         _render.out.print(f"same numbers as the stored {run / 'metrics' / ev.name}.json; "
                           "nothing rewritten (run.json records this evaluation)")
     else:
-        _render.out.print(f"written: {', '.join(str(f) for f in ev.files)}")
+        plots = f", plots/{ev.name}_*.png" if any(f.suffix == ".png" for f in ev.files) else ""
+        _render.out.print(f"written under {run}: metrics/{ev.name}.json, "
+                          f"predictions/{ev.name}.csv{plots}", highlight=False)
 
 
 @app.command()

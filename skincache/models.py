@@ -258,12 +258,13 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
                 weights_only=True,
             )
     except Exception as e:  # open_clip raises many types for unreachable hubs / unknown tags
-        hint = (f" ({offline}; the weights are not in the local Hugging Face cache "
-                "either; download them on a connected machine, or pass --checkpoint FILE)"
-                if offline else "")
-        raise RuntimeError(
-            f"could not load model '{spec.name}' (pretrained={spec.pretrained}): {e}{hint}"
-        ) from e
+        what = f"model '{spec.name}' (pretrained={spec.pretrained})"
+        if offline:  # the cause is known: open_clip's own long text would only repeat it
+            raise RuntimeError(
+                f"could not load {what}: {offline}, and the weights are not in the local "
+                "Hugging Face cache; run this once where the network is reachable and copy its "
+                "~/.cache/huggingface here, or pass --checkpoint FILE") from e
+        raise RuntimeError(f"could not load {what}: {e}") from e
     if spec.checkpoint:
         open_clip.load_checkpoint(model, spec.checkpoint, weights_only=True)
     model.eval().to(device)
