@@ -28,11 +28,12 @@ def random_init_warning(attrs: Mapping[str, Any], what: str = "these numbers") -
         return None
     return (f"{attrs.get('model', 'the model')} has random weights here (no --pretrained, no "
             f"--checkpoint): {what} check the pipeline only and say nothing about a real "
-            "model; encode with pretrained weights (e.g. --model ViT-B-32 --pretrained openai)")
+            "model; use pretrained weights for that (e.g. --model ViT-B-32 --pretrained "
+            "openai)")
 
 
-def one_class_warning(report: Mapping[str, Any], name: str, who: str = "the head"
-                      ) -> str | None:
+def one_class_warning(report: Mapping[str, Any], name: str, who: str = "the head",
+                      advice: str = "try another head or --param") -> str | None:
     """The warning for a classifier that predicts one class for >= 95% of a split, where
     accuracy only mirrors the class mix (HAM10000 is two-thirds nevi)."""
     cm = report.get("confusion_matrix")
@@ -49,7 +50,7 @@ def one_class_warning(report: Mapping[str, Any], name: str, who: str = "the head
         return None
     return (f"{who} predicts '{classes[j]}' for {share:.0%} of {name} ({predicted[j]:,} of "
             f"{total:,}): its accuracy mirrors the class mix, not the images; read balanced "
-            "accuracy and per-class recall, or try another head or --param")
+            f"accuracy and per-class recall, or {advice}")
 
 
 def cache_attrs(path) -> dict:

@@ -60,11 +60,12 @@ def _warn(message: str | None) -> None:
         _render.err.print(f"[bold yellow]warning:[/] {message}", highlight=False)
 
 
-def _warn_meaningless(attrs: dict, reports: dict[str, dict], who: str) -> None:
+def _warn_meaningless(attrs: dict, reports: dict[str, dict], who: str,
+                      advice: str = "try another head or --param") -> None:
     """Warnings for numbers that mean nothing: random weights, one class for everything."""
     _warn(random_init_warning(attrs))
     for name, report in reports.items():
-        _warn(one_class_warning(report, name, who))
+        _warn(one_class_warning(report, name, who, advice))
 
 
 def _check_run(run: Path) -> None:
@@ -380,7 +381,8 @@ def evaluate(
         ev = evaluate(run, split, cache=cache, n_bootstrap=bootstrap)
     _render.metrics_table({ev.name: ev.report}, f"{run} on {ev.name}")
     _render.per_class_table(ev.report, f"per class ({ev.name})")
-    _warn_meaningless(ev.cache_attrs, {ev.name: ev.report}, "the head")
+    _warn_meaningless(ev.cache_attrs, {ev.name: ev.report}, "the head",
+                      "fit another head (skincache fit-head)")
     if ev.status == "unchanged":
         _render.out.print(f"same numbers as the stored {run / 'metrics' / ev.name}.json; "
                           "nothing rewritten (run.json records this evaluation)")
@@ -562,7 +564,8 @@ def finetune(
         _render.finetune_result(result)
         c = result.config
         _warn_meaningless({"model": c.model, "pretrained": c.pretrained,
-                           "checkpoint": c.checkpoint}, result.metrics, "the fine-tuned model")
+                           "checkpoint": c.checkpoint}, result.metrics, "the fine-tuned model",
+                          "try more --epochs, another --lr or --balance loss")
 
 
 def main() -> None:
