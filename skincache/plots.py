@@ -146,7 +146,7 @@ def confusion_figure(cm: Any, class_names: Sequence[str], *, normalize: bool) ->
     if normalize:
         ax.set_title("Confusion matrix, row-normalised (recall on the diagonal)")
     else:
-        ax.set_title(f"Confusion matrix, counts (n={int(m.sum())})")
+        ax.set_title(f"Confusion matrix, counts (n={int(m.sum()):,})")
     return fig
 
 
