@@ -331,15 +331,15 @@ def fit_head(
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
 ) -> None:
     """Fit a head on the cache's train split in seconds; metrics, predictions and plots."""
-    from skincache.cache import FeatureCache
-    from skincache.heads import list_heads
-    from skincache.runs import fit_head_run
-
-    names = list_heads() if head == "all" else [head]
     results = []
     with _clear_errors():
         params = _params(param or [])
         check_file("--cache", cache)
+        from skincache.cache import FeatureCache
+        from skincache.heads import list_heads
+        from skincache.runs import fit_head_run
+
+        names = list_heads() if head == "all" else [head]
         fc = FeatureCache.open(cache)  # read once, shared by every head
         for h in names:
             results.append(_with_param_errors(h, fit_head_run,
@@ -456,12 +456,13 @@ def bench_heads_cmd(
 ) -> None:
     """Every head variant x seeds on one cache: mean ± std, fit time; CSV, JSON, markdown."""
     from skincache._progress import progress_bar
-    from skincache.bench import bench_heads, check_variants, n_fits
 
     chosen = variants.split(",") if variants else None
     with _clear_errors():
         check_file("--cache", cache)
         _check_min("--seeds", seeds, 1)
+        from skincache.bench import bench_heads, check_variants, n_fits
+
         check_variants(chosen)
     with _clear_errors(), progress_bar(n_fits(seeds, chosen), "bench heads", unit="fit",
                                        enabled=not quiet) as advance:

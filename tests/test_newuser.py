@@ -180,6 +180,9 @@ def test_option_errors_are_one_line_of_ours_before_torch_loads(tmp_path):
         (["finetune", "--data", str(tmp_path), "--setup", "fancy"], "--setup 'fancy'"),
         (["predict", str(tmp_path / "no-run"), "x.jpg"], "not a run folder"),
         (["evaluate", str(tmp_path)], "not a run folder"),
+        (["fit-head", "--cache", str(tmp_path / "none.h5")], "--cache"),
+        (["bench-heads", "--cache", str(tmp_path / "none.h5")], "no such file"),
+        (["audit", "--cache", str(tmp_path / "none.h5")], "no such file"),
     ]
     for args, expected in cases:
         r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True,
