@@ -455,3 +455,32 @@ def test_fit_head_and_audit_on_a_random_init_cache_say_so(demo_cache, tmp_path):
     r = _ok(["audit", "--cache", str(demo_cache), "--threshold", "0.99", "--json", str(out)])
     assert "near-duplicate pairs, check the pipeline only" in r.output
     assert json.loads(out.read_text())["near_duplicates"]["random_init_model"] is True
+
+
+def test_sigint_during_encode_then_the_same_command_resumes(tmp_path):
+    import signal
+    import time
+
+    from skincache.data import make_demo_dataset
+
+    root = make_demo_dataset(tmp_path / "data", n_images=400, seed=3)
+    args = ["encode", "--data", str(root), "--model", "skincache-tiny", "--device", "cpu",
+            "--views", "2", "--workers", "0", "--batch-size", "4", "--quiet", "--cache-dir",
+            str(tmp_path / "c")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", "from skincache.cli import main; main()",
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "c").glob("*.partial/chunk_000000.npz")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the encode finished before the interrupt arrived (machine too fast)")
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted; run the same command again to resume"
+    assert "Traceback" not in err
+    r = _cli(args)
+    assert r.returncode == 0 and "resumed and finished" in r.stdout, r.stdout + r.stderr
