@@ -93,6 +93,7 @@ class FinetuneRun:
                                 world_size=self.ctx.world, resumed=resumed)
         if self.ctx.main:
             self._finish(result)
+            set_interrupt_hint("")  # finished: nothing left to resume
         self.ctx.barrier()
         result.seconds = time.perf_counter() - t0
         return result

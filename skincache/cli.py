@@ -572,6 +572,7 @@ def finetune(
 def main() -> None:
     """The `skincache` entry point. Ctrl-C gets one line saying how to go on, not a silent
     exit 130: encode resumes from its last committed chunk, finetune from its last epoch."""
+    set_interrupt_hint("")  # a library call earlier in this process may have left one
     try:
         app(standalone_mode=True)
     except SystemExit as e:
