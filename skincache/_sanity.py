@@ -32,10 +32,8 @@ def random_init_warning(attrs: Mapping[str, Any], what: str = "these numbers") -
             "openai)")
 
 
-def one_class_warning(report: Mapping[str, Any], name: str, who: str = "the head",
-                      advice: str = "try another head or --param") -> str | None:
-    """The warning for a classifier that predicts one class for >= 95% of a split, where
-    accuracy only mirrors the class mix (HAM10000 is two-thirds nevi)."""
+def one_class_share(report: Mapping[str, Any]) -> tuple[str, float, int, int] | None:
+    """(class, share, count, total) when one class gets >= 95% of the predictions, else None."""
     cm = report.get("confusion_matrix")
     classes = report.get("classes")
     if not cm or not classes:
@@ -46,11 +44,21 @@ def one_class_warning(report: Mapping[str, Any], name: str, who: str = "the head
         return None
     j = max(range(len(classes)), key=lambda k: predicted[k])
     share = predicted[j] / total
-    if share < ONE_CLASS_SHARE:
+    return (classes[j], share, predicted[j], total) if share >= ONE_CLASS_SHARE else None
+
+
+def one_class_warning(reports: Mapping[str, Mapping[str, Any]], who: str = "the head",
+                      advice: str = "try another head or --param") -> str | None:
+    """One warning line for a classifier that predicts one class for >= 95% of a split
+    (`reports`: split or evaluation name -> classification report): whatever its accuracy,
+    it has learned nothing that tells the images apart."""
+    found = [(name, hit) for name, rep in reports.items() if (hit := one_class_share(rep))]
+    if not found:
         return None
-    return (f"{who} predicts '{classes[j]}' for {share:.0%} of {name} ({predicted[j]:,} of "
-            f"{total:,}): its accuracy mirrors the class mix, not the images; read balanced "
-            f"accuracy and per-class recall, or {advice}")
+    where = " and ".join(f"'{c}' for {share:.0%} of {name} ({k:,} of {n:,})"
+                         for name, (c, share, k, n) in found)
+    return (f"{who} predicts {where}: one answer for nearly everything tells no images apart, "
+            f"whatever the accuracy; read balanced accuracy and per-class recall, or {advice}")
 
 
 def cache_attrs(path) -> dict:

@@ -64,8 +64,7 @@ def _warn_meaningless(attrs: dict, reports: dict[str, dict], who: str,
                       advice: str = "try another head or --param") -> None:
     """Warnings for numbers that mean nothing: random weights, one class for everything."""
     _warn(random_init_warning(attrs))
-    for name, report in reports.items():
-        _warn(one_class_warning(report, name, who, advice))
+    _warn(one_class_warning(reports, who, advice))
 
 
 def _check_run(run: Path) -> None:
@@ -356,8 +355,7 @@ def fit_head(
         _render.heads_table(results, split)
     _warn(random_init_warning(fc.attrs))
     for r in results:
-        for name, report in r.metrics.items():
-            _warn(one_class_warning(report, name, r.head))
+        _warn(one_class_warning(r.metrics, r.head))
 
 
 @app.command()

@@ -435,10 +435,12 @@ def test_one_class_and_random_init_warnings():
     from skincache._sanity import is_random_init, one_class_warning, random_init_warning
 
     rep = {"classes": ["mel", "nv"], "confusion_matrix": [[1, 9], [0, 90]]}
-    w = one_class_warning(rep, "test", "mlp")
-    assert w.startswith("mlp predicts 'nv' for 99% of test (99 of 100)")
-    rep["confusion_matrix"] = [[10, 0], [6, 84]]  # nv 84% of predictions: fine
-    assert one_class_warning(rep, "test") is None
+    fine = {"classes": ["mel", "nv"], "confusion_matrix": [[10, 0], [6, 84]]}  # nv 84%: fine
+    w = one_class_warning({"val": fine, "test": rep}, "mlp")
+    assert w.startswith("mlp predicts 'nv' for 99% of test (99 of 100): ") and "val" not in w
+    w = one_class_warning({"val": rep, "test": rep}, "mlp")
+    assert "'nv' for 99% of val (99 of 100) and 'nv' for 99% of test" in w
+    assert one_class_warning({"val": fine, "test": fine}) is None
     assert is_random_init({"model": "skincache-tiny", "pretrained": ""})
     assert "random weights" in random_init_warning({"model": "ViT-B-32", "pretrained": ""})
     for attrs in ({"model": "ViT-B-32", "pretrained": "openai"},
@@ -484,3 +486,24 @@ def test_sigint_during_encode_then_the_same_command_resumes(tmp_path):
     assert "Traceback" not in err
     r = _cli(args)
     assert r.returncode == 0 and "resumed and finished" in r.stdout, r.stdout + r.stderr
+
+
+def test_fit_head_warns_once_per_head_that_answers_one_class(demo_cache, tmp_path,
+                                                              monkeypatch):
+    import skincache.runs as runs
+
+    real = runs.evaluate_head
+
+    class AlwaysNv:
+        def predict_proba(self, X):
+            p = np.full((len(X), 7), 0.01)
+            p[:, 5] = 0.94
+            return p
+
+    monkeypatch.setattr(runs, "evaluate_head",
+                        lambda head, cache, split, **kw: real(AlwaysNv(), cache, split, **kw))
+    r = _ok(["fit-head", "--cache", str(demo_cache), "--head", "knn", "--runs-dir",
+             str(tmp_path), "--bootstrap", "0", "--no-plots"])
+    lines = [line for line in r.output.splitlines() if "predicts 'nv'" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: knn predicts 'nv' for 100% of val")
+    assert "100% of test" in lines[0]
