@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 from skincache._progress import PlainWhenPiped
@@ -215,17 +216,17 @@ def prediction_lines(preds: list, top: int = 1) -> None:
     width = max((len(p.path) for p in preds if p.ok), default=0)
     for p in preds:
         if not p.ok:
-            err.print(f"[bold red]{p.path}[/]: {p.error}", highlight=False)
+            err.print(f"[bold red]{escape(p.path)}[/]: {escape(p.error)}", highlight=False)
             continue
         classes = "  ".join(f"{c} {v:.3f}" for c, v in _top(p, top))
-        out.print(f"{p.path:<{width}}  [bold]{classes}[/]", highlight=False)
+        out.print(f"{escape(p.path):<{width}}  [bold]{escape(classes)}[/]", highlight=False)
 
 
 def predictions(preds: list, top: int = 3) -> None:
     """`predict --verbose`: a table per image, top classes then the nearest training cases."""
     for p in preds:
         if not p.ok:
-            err.print(f"[bold red]{p.path}[/]: {p.error}", highlight=False)
+            err.print(f"[bold red]{escape(p.path)}[/]: {escape(p.error)}", highlight=False)
             continue
         t = Table(title=f"{p.path} → [bold]{p.predicted}[/]", title_justify="left")
         t.add_column("class")
