@@ -113,7 +113,7 @@ def encode(
     quiet: Quiet = False,
 ) -> None:
     """Encode a dataset once: images + augmented views + class prompts -> cache/<name>.h5."""
-    from skincache._options import check_choice, check_device, check_file, check_model
+    from skincache._options import check_choice, check_device, check_model
     from skincache.data import limit_dataset, load_dataset
 
     with _clear_errors():
@@ -139,8 +139,9 @@ def encode(
             force=force, wait=wait, progress=not quiet,
         )
     _render.encode_result(result)
-    _warn(random_init_warning({"model": spec.name, "pretrained": spec.pretrained,
-                               "checkpoint": spec.checkpoint}, "results from this cache"))
+    if result.status != "exists":
+        _warn(random_init_warning({"model": spec.name, "pretrained": spec.pretrained,
+                                   "checkpoint": spec.checkpoint}, "results from this cache"))
 
 
 @app.command()
@@ -253,7 +254,6 @@ def audit(
                 rep = audit_dataset(ds, hash_images=not no_hash, progress=adv).to_dict()
             _render.audit_report(rep, ds.classes)
         if cache is not None:
-            check_file("--cache", cache)
             from skincache.near_duplicates import near_duplicates
 
             fc = FeatureCache.open(cache)
@@ -524,7 +524,7 @@ def finetune(
     quiet: Quiet = False,
 ) -> None:
     """Fine-tune the image tower (backbone unfrozen); resumable, DDP under torchrun."""
-    from skincache._options import check_choice, check_device, check_file, check_model
+    from skincache._options import check_choice, check_device, check_model
 
     if data is None and resume is None:
         _render.err.print("[bold red]error:[/] give --data (or --resume a run)")
