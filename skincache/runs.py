@@ -299,6 +299,10 @@ def evaluate(run: str | Path, split: str = "test", *, cache: str | Path | None =
         name = f"{base}-{i}"
     if status == "written":
         _write_split(loaded.path, fc, split, report, proba, plots, name=name)
+    elif plots and not list((loaded.path / "plots").glob(f"{name}_*.png")):
+        # the same numbers, fit with --no-plots: add the plots, which replaces nothing
+        write_report_plots(report, loaded.path / "plots", prefix=f"{name}_",
+                           label=plot_label(loaded.path, fc, split, report["n_samples"]))
     files = [loaded.path / "metrics" / f"{name}.json",
              loaded.path / "predictions" / f"{name}.csv"]
     if plots:

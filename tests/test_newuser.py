@@ -99,7 +99,7 @@ def test_evaluate_on_another_cache_keeps_the_runs_results(demo_cache, tmp_path):
 
     runs = tmp_path / "runs"
     _ok(["fit-head", "--cache", str(demo_cache), "--head", "knn", "--runs-dir", str(runs),
-         "--name", "k", "--bootstrap", "0"])
+         "--name", "k", "--bootstrap", "0", "--no-plots"])
     run = runs / "k"
     own = (run / "metrics" / "test.json").read_bytes()
     own_csv = (run / "predictions" / "test.csv").read_bytes()
@@ -120,6 +120,8 @@ def test_evaluate_on_another_cache_keeps_the_runs_results(demo_cache, tmp_path):
     # the same evaluation on the run's own cache: same numbers, nothing rewritten
     r = _ok(["evaluate", str(run), "--split", "test", "--bootstrap", "0"])
     assert "nothing rewritten" in r.output
+    assert (run / "metrics" / "test.json").read_bytes() == own
+    assert (run / "plots" / "test_classwise.png").is_file()  # fit with --no-plots: added
     # other numbers under a taken name (bootstrap CIs now): a new name, the old file stays
     _ok(["evaluate", str(run), "--split", "test", "--bootstrap", "20"])
     assert (run / "metrics" / "test.json").read_bytes() == own
