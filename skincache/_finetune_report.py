@@ -40,23 +40,48 @@ def write_outputs(run_dir: Path, result, stores: dict, probas: dict[str, np.ndar
     from skincache.plots import plot_curves, write_report_plots
 
     plots = run_dir / "plots"
+    who = run_label(run_dir, cfg)
     for split, rep in result.metrics.items():
         write_report_plots(rep, plots, prefix=f"{split}_",
-                           label=f"{run_dir.name} · {split} split (n={rep['n_samples']:,})")
-    series = curve_series(result.history)
+                           label=f"{who} {split} split (n={rep['n_samples']:,})")
+    series = curve_series(result.history, result.init_val)
     if series:
-        plot_curves(series, plots / "curves.png", title=f"Fine-tuning ({cfg.setup})")
+        plot_curves(series, plots / "curves.png", title=f"Fine-tuning ({cfg.setup})",
+                    subtitle=who, first_epoch=0 if result.init_val else 1)
     if result.wise_curve:
-        plot_wise_curve(result.wise_curve, plots / "wise_curve.png", result.wise_alpha)
+        plot_wise_curve(result.wise_curve, plots / "wise_curve.png", result.wise_alpha,
+                        subtitle=who)
 
 
-def curve_series(history: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """Per-epoch series for `plot_curves` (losses left, accuracies right)."""
+def run_label(run_dir: Path, cfg) -> str:
+    """Run, model and dataset for plot subtitles: `<run> · ViT-B-32 (openai) · HAM10000`."""
+    weights = (Path(cfg.checkpoint).name if cfg.checkpoint else cfg.pretrained
+               or ("" if str(cfg.model).startswith("hf-hub:") else "random init"))
+    model = f"{cfg.model}" + (f" ({weights})" if weights else "")
+    source = str(cfg.data)
+    kind, _, rest = source.partition(":")
+    data = Path(rest if rest and kind.isalnum() else source).name or source
+    if getattr(cfg, "limit", None):
+        data += f" (limit {cfg.limit})"
+    return f"{run_dir.name} · {model} · {data}"
+
+
+def curve_series(history: list[dict[str, Any]], init_val: dict[str, float] | None = None
+                 ) -> dict[str, list[float | None]]:
+    """Per-epoch series for `plot_curves` (losses left, accuracies right). With `init_val`
+    (the model before training, on val) each series starts at epoch 0: that value for the
+    validation series, None for the training ones."""
     keys = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "val_balanced_accuracy")
-    return {k: [r[k] for r in history] for k in keys if history and all(k in r for r in history)}
+    out: dict[str, list[float | None]] = {
+        k: [r[k] for r in history] for k in keys if history and all(k in r for r in history)}
+    if init_val:
+        out = {k: [init_val.get(k.removeprefix("val_")) if k.startswith("val_") else None, *v]
+               for k, v in out.items()}
+    return out
 
 
-def plot_wise_curve(curve: list[dict[str, float]], path: Path, chosen: float | None) -> Path:
+def plot_wise_curve(curve: list[dict[str, float]], path: Path, chosen: float | None,
+                    subtitle: str = "") -> Path:
     """Validation balanced accuracy and accuracy against the WiSE-FT alpha."""
     from matplotlib.figure import Figure
 
@@ -64,15 +89,18 @@ def plot_wise_curve(curve: list[dict[str, float]], path: Path, chosen: float | N
     fig = Figure(figsize=(5.5, 4.0), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(alphas, [r["balanced_accuracy"] for r in curve], marker="o",
-            label="val balanced accuracy")
-    ax.plot(alphas, [r["accuracy"] for r in curve], marker="s", label="val accuracy")
+            label="Validation balanced accuracy")
+    ax.plot(alphas, [r["accuracy"] for r in curve], marker="s", label="Validation accuracy")
     if chosen is not None:
-        ax.axvline(chosen, color="grey", linestyle="--", label=f"chosen alpha = {chosen:g}")
+        ax.axvline(chosen, color="grey", linestyle="--", label=f"Chosen alpha = {chosen:g}")
     ax.set_xlabel("alpha (0 = initial / zero-shot weights, 1 = fine-tuned)")
     ax.set_ylabel("Score")
+    ax.set_ylim(0, 1)
     ax.set_title("WiSE-FT weight interpolation")
+    if subtitle:
+        fig.suptitle(subtitle, fontsize=9, color="0.35")
     ax.grid(alpha=0.3)
-    ax.legend(frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False, fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     return path

@@ -42,8 +42,9 @@ from skincache._finetune_model import (
     zeroshot_head,
 )
 from skincache._finetune_report import quick_scores, train_timing
+from skincache._options import set_interrupt_hint
 from skincache._progress import console, progress_bar
-from skincache.data import load_dataset
+from skincache.data import limit_dataset, load_dataset
 from skincache.encode import resolve_precision
 from skincache.finetune import FinetuneConfig, FinetuneResult
 from skincache.heads.base import balanced_class_weights, softmax
@@ -82,6 +83,8 @@ class FinetuneRun:
         resumed = self._restore()
         if self.ctx.main:
             self._write_run_json("running")
+            set_interrupt_hint(f"continue with `skincache finetune --resume {self.run_dir}` "
+                               "(from its last finished epoch)")
             if not resumed:
                 self.init_val = self._val_scores()
         self.init_val = self.ctx.broadcast(self.init_val)
@@ -90,6 +93,7 @@ class FinetuneRun:
                                 world_size=self.ctx.world, resumed=resumed)
         if self.ctx.main:
             self._finish(result)
+            set_interrupt_hint("")  # finished: nothing left to resume
         self.ctx.barrier()
         result.seconds = time.perf_counter() - t0
         return result
@@ -122,8 +126,9 @@ class FinetuneRun:
 
     def _load_data(self) -> None:
         cfg = self.cfg
-        self.ds = load_dataset(cfg.data, split_ratios=cfg.split_ratios, seed=cfg.split_seed,
-                               test=cfg.test_data)
+        self.ds = limit_dataset(load_dataset(cfg.data, split_ratios=cfg.split_ratios,
+                                             seed=cfg.split_seed, test=cfg.test_data),
+                                cfg.limit, cfg.split_seed)
         self.ds.validate()
         self.fingerprint = self.ds.fingerprint()
         if "train" not in self.ds.splits:

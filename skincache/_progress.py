@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,7 +18,34 @@ from rich.progress import (
 )
 from rich.text import Text
 
-console = Console(stderr=True)
+
+class PlainWhenPiped(Console):
+    """A Console that never hard-wraps output going to a file, a pipe or a CI log.
+
+    Rich sizes a non-terminal console to 80 columns (or to the terminal on stdin/stderr),
+    which splits paths and the suggested next command mid-word in `skincache demo | tee log`.
+    When this console's own stream is not a terminal it is as wide as any line, and plain text
+    is printed soft-wrapped: one logical line stays one line, for the reader's terminal or
+    editor to wrap. In a terminal nothing changes."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        if self.is_terminal:
+            return size
+        return ConsoleDimensions(100_000, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+    def print(self, *objects, **kwargs) -> None:  # noqa: A003 - rich's name
+        if not self.is_terminal:
+            kwargs.setdefault("soft_wrap", True)
+        super().print(*objects, **kwargs)
+
+
+console = PlainWhenPiped(stderr=True)
 
 
 class RateColumn(ProgressColumn):

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-out = Console()
-err = Console(stderr=True)  # errors, so `> file` keeps only results
+from skincache._progress import PlainWhenPiped
+
+out = PlainWhenPiped()
+err = PlainWhenPiped(stderr=True)  # errors, so `> file` keeps only results
+
+
+def _show(t: Table) -> None:
+    """Print a table. Piped or redirected, its title goes on a line of its own first: rich
+    wraps a title to the table's width, which would split a cache path over many lines."""
+    if not out.is_terminal and t.title:
+        title, t.title = t.title, None
+        out.print(title)
+    out.print(t)
 
 
 def cache_summary(s: dict) -> None:
@@ -36,7 +47,7 @@ def cache_summary(s: dict) -> None:
     ]
     for k, val in rows:
         t.add_row(k, str(val))
-    out.print(t)
+    _show(t)
     class_table(s["class_counts"], s["classes"], title="images per split and class")
 
 
@@ -48,7 +59,7 @@ def class_table(counts: dict[str, dict[str, int]], classes: list[str], title: st
     t.add_column("total", justify="right", style="bold")
     for split, per in counts.items():
         t.add_row(split, *(f"{per.get(c, 0):,}" for c in classes), f"{sum(per.values()):,}")
-    out.print(t)
+    _show(t)
 
 
 def encode_result(r, quiet: bool = False) -> None:
@@ -56,6 +67,10 @@ def encode_result(r, quiet: bool = False) -> None:
         out.print(f"[green]up to date:[/] {r.path} already holds this encoding "
                   "(same data, model, preprocessing and views); nothing to do. "
                   "Use --force to rebuild.")
+        if r.stale_partial is not None:
+            err.print(f"[bold yellow]note:[/] {r.stale_partial} is left from an interrupted "
+                      "--force rebuild of this cache; run with --force again to finish it, "
+                      "or delete that folder", highlight=False)
         return
     verb = "resumed and finished" if r.status == "resumed" else "wrote"
     out.print(f"[green]{verb}[/] {r.path}: {r.n_images:,} images "
@@ -73,7 +88,7 @@ def failed_table(rows: list[dict]) -> None:
     for row in rows:
         t.add_row(row.get("image_id", ""), row.get("split", ""), row.get("reason", ""),
                   row.get("source", ""))
-    out.print(t)
+    _show(t)
 
 
 def audit_report(rep: dict, classes: list[str]) -> None:
@@ -104,7 +119,7 @@ def _sample(items: list[dict], cols: tuple[str, ...], title: str, limit: int = 1
     for it in items[:limit]:
         t.add_row(*(", ".join(map(str, it[c])) if isinstance(it[c], list) else str(it[c])
                     for c in cols))
-    out.print(t)
+    _show(t)
 
 
 def _fmt(xs) -> str:
@@ -134,7 +149,7 @@ def metrics_table(reports: dict[str, dict], title: str) -> None:
         t.add_row(split, f"{r['n_samples']:,}", _ci(r, "balanced_accuracy"),
                   _ci(r, "accuracy"), _pct(r.get("macro_f1")), _pct(r.get("auroc")),
                   "n/a" if r.get("ece") is None else f"{r['ece']:.3f}")
-    out.print(t)
+    _show(t)
 
 
 def _pct(v: float | None) -> str:
@@ -148,7 +163,7 @@ def per_class_table(report: dict, title: str) -> None:
     for c, v in report["per_class"].items():
         t.add_row(c, f"{v['support']:,}", f"{100 * v['precision']:.1f}",
                   f"{100 * v['recall']:.1f}", f"{100 * v['f1']:.1f}")
-    out.print(t)
+    _show(t)
 
 
 def heads_table(results: list, split: str, picked: int | None = None) -> None:
@@ -167,7 +182,7 @@ def heads_table(results: list, split: str, picked: int | None = None) -> None:
         t.add_row(name, f"{r.fit_seconds:.2f}", _pct(v["balanced_accuracy"]) if v else "n/a",
                   _ci(m, "balanced_accuracy"), _ci(m, "accuracy"), _ci(m, "macro_f1"),
                   _ci(m, "auroc"), _pct(m.get("ece")))
-    out.print(t)
+    _show(t)
     if picked is not None:
         out.print(f"* {results[picked].head}: val's pick (best val balanced accuracy); choose "
                   "heads on val, never on test", highlight=False, soft_wrap=True)
@@ -206,24 +221,53 @@ def bench_table(rows: list[dict], title: str) -> None:
                   str(r["n_seeds"]) if r["n_seeds"] > 1 else "1 (det.)",
                   f(r, "val_balanced_accuracy"), f(r, "balanced_accuracy"), f(r, "accuracy"),
                   f(r, "macro_f1"), f(r, "auroc"), f(r, "fit_seconds", pct=False))
-    out.print(t)
+    _show(t)
+
+
+def distinct_digits(values: list[float], start: int = 3, most: int = 6) -> int:
+    """Decimals needed for values that differ to print differently (up to `most`): three
+    neighbours at 0.9991, 0.9994 and 0.9996 all read 0.999 at three."""
+    for d in range(start, most + 1):
+        shown = [f"{v:.{d}f}" for v in values]
+        if all(a != b for a, b, x, y in zip(shown, shown[1:], values, values[1:], strict=False)
+               if x != y):
+            return d
+    return most
+
+
+def _top(p, k: int) -> list[tuple[str, float]]:
+    return sorted(p.probabilities.items(), key=lambda kv: -kv[1])[:k]
+
+
+def prediction_lines(preds: list, top: int = 1) -> None:
+    """One line per image: the path, then the `top` most probable classes; errors on stderr."""
+    width = max((len(p.path) for p in preds if p.ok), default=0)
+    for p in preds:
+        if not p.ok:
+            err.print(f"[bold red]{escape(p.path)}[/]: {escape(p.error)}", highlight=False)
+            continue
+        classes = "  ".join(f"{c} {v:.3f}" for c, v in _top(p, top))
+        out.print(f"{escape(p.path):<{width}}  [bold]{escape(classes)}[/]", highlight=False)
 
 
 def predictions(preds: list, top: int = 3) -> None:
+    """`predict --verbose`: a table per image, top classes then the nearest training cases."""
     for p in preds:
         if not p.ok:
-            err.print(f"[bold red]{p.path}[/]: {p.error}", highlight=False)
+            err.print(f"[bold red]{escape(p.path)}[/]: {escape(p.error)}", highlight=False)
             continue
         t = Table(title=f"{p.path} → [bold]{p.predicted}[/]", title_justify="left")
         t.add_column("class")
         t.add_column("probability", justify="right")
-        for c, v in sorted(p.probabilities.items(), key=lambda kv: -kv[1])[:top]:
+        for c, v in _top(p, top):
             t.add_row(c, f"{v:.3f}")
         if p.neighbors:
             t.add_section()
+            d = distinct_digits([n["similarity"] for n in p.neighbors])
             for n in p.neighbors:
-                t.add_row(f"similar: {n['image_id']} ({n['label']})", f"{n['similarity']:.3f}")
-        out.print(t)
+                t.add_row(f"similar: {n['image_id']} ({n['label']})",
+                          f"{n['similarity']:.{d}f}")
+        _show(t)
 
 
 def near_duplicate_pairs(pairs: list[dict], threshold: float, limit: int = 20) -> None:
@@ -239,7 +283,7 @@ def near_duplicate_pairs(pairs: list[dict], threshold: float, limit: int = 20) -
     for p in pairs[:limit]:
         t.add_row(f"{p['similarity']:.4f}", p["split_a"], p["image_a"], p["split_b"],
                   p["image_b"], "yes" if p["same_group"] else "")
-    out.print(t)
+    _show(t)
 
 
 def finetune_result(r) -> None:
@@ -255,7 +299,7 @@ def finetune_result(r) -> None:
                   f"{100 * h['val_balanced_accuracy']:.1f}",
                   "" if h.get("val_accuracy") is None else f"{100 * h['val_accuracy']:.1f}",
                   f"{h.get('train_images_per_s', 0):,.0f}")
-    out.print(t)
+    _show(t)
     if r.wise_alpha is not None:
         out.print(f"WiSE-FT alpha {r.wise_alpha:g} applied to the final model")
     if r.metrics:

@@ -128,7 +128,8 @@ def check_variants(variants: list[str] | None) -> list[tuple[str, str, dict[str,
     """The chosen variants; unknown names are an error before any work starts."""
     unknown = sorted(set(variants or []) - {v[0] for v in VARIANTS})
     if unknown:
-        raise UsageError(f"unknown variants {unknown}; known: {', '.join(v[0] for v in VARIANTS)}")
+        raise UsageError(f"--variants: unknown variants {', '.join(unknown)}; known: "
+                         f"{', '.join(v[0] for v in VARIANTS)}")
     return [v for v in VARIANTS if variants is None or v[0] in variants]
 
 

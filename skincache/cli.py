@@ -11,6 +11,8 @@ from typing import Annotated
 import typer
 
 from skincache import _render
+from skincache._options import check_file, interrupt_hint, set_interrupt_hint
+from skincache._sanity import cache_attrs, one_class_warning, random_init_warning
 from skincache.errors import UsageError
 
 app = typer.Typer(
@@ -41,6 +43,38 @@ def _clear_errors():
         raise typer.Exit(1) from None
 
 
+PRETRAINED_HELP = ("open_clip pretrained tag; default: openai where the model has it, none "
+                   "for a model without tags such as skincache-tiny ('' = random init).")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+Limit = Annotated[int | None, typer.Option(help="Quick trial on about N images: a seeded, "
+                                                "class-stratified, lesion-grouped subset.")]
+
+
+def _check_min(option: str, value: int | None, low: int) -> None:
+    if value is not None and value < low:
+        raise UsageError(f"{option} {value}: must be >= {low}")
+
+
+def _warn(message: str | None) -> None:
+    """One yellow line on stderr (None: nothing to say)."""
+    if message:
+        _render.err.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+
+
+def _warn_meaningless(attrs: dict, reports: dict[str, dict], who: str,
+                      advice: str = "try another head or --param") -> None:
+    """Warnings for numbers that mean nothing: random weights, one class for everything."""
+    _warn(random_init_warning(attrs))
+    _warn(one_class_warning(reports, who, advice))
+
+
+def _check_run(run: Path) -> None:
+    if not (run / "run.json").is_file():
+        what = "no such folder" if not run.exists() else "no run.json there"
+        raise UsageError(f"{run}: not a run folder ({what}); `skincache fit-head` writes "
+                         "them under runs/")
+
+
 def _ratios(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(","))
@@ -53,9 +87,9 @@ def encode(
     data: Annotated[str, typer.Option(help="Dataset: a HAM10000 folder, ISIC 2018 CSV, parquet "
                                            "shards, path,label CSV or class folders (kind: "
                                            "prefix optional).")],
-    model: Annotated[str, typer.Option(help="open_clip architecture or hf-hub: id.")] = "ViT-B-32",
-    pretrained: Annotated[str, typer.Option(help="open_clip pretrained tag ('' for none).")] = (
-        "openai"),
+    model: Annotated[str, typer.Option(help="open_clip architecture or hf-hub: id "
+                                            "(`skincache models` lists them).")] = "ViT-B-32",
+    pretrained: Annotated[str | None, typer.Option(help=PRETRAINED_HELP)] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Local weights file (loaded with "
                                                          "weights_only=True).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "auto",
@@ -76,25 +110,39 @@ def encode(
     force: Annotated[bool, typer.Option(help="Rebuild even if the cache exists.")] = False,
     wait: Annotated[bool, typer.Option(help="Wait for another run on the same cache instead of "
                                             "stopping.")] = False,
+    limit: Limit = None,
     quiet: Quiet = False,
 ) -> None:
     """Encode a dataset once: images + augmented views + class prompts -> cache/<name>.h5."""
-    from skincache.data import load_dataset
-    from skincache.encode import encode_dataset
-    from skincache.models import ModelSpec
-    from skincache.views import ViewPolicy
+    from skincache._options import check_choice, check_device, check_model
+    from skincache.data import limit_dataset, load_dataset
 
     with _clear_errors():
-        ds = load_dataset(data, split_ratios=_ratios(split_ratios), seed=split_seed,
-                          test=test_data)
-        spec = ModelSpec(model, None if checkpoint else (pretrained or None),
-                         str(checkpoint) if checkpoint else None)
+        check_device(device)
+        check_model(model)
+        check_file("--checkpoint", checkpoint)
+        check_choice("--precision", precision, PRECISIONS)
+        _check_min("--views", views, 0)
+        _check_min("--batch-size", batch_size, 1)
+        ds = limit_dataset(load_dataset(data, split_ratios=_ratios(split_ratios),
+                                        seed=split_seed, test=test_data), limit, split_seed)
+        ds.validate()
+        # torch and open_clip load from here on: every cheap check is done
+        from skincache.encode import encode_dataset
+        from skincache.models import ModelSpec, resolve_pretrained
+        from skincache.views import ViewPolicy
+
+        ckpt = str(checkpoint) if checkpoint else None
+        spec = ModelSpec(model, resolve_pretrained(model, pretrained, ckpt), ckpt)
         result = encode_dataset(
             ds, spec, policy=ViewPolicy(k=views, seed=view_seed), cache_dir=cache_dir,
             device=device, precision=precision, batch_size=batch_size, num_workers=workers,
             force=force, wait=wait, progress=not quiet,
         )
     _render.encode_result(result)
+    if result.status != "exists":
+        _warn(random_init_warning({"model": spec.name, "pretrained": spec.pretrained,
+                                   "checkpoint": spec.checkpoint}, "results from this cache"))
 
 
 @app.command()
@@ -118,6 +166,34 @@ def demo(
         _render.cache_summary(FeatureCache.open(result.path).summary())
     _render.out.print(f"next: skincache fit-head --cache {result.path} --head mlp   "
                       f"(the synthetic images are in {result.path.parent / 'demo-data'})")
+
+
+@app.command()
+def models(
+    filter_: Annotated[str, typer.Argument(metavar="[FILTER]", help="Keep architectures whose "
+                                           "name or a tag contains this (any case).")] = "",
+) -> None:
+    """Model architectures open_clip can build here and their --pretrained tags."""
+    from skincache.models import DEFAULT_PRETRAINED, TINY_MODEL, list_architectures
+
+    rows = list_architectures(filter_)
+    if not rows:
+        _render.err.print(f"[bold red]error:[/] no architecture or tag contains {filter_!r}; "
+                          "`skincache models` lists them all", highlight=False)
+        raise typer.Exit(1)
+    width = max(len(name) for name, _ in rows)
+    for name, tags in rows:
+        if name == TINY_MODEL:
+            text = ("no tags: random init, shipped with skincache for the demo and quick "
+                    "pipeline checks (runs offline)")
+        elif not tags:
+            text = "no tags: random init, or --checkpoint FILE"
+        else:
+            text = ", ".join(f"{t} (default)" if t == DEFAULT_PRETRAINED else t for t in tags)
+        _render.out.print(f"{name:<{width}}  {text}", highlight=False)
+    _render.out.print(f"{len(rows)} architecture(s). Encode with --model NAME --pretrained TAG; "
+                      "hf-hub:org/repo ids (BiomedCLIP, DermLIP) bring their own weights and "
+                      "are not listed.", highlight=False)
 
 
 @app.command()
@@ -164,13 +240,14 @@ def audit(
     from skincache._progress import progress_bar
     from skincache.cache import FeatureCache
     from skincache.data import audit_dataset, load_dataset
-    from skincache.near_duplicates import near_duplicates
 
     if data is None and cache is None:
         _render.err.print("[bold red]error:[/] give --data (a dataset), --cache (a cache) or both")
         raise typer.Exit(1)
     rep: dict = {}
     with _clear_errors():
+        if cache is not None:
+            check_file("--cache", cache)
         if data is not None:
             ds = load_dataset(data, split_ratios=_ratios(split_ratios), seed=split_seed,
                               test=test_data)
@@ -178,9 +255,16 @@ def audit(
                 rep = audit_dataset(ds, hash_images=not no_hash, progress=adv).to_dict()
             _render.audit_report(rep, ds.classes)
         if cache is not None:
-            pairs = near_duplicates(FeatureCache.open(cache), threshold, per_image)
-            rep["near_duplicates"] = {"threshold": threshold, "pairs": pairs}
+            from skincache.near_duplicates import near_duplicates
+
+            fc = FeatureCache.open(cache)
+            pairs = near_duplicates(fc, threshold, per_image)
+            random_note = random_init_warning(fc.attrs, "feature similarities, and so these "
+                                                        "near-duplicate pairs,")
+            rep["near_duplicates"] = {"threshold": threshold, "pairs": pairs,
+                                      "random_init_model": bool(random_note)}
             _render.near_duplicate_pairs(pairs, threshold)
+            _warn(random_note)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(rep, indent=2))
@@ -242,13 +326,14 @@ def fit_head(
     quiet: Quiet = False,
 ) -> None:
     """Fit a head on the cache's train split in seconds; metrics, predictions and plots."""
-    from skincache._progress import head_progress
-    from skincache.cache import FeatureCache
-    from skincache.heads import get_head_class, parse_params
-    from skincache.runs import chosen_by_val, fit_head_run, fit_heads
-
     with _clear_errors():
         raw = _params(param or [])
+        check_file("--cache", cache)
+        from skincache._progress import head_progress
+        from skincache.cache import FeatureCache
+        from skincache.heads import get_head_class, parse_params
+        from skincache.runs import chosen_by_val, fit_head_run, fit_heads
+
         if head == "all":
             if raw:
                 raise UsageError("-p sets one head's parameters; give --head NAME with -p")
@@ -272,6 +357,9 @@ def fit_head(
             _render.per_class_table(r.metrics[split], f"per class ({split})")
     else:
         _render.heads_table(results, split, picked=chosen_by_val(results))
+    _warn(random_init_warning(fc.attrs))
+    for r in results:
+        _warn(one_class_warning(r.metrics, r.head))
 
 
 @app.command()
@@ -306,35 +394,77 @@ def evaluate(
                                                     "the head was fit on).")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
 ) -> None:
-    """Metrics and plots of a saved head on a split (refuses a different model's cache)."""
-    from skincache.runs import evaluate_run
+    """Metrics and plots of a saved head on a split (refuses a different model's cache).
 
+    On another cache (external validation) the results are stored as <dataset>__<split>;
+    nothing the run wrote before is replaced, and run.json lists every evaluation."""
     with _clear_errors():
-        report = evaluate_run(run, split, cache=cache, n_bootstrap=bootstrap)
-    _render.metrics_table({split: report}, f"{run} on {split}")
-    _render.per_class_table(report, f"per class ({split})")
-    _render.out.print(f"metrics, predictions and plots written under {run}")
+        _check_run(run)
+        if cache is not None:
+            check_file("--cache", cache)
+        from skincache.runs import evaluate
+
+        ev = evaluate(run, split, cache=cache, n_bootstrap=bootstrap)
+    _render.metrics_table({ev.name: ev.report}, f"{run} on {ev.name}")
+    _render.per_class_table(ev.report, f"per class ({ev.name})")
+    _warn_meaningless(ev.cache_attrs, {ev.name: ev.report}, "the head",
+                      "fit another head (skincache fit-head)")
+    if ev.status == "unchanged":
+        _render.out.print(f"same numbers as the stored {run / 'metrics' / ev.name}.json; "
+                          "nothing rewritten (run.json records this evaluation)")
+    else:
+        plots = f", plots/{ev.name}_*.png" if any(f.suffix == ".png" for f in ev.files) else ""
+        _render.out.print(f"written under {run}: metrics/{ev.name}.json, "
+                          f"predictions/{ev.name}.csv{plots}", highlight=False)
 
 
 @app.command()
 def predict(
     run: Annotated[Path, typer.Argument(help="A run folder written by fit-head.")],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
-    neighbors: Annotated[int, typer.Option(help="Most similar training cases to show.")] = 5,
+    neighbors: Annotated[int, typer.Option(help="Most similar training cases (shown with "
+                                                "--verbose, written with --out).")] = 5,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes shown per image, most "
+                                                       "probable first.")] = 1,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="A table per image: top "
+                                          "classes and the most similar training cases.")
+                       ] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "auto",
     out: Annotated[Path | None, typer.Option(help="Also write results to .csv or .json.")] = None,
 ) -> None:
-    """Class probabilities + the most similar training cases for new images."""
-    from skincache.predict import predict_images, write_predictions
+    """Class probabilities + the most similar training cases for new images: one line per
+    image (top class and probability; --top-k for more), a table each with --verbose."""
+    from skincache._options import check_device
 
     with _clear_errors():
+        _check_run(run)
+        check_device(device)
+        _check_min("--top-k", top_k, 1)
+        _check_min("--neighbors", neighbors, 0)
+        if out is not None and out.suffix.lower() not in (".csv", ".json"):
+            raise UsageError(f"--out {out}: give a .csv or .json file name")
+        from skincache.predict import predict_images, write_predictions
+
         preds = predict_images(run, list(images), device=device, neighbors=neighbors)
-    _render.predictions(preds)
+    if verbose:
+        _render.predictions(preds, top=max(top_k, 3))
+    else:
+        _render.prediction_lines(preds, top=top_k)
+    n_ok = sum(p.ok for p in preds)
+    if len(preds) > 1:
+        _render.out.print(f"{len(preds)} images: {n_ok} predicted, {len(preds) - n_ok} failed"
+                          + (" (errors above)" if n_ok < len(preds) else ""))
+    if n_ok:
+        _warn(random_init_warning(cache_attrs(_run_cache(run)), "these predictions"))
     if out:
         write_predictions(preds, out)
         _render.out.print(f"written to {out}")
-    if not any(p.ok for p in preds):
+    if not n_ok:
         raise typer.Exit(1)
+
+
+def _run_cache(run: Path) -> Path:
+    return Path(json.loads((run / "run.json").read_text())["cache"])
 
 
 @app.command("bench-heads")
@@ -359,24 +489,28 @@ def bench_heads_cmd(
 ) -> None:
     """Every head variant x seeds on one cache: val beside test, mean ± std, fit time."""
     from skincache._progress import progress_bar
-    from skincache.bench import bench_heads, check_variants, n_fits
 
+    chosen = variants.split(",") if variants else None
     with _clear_errors():
-        chosen = variants.split(",") if variants else None
-        check_variants(chosen)  # before any bar is drawn
+        check_file("--cache", cache)
+        _check_min("--seeds", seeds, 1)
         ks = [int(k) for k in shots.split(",")] if shots else None
         if ks and min(ks) < 1:
             raise UsageError(f"--shots must be positive integers, got {shots}")
-        with progress_bar(n_fits(seeds, chosen, ks), "bench heads", unit="fit",
-                          enabled=not quiet) as advance:
-            res = bench_heads(cache, seeds=seeds, variants=chosen, eval_split=split,
-                              template_set=templates, out_dir=out_dir, progress=advance,
-                              shots=ks, tta=tta)
+        from skincache.bench import bench_heads, check_variants, n_fits
+
+        check_variants(chosen)  # before any bar is drawn
+    with _clear_errors(), progress_bar(n_fits(seeds, chosen, ks), "bench heads", unit="fit",
+                                       enabled=not quiet) as advance:
+        res = bench_heads(cache, seeds=seeds, variants=chosen, eval_split=split,
+                          template_set=templates, out_dir=out_dir, progress=advance,
+                          shots=ks, tta=tta)
     _render.bench_table(res.rows, f"heads on {cache.name}: chosen on val, scored on "
                                   f"{res.runs[0]['split']}")
     extra = f", few-shot plot {res.out_dir}/shots.png" if ks else ""
     _render.out.print(f"results: {res.out_dir}/results.{{json,csv,md}}, one JSON per run in "
                       f"{res.out_dir}/runs/{extra}", highlight=False, soft_wrap=True)
+    _warn(random_init_warning(cache_attrs(cache)))
 
 
 @app.command()
@@ -385,9 +519,9 @@ def finetune(
                                                   "--resume.")] = None,
     setup: Annotated[str, typer.Option(help="base, regularization or augmented (the reference "
                                             "paper's Table 1).")] = "base",
-    model: Annotated[str, typer.Option(help="open_clip architecture or hf-hub: id.")] = "ViT-B-32",
-    pretrained: Annotated[str, typer.Option(help="open_clip pretrained tag ('' for none).")] = (
-        "openai"),
+    model: Annotated[str, typer.Option(help="open_clip architecture or hf-hub: id "
+                                            "(`skincache models` lists them).")] = "ViT-B-32",
+    pretrained: Annotated[str | None, typer.Option(help=PRETRAINED_HELP)] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Local weights to start from.")] = None,
     test_data: Annotated[str | None, typer.Option(help="A second source used whole as the "
                                                        "test split.")] = None,
@@ -427,19 +561,35 @@ def finetune(
     image_store: Annotated[str | None, typer.Option(help="auto, memory or stream.")] = None,
     bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples for the CIs.")] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
+    limit: Limit = None,
     quiet: Quiet = False,
 ) -> None:
     """Fine-tune the image tower (backbone unfrozen); resumable, DDP under torchrun."""
-    from skincache.finetune import FinetuneConfig, run_finetune
+    from skincache._options import check_choice, check_device, check_model
 
     if data is None and resume is None:
         _render.err.print("[bold red]error:[/] give --data (or --resume a run)")
         raise typer.Exit(1)
     with _clear_errors():
+        check_choice("--setup", setup, ("base", "regularization", "augmented"))
+        check_device(device)
+        check_model(model)
+        check_file("--checkpoint", checkpoint)
+        check_choice("--precision", precision, PRECISIONS)
+        _check_min("--limit", limit, 1)
+        if resume is not None and not (resume / "run.json").is_file():
+            raise UsageError(f"--resume {resume}: not a run folder (no run.json there)")
+        set_interrupt_hint("nothing was saved yet: run the same command again")
+        # torch and open_clip load from here on: every cheap check is done
+        from skincache.finetune import FinetuneConfig, run_finetune
+        from skincache.models import resolve_pretrained
+
+        ckpt = str(checkpoint) if checkpoint else None
         config = FinetuneConfig.from_setup(
             setup, data=data or "", test_data=test_data, model=model,
-            pretrained=None if (checkpoint or not pretrained) else pretrained,
-            checkpoint=str(checkpoint) if checkpoint else None, epochs=epochs,
+            pretrained=None if resume else resolve_pretrained(model, pretrained, ckpt),
+            limit=limit,
+            checkpoint=ckpt, epochs=epochs,
             batch_size=batch_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay,
             warmup_ratio=warmup_ratio, schedule=schedule, layer_decay=layer_decay,
             grad_clip=grad_clip, label_smoothing=label_smoothing, balance=balance,
@@ -452,10 +602,23 @@ def finetune(
         result = run_finetune(config, progress=not quiet)
     if result.is_main:
         _render.finetune_result(result)
+        c = result.config
+        _warn_meaningless({"model": c.model, "pretrained": c.pretrained,
+                           "checkpoint": c.checkpoint}, result.metrics, "the fine-tuned model",
+                          "try more --epochs, another --lr or --balance loss")
 
 
 def main() -> None:
-    app()
+    """The `skincache` entry point. Ctrl-C gets one line saying how to go on, not a silent
+    exit 130: encode resumes from its last committed chunk, finetune from its last epoch."""
+    set_interrupt_hint("")  # a library call earlier in this process may have left one
+    try:
+        app(standalone_mode=True)
+    except SystemExit as e:
+        if e.code == 130:
+            _render.err.print(f"[bold yellow]interrupted[/]; {interrupt_hint()}",
+                              highlight=False)
+        raise
 
 
 if __name__ == "__main__":

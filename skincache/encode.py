@@ -349,6 +349,7 @@ class EncodeResult:
     failed_reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     splits: dict[str, int] = field(default_factory=dict)
+    stale_partial: Path | None = None  # an unfinished --force rebuild beside an existing cache
 
     @property
     def images_per_s(self) -> float:
@@ -401,18 +402,20 @@ def encode_dataset(
     cache_dir.mkdir(parents=True, exist_ok=True)
     name = cache_name(dataset.name, spec.slug, policy.k, key)
     final = cache_dir / f"{name}.h5"
+    stale = cache_dir / f"{name}.partial"
     if final.exists() and not force:
-        return EncodeResult(final, "exists")
+        return EncodeResult(final, "exists", stale_partial=stale if stale.is_dir() else None)
 
     t0 = time.perf_counter()
+    # before any file is written, the lock included: a model that fails to load leaves none
+    loaded = load_model(spec, dev)
     with CacheLock(cache_dir / f"{name}.lock") as lock:
         lock.acquire(wait=wait)
         if final.exists() and not force:  # another run finished it while we waited
             return EncodeResult(final, "exists")
-        loaded = load_model(spec, dev)  # before any file is written: a failed load leaves none
+        # --force keeps a partial folder of the same key: it is an interrupted --force run
+        # of this very rebuild, and resuming it gives the same cache as starting afresh
         partial = PartialCache(cache_dir / f"{name}.partial")
-        if force:
-            partial.remove()
         records = dataset.records
         manifest = partial.start({
             "key": key, "n_records": len(records), "batch_size": batch_size,

@@ -86,6 +86,7 @@ class FinetuneConfig:
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 elsewhere
     split_ratios: tuple[float, ...] = (0.72, 0.19, 0.09)  # for sources without a split
     split_seed: int = 0
+    limit: int | None = None  # quick trial: about this many images (seeded by split_seed)
     runs_dir: str = "runs"
     name: str | None = None  # default finetune-<setup>-<timestamp>
     resume: str | None = None  # a run folder: continue it from its last.pt
@@ -139,6 +140,7 @@ class FinetuneConfig:
         need(self.eval_batch_size is None or self.eval_batch_size >= 1,
              "eval_batch_size must be >= 1")
         need(bool(self.data) or bool(self.resume), "give the data (or a run to resume)")
+        need(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
 
     @classmethod
     def from_setup(cls, setup: str, **overrides: Any) -> FinetuneConfig:

@@ -19,7 +19,11 @@ from pathlib import Path
 
 import torch
 
+from skincache.errors import UsageError
+
 TINY_MODEL = "skincache-tiny"
+#: The tag `--pretrained` takes when not given, for architectures that have it.
+DEFAULT_PRETRAINED = "openai"
 TINY_SEED = 0
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
@@ -33,6 +37,71 @@ def _register_configs() -> None:
 
         open_clip.add_model_config(_CONFIG_DIR)
         _registered = True
+
+
+def pretrained_tags(name: str) -> list[str]:
+    """open_clip's pretrained tags of an architecture: [] for configs without released
+    weights (`skincache-tiny`) and for hf-hub ids, which carry their own weights."""
+    if name.startswith("hf-hub:"):
+        return []
+    _register_configs()
+    import open_clip
+
+    return list(open_clip.list_pretrained_tags_by_model(name))
+
+
+def list_architectures(filter_: str = "") -> list[tuple[str, list[str]]]:
+    """(architecture, its pretrained tags) for every model open_clip can build, skincache's
+    shipped configs included; `filter_` keeps those whose name or a tag contains it (any
+    case). What `skincache models` prints."""
+    _register_configs()
+    import open_clip
+
+    f = filter_.lower()
+    rows = []
+    for name in sorted(open_clip.list_models(), key=str.lower):
+        tags = list(open_clip.list_pretrained_tags_by_model(name))
+        if not f or f in name.lower() or any(f in t.lower() for t in tags):
+            rows.append((name, tags))
+    return rows
+
+
+def resolve_pretrained(name: str, pretrained: str | None, checkpoint: str | None = None
+                       ) -> str | None:
+    """The pretrained tag to load, or None for random initialisation.
+
+    `pretrained=None` means "not given": `openai` where the architecture has it, none for an
+    architecture without tags (the shipped `skincache-tiny` runs as named). `''` asks for
+    random initialisation. A tag the architecture does not have is a UsageError that lists the
+    ones it has, so a user never has to guess. A checkpoint or an hf-hub id brings its own
+    weights: no tag."""
+    if checkpoint or name.startswith("hf-hub:"):
+        return None
+    if pretrained == "":
+        return None
+    tags = pretrained_tags(name)
+    if pretrained is None:
+        if not tags:
+            return None
+        if DEFAULT_PRETRAINED in tags:
+            return DEFAULT_PRETRAINED
+        raise UsageError(f"{name} has no '{DEFAULT_PRETRAINED}' weights; choose --pretrained "
+                         f"from: {', '.join(tags)} (or --pretrained '' for random init)")
+    check_pretrained(name, pretrained, tags)
+    return pretrained
+
+
+def check_pretrained(name: str, tag: str, tags: list[str] | None = None) -> None:
+    """UsageError unless `tag` is one of the architecture's tags or a weights file."""
+    tags = pretrained_tags(name) if tags is None else tags
+    clean = tag.lower().replace("-", "_")
+    if clean in {t.lower().replace("-", "_") for t in tags} or Path(tag).is_file():
+        return
+    if not tags:
+        raise UsageError(f"--pretrained {tag!r}: {name} has no pretrained weights in "
+                         "open_clip; use --pretrained '' (random init) or --checkpoint FILE")
+    raise UsageError(f"--pretrained {tag!r} is not a tag of {name}; its tags: "
+                     f"{', '.join(tags)} (`skincache models {name}` lists them)")
 
 
 @dataclass(frozen=True)
@@ -173,12 +242,14 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
     if not is_hub and spec.name not in open_clip.list_models():
         raise RuntimeError(
             f"unknown model '{spec.name}': use an open_clip architecture "
-            f"(e.g. ViT-B-32), an 'hf-hub:org/repo' id, or '{TINY_MODEL}'"
+            f"(`skincache models` lists them), an 'hf-hub:org/repo' id, or '{TINY_MODEL}'"
         )
+    if spec.pretrained and not (is_hub or spec.checkpoint):
+        check_pretrained(spec.name, spec.pretrained)
     random_init = not (is_hub or spec.pretrained)  # a checkpoint is loaded right after
     needs_hub = is_hub or (spec.pretrained and not spec.checkpoint)
     try:
-        with torch.random.fork_rng(devices=[]), _quiet_logs(random_init), \
+        with torch.random.fork_rng(devices=[]), _held_logs(random_init), \
                 _offline_if_unreachable(bool(needs_hub)) as offline:
             torch.manual_seed(TINY_SEED)
             model = open_clip.create_model(
@@ -187,12 +258,13 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
                 weights_only=True,
             )
     except Exception as e:  # open_clip raises many types for unreachable hubs / unknown tags
-        hint = (f" ({offline}; the weights are not in the local Hugging Face cache "
-                "either; download them on a connected machine, or pass --checkpoint FILE)"
-                if offline else "")
-        raise RuntimeError(
-            f"could not load model '{spec.name}' (pretrained={spec.pretrained}): {e}{hint}"
-        ) from e
+        what = f"model '{spec.name}' (pretrained={spec.pretrained})"
+        if offline:  # the cause is known: open_clip's own long text would only repeat it
+            raise RuntimeError(
+                f"could not load {what}: {offline}, and the weights are not in the local "
+                "Hugging Face cache; run this once where the network is reachable and copy its "
+                "~/.cache/huggingface here, or pass --checkpoint FILE") from e
+        raise RuntimeError(f"could not load {what}: {e}") from e
     if spec.checkpoint:
         open_clip.load_checkpoint(model, spec.checkpoint, weights_only=True)
     model.eval().to(device)
@@ -243,16 +315,35 @@ def _offline_if_unreachable(needs_hub: bool):
             os.environ["HF_HUB_OFFLINE"] = before_env
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @contextlib.contextmanager
-def _quiet_logs(enabled: bool):
-    """Silence open_clip's "no pretrained weights" warning when random init is the intent."""
-    if enabled:
-        logging.disable(logging.WARNING)
+def _held_logs(random_init: bool):
+    """Hold back what open_clip logs while it builds a model. When loading fails, its
+    `ERROR:root:...` lines would print before our one-line error, which already carries the
+    cause: they are dropped. When it succeeds, warnings are passed on, except the "no
+    pretrained weights" one when random initialisation is the intent."""
+    root = logging.getLogger()
+    held = _Collect()
+    saved = root.handlers[:]
+    root.handlers = [held]  # also keeps open_clip's logging.error() from calling basicConfig
+    ok = False
     try:
         yield
+        ok = True
     finally:
-        if enabled:
-            logging.disable(logging.NOTSET)
+        root.handlers = saved
+        if ok and not random_init:
+            for record in held.records:
+                if record.levelno >= logging.WARNING:
+                    logging.getLogger(record.name).handle(record)
 
 
 def _has_proj(model: torch.nn.Module) -> bool:

@@ -12,7 +12,9 @@ what is drawn (annotation texts, bar heights) rather than pixels.
 
 from __future__ import annotations
 
+import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,9 @@ from typing import Any
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
+from skincache.data.classes import DX_NAMES
 from skincache.metrics import ECE_BINS, calibration_bins, expected_calibration_error
 
 __all__ = [
@@ -34,6 +38,7 @@ __all__ = [
     "plot_reliability",
     "reliability_figure",
     "row_normalize",
+    "series_label",
     "write_report_plots",
 ]
 
@@ -65,6 +70,13 @@ def _check_cm(cm: Any, class_names: Sequence[str]) -> np.ndarray:
     if np.any(m < 0):
         raise ValueError("confusion matrix counts must be non-negative")
     return m
+
+
+def _full_name(code: str, width: int) -> str:
+    """The full diagnosis name of a HAM10000 / ISIC code, wrapped to `width` characters; ''
+    for labels that are already words. A reader outside dermatology does not know 'akiec'."""
+    name = DX_NAMES.get(code.lower(), "")
+    return "\n".join(textwrap.wrap(name, width, break_long_words=False)) if name else ""
 
 
 def row_normalize(cm: Any) -> np.ndarray:
@@ -119,17 +131,22 @@ def confusion_figure(cm: Any, class_names: Sequence[str], *, normalize: bool) ->
             )
 
     support = m.sum(axis=1)
-    ylabels = [f"{name} (n={int(s)})" for name, s in zip(class_names, support, strict=True)]
+    ylabels = []
+    for name, n in zip(class_names, support, strict=True):
+        label = f"{name} (n={int(n)})" if normalize else name
+        full = _full_name(name, 28)
+        ylabels.append(f"{label}\n{full}" if full else label)
     ax.set_xticks(
         range(c), labels=list(class_names), rotation=45, ha="right", rotation_mode="anchor"
     )
-    ax.set_yticks(range(c), labels=ylabels if normalize else list(class_names))
+    ax.set_yticks(range(c), labels=ylabels, fontsize=8 if any("\n" in y for y in ylabels)
+                  else None)
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
     if normalize:
         ax.set_title("Confusion matrix, row-normalised (recall on the diagonal)")
     else:
-        ax.set_title(f"Confusion matrix, counts (n={int(m.sum())})")
+        ax.set_title(f"Confusion matrix, counts (n={int(m.sum()):,})")
     return fig
 
 
@@ -165,7 +182,8 @@ def classwise_figure(cm: Any, class_names: Sequence[str]) -> Figure:
         for k, t in zip(correct, total, strict=True)
     ]
     ax.bar_label(bars_correct, labels=recall_labels, padding=2, fontsize=8)
-    ax.set_xticks(x, labels=list(class_names))
+    xlabels = [f"{n}\n{_full_name(n, 15)}".rstrip() for n in class_names]
+    ax.set_xticks(x, labels=xlabels, fontsize=8 if any("\n" in t for t in xlabels) else None)
     ax.set_xlabel("Class")
     ax.set_ylabel("Images")
     ax.set_ylim(0, max(1.0, float(total.max())) * 1.18)
@@ -187,45 +205,80 @@ def _is_loss(name: str) -> bool:
     return "loss" in name.lower()
 
 
+#: Words for the history keys a reader sees in a legend.
+SERIES_LABELS = {
+    "train_loss": "Training loss",
+    "val_loss": "Validation loss",
+    "train_accuracy": "Training accuracy",
+    "val_accuracy": "Validation accuracy",
+    "val_balanced_accuracy": "Validation balanced accuracy",
+}
+
+
+def series_label(name: str) -> str:
+    """A history key as words: `val_balanced_accuracy` -> "Validation balanced accuracy"."""
+    if name in SERIES_LABELS:
+        return SERIES_LABELS[name]
+    words = name.replace("_", " ").replace("val ", "validation ").replace("train ", "training ")
+    return words[:1].upper() + words[1:]
+
+
 def curves_figure(
-    history: Mapping[str, Sequence[float]], *, title: str = "Training curves"
+    history: Mapping[str, Sequence[float | None]], *, title: str = "Training curves",
+    subtitle: str = "", first_epoch: int = 1,
 ) -> Figure:
     """Training curves per epoch: series whose name contains "loss" on the left panel,
     everything else (accuracies, balanced accuracy, F1...) on the right, since losses and
-    [0, 1] scores share no useful axis. One panel when only one kind is present."""
-    series = {k: np.asarray(v, dtype=np.float64) for k, v in history.items() if len(v) > 0}
+    [0, 1] scores share no useful axis. One panel when only one kind is present.
+
+    Value i is epoch `first_epoch + i`; pass `first_epoch=0` with the model before training
+    as the first value (None where a series has none, e.g. training loss), so the start
+    point shows. Legends sit below the panels, off the data; epoch ticks are integers;
+    `subtitle` (run, model, dataset) goes under the title."""
+    series = {k: np.array([np.nan if x is None else x for x in v], dtype=np.float64)
+              for k, v in history.items() if len(v) > 0}
+    series = {k: v for k, v in series.items() if np.isfinite(v).any()}
     if not series:
         raise ValueError("history has no series with values to plot")
     groups = [
         ("Loss", {k: v for k, v in series.items() if _is_loss(k)}),
-        ("Metric", {k: v for k, v in series.items() if not _is_loss(k)}),
+        ("Score", {k: v for k, v in series.items() if not _is_loss(k)}),
     ]
     groups = [(label, g) for label, g in groups if g]
-    fig = Figure(figsize=(5.0 * len(groups) + 0.5, 4.0), layout="constrained")
+    fig = Figure(figsize=(5.0 * len(groups) + 0.5, 4.4), layout="constrained")
     axes: list[Axes] = [fig.add_subplot(1, len(groups), i + 1) for i in range(len(groups))]
+    last = first_epoch
     for ax, (label, group) in zip(axes, groups, strict=True):
         for name, values in group.items():
-            epochs = np.arange(1, len(values) + 1)
-            ax.plot(
-                epochs, values, marker="o" if len(values) <= 30 else None, markersize=3, label=name
-            )
-        ax.set_xlabel("Epoch")
+            epochs = np.arange(first_epoch, first_epoch + len(values))
+            last = max(last, int(epochs[-1]))
+            ax.plot(epochs, values, marker="o" if len(values) <= 30 else None, markersize=3,
+                    label=series_label(name))
+        ax.set_xlabel("Epoch (0 = before training)" if first_epoch == 0 else "Epoch")
         ax.set_ylabel(label)
+        if label == "Score":
+            low = min(float(np.nanmin(v)) for v in group.values())
+            ax.set_ylim(min(0.0, math.floor(low * 10) / 10), 1.0)
         ax.grid(alpha=0.3)
-        ax.legend(frameon=False)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.suptitle(title)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False,
+                  fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(first_epoch - 0.3, last + 0.3)
+    fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize=11)
     return fig
 
 
 def plot_curves(
-    history: Mapping[str, Sequence[float]],
+    history: Mapping[str, Sequence[float | None]],
     path: str | os.PathLike[str],
     *,
     title: str = "Training curves",
+    subtitle: str = "",
+    first_epoch: int = 1,
 ) -> Path:
     """Write `curves_figure` to `path` (PNG) and return the path."""
-    return _save(curves_figure(history, title=title), path)
+    return _save(curves_figure(history, title=title, subtitle=subtitle,
+                               first_epoch=first_epoch), path)
 
 
 # --------------------------------------------------------------------------- reliability

@@ -114,7 +114,7 @@ def write_predictions(preds: list[Prediction], path: str | Path) -> Path:
         w = csv.writer(f)
         w.writerow(["path", "predicted", *(f"p_{c}" for c in classes), "nearest", "error"])
         for p in preds:
-            nearest = ";".join(f"{n['image_id']}:{n['label']}:{n['similarity']:.3f}"
+            nearest = ";".join(f"{n['image_id']}:{n['label']}:{n['similarity']:.6f}"
                                for n in p.neighbors)
             w.writerow([p.path, p.predicted, *(p.probabilities.get(c, "") for c in classes),
                         nearest, p.error])

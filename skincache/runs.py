@@ -8,6 +8,8 @@ runs/<name>/
   predictions/<split>.csv  image_id, true, predicted, p_<class>...
   plots/<split>_*.png      confusion matrix (counts, row-normalised), class-wise bars, reliability
 ```
+`evaluate` on another cache (external validation) writes `<dataset>__<split>` files instead,
+and run.json's `evaluations` lists every evaluation: which cache, split and file name.
 A run remembers the key of the cache it was fit on, and `evaluate` refuses any other cache:
 a head fit on one model's features is meaningless on another's.
 """
@@ -141,16 +143,48 @@ def evaluate_head(head: Head, cache: FeatureCache, split: str, *, n_bootstrap: i
     return report, proba
 
 
+def model_label(attrs: dict) -> str:
+    """The model as a reader of a plot needs it: architecture and weights."""
+    if attrs.get("checkpoint"):
+        weights = Path(str(attrs["checkpoint"])).name
+    elif attrs.get("pretrained"):
+        weights = str(attrs["pretrained"])
+    elif str(attrs.get("model", "")).startswith("hf-hub:"):
+        weights = ""
+    else:
+        weights = "random init"
+    return f"{attrs.get('model', '?')}" + (f" ({weights})" if weights else "")
+
+
+def plot_label(run: Path, cache: FeatureCache, split: str, n: int) -> str:
+    """The subtitle of a run's plots: run, model, dataset and split, so that a figure shared
+    on its own still says what it shows."""
+    return (f"{run.name} · {model_label(cache.attrs)} · {cache.attrs.get('dataset', '?')} "
+            f"{split} split (n={n:,})")
+
+
 def _write_split(run: Path, cache: FeatureCache, split: str, report: dict, proba: np.ndarray,
-                 plots: bool) -> None:
+                 plots: bool, name: str | None = None) -> None:
+    """metrics/<name>.json, predictions/<name>.csv and plots/<name>_*.png (name: the split)."""
+    name = name or split
     (run / "metrics").mkdir(parents=True, exist_ok=True)
-    (run / "metrics" / f"{split}.json").write_text(json.dumps(report, indent=2))
+    (run / "metrics" / f"{name}.json").write_text(json.dumps(report, indent=2))
     data = cache.split(split)
-    write_predictions_csv(run / "predictions" / f"{split}.csv", list(data.image_id),
+    write_predictions_csv(run / "predictions" / f"{name}.csv", list(data.image_id),
                           data.labels, proba, cache.classes)
     if plots:
-        write_report_plots(report, run / "plots", prefix=f"{split}_",
-                           label=f"{run.name} · {split} split (n={report['n_samples']:,})")
+        write_report_plots(report, run / "plots", prefix=f"{name}_",
+                           label=plot_label(run, cache, split, report["n_samples"]))
+
+
+def evaluation_entry(cache: FeatureCache, split: str, name: str, report: dict, by: str,
+                     status: str = "written") -> dict:
+    """One line of run.json's `evaluations`: which cache and split, under which file name."""
+    return {"name": name, "split": split, "dataset": cache.attrs.get("dataset", ""),
+            "cache": str(cache.path.resolve()), "cache_key": cache.key,
+            "n_samples": report["n_samples"],
+            "balanced_accuracy": report.get("balanced_accuracy"), "by": by,
+            "status": status, "metrics": f"metrics/{name}.json", "created": _now()}
 
 
 def _now() -> str:
@@ -217,6 +251,8 @@ def fit_head_run(
                     "temperature": float(model.temperature_)},
         "fit_seconds": fit_s,
         "splits": {s: len(fc.splits[s]) for s in fc.splits},
+        "evaluations": [evaluation_entry(fc, s, s, r, "fit-head") for s, r in
+                        result.metrics.items()],
         "created": _now(),
         "skincache_version": __version__,
     }, indent=2))
@@ -293,12 +329,78 @@ def load_run(path: str | Path) -> LoadedRun:
     return LoadedRun(p, config, load_head(p / "head"))
 
 
-def evaluate_run(run: str | Path, split: str = "test", *, cache: str | Path | None = None,
-                 n_bootstrap: int = 1000, plots: bool = True) -> dict:
-    """Metrics (+ predictions and plots, written into the run) of a saved head on a split."""
+@dataclass
+class Evaluation:
+    """What `evaluate_run` did: the report, the name its files carry, and whether they were
+    written now or were already there with the same numbers."""
+
+    report: dict
+    name: str
+    split: str
+    status: str  # "written" or "unchanged"
+    files: list[Path]
+    cache_attrs: dict = field(default_factory=dict)  # of the cache evaluated on
+
+
+def evaluation_name(run: LoadedRun, cache: FeatureCache, split: str) -> str:
+    """`<split>` on the run's own cache; `<dataset>__<split>` on another one (external
+    validation), so that its results never take the place of the run's own."""
+    if cache.key == run.config.get("cache_key"):
+        return split
+    dataset = "".join(c if c.isalnum() or c in "-_." else "-"
+                      for c in str(cache.attrs.get("dataset") or cache.path.stem))
+    return f"{dataset}__{split}"
+
+
+def _same_numbers(a: dict, b: dict) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def evaluate(run: str | Path, split: str = "test", *, cache: str | Path | None = None,
+             n_bootstrap: int = 1000, plots: bool = True) -> Evaluation:
+    """Score a saved head on a split of its cache or of another one encoded the same way.
+
+    Nothing the run wrote is replaced: results on another cache go under
+    `<dataset>__<split>`; when a file of that name holds other numbers (another cache of the
+    same dataset, other bootstrap settings) the new results get the next free name
+    (`<name>-2`, ...). Every evaluation, unchanged ones included, is appended to run.json's
+    `evaluations`."""
     loaded = load_run(run)
     fc = loaded.open_cache(cache)
+    if split not in fc.splits:
+        raise RunError(f"cache {fc.path} has no split '{split}' (it has: "
+                       f"{', '.join(fc.splits)}); choose one with --split")
     report, proba = evaluate_head(loaded.head, fc, split, n_bootstrap=n_bootstrap,
                                   seed=int(loaded.config.get("seed", 0)))
-    _write_split(loaded.path, fc, split, report, proba, plots)
-    return report
+    base = evaluation_name(loaded, fc, split)
+    name, i, status = base, 1, "written"
+    while (loaded.path / "metrics" / f"{name}.json").exists():
+        old = json.loads((loaded.path / "metrics" / f"{name}.json").read_text())
+        if _same_numbers(old, report):
+            status = "unchanged"
+            break
+        i += 1
+        name = f"{base}-{i}"
+    if status == "written":
+        _write_split(loaded.path, fc, split, report, proba, plots, name=name)
+    elif plots and not list((loaded.path / "plots").glob(f"{name}_*.png")):
+        # the same numbers, fit with --no-plots: add the plots, which replaces nothing
+        write_report_plots(report, loaded.path / "plots", prefix=f"{name}_",
+                           label=plot_label(loaded.path, fc, split, report["n_samples"]))
+    files = [loaded.path / "metrics" / f"{name}.json",
+             loaded.path / "predictions" / f"{name}.csv"]
+    if plots:
+        files += sorted((loaded.path / "plots").glob(f"{name}_*.png"))
+    meta_path = loaded.path / "run.json"
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("evaluations", []).append(
+        evaluation_entry(fc, split, name, report, "evaluate", status))
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return Evaluation(report, name, split, status, files, dict(fc.attrs))
+
+
+def evaluate_run(run: str | Path, split: str = "test", *, cache: str | Path | None = None,
+                 n_bootstrap: int = 1000, plots: bool = True) -> dict:
+    """The report of `evaluate` (metrics of a saved head on a split; files written as
+    `evaluate` says)."""
+    return evaluate(run, split, cache=cache, n_bootstrap=n_bootstrap, plots=plots).report

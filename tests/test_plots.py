@@ -89,7 +89,7 @@ def test_classwise_bars_are_totals_and_correct(report):
     heights = [bar.get_height() for bar in ax.patches]
     assert heights[:7] == cm.sum(axis=1).tolist()
     assert heights[7:] == np.diagonal(cm).tolist()
-    assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES
+    assert [t.get_text().split("\n")[0] for t in ax.get_xticklabels()] == CLASSES
 
 
 def test_curves_split_losses_from_scores():
@@ -101,7 +101,7 @@ def test_curves_split_losses_from_scores():
     }
     fig = curves_figure(history, title="mlp")
     loss_ax, metric_ax = fig.axes
-    assert [line.get_label() for line in loss_ax.lines] == ["train_loss", "val_loss"]
+    assert [line.get_label() for line in loss_ax.lines] == ["Training loss", "Validation loss"]
     (line,) = metric_ax.lines
     assert line.get_xdata().tolist() == [1, 2, 3]
     assert line.get_ydata().tolist() == [0.3, 0.5, 0.6]

@@ -11,7 +11,7 @@ from .combine import with_test_set
 from .demo import make_demo_dataset
 from .fetch import FetchError, fetch_ham10000
 from .sources import detect_kind, load_dataset, read_image_bytes
-from .splits import DEFAULT_RATIOS, assign_splits
+from .splits import DEFAULT_RATIOS, assign_splits, limit_dataset
 
 __all__ = [
     "DEFAULT_RATIOS",
@@ -28,6 +28,7 @@ __all__ = [
     "detect_kind",
     "display_name",
     "fetch_ham10000",
+    "limit_dataset",
     "load_dataset",
     "make_demo_dataset",
     "read_image_bytes",

@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
 
-from ._record import SPLITS, DataError, Record
+from ._record import SPLITS, DataError, Dataset, Record
 
 DEFAULT_RATIOS: tuple[float, ...] = (0.72, 0.19, 0.09)
 
@@ -87,3 +87,52 @@ def assign_splits(
 
     return [r if r.split is not None else replace(r, split=chosen[_group_key(r)])
             for r in records]
+
+
+def limit_records(records: Sequence[Record], n: int, seed: int = 0) -> list[Record]:
+    """About `n` of `records` for a quick trial: whole groups (lesions), stratified by split
+    and class, chosen with `seed`, in the records' own order.
+
+    Each (split, class) stratum keeps its share of `n`, and at least one group, so every split
+    still has every class it had and no lesion is cut in two. A group goes to the stratum of
+    its majority class; a stratum takes a group while that brings it nearer its share, so the
+    total is within about half a group per stratum of `n`. Records without a split are an error
+    (assign splits first: the subset must not change which split an image is in)."""
+    if n < 1:
+        raise DataError(f"--limit {n}: give a number of images >= 1")
+    if any(r.split is None for r in records):
+        raise DataError("limit_records: assign splits before taking a subset")
+    if n >= len(records):
+        return list(records)
+    groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    for r in records:
+        groups[(r.split, _group_key(r))].append(r)
+    strata: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+    for key, rs in groups.items():
+        counts = Counter(r.label for r in rs)
+        strata[(key[0], min(counts, key=lambda c: (-counts[c], c)))].append(key)
+    total = len(records)
+    keep: set[tuple[str, str]] = set()
+    for stratum in sorted(strata):
+        keys = sorted(strata[stratum])
+        random.Random(f"{seed}:limit:{stratum[0]}:{stratum[1]}").shuffle(keys)
+        size = sum(len(groups[k]) for k in keys)
+        quota, taken = n * size / total, 0
+        for key in keys:  # a group is taken when it brings the stratum nearer its share
+            if not taken or taken + len(groups[key]) - quota <= quota - taken:
+                keep.add(key)
+                taken += len(groups[key])
+    return [r for r in records if (r.split, _group_key(r)) in keep]
+
+
+def limit_dataset(ds: Dataset, n: int | None, seed: int = 0) -> Dataset:
+    """`ds` cut to about `n` images by `limit_records` (`--limit` of encode and finetune);
+    the name gains `-limit<n>` so its cache and runs never pass for the full dataset's."""
+    if n is None:
+        return ds
+    records = limit_records(ds.records, n, seed)
+    if len(records) == len(ds.records):
+        return ds
+    ids = {r.image_id for r in records}
+    return replace(ds, name=f"{ds.name}-limit{n}", records=records,
+                   missing=[m for m in ds.missing if m in ids])
