@@ -502,6 +502,8 @@ def test_fit_head_warns_once_per_head_that_answers_one_class(demo_cache, tmp_pat
             p[:, 5] = 0.94
             return p
 
+        predict_proba_uncalibrated = predict_proba
+
     monkeypatch.setattr(runs, "evaluate_head",
                         lambda head, cache, split, **kw: real(AlwaysNv(), cache, split, **kw))
     r = _ok(["fit-head", "--cache", str(demo_cache), "--head", "knn", "--runs-dir",

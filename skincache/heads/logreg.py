@@ -46,6 +46,8 @@ class LogRegHead(Head):
     calibrate: temperature scaling on val. solver: "torch" (fast) or "sklearn" (reference).
     max_iter: L-BFGS function evaluations for the final fit (sweep steps use sweep_max_iter).
     tol: gradient tolerance. device: "cpu", "cuda" or "auto" (torch solver).
+    use_views: also train on the K cached augmented views of every image (K+1 rows per image;
+    K+1 times the cost); pairs well with `--tta`.
     """
 
     _fitted_arrays = ("coef_", "intercept_")
@@ -64,6 +66,7 @@ class LogRegHead(Head):
         sweep_max_iter: int = 60,
         tol: float = 1e-5,
         device: str = "cpu",
+        use_views: bool = False,
     ) -> None:
         self.C = C
         self.class_weight = class_weight
@@ -76,6 +79,7 @@ class LogRegHead(Head):
         self.sweep_max_iter = sweep_max_iter
         self.tol = tol
         self.device = device
+        self.use_views = use_views
 
     # -- fitting
 
@@ -89,6 +93,8 @@ class LogRegHead(Head):
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.solver == "sklearn":
+            if self.use_views:
+                raise ValueError("use_views=True needs solver='torch'")
             self._fit_sklearn(data)
         else:
             self._fit_torch(data)
@@ -98,14 +104,18 @@ class LogRegHead(Head):
         from ._torch import resolve_device
 
         dev = resolve_device(self.device)
-        X = l2_normalize(data.X)
-        seen = np.unique(data.y)
+        X, y_all = l2_normalize(data.X), data.y
+        if self.use_views and data.n_views:
+            n, k, d = data.views.shape
+            X = np.concatenate([X, l2_normalize(data.views.reshape(n * k, d))])
+            y_all = np.concatenate([data.y, np.repeat(data.y, k)])
+        seen = np.unique(y_all)
         remap = np.full(data.n_classes, -1, dtype=np.int64)
         remap[seen] = np.arange(len(seen))
-        y = remap[data.y]
+        y = remap[y_all]
         sw = None
         if self.class_weight == "balanced":
-            sw = balanced_class_weights(data.y, data.n_classes)[data.y]
+            sw = balanced_class_weights(y_all, data.n_classes)[y_all]
 
         # Two classes: scikit-learn fits one binary logistic; a 2-class multinomial at C/2 has
         # the same minimiser (w1 = -w0 = w/2), so C means the same in both.
