@@ -284,11 +284,16 @@ def plot_curves(
 # --------------------------------------------------------------------------- reliability
 
 
-def reliability_figure(bins: Mapping[str, Any], *, ece: float | None = None) -> Figure:
+def reliability_figure(bins: Mapping[str, Any], *, ece: float | None = None,
+                       before: Mapping[str, Any] | None = None,
+                       ece_before: float | None = None) -> Figure:
     """Reliability diagram from `skincache.metrics.calibration_bins` output (also stored in a
     report's `calibration`): accuracy per confidence bin against the diagonal of perfect
     calibration, the gap shaded, and below it how many predictions fall in each bin (a large
-    gap in a near-empty bin matters little to the ECE, which weights bins by size)."""
+    gap in a near-empty bin matters little to the ECE, which weights bins by size).
+
+    `before` / `ece_before`: the same bins before temperature scaling, drawn as a line, so the
+    diagram shows what calibration changed."""
     edges = np.asarray(bins["edges"], dtype=np.float64)
     count = np.asarray(bins["count"], dtype=np.float64)
     acc = np.array([np.nan if a is None else a for a in bins["accuracy"]], dtype=np.float64)
@@ -306,7 +311,7 @@ def reliability_figure(bins: Mapping[str, Any], *, ece: float | None = None) -> 
         align="edge",
         color=_CORRECT_COLOR,
         edgecolor="white",
-        label="Accuracy",
+        label="Accuracy" if before is None else "Accuracy (after temperature scaling)",
     )
     # Hatched, unfilled: when the model is under-confident the gap lies inside the accuracy
     # bar, and a filled overlay would blend into an unreadable colour.
@@ -323,12 +328,23 @@ def reliability_figure(bins: Mapping[str, Any], *, ece: float | None = None) -> 
         label="Gap to mean confidence",
     )
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="Perfect calibration")
+    if before is not None:
+        b_acc = np.array([np.nan if a is None else a for a in before["accuracy"]], dtype=float)
+        b_conf = np.array([np.nan if c is None else c for c in before["confidence"]],
+                          dtype=float)
+        ok = np.asarray(before["count"]) > 0
+        label = "Before temperature scaling"
+        if ece_before is not None:
+            label += f" (ECE {ece_before:.3f})"
+        ax.plot(b_conf[ok], b_acc[ok], marker="o", markersize=3, color="#636363", label=label)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("Accuracy")
     title = "Reliability diagram"
     if ece is not None:
         title += f" (ECE = {ece:.3f}, {len(count)} bins)"
+        if ece_before is not None:
+            title = f"Reliability (ECE {ece_before:.3f} → {ece:.3f} after T-scaling)"
     ax.set_title(title)
     ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
     ax_hist.bar(left, count, width, align="edge", color=_TOTAL_COLOR, edgecolor="white")
@@ -368,7 +384,9 @@ def write_report_plots(
         (classwise_figure(cm, classes), "classwise.png"),
     ]
     if report.get("calibration"):
-        figures.append((reliability_figure(report["calibration"], ece=report.get("ece")),
+        figures.append((reliability_figure(report["calibration"], ece=report.get("ece"),
+                                           before=report.get("calibration_uncalibrated"),
+                                           ece_before=report.get("ece_uncalibrated")),
                         "reliability.png"))
     paths = []
     for fig, name in figures:

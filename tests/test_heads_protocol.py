@@ -255,3 +255,19 @@ def test_cli_bench_heads_shots_plot_and_unknown_variant(demo_cache, tmp_path):
     assert all(row["n_seeds"] == 2 for row in res["rows"])
     assert (out / "shots.png").stat().st_size > 0
     assert len(list((out / "runs").glob("*.json"))) == 2 * 2 * 2 * 2
+
+
+def test_reliability_plot_shows_before_and_after_calibration(demo_cache, tmp_path):
+    from skincache.plots import reliability_figure
+    from skincache.runs import fit_head_run
+
+    res = fit_head_run(demo_cache, "mlp", runs_dir=tmp_path, name="m", n_bootstrap=0)
+    test = res.metrics["test"]
+    assert test["ece_uncalibrated"] is not None and test["calibration_uncalibrated"]["count"]
+    fig = reliability_figure(test["calibration"], ece=test["ece"],
+                             before=test["calibration_uncalibrated"],
+                             ece_before=test["ece_uncalibrated"])
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any(lbl.startswith("Before temperature scaling") for lbl in labels)
+    assert "→" in fig.axes[0].get_title()
+    assert (tmp_path / "m" / "plots" / "test_reliability.png").stat().st_size > 0
