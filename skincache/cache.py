@@ -49,6 +49,24 @@ class CacheBusyError(CacheError):
     """Another process holds the cache's lock."""
 
 
+def check_writable_dir(folder: Path, option: str) -> None:
+    """Create `folder` if needed and make sure files can be written in it, before any work
+    is done: a read-only folder is one line naming it, not a traceback after the run."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".skincache-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        de = disk_error(e, folder, "writing in", f"{option} must be a folder skincache can write")
+        if de is not None:
+            raise de from None
+        raise make_disk_error(e.errno or 0, f"{folder}: cannot write here "
+                              f"({e.strerror or e}); {option} must be a writable folder"
+                              ) from None
+
+
 class CacheWarning(UserWarning):
     """A cache that is still read but deserves a word (an old schema without checksums)."""
 

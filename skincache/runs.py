@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from skincache import __version__
-from skincache.cache import CacheError, FeatureCache
+from skincache.cache import CacheError, FeatureCache, check_writable_dir
 from skincache.errors import SkincacheError
 from skincache.heads import Head, create_head, get_head_class, load_head
 from skincache.metrics import classification_report, write_predictions_csv
@@ -129,6 +129,11 @@ def fit_head_run(
     """Fit `head` on the cache's train split (val chooses hyper-parameters), evaluate it on
     `eval_splits` that exist, and write the run folder."""
     fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
+    if not any(s in fc.splits for s in eval_splits):  # else: an empty metrics table
+        raise RunError(f"{fc.path}: no {' or '.join(eval_splits)} split to score a head on "
+                       f"(the cache has {list(fc.splits)}); encode data with a validation or "
+                       "test split")
+    check_writable_dir(Path(runs_dir), "--runs-dir")  # before the fit, not after it
     model = make_head(head, params, seed)
     inputs = fit_inputs(fc, template_set=template_set)
     t0 = time.perf_counter()
