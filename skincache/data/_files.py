@@ -71,11 +71,15 @@ def index_files(root: Path | str, exts: frozenset[str] = JPEG_EXTS) -> dict[str,
 
 
 def read_csv_header(path: Path) -> list[str]:
-    """The first row of a CSV, stripped; [] for an empty or unreadable file."""
+    """The first row of a CSV, stripped; [] for an empty or unreadable file.
+
+    Only the first line is decoded (bad bytes replaced): a non-UTF-8 byte further down is
+    reported by `read_csv_rows`, naming the file, not turned into "unrecognised header"."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            row = next(csv.reader(f), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
+        with open(path, "rb") as f:
+            first = f.readline(1 << 16).decode("utf-8-sig", errors="replace")
+        row = next(csv.reader([first]), [])
+    except (OSError, csv.Error):
         return []
     return [c.strip() for c in row]
 
