@@ -222,19 +222,27 @@ def checkpoint_problem(path: str | Path, e: BaseException) -> str:
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+            return ("a raw Python pickle, not a weights-only torch checkpoint (skincache never "
+                    "unpickles: it could run code)")
     except OSError:
         pass
     text = str(e).strip()
     first = text.splitlines()[0][:200] if text else type(e).__name__
-    if isinstance(e, pickle.UnpicklingError) or "weights_only" in text.lower() or \
-            "Unsupported global" in text:
-        return ("not a weights-only checkpoint: loading it would unpickle arbitrary objects "
-                "(and could run code), which skincache refuses")
     if type(e).__name__ == "SafetensorError":
         return f"not a valid safetensors file ({first})"
-    if isinstance(e, EOFError) or "failed finding central directory" in text or \
-            "PytorchStreamReader" in text or "invalid load key" in text:
-        return f"not a torch checkpoint, or a truncated one ({first})"
+    if "Unsupported global" in text or "Unsupported class" in text:
+        return ("not a weights-only checkpoint: loading it would unpickle arbitrary objects "
+                "(and could run code), which skincache refuses")
+    if isinstance(e, EOFError) or any(m in text for m in (
+            "Unsupported operand", "invalid load key", "failed finding central directory",
+            "PytorchStreamReader", "could not find MARK", "truncated")):
+        return "not a torch checkpoint (unreadable or truncated bytes)"
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in text.lower():
+        return ("not a weights-only checkpoint: loading it would unpickle arbitrary objects "
+                "(and could run code), which skincache refuses")
     if "Error(s) in loading state_dict" in text:
         return "its weights do not fit this model (missing/unexpected keys or shape mismatch)"
     return first

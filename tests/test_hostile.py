@@ -551,8 +551,9 @@ def test_bad_checkpoints_are_one_line_and_never_unpickled(tmp_path):
     from skincache._finetune_state import load_checkpoint
     from skincache.models import load_model
 
-    reasons = {"empty": "empty file", "pickle": "", "random": "", "safetensors":
-               "not a valid safetensors", "torch pickle": "weights-only"}
+    reasons = {"empty": "empty file", "pickle": "raw Python pickle", "random": "not a torch "
+               "checkpoint", "safetensors": "not a valid safetensors", "torch pickle":
+               "weights-only"}
     for kind, path in _bad_weight_files(tmp_path).items():
         with pytest.raises(InputFileError, match=reasons[kind]) as e:
             load_model(ModelSpec(TINY_MODEL, checkpoint=str(path)))
