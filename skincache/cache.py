@@ -707,7 +707,7 @@ def estimate_cache_bytes(splits: dict[str, SplitArrays], text: dict[str, np.ndar
             n += sum(len(x) for x in col) + 16 * len(col)
     n += sum(a.size * 4 for a in text.values())
     n += sum(sum(len(x) for x in col) + 16 * len(col) for col in failed.values())
-    return int(n * 1.2) + (1 << 20)
+    return int(n * 1.2) + (256 << 10)
 
 
 @contextlib.contextmanager

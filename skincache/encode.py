@@ -62,6 +62,8 @@ from skincache.views import (
 )
 
 DEFAULT_CACHE_DIR = Path("cache")
+#: Seconds a decode worker may take for one batch before the run stops with an error.
+LOADER_TIMEOUT_S = 600
 
 
 def resolve_device(device: str) -> torch.device:
@@ -167,6 +169,9 @@ def cpu_batches(records: list[Record], positions: list[int], maker: ViewMaker, b
         _ViewDataset(records, positions, maker), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None, persistent_workers=False,
+        # a batch lost between a worker and this process (shared memory full, a worker
+        # killed) is an error after this long, not a wait forever
+        timeout=LOADER_TIMEOUT_S if num_workers else 0,
     )
     yield from loader
 

@@ -407,21 +407,28 @@ def readonly_dir(tmp_path, mount_tmpfs):
     return d
 
 
+@pytest.mark.slow
 def test_real_disk_full_on_a_small_tmpfs_is_one_line_and_resumes(demo_root, mount_tmpfs):
-    """Case 8 with a real ENOSPC: a tmpfs too small for the cache. One line naming the file,
-    no traceback, no segfault; after the disk is freed (here: the cache moved to a larger
-    tmpfs with its chunks) the same command resumes."""
+    """Case 8 with a real file system: a 320 KB tmpfs holds the chunks (~90 KB) but not the
+    cache. One line naming the file and saying how to resume, no traceback, no segfault, no
+    .h5.tmp; once the disk has room (the tmpfs grown in place) the same command resumes."""
     small = mount_tmpfs("size=320k")
     args = [*SKINCACHE, "encode", "--data", str(demo_root), "--model", "skincache-tiny",
             "--pretrained", "", "--device", "cpu", "--views", "4", "--workers", "0",
             "--batch-size", "8", "--quiet", "--cache-dir", str(small)]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "COLUMNS": "5000"}
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     out = r.stdout + r.stderr
     assert r.returncode == 1, out
-    assert "Traceback" not in out and "HDF5-DIAG" not in out
+    assert "Traceback" not in out and "HDF5" not in out
     lines = [x for x in out.splitlines() if x.strip()]
-    assert len(lines) == 1 and "error:" in lines[0] and "free space" in lines[0], out
-    assert not list(small.glob("*.h5.tmp"))
+    assert len(lines) == 1 and lines[0].startswith("error: disk full"), out
+    assert "run the same command again to resume" in lines[0]
+    assert not list(small.glob("*.h5*")) and list(small.glob("*.partial/chunk_*"))
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small)], check=True)
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stdout + r.stderr
+    assert FeatureCache.open(next(small.glob("*.h5"))).splits
 
 
 def test_read_only_cache_dir_and_runs_dir_are_one_line_before_any_work(
@@ -835,14 +842,16 @@ def test_cli_prints_no_traceback_for_any_hostile_case(tmp_path, demo_root, demo_
                                                ("fifo.jpg", "zero.jpg", "strip.png")],
                                              "--device", "cpu"), {"rc": 1})
     # 8: a real write failure inside h5py and inside the chunk writer (RLIMIT_FSIZE: EFBIG)
-    for name, limit in (("file size limit in chunks", 2_000), ("file size limit in .h5",
-                                                                60_000)):
+    # sizes here: text.npz 28 KB, chunk 0 53 KB, chunk 1 7 KB, the .h5 129 KB
+    for name, limit in (("file size limit in chunks", 40_000), ("file size limit in .h5",
+                                                                 60_000)):
+        # --workers 0: the limit would also hit the workers' shared-memory files
         results[name] = (_cli("encode", "--data", str(demo_root), *enc, "--views", "4",
-                              "--cache-dir", str(tmp_path / "c5"),
+                              "--workers", "0", "--cache-dir", str(tmp_path / "c5"),
                               preexec_fn=_limit_file_size(limit)),
                          {"rc": 1, "says": "run the same command again to resume"})
-    resumed = _cli("encode", "--data", str(demo_root), *enc, "--views", "4", "--cache-dir",
-                   str(tmp_path / "c5"))
+    resumed = _cli("encode", "--data", str(demo_root), *enc, "--views", "4", "--workers", "0",
+                   "--cache-dir", str(tmp_path / "c5"))
     results["resume after disk full"] = (resumed, {"rc": 0, "says": "resumed"})
 
     problems = []
