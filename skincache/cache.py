@@ -16,6 +16,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -630,30 +631,35 @@ def write_cache(path: Path, attrs: dict, splits: dict[str, SplitArrays],
     """Write a complete cache atomically (tmp file, fsync, rename), with a sha256 of every
     dataset and of the attributes, checked by `FeatureCache.open`.
 
-    On any failure the temporary file is closed and removed before the error propagates (a
-    full disk must not leave a half-written `.h5.tmp`, nor an h5py handle that crashes the
-    interpreter when it is collected later); OSErrors the disk caused become a `DiskError`."""
+    HDF5 builds the file in memory and plain Python writes it out: HDF5 writing straight to a
+    disk that fills up fails in many places at once (a flood of errors from every handle's
+    destructor, and a segfault was seen), while a plain write fails once, cleanly. The cost is
+    one copy of the cache in memory (the arrays already are). On any failure the `.h5.tmp` is
+    removed; OSErrors the disk caused become a one-line `DiskError`."""
     tmp = path.with_name(path.name + ".tmp")
+    image = io.BytesIO()
+    _write_h5(image, attrs, splits, text, failed)
     try:
-        _write_h5(tmp, attrs, splits, text, failed)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        _atomic_write(tmp, lambda fh: _write_view(fh, image.getbuffer()))
         os.replace(tmp, path)
-    except BaseException as e:
+    except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(e, OSError):
-            de = disk_error(e, tmp, "writing")
-            if de is not None:
-                raise de from None
+        de = disk_error(e, tmp, "writing")
+        if de is not None:
+            raise de from None
         raise
 
 
-def _write_h5(tmp: Path, attrs: dict, splits: dict[str, SplitArrays],
+def _write_view(fh, view: memoryview, block: int = 1 << 24) -> None:
+    for start in range(0, len(view), block):
+        fh.write(view[start:start + block])
+
+
+def _write_h5(target, attrs: dict, splits: dict[str, SplitArrays],
               text: dict[str, np.ndarray], failed: dict[str, list[str]]) -> None:
     sums: dict[str, str] = {}
-    f = h5py.File(tmp, "w")
-    try:
+    with h5py.File(target, "w") as f:
         def put(name: str, data, dtype=None) -> None:
             ds = f.create_dataset(name, data=data, dtype=dtype)
             sums[name] = _digest(_strs(ds) if dtype is _STR else data)
@@ -687,12 +693,6 @@ def _write_h5(tmp: Path, attrs: dict, splits: dict[str, SplitArrays],
         f.attrs["checksums"] = json.dumps(sums, sort_keys=True)
         f.attrs["complete"] = True
         f.attrs["header_sha256"] = _header_digest(dict(f.attrs))
-        f.flush()
-    finally:
-        try:
-            f.close()
-        except Exception:  # closing after a failed write can fail too; the file is discarded
-            pass
 
 
 def estimate_cache_bytes(splits: dict[str, SplitArrays], text: dict[str, np.ndarray],

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import stat
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -262,7 +263,9 @@ def load_checkpoint_file(model: torch.nn.Module, spec: ModelSpec) -> None:
         raise InputFileError(f"{path}: numpy weight files are not supported; use a .pt, .bin "
                              "or .safetensors checkpoint")
     try:
-        open_clip.load_checkpoint(model, path, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on odd pickles: the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            open_clip.load_checkpoint(model, path, weights_only=True)
     except Exception as e:
         raise InputFileError(f"{path}: cannot load as weights for {spec.name}: "
                              f"{checkpoint_problem(path, e)}") from None
