@@ -80,13 +80,14 @@ def check_image_size(width: int, height: int) -> None:
     """Refuse, from the header alone, an image whose decode or resize could exhaust memory."""
     if width < 1 or height < 1:
         raise DecodeError(f"image has no pixels (size {width}x{height})")
+    # "reason: details": `info` groups failures by the text before the first colon
     if width * height > MAX_PIXELS:
-        raise DecodeError(f"image too large ({width}x{height} = {width * height:,} pixels; "
-                          f"limit {MAX_PIXELS:,})")
+        raise DecodeError(f"image too large: {width}x{height} = {width * height:,} pixels "
+                          f"(limit {MAX_PIXELS:,})")
     aspect = max(width, height) / min(width, height)
     if aspect > MAX_ASPECT:
-        raise DecodeError(f"image too elongated ({width}x{height}, aspect ratio {aspect:.0f}:1; "
-                          f"limit {MAX_ASPECT:.0f}:1)")
+        raise DecodeError(f"image too elongated: {width}x{height}, aspect ratio {aspect:.0f} "
+                          f"to 1 (limit {MAX_ASPECT:.0f} to 1)")
 
 
 def probe_size(data: bytes) -> tuple[int, int]:

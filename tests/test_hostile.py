@@ -175,6 +175,8 @@ def test_hostile_files_are_recorded_and_the_run_finishes(hostile_csv, tmp_path, 
     assert "FIFO" in reasons["fifo"] and "character device" in reasons["zero"]
     assert "too elongated" in reasons["strip"] and "too elongated" in reasons["tall"]
     assert "too large" in reasons["bomb"]
+    assert res.failed_reasons["image too elongated"] == 2  # grouped by the text before ':'
+    assert res.failed_reasons["image too large"] == 1
     assert sum(len(s) for s in fc.splits.values()) == 12
     if loader == "tensor":
         assert seen and jpeg_bomb() not in seen
@@ -790,8 +792,9 @@ def test_cli_prints_no_traceback_for_any_hostile_case(tmp_path, demo_root, demo_
     cfg = FinetuneConfig.from_setup("base", data=str(demo_root), model="skincache-tiny",
                                     pretrained=None, epochs=1, device="cpu",
                                     runs_dir=str(tmp_path / "runs"), name="ft")
-    (run / "run.json").write_text(json.dumps({"kind": "finetune", "status": "running",
-                                              "config": cfg.to_dict()}))
+    (run / "run.json").write_text(json.dumps({
+        "kind": "finetune", "status": "running", "config": cfg.to_dict(),
+        "dataset": {"fingerprint": load_dataset(demo_root).fingerprint()}}))
     (run / "last.pt").write_bytes(b"")
     cases["empty last.pt"] = (["finetune", "--resume", str(run), "--device", "cpu",
                                "--quiet"], {"rc": 1, "says": "last.pt: cannot read this "
