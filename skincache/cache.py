@@ -374,8 +374,11 @@ def _digest(value) -> str:
 
 
 def _header_digest(raw: dict) -> str:
-    """sha256 of every attribute but `header_sha256` itself, as canonical JSON."""
-    canon = {k: _decode_attr(v) for k, v in raw.items() if k != "header_sha256"}
+    """sha256 of every attribute but `header_sha256` itself and `created` (a timestamp that
+    says nothing about the numbers: two identical runs get identical checksums), as
+    canonical JSON."""
+    canon = {k: _decode_attr(v) for k, v in raw.items() if k not in ("header_sha256",
+                                                                      "created")}
     return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()
 
 

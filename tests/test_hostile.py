@@ -885,3 +885,20 @@ def test_cli_prints_no_traceback_for_any_hostile_case(tmp_path, demo_root, demo_
     assert not problems, "\n\n".join(problems)
     assert len(results) == 22  # 24 invocations with the two that set the cases up
     assert not _Evil.marker.exists()
+
+
+def test_debug_option_shows_the_traceback_that_errors_hide(tmp_path):
+    """`skincache --debug COMMAND` re-raises what is otherwise one `error:` line."""
+    from typer.testing import CliRunner
+
+    from skincache.cli import app
+
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    plain = CliRunner().invoke(app, ["info", str(bad)])
+    assert plain.exit_code == 1 and "not a readable HDF5 file" in plain.output
+    assert plain.exception is None or isinstance(plain.exception, SystemExit)
+    debug = CliRunner().invoke(app, ["--debug", "info", str(bad)])
+    assert isinstance(debug.exception, CacheError)
+    again = CliRunner().invoke(app, ["info", str(bad)])  # --debug does not stick
+    assert again.exit_code == 1 and not isinstance(again.exception, CacheError)
