@@ -473,8 +473,10 @@ def encode_dataset(
                  "free space (or fix the folder) and run the same command again to resume")
         if isinstance(e, DiskError):
             raise make_disk_error(e.errno or 0, f"{e}; {after}") from None
-        de = disk_error(e, e.filename or partial.folder, "writing", after)
-        if de is not None:
+        inside = e.filename is None or Path(str(e.filename)).resolve().is_relative_to(
+            cache_dir.resolve())
+        de = disk_error(e, e.filename or partial.folder, "writing", after) if inside else None
+        if de is not None:  # (an unreadable checkpoint elsewhere keeps its own message)
             raise de from None
         raise
     result.status = status

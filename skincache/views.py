@@ -103,7 +103,7 @@ def probe_size(data: bytes) -> tuple[int, int]:
             with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
     except Image.DecompressionBombError as e:
-        raise DecodeError(f"image too large (decompression-bomb guard): {e}") from None
+        raise DecodeError(f"image too large: {e}") from None
     except UnidentifiedImageError:
         raise DecodeError("not an image Pillow can read (unknown or corrupt format)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
@@ -136,7 +136,7 @@ def decode_image(data: bytes, draft_shortest: int | None = None) -> Image.Image:
                               (math.ceil(w * s), math.ceil(h * s)))
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecodeError(f"image too large (decompression-bomb guard): {e}") from None
+        raise DecodeError(f"image too large: {e}") from None
     except UnidentifiedImageError:
         raise DecodeError("not an image Pillow can read (unknown or corrupt format)") from None
     except OSError as e:

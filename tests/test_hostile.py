@@ -896,7 +896,7 @@ def test_debug_option_shows_the_traceback_that_errors_hide(tmp_path):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"not hdf5")
     plain = CliRunner().invoke(app, ["info", str(bad)])
-    assert plain.exit_code == 1 and "not a readable HDF5 file" in plain.output
+    assert plain.exit_code == 1 and "not a readable HDF5 file" in " ".join(plain.output.split())
     assert plain.exception is None or isinstance(plain.exception, SystemExit)
     debug = CliRunner().invoke(app, ["--debug", "info", str(bad)])
     assert isinstance(debug.exception, CacheError)
