@@ -54,7 +54,10 @@ def _clear_errors():
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, CacheWarning):
-            _render.err.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+            from rich.markup import escape
+
+            _render.err.print(f"[bold yellow]warning:[/] {escape(str(message))}",
+                              highlight=False)
         else:
             previous(message, category, filename, lineno, file, line)
 
@@ -74,7 +77,9 @@ def _clear_errors():
             text = f"{e.strerror or e}{where}; nothing done so far is lost"
         else:
             text = str(e)
-        _render.err.print(f"[bold red]error:[/] {text}", highlight=False)
+        from rich.markup import escape  # a message may hold "[...]": print it as is
+
+        _render.err.print(f"[bold red]error:[/] {escape(text)}", highlight=False)
         raise typer.Exit(1) from None
     finally:
         warnings.showwarning = previous

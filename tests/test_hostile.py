@@ -732,6 +732,14 @@ def test_a_schema_1_cache_is_still_read_with_a_warning(cache_copy):
     with pytest.warns(CacheWarning, match="without checksums.*re-encode"):
         fc = FeatureCache.open(cache_copy)
     assert fc.splits["train"].features.shape[1] == 64
+    from typer.testing import CliRunner
+
+    from skincache.cli import app
+
+    r = CliRunner().invoke(app, ["info", str(cache_copy)])  # one yellow line, then the summary
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "warning: " in text and "without checksums" in text
+    assert "Traceback" not in r.output and "CacheWarning" not in r.output
 
 
 # --------------------------------------------------------------------------- the CLI
