@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from skincache.errors import InputFileError
 
 CHECKPOINT_FORMAT = "skincache.finetune"
 CHECKPOINT_VERSION = 1
@@ -41,12 +44,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint here")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # torch's notes on odd pickles: the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty (EOFError, shown by click as a bare "Aborted."), pickle, junk
+        from skincache.models import checkpoint_problem
+
+        raise InputFileError(f"{path}: cannot read this checkpoint: "
+                             f"{checkpoint_problem(path, e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a skincache fine-tuning checkpoint")
-    if int(ckpt.get("format_version", 0)) > CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {ckpt['format_version']} is newer than this "
-                         f"skincache reads ({CHECKPOINT_VERSION}); upgrade skincache")
+        raise InputFileError(f"{path}: not a skincache fine-tuning checkpoint")
+    absent = [k for k in ("state_dict", "head") if not isinstance(ckpt.get(k), dict)]
+    if absent:
+        raise InputFileError(f"{path}: damaged checkpoint (no {absent[0]!r} weights)")
+    version = ckpt.get("format_version", 0)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise InputFileError(f"{path}: checkpoint format {version!r} is not one this skincache "
+                             f"reads ({CHECKPOINT_VERSION}); upgrade skincache")
     return ckpt
 
 

@@ -68,9 +68,9 @@ def encode_result(r, quiet: bool = False) -> None:
                   "(same data, model, preprocessing and views); nothing to do. "
                   "Use --force to rebuild.")
         if r.stale_partial is not None:
-            err.print(f"[bold yellow]note:[/] {r.stale_partial} is left from an interrupted "
-                      "--force rebuild of this cache; run with --force again to finish it, "
-                      "or delete that folder", highlight=False)
+            err.print(f"[bold yellow]note:[/] removed {r.stale_partial}, left by an interrupted "
+                      "run (a --force rebuild, or a kill during cleanup); the cache itself was "
+                      "already complete", highlight=False)
         return
     verb = "resumed and finished" if r.status == "resumed" else "wrote"
     out.print(f"[green]{verb}[/] {r.path}: {r.n_images:,} images "

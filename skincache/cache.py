@@ -13,11 +13,15 @@ and renamed to `<name>.h5`: a reader never sees half a cache under the final nam
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import io
 import json
+import math
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +29,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from skincache.errors import SkincacheError
+from skincache.errors import DiskError, SkincacheError
 
-SCHEMA_VERSION = 1
+#: 2: a sha256 per dataset (`checksums` attr) and over the attributes (`header_sha256`).
+SCHEMA_VERSION = 2
+#: Caches written before checksums: still read, with a `CacheWarning`.
+OLDEST_READABLE_SCHEMA = 1
+#: errno values that mean "the disk said no" rather than a bug: one line, nothing lost.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                         errno.EPERM})
 FEATURE_DTYPE = np.float16
 _STR = h5py.string_dtype()
 
@@ -38,6 +48,60 @@ class CacheError(SkincacheError, RuntimeError):
 
 class CacheBusyError(CacheError):
     """Another process holds the cache's lock."""
+
+
+def check_writable_dir(folder: Path, option: str) -> None:
+    """Create `folder` if needed and make sure files can be written in it, before any work
+    is done: a read-only folder is one line naming it, not a traceback after the run."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".skincache-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        de = disk_error(e, folder, "writing in", f"{option} must be a folder skincache can write")
+        if de is not None:
+            raise de from None
+        raise make_disk_error(e.errno or 0, f"{folder}: cannot write here "
+                              f"({e.strerror or e}); {option} must be a writable folder"
+                              ) from None
+
+
+class CacheWarning(UserWarning):
+    """A cache that is still read but deserves a word (an old schema without checksums)."""
+
+
+def disk_error(e: OSError, path: str | Path, action: str, after: str = "") -> DiskError | None:
+    """A one-line `DiskError` for an OSError the disk caused (full, read-only, no permission),
+    naming `path` and what was being done; None for any other OSError. h5py reports a failed
+    write with the errno only in its message, so the text is checked too."""
+    text = str(e)
+    code = e.errno
+    if code is None:
+        for c, marks in ((errno.ENOSPC, ("errno = 28", "No space left")),
+                         (errno.EFBIG, ("errno = 27", "File too large")),
+                         (errno.EDQUOT, ("errno = 122", "quota exceeded")),
+                         (errno.EROFS, ("errno = 30", "Read-only file system")),
+                         (errno.EACCES, ("errno = 13", "Permission denied"))):
+            if any(m in text for m in marks):
+                code = c
+                break
+    if code not in DISK_ERRNOS:
+        return None
+    what = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+            errno.EFBIG: "file size limit reached (disk full for this process)",
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied"}[code]
+    return make_disk_error(code, f"{what} {action} {path}{'; ' + after if after else ''}")
+
+
+def make_disk_error(code: int, message: str) -> DiskError:
+    """A DiskError whose str() is `message` alone (OSError(errno, msg) would print
+    "[Errno 28] ..."), with `.errno` still set for callers that check it."""
+    err = DiskError(message)
+    err.errno = code
+    return err
 
 
 def cache_key(parts: dict) -> str:
@@ -100,34 +164,116 @@ class FeatureCache:
             f = h5py.File(path, "r")
         except OSError as e:
             raise CacheError(f"{path}: not a readable HDF5 file ({e})") from None
-        with f:
-            raw = dict(f.attrs)
-            if raw.get("format") != "skincache-features":
-                raise CacheError(f"{path}: not a skincache feature cache")
-            if not bool(raw.get("complete", False)):
-                raise CacheError(f"{path}: cache is marked incomplete; re-run encode")
-            if int(raw.get("schema_version", -1)) > SCHEMA_VERSION:
-                raise CacheError(f"{path}: schema version {raw['schema_version']} is newer than "
-                                 f"this skincache reads ({SCHEMA_VERSION}); upgrade skincache")
-            attrs = {k: _decode_attr(v) for k, v in raw.items()}
-            splits = {}
-            for name in json.loads(attrs["split_order"]):
-                g = f["splits"][name]
-                splits[name] = SplitData(
-                    features=g["features"][()].astype(np.float32),
-                    views=g["views"][()].astype(np.float32),
-                    labels=g["labels"][()].astype(np.int64),
-                    image_id=_strs(g["image_id"]),
-                    group_id=_strs(g["group_id"]),
-                    sha1=_strs(g["sha1"]),
-                    meta={c: _strs(g["meta"][c]) for c in g["meta"]} if "meta" in g else {},
-                )
-            text = {name: f["text"][name][()] for name in f["text"]} if "text" in f else {}
-            failed = []
-            if "failed" in f:
-                cols = {c: _strs(f["failed"][c]) for c in f["failed"]}
-                n = len(next(iter(cols.values()))) if cols else 0
-                failed = [{c: str(cols[c][i]) for c in cols} for i in range(n)]
+        try:
+            with f:
+                return cls._read(path, f)
+        except (KeyError, OSError, ValueError, TypeError) as e:
+            # a damaged HDF5 structure (truncated, overwritten): one line, not a traceback
+            if isinstance(e, CacheError):
+                raise
+            raise CacheError(f"{path}: damaged cache file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); re-encode it with "
+                             "`skincache encode ... --force`") from None
+
+    @classmethod
+    def _read(cls, path: Path, f: h5py.File) -> FeatureCache:
+        raw = dict(f.attrs)
+        if raw.get("format") != "skincache-features":
+            raise CacheError(f"{path}: not a skincache feature cache")
+        if not bool(raw.get("complete", False)):
+            raise CacheError(f"{path}: cache is marked incomplete; re-run encode")
+        try:
+            schema = int(raw.get("schema_version", -1))
+        except (TypeError, ValueError):
+            schema = -1
+        if schema > SCHEMA_VERSION:
+            raise CacheError(f"{path}: schema version {raw['schema_version']} is newer than "
+                             f"this skincache reads ({SCHEMA_VERSION}); upgrade skincache")
+        if schema < OLDEST_READABLE_SCHEMA:
+            raise CacheError(f"{path}: schema version {raw.get('schema_version')!r} is not one "
+                             "this skincache reads; re-encode it")
+        checked = schema >= 2
+        if checked:
+            _verify_header(path, raw)
+            try:
+                sums = json.loads(raw["checksums"])
+                assert isinstance(sums, dict)
+            except Exception:
+                raise CacheError(f"{path}: attribute 'checksums' is not a JSON object; "
+                                 "re-encode it") from None
+        else:
+            sums = {}
+            warnings.warn(f"{path}: written by an older skincache (schema {schema}) without "
+                          "checksums, so corruption cannot be detected; re-encode it with "
+                          "`skincache encode ... --force` to add them", CacheWarning,
+                          stacklevel=3)
+        attrs = {k: _decode_attr(v) for k, v in raw.items()}
+        classes, split_order = _check_attrs(path, attrs, f)
+
+        def read(name: str):
+            """A dataset's stored values, checked against its sha256 (schema >= 2)."""
+            ds = f[name]
+            value = _strs(ds) if ds.dtype.kind == "O" else ds[()]
+            if checked:
+                want = sums.get(name)
+                if want is None:
+                    raise CacheError(f"{path}: dataset {name} has no checksum; the file was "
+                                     "altered after writing; re-encode it")
+                if _digest(value) != want:
+                    raise CacheError(f"{path}: dataset {name} does not match its checksum: "
+                                     "the file is corrupted (disk fault or edit); re-encode it "
+                                     "with `skincache encode ... --force`")
+            return value
+
+        if checked:
+            present: list[str] = []
+            f.visititems(lambda n, o: present.append(n) if isinstance(o, h5py.Dataset) else None)
+            extra = sorted(set(present) - set(sums))
+            if extra:
+                raise CacheError(f"{path}: dataset {extra[0]} was added after writing (no "
+                                 "checksum); re-encode it")
+        n_classes = len(classes)
+        dim = int(attrs["embed_dim"])
+        splits = {}
+        for name in split_order:
+            base = f"splits/{name}"
+            g = f[base]
+            feats, views, labels = (read(f"{base}/features"), read(f"{base}/views"),
+                                    read(f"{base}/labels"))
+            n = len(labels)
+            if feats.shape != (n, dim) or views.ndim != 3 or views.shape[0] != n or \
+                    views.shape[2] != dim:
+                raise CacheError(f"{path}: split '{name}' has inconsistent shapes (features "
+                                 f"{feats.shape}, views {views.shape}, labels {labels.shape}, "
+                                 f"embed_dim {dim}); re-encode it")
+            if n and (labels.min() < 0 or labels.max() >= n_classes):
+                raise CacheError(f"{path}: split '{name}' has labels outside [0, {n_classes}) "
+                                 "(the classes attribute and the labels disagree); re-encode it")
+            strs = {c: read(f"{base}/{c}") for c in ("image_id", "group_id", "sha1")}
+            meta = {c: read(f"{base}/meta/{c}") for c in g["meta"]} if "meta" in g else {}
+            bad = [c for c, v in {**strs, **meta}.items() if len(v) != n]
+            if bad:
+                raise CacheError(f"{path}: split '{name}': column {bad[0]} has a different "
+                                 f"length than the labels ({n}); re-encode it")
+            splits[name] = SplitData(
+                features=feats.astype(np.float32), views=views.astype(np.float32),
+                labels=labels.astype(np.int64), meta=meta, **strs)
+        text = {}
+        if "text" in f:
+            for name in f["text"]:
+                arr = read(f"text/{name}")
+                if arr.ndim != 3 or arr.shape[0] != n_classes or arr.shape[2] != dim:
+                    raise CacheError(f"{path}: text/{name} has shape {arr.shape}, expected "
+                                     f"[{n_classes}, T, {dim}]; re-encode it")
+                text[name] = arr
+        failed = []
+        if "failed" in f:
+            cols = {c: read(f"failed/{c}") for c in f["failed"]}
+            n = len(next(iter(cols.values()))) if cols else 0
+            if any(len(v) != n for v in cols.values()):
+                raise CacheError(f"{path}: the failed-images table has columns of different "
+                                 "lengths; re-encode it")
+            failed = [{c: str(cols[c][i]) for c in cols} for i in range(n)]
         return cls(path, attrs, splits, text, failed)
 
     @property
@@ -209,27 +355,165 @@ def _strs(ds) -> np.ndarray:
     return np.array(ds.asstr()[()], dtype=object) if len(ds) else np.array([], dtype=object)
 
 
+def _digest(value) -> str:
+    """sha256 of a dataset's values as stored: dtype, shape and raw bytes for numbers;
+    length-prefixed UTF-8 for strings (what h5py gives back is re-encoded the same way)."""
+    h = hashlib.sha256()
+    a = np.asarray(value)
+    if a.dtype.kind in "OUS":
+        items = [x.decode() if isinstance(x, bytes) else str(x) for x in a.reshape(-1)]
+        data = [x.encode("utf-8") for x in items]
+        h.update(f"str{a.shape}".encode())
+        h.update(np.array([len(b) for b in data], dtype="<u8").tobytes())
+        h.update(b"".join(data))
+    else:
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def _header_digest(raw: dict) -> str:
+    """sha256 of every attribute but `header_sha256` itself and `created` (a timestamp that
+    says nothing about the numbers: two identical runs get identical checksums), as
+    canonical JSON."""
+    canon = {k: _decode_attr(v) for k, v in raw.items() if k not in ("header_sha256",
+                                                                      "created")}
+    return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _verify_header(path: Path, raw: dict) -> None:
+    want = _decode_attr(raw.get("header_sha256", ""))
+    if not want:
+        raise CacheError(f"{path}: attribute header_sha256 is missing; the file was altered "
+                         "after writing; re-encode it")
+    if _header_digest(raw) != want:
+        raise CacheError(f"{path}: the attributes (classes, model, preprocessing, ...) do not "
+                         "match their checksum: hand-edited or corrupted; re-encode it with "
+                         "`skincache encode ... --force`")
+
+
+_REQUIRED_ATTRS = ("key", "model", "weights_sha256", "embed_dim", "logit_scale", "precision",
+                   "preprocess", "views", "classes", "class_names", "split_order", "created",
+                   "versions", "dataset", "dataset_kind", "dataset_root", "dataset_fingerprint",
+                   "feature_dtype")
+_JSON_ATTRS = ("preprocess", "views", "versions", "template_sets", "chunking")
+
+
+def _check_attrs(path: Path, attrs: dict, f: h5py.File) -> tuple[list[str], list[str]]:
+    """Refuse, with one line, attributes that make no sense whatever their checksum says
+    (old caches have none): (classes, split order) when they are sound."""
+    missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        raise CacheError(f"{path}: attribute {missing[0]!r} is missing; re-encode it")
+
+    def as_json(name: str):
+        try:
+            return json.loads(attrs[name])
+        except (TypeError, ValueError):
+            raise CacheError(f"{path}: attribute {name!r} is not valid JSON "
+                             f"({str(attrs[name])[:60]!r}); re-encode it") from None
+
+    classes = as_json("classes")
+    if not (isinstance(classes, list) and len(classes) >= 2
+            and all(isinstance(c, str) and c for c in classes)
+            and len(set(classes)) == len(classes)):
+        raise CacheError(f"{path}: attribute 'classes' must be a list of at least 2 distinct "
+                         f"names, got {str(attrs['classes'])[:80]!r}; re-encode it")
+    names = as_json("class_names")
+    if not (isinstance(names, list) and len(names) == len(classes)):
+        raise CacheError(f"{path}: attribute 'class_names' does not list one name per class "
+                         f"({len(classes)}); re-encode it")
+    order = as_json("split_order")
+    if not (isinstance(order, list) and order and all(isinstance(s, str) for s in order)
+            and len(set(order)) == len(order)):
+        raise CacheError(f"{path}: attribute 'split_order' must list the splits, got "
+                         f"{str(attrs['split_order'])[:80]!r}; re-encode it")
+    have = set(f["splits"]) if "splits" in f else set()
+    absent = [s for s in order if s not in have]
+    if absent:
+        raise CacheError(f"{path}: attribute 'split_order' names split '{absent[0]}', which "
+                         f"the file does not hold (has {sorted(have)}); re-encode it")
+    for name in _JSON_ATTRS:
+        if name in attrs:
+            as_json(name)
+    try:
+        scale = float(attrs["logit_scale"])
+        dim = int(attrs["embed_dim"])
+    except (TypeError, ValueError):
+        raise CacheError(f"{path}: attribute logit_scale or embed_dim is not a number; "
+                         "re-encode it") from None
+    if not (math.isfinite(scale) and 0 < scale <= 1000):
+        raise CacheError(f"{path}: attribute logit_scale = {scale} is outside (0, 1000] "
+                         "(CLIP's is at most 100); re-encode it")
+    if not 1 <= dim <= 1 << 16:
+        raise CacheError(f"{path}: attribute embed_dim = {dim} is not a feature dimension; "
+                         "re-encode it")
+    return classes, order
+
+
 # --------------------------------------------------------------------------- writing
+
+
+#: fds of the cache locks this process holds; a forked child closes its copies at once.
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader decode worker): close the inherited lock fds. An flock
+    belongs to the open file description, which fork shares, so without this the workers of a
+    SIGKILLed encode would hold its lock for seconds after it died. (O_CLOEXEC only covers
+    exec; fork keeps every fd.)"""
+    for fd in list(_HELD_LOCK_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class CacheLock:
     """An exclusive advisory lock on `<name>.lock`: two encodes of one key never interleave.
 
     flock is released by the kernel when the holder dies, so a SIGKILLed run leaves no stale
-    lock behind."""
+    lock behind; the fd is O_CLOEXEC and closed in forked children, so decode workers never
+    hold it."""
 
     def __init__(self, path: Path):
         self.path = path
         self._fd: int | None = None
 
     def acquire(self, wait: bool = False) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            de = disk_error(e, self.path, "creating the lock file")
+            if de is not None:
+                raise de from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            if holder.isdigit() and not _pid_alive(int(holder)):
+                raise CacheBusyError(
+                    f"{self.path}: locked, but its holder (pid {holder}) has exited; a process "
+                    "it started is still finishing: run again in a few seconds (or pass --wait)"
+                ) from None
             raise CacheBusyError(
                 f"{self.path}: another skincache process (pid {holder}) is writing this cache; "
                 "wait for it to finish (or pass --wait)"
@@ -237,9 +521,19 @@ class CacheLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
+        _HELD_LOCK_FDS.add(fd)
+
+    def try_acquire(self) -> bool:
+        """Take the lock if nobody holds it; False (and nothing held) otherwise."""
+        try:
+            self.acquire(wait=False)
+        except CacheBusyError:
+            return False
+        return True
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD_LOCK_FDS.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -252,12 +546,18 @@ class CacheLock:
 
 
 def _atomic_write(path: Path, write) -> None:
+    """tmp file, fsync, rename; the tmp file is removed if anything fails (a full disk)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 class PartialCache:
@@ -287,6 +587,10 @@ class PartialCache:
 
     def chunk_path(self, i: int) -> Path:
         return self.folder / f"chunk_{i:06d}.npz"
+
+    def n_chunks(self) -> int:
+        """How many chunk files are committed (for messages)."""
+        return len(list(self.folder.glob("chunk_*.npz")))
 
     def has_chunk(self, i: int) -> bool:
         return self.chunk_path(i).exists()
@@ -327,9 +631,42 @@ class SplitArrays:
 
 def write_cache(path: Path, attrs: dict, splits: dict[str, SplitArrays],
                 text: dict[str, np.ndarray], failed: dict[str, list[str]]) -> None:
-    """Write a complete cache atomically (tmp file, fsync, rename)."""
+    """Write a complete cache atomically (tmp file, fsync, rename), with a sha256 of every
+    dataset and of the attributes, checked by `FeatureCache.open`.
+
+    HDF5 builds the file in memory and plain Python writes it out: HDF5 writing straight to a
+    disk that fills up fails in many places at once (a flood of errors from every handle's
+    destructor, and a segfault was seen), while a plain write fails once, cleanly. The cost is
+    one copy of the cache in memory (the arrays already are). On any failure the `.h5.tmp` is
+    removed; OSErrors the disk caused become a one-line `DiskError`."""
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    image = io.BytesIO()
+    _write_h5(image, attrs, splits, text, failed)
+    try:
+        _atomic_write(tmp, lambda fh: _write_view(fh, image.getbuffer()))
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        de = disk_error(e, tmp, "writing")
+        if de is not None:
+            raise de from None
+        raise
+
+
+def _write_view(fh, view: memoryview, block: int = 1 << 24) -> None:
+    for start in range(0, len(view), block):
+        fh.write(view[start:start + block])
+
+
+def _write_h5(target, attrs: dict, splits: dict[str, SplitArrays],
+              text: dict[str, np.ndarray], failed: dict[str, list[str]]) -> None:
+    sums: dict[str, str] = {}
+    with h5py.File(target, "w") as f:
+        def put(name: str, data, dtype=None) -> None:
+            ds = f.create_dataset(name, data=data, dtype=dtype)
+            sums[name] = _digest(_strs(ds) if dtype is _STR else data)
+
         for k, v in attrs.items():
             f.attrs[k] = v
         f.attrs["format"] = "skincache-features"
@@ -337,28 +674,43 @@ def write_cache(path: Path, attrs: dict, splits: dict[str, SplitArrays],
         f.attrs["feature_dtype"] = np.dtype(FEATURE_DTYPE).name
         f.attrs["split_order"] = json.dumps(list(splits))
         f.attrs["complete"] = False
-        root = f.create_group("splits")
+        f.create_group("splits")
         for name, s in splits.items():
-            g = root.create_group(name)
-            g.create_dataset("features", data=s.features.astype(FEATURE_DTYPE))
-            g.create_dataset("views", data=s.views.astype(FEATURE_DTYPE))
-            g.create_dataset("labels", data=s.labels.astype(np.int16))
-            g.create_dataset("image_id", data=s.image_id, dtype=_STR)
-            g.create_dataset("group_id", data=s.group_id, dtype=_STR)
-            g.create_dataset("sha1", data=s.sha1, dtype=_STR)
-            m = g.create_group("meta")
+            base = f"splits/{name}"
+            f.create_group(base)
+            put(f"{base}/features", s.features.astype(FEATURE_DTYPE))
+            put(f"{base}/views", s.views.astype(FEATURE_DTYPE))
+            put(f"{base}/labels", s.labels.astype(np.int16))
+            put(f"{base}/image_id", s.image_id, _STR)
+            put(f"{base}/group_id", s.group_id, _STR)
+            put(f"{base}/sha1", s.sha1, _STR)
+            f.create_group(f"{base}/meta")
             for col, values in s.meta.items():
-                m.create_dataset(col, data=values, dtype=_STR)
-        t = f.create_group("text")
+                put(f"{base}/meta/{col}", values, _STR)
+        f.create_group("text")
         for name, arr in text.items():
-            t.create_dataset(name, data=arr.astype(np.float32))
-        fg = f.create_group("failed")
+            put(f"text/{name}", arr.astype(np.float32))
+        f.create_group("failed")
         for col, values in failed.items():
-            fg.create_dataset(col, data=values, dtype=_STR)
+            put(f"failed/{col}", values, _STR)
+        f.attrs["checksums"] = json.dumps(sums, sort_keys=True)
         f.attrs["complete"] = True
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+        f.attrs["header_sha256"] = _header_digest(dict(f.attrs))
+
+
+def estimate_cache_bytes(splits: dict[str, SplitArrays], text: dict[str, np.ndarray],
+                         failed: dict[str, list[str]]) -> int:
+    """A generous estimate of the `.h5` size, to refuse assembly on a disk that cannot hold
+    it (HDF5 on a full disk fails in many places at once)."""
+    n = 0
+    for s in splits.values():
+        n += (s.features.size + s.views.size) * np.dtype(FEATURE_DTYPE).itemsize
+        n += s.labels.size * 2
+        for col in (s.image_id, s.group_id, s.sha1, *s.meta.values()):
+            n += sum(len(x) for x in col) + 16 * len(col)
+    n += sum(a.size * 4 for a in text.values())
+    n += sum(sum(len(x) for x in col) + 16 * len(col) for col in failed.values())
+    return int(n * 1.2) + (256 << 10)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ renders the result. No logic lives here."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 from pathlib import Path
 from typing import Annotated
@@ -28,19 +29,63 @@ CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Folder for feature 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
+_DEBUG = {"on": False}
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                errno.EPERM)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full Python traceback of "
+                                                        "an error instead of one line.")] = False,
+) -> None:
+    """Skin-lesion classification with CLIP: encode once into an HDF5 feature cache, then
+    train heads in seconds."""
+    _DEBUG["on"] = debug
+
+
 @contextlib.contextmanager
 def _clear_errors():
-    """Known failures become one red line and exit status 1, not a traceback."""
-    from skincache.cache import CacheError
+    """Known failures become one red line and exit status 1, not a traceback (`--debug`
+    shows the traceback). Cache warnings (an old cache without checksums) become one yellow
+    line each."""
+    import warnings
+
+    from skincache.cache import CacheError, CacheWarning
     from skincache.data import DataError, FetchError
     from skincache.errors import SkincacheError
 
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CacheWarning):
+            from rich.markup import escape
+
+            _render.err.print(f"[bold yellow]warning:[/] {escape(str(message))}",
+                              highlight=False)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
     try:
         yield
     except (SkincacheError, DataError, CacheError, FetchError, FileNotFoundError,
-            FileExistsError, ValueError, RuntimeError) as e:
-        _render.err.print(f"[bold red]error:[/] {e}", highlight=False)
+            FileExistsError, ValueError, RuntimeError, OSError, EOFError) as e:
+        if _DEBUG["on"]:
+            raise
+        if isinstance(e, OSError) and not isinstance(e, (SkincacheError, FileNotFoundError,
+                                                         FileExistsError)):
+            if e.errno not in _DISK_ERRNOS:
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            text = f"{e.strerror or e}{where}; nothing done so far is lost"
+        else:
+            text = str(e)
+        from rich.markup import escape  # a message may hold "[...]": print it as is
+
+        _render.err.print(f"[bold red]error:[/] {escape(text)}", highlight=False)
         raise typer.Exit(1) from None
+    finally:
+        warnings.showwarning = previous
 
 
 PRETRAINED_HELP = ("open_clip pretrained tag; default: openai where the model has it, none "

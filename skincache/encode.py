@@ -13,11 +13,13 @@ The image tower runs in bf16 autocast on CUDA and fp32 elsewhere; features are s
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import queue
+import shutil
 import threading
 import time
 from collections import Counter
@@ -39,15 +41,29 @@ from skincache.cache import (
     SplitArrays,
     cache_key,
     cache_name,
+    check_writable_dir,
+    disk_error,
+    estimate_cache_bytes,
+    make_disk_error,
     write_cache,
 )
 from skincache.data import Dataset, Record, read_image_bytes
 from skincache.data.classes import display_name
+from skincache.errors import DiskError, InputFileError
 from skincache.models import LoadedModel, ModelSpec, load_model
 from skincache.prompts import TEMPLATE_SETS, class_prompts
-from skincache.views import DecodeError, Normalizer, ViewMaker, ViewPolicy, decode_image
+from skincache.views import (
+    DecodeError,
+    Normalizer,
+    ViewMaker,
+    ViewPolicy,
+    decode_image,
+    probe_size,
+)
 
 DEFAULT_CACHE_DIR = Path("cache")
+#: Seconds a decode worker may take for one batch before the run stops with an error.
+LOADER_TIMEOUT_S = 600
 
 
 def resolve_device(device: str) -> torch.device:
@@ -98,13 +114,19 @@ def read_record(record: Record) -> tuple[bytes | None, str, str]:
         data = read_image_bytes(record.source)
     except FileNotFoundError:
         return None, "", f"missing: no file at {record.source}"
+    except InputFileError as e:  # a FIFO, a device, a file over the byte cap
+        return None, "", f"unreadable: {e}"
     except OSError as e:
         return None, "", f"unreadable: {e}"
+    except Exception as e:  # a bad parquet row, ...: one image never ends the run
+        return None, "", f"unreadable: {type(e).__name__}: {e}"
     return data, hashlib.sha1(data).hexdigest(), ""
 
 
 def load_views(record: Record, maker: ViewMaker) -> tuple[str, np.ndarray | None, str]:
-    """(sha1, uint8 views or None, failure reason) for one record, never raising."""
+    """(sha1, uint8 views or None, failure reason) for one record, never raising: whatever
+    one image does (even MemoryError inside a decode worker) is recorded for that image and
+    the run goes on."""
     data, sha1, reason = read_record(record)
     if data is None:
         return sha1, None, reason
@@ -113,6 +135,8 @@ def load_views(record: Record, maker: ViewMaker) -> tuple[str, np.ndarray | None
         return sha1, maker.from_pil(img, record.image_id), ""
     except DecodeError as e:
         return sha1, None, str(e)
+    except Exception as e:
+        return sha1, None, f"failed to decode: {type(e).__name__}: {e}"
 
 
 class _ViewDataset(torch.utils.data.Dataset):
@@ -145,6 +169,9 @@ def cpu_batches(records: list[Record], positions: list[int], maker: ViewMaker, b
         _ViewDataset(records, positions, maker), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None, persistent_workers=False,
+        # a batch lost between a worker and this process (shared memory full, a worker
+        # killed) is an error after this long, not a wait forever
+        timeout=LOADER_TIMEOUT_S if num_workers else 0,
     )
     yield from loader
 
@@ -174,6 +201,11 @@ def tensor_batches(records: list[Record], positions: list[int], maker: ViewMaker
             if data is None:
                 failed.append((pos, "", reason))
             elif data[:3] == b"\xff\xd8\xff":
+                try:  # nvjpeg has no bomb guard: size from the header first
+                    probe_size(data)
+                except DecodeError as e:
+                    failed.append((pos, digest[pos], str(e)))
+                    continue
                 jpeg_pos.append(pos)
                 jpeg_data.append(data)
             else:
@@ -184,11 +216,11 @@ def tensor_batches(records: list[Record], positions: list[int], maker: ViewMaker
             try:
                 imgs = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
                 decoded = dict(zip(jpeg_pos, imgs, strict=True))
-            except RuntimeError:  # one bad file fails the batch call: decode one by one
+            except Exception:  # one bad file fails the batch call: decode one by one
                 for pos, t in zip(jpeg_pos, tensors, strict=True):
                     try:
                         decoded[pos] = decode_jpeg(t, mode=ImageReadMode.RGB, device=device)
-                    except RuntimeError:
+                    except Exception:  # Pillow decides below, and names the problem
                         pass
         by_pos = dict(zip(jpeg_pos, jpeg_data, strict=True))
         fallback += [(p, d) for p, d in by_pos.items() if p not in decoded]
@@ -197,12 +229,24 @@ def tensor_batches(records: list[Record], positions: list[int], maker: ViewMaker
             if pos in decoded:
                 by_shape.setdefault(tuple(decoded[pos].shape), []).append(pos)
         for same in by_shape.values():  # one resize per image size, not per image
-            cut = maker.from_tensor_batch(torch.stack([decoded[p] for p in same]),
-                                          [records[p].image_id for p in same])
+            try:
+                cut = maker.from_tensor_batch(torch.stack([decoded[p] for p in same]),
+                                              [records[p].image_id for p in same])
+            except Exception:  # e.g. out of memory for the group: one image at a time
+                cut = None
             for j, pos in enumerate(same):
+                if cut is None:
+                    try:
+                        v = maker.from_tensor(decoded[pos], records[pos].image_id)
+                    except Exception as e:
+                        failed.append((pos, digest[pos],
+                                       f"failed to cut views: {type(e).__name__}: {e}"))
+                        continue
+                else:
+                    v = cut[j]
                 index.append(pos)
                 sha1s.append(digest[pos])
-                views.append(cut[j])
+                views.append(v)
         for pos, data in fallback:  # Pillow decides: converts odd modes or names the problem
             sha1 = digest[pos]
             try:
@@ -213,6 +257,8 @@ def tensor_batches(records: list[Record], positions: list[int], maker: ViewMaker
                 views.append(v)
             except DecodeError as e:
                 failed.append((pos, sha1, str(e)))
+            except Exception as e:
+                failed.append((pos, sha1, f"failed to decode: {type(e).__name__}: {e}"))
         if views:
             order = np.argsort(index, kind="stable")
             index = [index[i] for i in order]
@@ -349,7 +395,7 @@ class EncodeResult:
     failed_reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     splits: dict[str, int] = field(default_factory=dict)
-    stale_partial: Path | None = None  # an unfinished --force rebuild beside an existing cache
+    stale_partial: Path | None = None  # a leftover partial folder removed beside the cache
 
     @property
     def images_per_s(self) -> float:
@@ -399,53 +445,108 @@ def encode_dataset(
     fingerprint = dataset.fingerprint()
     key = encode_key(dataset, spec, policy, precision, template_sets, fingerprint)
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     name = cache_name(dataset.name, spec.slug, policy.k, key)
     final = cache_dir / f"{name}.h5"
-    stale = cache_dir / f"{name}.partial"
     if final.exists() and not force:
-        return EncodeResult(final, "exists", stale_partial=stale if stale.is_dir() else None)
+        swept = _sweep_leftovers(cache_dir, name)
+        return EncodeResult(final, "exists", stale_partial=swept)
+    check_writable_dir(cache_dir, "--cache-dir")
 
     t0 = time.perf_counter()
     # before any file is written, the lock included: a model that fails to load leaves none
     loaded = load_model(spec, dev)
-    with CacheLock(cache_dir / f"{name}.lock") as lock:
-        lock.acquire(wait=wait)
-        if final.exists() and not force:  # another run finished it while we waited
-            return EncodeResult(final, "exists")
-        # --force keeps a partial folder of the same key: it is an interrupted --force run
-        # of this very rebuild, and resuming it gives the same cache as starting afresh
-        partial = PartialCache(cache_dir / f"{name}.partial")
-        records = dataset.records
-        manifest = partial.start({
-            "key": key, "n_records": len(records), "batch_size": batch_size,
-            "chunk_size": batch_size * chunk_batches, "started": _now(),
-        })
-        chunk_size, batch_size = manifest["chunk_size"], manifest["batch_size"]
-        n_chunks = math.ceil(len(records) / chunk_size)
-        done = [i for i in range(n_chunks) if partial.has_chunk(i)]
-        first = len(done) if done == list(range(len(done))) else 0
-        status = "resumed" if first else "built"
-
-        encoder = ImageEncoder(loaded, policy, dev, precision)
-        if partial.read_array("text") is None:
-            partial.write_array("text", **{s: encoder.text_features(dataset.classes, s)
-                                           for s in template_sets})
-        positions = list(range(first * chunk_size, len(records)))
-        workers = default_workers() if num_workers is None else num_workers
-        with progress_bar(len(records), f"encode {dataset.name}", enabled=progress) as advance, \
-                _share_cores(dev, workers if _route(loader, dev) == "pillow" else 0):
-            advance(first * chunk_size)
-            _run_chunks(encoder, records, positions, partial, first, chunk_size, batch_size,
-                        num_workers, loader, advance)
-        result = _assemble(final, partial, dataset, fingerprint, encoder, key, n_chunks,
-                           template_sets, manifest)
-        partial.remove()
-        # safe while held: a process waiting on the old inode re-checks `final` once it has it
-        lock.path.unlink(missing_ok=True)
+    partial = PartialCache(cache_dir / f"{name}.partial")
+    try:
+        with CacheLock(cache_dir / f"{name}.lock") as lock:
+            lock.acquire(wait=wait)
+            if final.exists() and not force:  # another run finished it while we waited
+                return EncodeResult(final, "exists")
+            result, status = _encode_locked(dataset, loaded, policy, dev, precision, fingerprint,
+                                            key, final, partial, force, batch_size,
+                                            chunk_batches, num_workers, loader, template_sets,
+                                            progress)
+            # the cache is complete: from here on only litter is removed (a kill now leaves
+            # litter that the next run sweeps, see `_sweep_leftovers`)
+            partial.remove()
+            # safe while held: a process waiting on the old inode re-checks `final` once it has it
+            lock.path.unlink(missing_ok=True)
+    except OSError as e:
+        done = partial.n_chunks() if partial.folder.exists() else 0
+        after = (f"nothing is lost ({done} finished chunk(s) kept in {partial.folder}): "
+                 "free space (or fix the folder) and run the same command again to resume")
+        if isinstance(e, DiskError):
+            raise make_disk_error(e.errno or 0, f"{e}; {after}") from None
+        inside = e.filename is None or Path(str(e.filename)).resolve().is_relative_to(
+            cache_dir.resolve())
+        de = disk_error(e, e.filename or partial.folder, "writing", after) if inside else None
+        if de is not None:  # (an unreadable checkpoint elsewhere keeps its own message)
+            raise de from None
+        raise
     result.status = status
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _sweep_leftovers(cache_dir: Path, name: str) -> Path | None:
+    """The cache exists: remove what a run killed after its final rename (or an interrupted
+    --force rebuild) left behind (the `.partial/` folder, the `.lock` file, a `.h5.tmp`), if no
+    process holds the lock. Returns the partial folder if one was removed, to say so."""
+    partial = PartialCache(cache_dir / f"{name}.partial")
+    lock_path = cache_dir / f"{name}.lock"
+    tmp = cache_dir / f"{name}.h5.tmp"
+    if not (partial.folder.exists() or lock_path.exists() or tmp.exists()):
+        return None
+    had_partial = partial.folder.is_dir()
+    lock = CacheLock(lock_path)
+    try:
+        if not lock.try_acquire():
+            return None
+    except OSError:  # a read-only cache folder: nothing can be swept, the cache still reads
+        return None
+    try:
+        partial.remove()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+    finally:
+        lock.release()
+    return partial.folder if had_partial and not partial.folder.exists() else None
+
+
+def _encode_locked(dataset: Dataset, loaded: LoadedModel, policy: ViewPolicy, dev: torch.device,
+                   precision: str, fingerprint: str, key: str, final: Path,
+                   partial: PartialCache, force: bool, batch_size: int, chunk_batches: int,
+                   num_workers: int | None, loader: str, template_sets: list[str],
+                   progress: bool) -> tuple[EncodeResult, str]:
+    """The run itself, under the lock: chunks (resumed), assembly."""
+    if force:
+        partial.remove()
+    records = dataset.records
+    manifest = partial.start({
+        "key": key, "n_records": len(records), "batch_size": batch_size,
+        "chunk_size": batch_size * chunk_batches, "started": _now(),
+    })
+    chunk_size, batch_size = manifest["chunk_size"], manifest["batch_size"]
+    n_chunks = math.ceil(len(records) / chunk_size)
+    done = [i for i in range(n_chunks) if partial.has_chunk(i)]
+    first = len(done) if done == list(range(len(done))) else 0
+    status = "resumed" if first else "built"
+
+    encoder = ImageEncoder(loaded, policy, dev, precision)
+    if partial.read_array("text") is None:
+        partial.write_array("text", **{s: encoder.text_features(dataset.classes, s)
+                                       for s in template_sets})
+    positions = list(range(first * chunk_size, len(records)))
+    workers = default_workers() if num_workers is None else num_workers
+    with progress_bar(len(records), f"encode {dataset.name}", enabled=progress) as advance, \
+            _share_cores(dev, workers if _route(loader, dev) == "pillow" else 0):
+        advance(first * chunk_size)
+        _run_chunks(encoder, records, positions, partial, first, chunk_size, batch_size,
+                    num_workers, loader, advance)
+    result = _assemble(final, partial, dataset, fingerprint, encoder, key, n_chunks,
+                       template_sets, manifest)
+    return result, status
 
 
 def _run_chunks(encoder: ImageEncoder, records: list[Record], positions: list[int],
@@ -559,6 +660,11 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
         "split": [records[i].split or "" for i in f_index],
         "reason": [str(r) for r in f_reason],
     }
+    need = estimate_cache_bytes(splits, text, failed)
+    free = shutil.disk_usage(final.parent).free
+    if free < need:
+        raise make_disk_error(errno.ENOSPC, f"disk full: assembling {final} needs about "
+                              f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB are free")
     write_cache(final, attrs, splits, text, failed)
     reasons = Counter(r.split(":")[0] for r in failed["reason"])
     return EncodeResult(final, "built", n_images=len(index), n_failed=len(f_index),

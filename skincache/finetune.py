@@ -208,6 +208,10 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     cfg = _resolve_resume(config)
     if cfg.resume and _status(Path(cfg.resume)) == "complete":
         return finished_result(Path(cfg.resume), cfg)
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes; before any data loads
+        from skincache.cache import check_writable_dir
+
+        check_writable_dir(Path(cfg.runs_dir), "--runs-dir")
     device = resolve_device(cfg.device)
     ctx = DistContext.from_env(device)
     try:

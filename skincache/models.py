@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import os
+import stat
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -207,6 +209,10 @@ def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes, remembered per (path, size, mtime): a checkpoint of several
     hundred MB is hashed once per process, not at every use of its identity."""
     st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero never ends
+        from skincache.errors import InputFileError
+
+        raise InputFileError(f"{path}: not a regular file")
     return _file_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
@@ -266,7 +272,7 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
                 "~/.cache/huggingface here, or pass --checkpoint FILE") from e
         raise RuntimeError(f"could not load {what}: {e}") from e
     if spec.checkpoint:
-        open_clip.load_checkpoint(model, spec.checkpoint, weights_only=True)
+        load_checkpoint_file(model, spec)
     model.eval().to(device)
     preprocess = PreprocessSpec.from_open_clip(model.visual.preprocess_cfg)
     tokenizer = open_clip.get_tokenizer(spec.name)
@@ -280,6 +286,61 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
         logit_scale=float(model.logit_scale.exp().item()),
         weights_sha256=state_dict_sha256(model),
     )
+
+
+def checkpoint_problem(path: str | Path, e: BaseException) -> str:
+    """What is wrong with a weights file, in words, from the exception loading it raised."""
+    import pickle
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+            return ("a raw Python pickle, not a weights-only torch checkpoint (skincache never "
+                    "unpickles: it could run code)")
+    except OSError:
+        pass
+    text = str(e).strip()
+    first = text.splitlines()[0][:200] if text else type(e).__name__
+    if type(e).__name__ == "SafetensorError":
+        return f"not a valid safetensors file ({first})"
+    if "Unsupported global" in text or "Unsupported class" in text:
+        return ("not a weights-only checkpoint: loading it would unpickle arbitrary objects "
+                "(and could run code), which skincache refuses")
+    if isinstance(e, EOFError) or any(m in text for m in (
+            "Unsupported operand", "invalid load key", "failed finding central directory",
+            "PytorchStreamReader", "could not find MARK", "truncated")):
+        return "not a torch checkpoint (unreadable or truncated bytes)"
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in text.lower():
+        return ("not a weights-only checkpoint: loading it would unpickle arbitrary objects "
+                "(and could run code), which skincache refuses")
+    if "Error(s) in loading state_dict" in text:
+        return "its weights do not fit this model (missing/unexpected keys or shape mismatch)"
+    return first
+
+
+def load_checkpoint_file(model: torch.nn.Module, spec: ModelSpec) -> None:
+    """Load `spec.checkpoint` into `model` with `weights_only=True` (never unpickles); any
+    failure is one `InputFileError` naming the file and what is wrong with it."""
+    import open_clip
+
+    from skincache.errors import InputFileError
+
+    path = str(spec.checkpoint)
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise InputFileError(f"{path}: not a regular file")
+    if Path(path).suffix.lower() in (".npz", ".npy"):
+        raise InputFileError(f"{path}: numpy weight files are not supported; use a .pt, .bin "
+                             "or .safetensors checkpoint")
+    try:
+        with warnings.catch_warnings():  # torch's notes on odd pickles: the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            open_clip.load_checkpoint(model, path, weights_only=True)
+    except Exception as e:
+        raise InputFileError(f"{path}: cannot load as weights for {spec.name}: "
+                             f"{checkpoint_problem(path, e)}") from None
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from skincache import __version__
-from skincache.cache import CacheError, FeatureCache
+from skincache.cache import CacheError, FeatureCache, check_writable_dir
 from skincache.errors import SkincacheError
 from skincache.heads import Head, create_head, get_head_class, load_head
 from skincache.metrics import (
@@ -215,6 +215,11 @@ def fit_head_run(
     mean over the clean and the cached augmented views), and write the run folder. `shots`:
     K training images per class, drawn with `seed`."""
     fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
+    if not any(s in fc.splits for s in eval_splits):  # else: an empty metrics table
+        raise RunError(f"{fc.path}: no {' or '.join(eval_splits)} split to score a head on "
+                       f"(the cache has {list(fc.splits)}); encode data with a validation or "
+                       "test split")
+    check_writable_dir(Path(runs_dir), "--runs-dir")  # before the fit, not after it
     run = Path(runs_dir) / (name or default_run_name(head))
     if (run / "run.json").exists():
         raise RunError(f"{run}: a run with this name exists; choose another --name")

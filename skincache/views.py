@@ -68,13 +68,58 @@ class DecodeError(Exception):
 
 _HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
+#: Most pixels an image may have: Pillow's own decompression-bomb limit (about 89 MP), applied
+#: from the header on every route, so that the nvjpeg route refuses what the Pillow route does.
+MAX_PIXELS: int = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+#: Longest / shortest side above which an image is refused: a 1 x 1,000,000 strip is a few KB
+#: as a PNG, but a shortest-side resize to 224 would make it 224 x 224,000,000 pixels.
+MAX_ASPECT: float = 50.0
+
+
+def check_image_size(width: int, height: int) -> None:
+    """Refuse, from the header alone, an image whose decode or resize could exhaust memory."""
+    if width < 1 or height < 1:
+        raise DecodeError(f"image has no pixels (size {width}x{height})")
+    # "reason: details": `info` groups failures by the text before the first colon
+    if width * height > MAX_PIXELS:
+        raise DecodeError(f"image too large: {width}x{height} = {width * height:,} pixels "
+                          f"(limit {MAX_PIXELS:,})")
+    aspect = max(width, height) / min(width, height)
+    if aspect > MAX_ASPECT:
+        raise DecodeError(f"image too elongated: {width}x{height}, aspect ratio {aspect:.0f} "
+                          f"to 1 (limit {MAX_ASPECT:.0f} to 1)")
+
+
+def probe_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header (Pillow's lazy open reads no pixels), checked by
+    `check_image_size`; DecodeError when the header cannot be read or the size is refused.
+
+    The nvjpeg route calls this before handing bytes to the GPU decoder, which has no guard."""
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+    except Image.DecompressionBombError as e:
+        raise DecodeError(f"image too large: {e}") from None
+    except UnidentifiedImageError:
+        raise DecodeError("not an image Pillow can read (unknown or corrupt format)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise DecodeError(f"corrupt image: {e}") from None
+    check_image_size(w, h)
+    return w, h
+
 
 def decode_image(data: bytes, draft_shortest: int | None = None) -> Image.Image:
     """Bytes -> RGB PIL image, or DecodeError with a reason a person can act on.
 
     `draft_shortest` lets a JPEG decode at a reduced scale (1/2, 1/4, 1/8) as long as its
     shortest side stays >= that many pixels: most of the decoding work is skipped for images
-    far larger than the model's input. Pillow's decompression-bomb guard stays on.
+    far larger than the model's input. Pillow's decompression-bomb guard stays on, and the
+    size is checked from the header (`check_image_size`: pixel and aspect-ratio caps) before a
+    single pixel is decoded.
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
@@ -82,6 +127,7 @@ def decode_image(data: bytes, draft_shortest: int | None = None) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+            check_image_size(*img.size)
             if draft_shortest and img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK"):
                 w, h = img.size
                 s = draft_shortest / min(w, h)
@@ -90,7 +136,7 @@ def decode_image(data: bytes, draft_shortest: int | None = None) -> Image.Image:
                               (math.ceil(w * s), math.ceil(h * s)))
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecodeError(f"image too large (decompression-bomb guard): {e}") from None
+        raise DecodeError(f"image too large: {e}") from None
     except UnidentifiedImageError:
         raise DecodeError("not an image Pillow can read (unknown or corrupt format)") from None
     except OSError as e:

@@ -71,11 +71,15 @@ def index_files(root: Path | str, exts: frozenset[str] = JPEG_EXTS) -> dict[str,
 
 
 def read_csv_header(path: Path) -> list[str]:
-    """The first row of a CSV, stripped; [] for an empty or unreadable file."""
+    """The first row of a CSV, stripped; [] for an empty or unreadable file.
+
+    Only the first line is decoded (bad bytes replaced): a non-UTF-8 byte further down is
+    reported by `read_csv_rows`, naming the file, not turned into "unrecognised header"."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            row = next(csv.reader(f), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
+        with open(path, "rb") as f:
+            first = f.readline(1 << 16).decode("utf-8-sig", errors="replace")
+        row = next(csv.reader([first]), [])
+    except (OSError, csv.Error):
         return []
     return [c.strip() for c in row]
 
@@ -84,14 +88,33 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]
     """(header, [(line number, row dict)]) with values stripped and missing cells as ''.
 
     Line numbers count the header as line 1 so that error messages point at the file's line.
+    A file that is not UTF-8, an unterminated quote, an over-long field or a NUL byte is a
+    `DataError` naming the file and line: found here, before any model loads, not as a
+    `_csv.Error` traceback or an "unknown label ''" far from its cause.
     """
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [c.strip() for c in next(reader, [])]
-        rows: list[tuple[int, dict[str, str]]] = []
-        for row in reader:
-            if not row or all(not c.strip() for c in row):
-                continue
-            values = [c.strip() for c in row] + [""] * (len(header) - len(row))
-            rows.append((reader.line_num, dict(zip(header, values, strict=False))))
+    from ._record import DataError
+
+    line = 1
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, strict=True)
+            header = [c.strip() for c in next(reader, [])]
+            rows: list[tuple[int, dict[str, str]]] = []
+            for row in reader:
+                line = reader.line_num
+                if not row or all(not c.strip() for c in row):
+                    continue
+                if any("\x00" in c for c in row):
+                    raise DataError(f"{path}, line {line}: a NUL byte in a cell; "
+                                    "the file is binary or corrupt")
+                values = [c.strip() for c in row] + [""] * (len(header) - len(row))
+                rows.append((line, dict(zip(header, values, strict=False))))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} cannot be "
+                        "decoded; Latin-1 or another encoding?); save the file as UTF-8") from None
+    except csv.Error as e:
+        raise DataError(f"{path}, near line {line + 1}: malformed CSV ({e}; an unterminated "
+                        "quote or a field over the size limit?)") from None
+    if header and any("\x00" in c for c in header):
+        raise DataError(f"{path}, line 1: a NUL byte in the header; the file is binary or corrupt")
     return header, rows

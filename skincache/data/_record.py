@@ -106,6 +106,7 @@ class Dataset:
                     f"for splits {self.declared_splits or self.splits}); use more images or "
                     "other --split-ratios"
                 )
+        self._check_strings()
         ids = Counter(r.image_id for r in self.records)
         dup = [i for i, n in ids.items() if n > 1]
         if dup:
@@ -113,6 +114,22 @@ class Dataset:
                 f"{self.root or self.name}: {len(dup)} image ids appear more than once "
                 f"(e.g. {dup[0]}); run `skincache audit` to see them"
             )
+
+    def _check_strings(self) -> None:
+        """Every string the cache will store must be storable: HDF5 variable-length strings
+        refuse NUL bytes and h5py needs valid UTF-8. Found here, before a model loads, rather
+        than after every image has been encoded."""
+        where = self.root or self.name
+        for r in self.records:
+            fields = [("image id", r.image_id), ("label", r.label), ("split", r.split or ""),
+                      ("group", r.group or ""), ("source", r.source)]
+            fields += [(f"column '{k}'", v) for k, v in r.meta.items()]
+            fields += [("a column name", k) for k in r.meta]
+            for what, value in fields:
+                problem = _unstorable(value)
+                if problem:
+                    raise DataError(f"{where}: {what} of image {r.image_id!r} {problem}; "
+                                    "fix the metadata")
 
     def fingerprint(self) -> str:
         """A hash of what the cache's numbers depend on: ids, labels, splits, groups, and the
@@ -132,6 +149,17 @@ class Dataset:
                 json.dumps([r.image_id, r.source, r.label, r.split, r.group, stats[path]]).encode()
             )
         return h.hexdigest()
+
+
+def _unstorable(value: str) -> str:
+    """Why `value` cannot be stored as an HDF5 string, or ''."""
+    if "\x00" in value:
+        return "contains a NUL byte"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 (an undecodable file name?)"
+    return ""
 
 
 def ordered(records: Sequence[Record], splits: Sequence[str]) -> list[Record]:

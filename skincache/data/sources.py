@@ -13,9 +13,11 @@ assigns seeded, lesion-grouped splits where the source has none.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import InputFileError
 from ._files import (
     IMAGE_EXTS,
     SPLIT_ALIASES,
@@ -65,8 +67,8 @@ def load_ham10000(root: Path) -> Dataset:
     root = root.resolve()
     images = index_files(root)
     records, missing = [], []
-    for _, row in rows:
-        image_id = row["image_id"]
+    for line, row in rows:
+        image_id = _plain_id(csv_path, line, row["image_id"], "image_id")
         path = images.get(image_id)
         if path is None:
             missing.append(image_id)
@@ -116,7 +118,7 @@ def load_isic2018(spec: Path, *, images: Path | None = None, split: str | None =
         file_split = normalize_split(split) or split_from_name([csv_path.stem]) or "test"
         for line, row in rows:
             label = _one_hot_label(csv_path, line, row)
-            image_id = row["image"]
+            image_id = _plain_id(csv_path, line, row["image"], "image")
             path = index.get(image_id)
             if path is None:
                 missing.append(image_id)
@@ -329,17 +331,67 @@ def load_dataset(
     return ds
 
 
-def read_image_bytes(source: str) -> bytes:
+#: Largest image file read (bytes). HAM10000 JPEGs are ~250 KB, 30-megapixel dermoscopy
+#: images under 30 MB; a cap keeps a symlink to /dev/zero or a huge file from eating memory.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
+
+
+def read_image_bytes(source: str, max_bytes: int | None = None) -> bytes:
     """The bytes of a record's image: a file, or row N of a parquet file (`file::N`).
 
     Reading parquet rows in order is fast: the last row groups are kept decoded per process.
-    A missing file raises FileNotFoundError naming the path.
+    A missing file raises FileNotFoundError naming the path. Only regular files are read (a
+    FIFO would block forever, a device never ends), and at most `max_bytes` (default
+    `MAX_IMAGE_BYTES`): anything else raises `InputFileError` naming the path.
     """
+    cap = MAX_IMAGE_BYTES if max_bytes is None else max_bytes
     parsed = split_source(source)
     if parsed is not None:
-        return read_parquet_image(*parsed)
-    with open(source, "rb") as f:
-        return f.read()
+        data = read_parquet_image(*parsed)
+        if len(data) > cap:
+            raise InputFileError(f"{source}: image is {len(data):,} bytes, over the "
+                                 f"{cap:,}-byte limit")
+        return data
+    # O_NONBLOCK: opening a FIFO for reading must not wait for a writer; fstat then says
+    # what was opened (after the open, so a swap between check and open cannot fool it).
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputFileError(f"{source}: not a regular file ({_file_kind(st.st_mode)})")
+        if st.st_size > cap:
+            raise InputFileError(f"{source}: file is {st.st_size:,} bytes, over the "
+                                 f"{cap:,}-byte image limit")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(cap + 1)
+    finally:
+        os.close(fd)
+    if len(data) > cap:  # grew while being read
+        raise InputFileError(f"{source}: file is over the {cap:,}-byte image limit")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def _plain_id(path: Path, line: int, image_id: str, column: str) -> str:
+    """An image id that names a file below the dataset folder: not empty, no path separator,
+    not `.`/`..`. An id such as `../../outside/secret` would otherwise be read from outside
+    the dataset (the missing-file path is built from the id)."""
+    if not image_id:
+        raise DataError(f"{path}, line {line}: empty {column}")
+    if "/" in image_id or "\\" in image_id or image_id in (".", "..") or \
+            os.path.isabs(image_id):
+        raise DataError(f"{path}, line {line}: {column} {image_id!r} is not a file name "
+                        "(ids name images below the dataset folder; no paths)")
+    return image_id
 
 
 def _require_columns(path: Path, header: list[str], required: tuple[str, ...]) -> None:

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError
 
+from ..errors import InputFileError
 from . import _posthoc
 from ._math import (  # noqa: F401  (re-exported: heads import them from here)
     balanced_accuracy,
@@ -353,32 +354,137 @@ class Head(ClassifierMixin, BaseEstimator):
         return out
 
 
+#: Bounds a saved head must respect before anything is allocated from it: far above any
+#: real dermoscopy problem (7-8 classes, 512-1024 features), far below "745 GiB".
+MAX_CLASSES = 100_000
+MAX_FEATURES = 65_536
+MAX_INT_PARAM = 1_000_000
+MAX_CONFIG_BYTES = 10 * 1024 * 1024
+_CONFIG_KEYS = {"format", "format_version", "name", "class", "params", "n_classes",
+                "n_features_in", "fitted", "arrays", "posthoc"}
+
+
+def _bad(path: Path, problem: str) -> InputFileError:
+    return InputFileError(f"{path}: {problem}")
+
+
+def _read_config(cfg_path: Path) -> dict[str, Any]:
+    """`head.json`, checked against its schema: every key known, every type and bound right,
+    so that a hand-made file cannot make `load_head` allocate or call anything unexpected."""
+    try:
+        size = cfg_path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise _bad(cfg_path, f"{size:,} bytes; a head config is a few KB")
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise _bad(cfg_path, "not UTF-8 text (not a head config)") from None
+    except json.JSONDecodeError as e:
+        raise _bad(cfg_path, f"not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(config, dict):
+        raise _bad(cfg_path, "not a JSON object (not a head config)")
+    if config.get("format") != FORMAT:
+        raise _bad(cfg_path, f"not a skincache head (format={config.get('format')!r})")
+    unknown = sorted(set(config) - _CONFIG_KEYS)
+    if unknown:
+        raise _bad(cfg_path, f"unknown keys {unknown}")
+    version = config.get("format_version", 0)
+    if not _is_int(version):
+        raise _bad(cfg_path, f"format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise _bad(cfg_path, f"format version {version} is newer than this skincache reads "
+                   f"({FORMAT_VERSION}); upgrade skincache")
+    for key, lo, hi in (("n_classes", 2, MAX_CLASSES), ("n_features_in", 1, MAX_FEATURES)):
+        v = config.get(key)
+        if not _is_int(v) or not lo <= v <= hi:
+            raise _bad(cfg_path, f"{key} must be an integer in [{lo}, {hi}], got {v!r}")
+    for key, kind in (("name", str), ("params", dict), ("fitted", dict), ("arrays", list)):
+        if key in config and not isinstance(config[key], kind):
+            raise _bad(cfg_path, f"{key} must be a JSON {kind.__name__}, got "
+                       f"{type(config[key]).__name__}")
+    if "name" not in config or "params" not in config:
+        raise _bad(cfg_path, "missing 'name' or 'params'")
+    return config
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_values(cfg_path: Path, where: str, values: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise _bad(cfg_path, f"{where}: unknown keys {unknown} (known: {sorted(allowed)})")
+    for k, v in values.items():
+        items = v if isinstance(v, list) else [v]
+        for x in items:
+            if not (x is None or isinstance(x, (bool, int, float, str))):
+                raise _bad(cfg_path, f"{where}.{k}: {type(x).__name__} is not a parameter value")
+            if _is_int(x) and abs(x) > MAX_INT_PARAM:
+                raise _bad(cfg_path, f"{where}.{k} = {x} is out of range (|value| <= "
+                           f"{MAX_INT_PARAM:,})")
+
+
 def load_head(directory: str | Path) -> Head:
-    """Rebuild a head written by `Head.save`: JSON + safetensors, nothing is unpickled."""
+    """Rebuild a head written by `Head.save`: JSON + safetensors, nothing is unpickled.
+
+    The JSON is validated against its schema before anything is built or allocated, and every
+    problem with either file is one `InputFileError` line naming the file."""
     d = Path(directory)
     cfg_path = d / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: no saved head here")
-    config = json.loads(cfg_path.read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{cfg_path}: not a skincache head (format={config.get('format')!r})")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{cfg_path}: format version {config['format_version']} is newer than "
-                         f"this skincache reads ({FORMAT_VERSION}); upgrade skincache")
-    cls = get_head_class(config["name"])
-    head = cls(**config["params"])
-    arrays = load_file(str(d / ARRAYS_FILE))
+    config = _read_config(cfg_path)
+    try:
+        cls = get_head_class(config["name"])
+    except ValueError as e:
+        raise _bad(cfg_path, str(e)) from None
+    params = config["params"]
+    _check_values(cfg_path, "params", params, set(cls._param_names()))
+    fitted = dict(config.get("fitted", {}))
+    _check_values(cfg_path, "fitted", fitted, set(cls._fitted_scalars))
+    try:
+        head = cls(**params)
+    except (TypeError, ValueError) as e:
+        raise _bad(cfg_path, f"bad params ({e})") from None
+    arrays_path = d / ARRAYS_FILE
+    if not arrays_path.is_file():
+        raise FileNotFoundError(f"{arrays_path}: the head's arrays are missing")
+    try:
+        arrays = load_file(str(arrays_path))
+    except Exception as e:  # SafetensorError, OSError: random bytes, a pickle, truncation
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise _bad(arrays_path, f"not a valid safetensors file ({msg})") from None
     missing = set(cls._fitted_arrays) - set(arrays)
     if missing:
-        raise ValueError(f"{d / ARRAYS_FILE}: missing arrays {sorted(missing)}")
-    head.n_classes_ = int(config["n_classes"])
+        raise _bad(arrays_path, f"missing arrays {sorted(missing)}")
+    n_classes, n_features = int(config["n_classes"]), int(config["n_features_in"])
+    if arrays and not any(a.shape and a.shape[-1] == n_features for a in arrays.values()):
+        raise _bad(cfg_path, f"n_features_in = {n_features} matches no saved array "
+                   f"(shapes {sorted({a.shape for a in arrays.values()})})")
+    head.n_classes_ = n_classes
     head.classes_ = np.arange(head.n_classes_)
-    head.n_features_in_ = int(config["n_features_in"])
+    head.n_features_in_ = n_features
     post = config.get("posthoc", {})
-    head.log_prior_ = arrays.pop("log_prior_", np.zeros(head.n_classes_, dtype=np.float32))
-    head.logit_adjust_ = float(post.get("logit_adjust_", 0.0))
-    head.temperature_ = float(post.get("temperature_", 1.0))
-    head._restore(arrays, dict(config.get("fitted", {})))
+    if not isinstance(post, dict):
+        raise _bad(cfg_path, "posthoc must be a JSON object")
+    _check_values(cfg_path, "posthoc", post, set(Head._posthoc_scalars))
+    head.log_prior_ = arrays.pop("log_prior_", np.zeros(n_classes, dtype=np.float32))
+    if head.log_prior_.shape != (n_classes,):
+        raise _bad(arrays_path, f"log_prior_ has shape {head.log_prior_.shape}, expected "
+                   f"({n_classes},)")
+    try:
+        head.logit_adjust_ = float(post.get("logit_adjust_", 0.0))
+        head.temperature_ = float(post.get("temperature_", 1.0))
+    except (TypeError, ValueError):
+        raise _bad(cfg_path, "posthoc values must be numbers") from None
+    if not (np.isfinite(head.logit_adjust_) and np.isfinite(head.temperature_)
+            and head.temperature_ > 0):
+        raise _bad(cfg_path, f"posthoc out of range: {post}")
+    try:
+        head._restore(arrays, fitted)
+    except Exception as e:  # shapes that do not fit the params, ...
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise _bad(d, f"the saved arrays do not fit the head's configuration ({msg})") from None
     return head
 
 
