@@ -204,8 +204,9 @@ def clip_benchmark_probe(fc: FeatureCache, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     best = (-1.0, 0.0)
     for wd in np.logspace(-6, -2, 7):
+        lin = train(X, y, float(wd))
         with torch.no_grad():
-            acc = float((train(X, y, float(wd))(Xv).argmax(1) == yv).float().mean())
+            acc = float((lin(Xv).argmax(1) == yv).float().mean())
         if acc > best[0]:
             best = (acc, float(wd))
     lin = train(torch.cat([X, Xv]), torch.cat([y, yv]), best[1])
