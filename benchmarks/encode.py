@@ -34,7 +34,8 @@ from rich.table import Table
 from torchvision import transforms as T
 
 from skincache.data import load_dataset, make_demo_dataset
-from skincache.encode import encode_dataset, resolve_device, resolve_precision
+from skincache.device import autocast_dtype, resolve_device, resolve_precision
+from skincache.encode import encode_dataset
 from skincache.models import ModelSpec, load_model
 from skincache.views import ViewPolicy
 
@@ -64,7 +65,7 @@ def baseline(paths: list[str], loaded, k: int, device: torch.device, precision: 
     loader = torch.utils.data.DataLoader(
         _BaselineDataset(paths, preprocess, aug, k), batch_size=batch_size,
         num_workers=workers, pin_memory=device.type == "cuda")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = autocast_dtype(precision)
     t0 = time.perf_counter()
     with torch.no_grad():
         for x in loader:

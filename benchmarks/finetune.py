@@ -35,7 +35,7 @@ from rich.table import Table
 
 from skincache._finetune_model import ClipClassifier, random_head
 from skincache.data import load_dataset, make_demo_dataset
-from skincache.encode import resolve_device, resolve_precision
+from skincache.device import autocast_dtype, resolve_device, resolve_precision
 from skincache.finetune import SETUPS, FinetuneConfig, run_finetune
 from skincache.models import TINY_MODEL, ModelSpec, load_model
 
@@ -55,7 +55,7 @@ def bare_step_rate(model_name: str, pretrained: str | None, device: torch.device
     h, w_ = loaded.preprocess.size
     x = torch.randn(batch_size, 3, h, w_, device=device)
     y = torch.randint(0, 7, (batch_size,), device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = autocast_dtype(precision)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

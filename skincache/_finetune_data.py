@@ -17,7 +17,6 @@ Unreadable images are found in the first pass and listed, never in the middle of
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -294,8 +293,3 @@ def choose_mode(requested: str, need_bytes: int, sharers: int) -> str:
     if avail is None:
         return "memory"
     return "memory" if need_bytes * max(1, sharers) < avail // 2 else "stream"
-
-
-def default_workers(local_world: int) -> int:
-    """Decode processes per training process: the machine's cores shared between them."""
-    return max(1, (os.cpu_count() or 1) // max(1, local_world))

@@ -29,7 +29,6 @@ from skincache import _finetune_state as state
 from skincache._finetune_data import (
     ImageStore,
     choose_mode,
-    default_workers,
     estimate_bytes,
 )
 from skincache._finetune_model import (
@@ -45,14 +44,11 @@ from skincache._finetune_report import quick_scores, train_timing
 from skincache._options import set_interrupt_hint
 from skincache._progress import console, progress_bar
 from skincache.data import limit_dataset, load_dataset
-from skincache.encode import resolve_precision
+from skincache.device import autocast_dtype, default_workers, resolve_precision
 from skincache.finetune import FinetuneConfig, FinetuneResult
 from skincache.heads.base import balanced_class_weights, softmax
 from skincache.models import ModelSpec, load_model
 from skincache.views import Normalizer, ViewMaker, ViewPolicy
-
-_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 WISE_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -64,7 +60,7 @@ class FinetuneRun:
         self.cfg, self.ctx, self.progress = cfg, ctx, progress
         self.device = ctx.device
         self.precision = resolve_precision(cfg.precision, self.device)
-        self.amp = _AMP.get(self.precision)
+        self.amp = autocast_dtype(self.precision)
         self.timings: dict[str, float] = {}
         if cfg.batch_size % ctx.world:
             raise ValueError(f"batch size {cfg.batch_size} does not split over {ctx.world} "

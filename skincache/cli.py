@@ -14,6 +14,7 @@ import typer
 from skincache import _render
 from skincache._options import check_file, interrupt_hint, set_interrupt_hint
 from skincache._sanity import cache_attrs, one_class_warning, random_init_warning
+from skincache.device import PRECISIONS
 from skincache.errors import UsageError
 
 app = typer.Typer(
@@ -90,7 +91,6 @@ def _clear_errors():
 
 PRETRAINED_HELP = ("open_clip pretrained tag; default: openai where the model has it, none "
                    "for a model without tags such as skincache-tiny ('' = random init).")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 Limit = Annotated[int | None, typer.Option(help="Quick trial on about N images: a seeded, "
                                                 "class-stratified, lesion-grouped subset.")]
 

@@ -49,6 +49,7 @@ from skincache.cache import (
 )
 from skincache.data import Dataset, Record, read_image_bytes
 from skincache.data.classes import display_name
+from skincache.device import autocast_dtype, default_workers, resolve_device, resolve_precision
 from skincache.errors import DiskError, InputFileError
 from skincache.models import LoadedModel, ModelSpec, load_model
 from skincache.prompts import TEMPLATE_SETS, class_prompts
@@ -64,31 +65,6 @@ from skincache.views import (
 DEFAULT_CACHE_DIR = Path("cache")
 #: Seconds a decode worker may take for one batch before the run stops with an error.
 LOADER_TIMEOUT_S = 600
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an unavailable device is a clear error."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available here (try --device cpu)")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
-                                  and torch.backends.mps.is_available()):
-        raise RuntimeError("--device mps: MPS is not available here (try --device cpu)")
-    return dev
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    return precision
 
 
 # --------------------------------------------------------------------------- decoding
@@ -333,7 +309,7 @@ class ImageEncoder:
         n, v = pixels.shape[:2]
         x = pixels.reshape(n * v, *pixels.shape[2:]).to(self.device, non_blocking=True)
         x = self.normalize(x)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        dtype = autocast_dtype(self.precision)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             f = self.loaded.model.encode_image(x)
         return f.float().reshape(n, v, -1).cpu().numpy()
@@ -354,10 +330,6 @@ class ImageEncoder:
         workers = default_workers() if num_workers is None else num_workers
         return cpu_batches(records, positions, self.maker, batch_size, workers,
                            pin_memory=self.device.type == "cuda")
-
-
-def default_workers() -> int:
-    return max(1, (os.cpu_count() or 1))
 
 
 def _route(loader: str, device: torch.device) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from skincache.device import PRECISIONS
 from skincache.prompts import TEMPLATE_SETS
 
 #: Table 1 of the reference paper: what each setup changes from `base` (the defaults).
@@ -43,7 +44,6 @@ SETUPS: dict[str, dict[str, Any]] = {
 #: Options a resumed run may change: where and how fast it runs, never what it computes.
 RESUME_MUTABLE = ("device", "workers", "eval_batch_size", "image_store", "resume")
 
-_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _STORES = ("auto", "memory", "stream")
 
 
@@ -132,7 +132,7 @@ class FinetuneConfig:
         need(self.wise is None or 0.0 <= self.wise <= 1.0, f"wise alpha must be in [0, 1], got "
              f"{self.wise}")
         need(self.patience is None or self.patience >= 1, "patience must be >= 1 or None")
-        need(self.precision in _PRECISIONS, f"precision must be one of {_PRECISIONS}")
+        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}")
         need(self.image_store in _STORES, f"image_store must be one of {_STORES}")
         need(self.aug_resize >= self.aug_crop >= 1, "aug_resize must be >= aug_crop >= 1")
         need(0 <= self.aug_hflip <= 1, "aug_hflip must be in [0, 1]")
@@ -203,7 +203,7 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     from skincache._finetune_report import finished_result
     from skincache._finetune_state import DistContext
     from skincache._finetune_train import FinetuneRun
-    from skincache.encode import resolve_device
+    from skincache.device import resolve_device
 
     cfg = _resolve_resume(config)
     if cfg.resume and _status(Path(cfg.resume)) == "complete":

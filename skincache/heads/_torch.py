@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skincache.device import inference_device  # noqa: F401 (the heads' import point)
+from skincache.device import resolve_device as _resolve_device
+
 from . import _progress
 from ._math import balanced_accuracy, balanced_class_weights
 
@@ -34,24 +37,8 @@ BALANCE_MODES = (None, "loss", "sampler")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" -> cuda when available else cpu; an explicit cuda without a GPU is an error that
-    says so rather than torch's lazy-init message."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available; use 'cpu' or 'auto'")
-    return dev
-
-
-def inference_device(device: str | torch.device) -> torch.device:
-    """Like `resolve_device`, but a head saved with device="cuda" still loads and predicts on a
-    machine without a GPU (on the CPU)."""
-    if not torch.cuda.is_available() and str(device).startswith("cuda"):
-        return torch.device("cpu")
-    return resolve_device(device)
+    """`skincache.device.resolve_device`, where "auto" never picks MPS (float64 numerics)."""
+    return _resolve_device(device, auto_mps=False)
 
 
 @contextlib.contextmanager
