@@ -8,7 +8,7 @@ The public Python API (the CLI is a thin layer over these)::
     cache = FeatureCache.open(result.path)
 """
 
-__version__ = "0.1.0"
+from skincache._io import __version__
 
 _EXPORTS = {
     "load_dataset": "skincache.data",

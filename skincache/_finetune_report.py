@@ -6,16 +6,12 @@ training curves and, with WiSE-FT, the alpha curve. A finished run can be read b
 from __future__ import annotations
 
 import json
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from skincache import __version__
-from skincache._finetune_state import write_json
+from skincache._io import now_iso, versions, write_json
 from skincache.heads.base import balanced_accuracy, softmax
 from skincache.metrics import classification_report, write_predictions_csv
 
@@ -114,7 +110,7 @@ def run_meta(run, status: str, old: dict[str, Any], result=None) -> dict[str, An
     lp = run.loaded
     meta: dict[str, Any] = {
         "kind": "finetune", "format_version": 1, "status": status,
-        "created": old.get("created", _now()), "updated": _now(),
+        "created": old.get("created", now_iso()), "updated": now_iso(),
         "config": run.cfg.to_dict(),
         "model": {**run.spec.identity(), "checkpoint": run.spec.checkpoint,
                   "weights_sha256": lp.weights_sha256, "embed_dim": lp.embed_dim,
@@ -129,7 +125,7 @@ def run_meta(run, status: str, old: dict[str, Any], result=None) -> dict[str, An
         "classes": run.classes,
         "world_size": run.ctx.world, "device": run.device.type,
         "precision": run.precision, "image_store": run.store_mode,
-        "versions": versions(),
+        "versions": versions("torch", "open_clip", "torchvision", "numpy", "pillow", "python"),
         "checkpoints": {"best": "best.pt", "last": "last.pt"},
     }
     if result is not None:
@@ -162,17 +158,6 @@ def train_timing(history: list[dict[str, Any]]) -> dict[str, float]:
             "save_s": sum(r.get("save_seconds", 0.0) for r in rows)}
 
 
-def versions() -> dict[str, str]:
-    import open_clip
-    import PIL
-    import torchvision
-
-    return {"skincache": __version__, "torch": torch.__version__,
-            "open_clip": open_clip.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "pillow": PIL.__version__,
-            "python": platform.python_version()}
-
-
 def finished_result(run_dir: Path, cfg):
     """A complete run read back from its folder (resuming it again trains nothing)."""
     meta = json.loads((run_dir / "run.json").read_text())
@@ -190,7 +175,3 @@ def finished_result(run_dir: Path, cfg):
         wise_curve=json.loads(curve_path.read_text()) if curve_path.is_file() else None,
         failed=json.loads((run_dir / "failed.json").read_text()),
         stopped_early=hist["stopped_early"], resumed=True, timings=meta.get("timings", {}))
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

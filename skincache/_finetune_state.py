@@ -8,7 +8,6 @@ renamed, so a reader (or a run killed while saving) sees the old file or the new
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from skincache._io import atomic_write
 from skincache.errors import InputFileError
 
 CHECKPOINT_FORMAT = "skincache.finetune"
@@ -29,14 +29,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     """Atomically write `payload` to `path` (tmp + fsync + os.replace).
 
     Called for `best.pt` and `last.pt`; the SIGKILL resume test wraps this function."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -63,16 +56,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise InputFileError(f"{path}: checkpoint format {version!r} is not one this skincache "
                              f"reads ({CHECKPOINT_VERSION}); upgrade skincache")
     return ckpt
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Atomic JSON write (indent 2, no NaN: undefined values are null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

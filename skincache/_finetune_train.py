@@ -41,6 +41,7 @@ from skincache._finetune_model import (
     zeroshot_head,
 )
 from skincache._finetune_report import quick_scores, train_timing
+from skincache._io import write_json
 from skincache._options import set_interrupt_hint
 from skincache._progress import console, progress_bar
 from skincache.data import limit_dataset, load_dataset
@@ -356,7 +357,7 @@ class FinetuneRun:
             state.save_checkpoint(self._payload(epoch, "best"), self.run_dir / "best.pt")
         state.save_checkpoint(self._payload(epoch, "last"), self.run_dir / "last.pt")
         row["save_seconds"] = time.perf_counter() - t1
-        state.write_json(self.run_dir / "history.json", self._history_json())
+        write_json(self.run_dir / "history.json", self._history_json())
         if self.progress:
             val = ("" if score is None else
                    f"  val bal-acc {score:.4f} acc {row['val_accuracy']:.4f}"
@@ -410,7 +411,7 @@ class FinetuneRun:
         result.failed = [f.__dict__ for f in self.failed]
         result.stopped_early = self.stopped
         result.timings = {**self.timings, **train_timing(self.history)}
-        state.write_json(self.run_dir / "history.json", self._history_json())
+        write_json(self.run_dir / "history.json", self._history_json())
         report.write_outputs(self.run_dir, result, self.stores, probas, self.classes, cfg)
         self._write_run_json("complete", result)
 
@@ -448,5 +449,5 @@ class FinetuneRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         meta_path = self.run_dir / "run.json"
         old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        state.write_json(meta_path, report.run_meta(self, status, old, result))
-        state.write_json(self.run_dir / "failed.json", [f.__dict__ for f in self.failed])
+        write_json(meta_path, report.run_meta(self, status, old, result))
+        write_json(self.run_dir / "failed.json", [f.__dict__ for f in self.failed])

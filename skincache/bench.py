@@ -8,15 +8,16 @@ repeating an identical fit N times to fake a standard deviation.
 from __future__ import annotations
 
 import csv
+import io
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from skincache._io import write_json
+from skincache._io import atomic_write_text, now_iso, write_json
 from skincache.cache import FeatureCache
 from skincache.errors import UsageError
 from skincache.heads import get_head_class
@@ -188,13 +189,14 @@ def markdown_table(rows: list[dict]) -> str:
 
 def _write_tables(out: Path, rows: list[dict], fc: FeatureCache, split: str) -> None:
     meta = {"cache": str(fc.path), "cache_key": fc.key, "model": fc.attrs["model"],
-            "split": split, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "split": split, "created": now_iso()}
     write_json(out / "results.json", {**meta, "rows": rows})
-    with open(out / "results.csv", "w", newline="") as f:
-        fields = list(dict.fromkeys(k for r in rows for k in r)) or ["variant"]
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    (out / "results.md").write_text(
+    buf = io.StringIO(newline="")
+    fields = list(dict.fromkeys(k for r in rows for k in r)) or ["variant"]
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    atomic_write_text(out / "results.md",
         f"Heads on `{fc.path.name}` ({fc.attrs['model']}), scored on `{split}`; mean ± std "
         "over seeds.\n\n" + markdown_table(rows))

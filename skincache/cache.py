@@ -29,6 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from skincache._io import atomic_write
 from skincache.errors import DiskError, SkincacheError
 
 #: 2: a sha256 per dataset (`checksums` attr) and over the attributes (`header_sha256`).
@@ -545,21 +546,6 @@ class CacheLock:
         self.release()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """tmp file, fsync, rename; the tmp file is removed if anything fails (a full disk)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 class PartialCache:
     """The `<name>.partial/` folder of committed chunks for a cache being written."""
 
@@ -582,7 +568,7 @@ class PartialCache:
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
-        _atomic_write(self.manifest_path, lambda f: f.write(json.dumps(manifest).encode()))
+        atomic_write(self.manifest_path, lambda f: f.write(json.dumps(manifest).encode()))
         return manifest
 
     def chunk_path(self, i: int) -> Path:
@@ -596,14 +582,14 @@ class PartialCache:
         return self.chunk_path(i).exists()
 
     def write_chunk(self, i: int, **arrays: np.ndarray) -> None:
-        _atomic_write(self.chunk_path(i), lambda f: np.savez(f, **arrays))
+        atomic_write(self.chunk_path(i), lambda f: np.savez(f, **arrays))
 
     def read_chunk(self, i: int) -> dict[str, np.ndarray]:
         with np.load(self.chunk_path(i), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
     def write_array(self, name: str, **arrays: np.ndarray) -> None:
-        _atomic_write(self.folder / f"{name}.npz", lambda f: np.savez(f, **arrays))
+        atomic_write(self.folder / f"{name}.npz", lambda f: np.savez(f, **arrays))
 
     def read_array(self, name: str) -> dict[str, np.ndarray] | None:
         p = self.folder / f"{name}.npz"
@@ -643,7 +629,7 @@ def write_cache(path: Path, attrs: dict, splits: dict[str, SplitArrays],
     image = io.BytesIO()
     _write_h5(image, attrs, splits, text, failed)
     try:
-        _atomic_write(tmp, lambda fh: _write_view(fh, image.getbuffer()))
+        atomic_write(tmp, lambda fh: _write_view(fh, image.getbuffer()))
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):

@@ -26,13 +26,12 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from skincache import __version__
+from skincache._io import __version__, now_iso, versions
 from skincache._progress import progress_bar
 from skincache.cache import (
     SCHEMA_VERSION,
@@ -497,7 +496,7 @@ def _encode_locked(dataset: Dataset, loaded: LoadedModel, policy: ViewPolicy, de
     records = dataset.records
     manifest = partial.start({
         "key": key, "n_records": len(records), "batch_size": batch_size,
-        "chunk_size": batch_size * chunk_batches, "started": _now(),
+        "chunk_size": batch_size * chunk_batches, "started": now_iso(),
     })
     chunk_size, batch_size = manifest["chunk_size"], manifest["batch_size"]
     n_chunks = math.ceil(len(records) / chunk_size)
@@ -588,10 +587,6 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
         )
     text = partial.read_array("text") or {}
     loaded = encoder.loaded
-    import open_clip
-    import PIL
-    import torchvision
-
     attrs = {
         "key": key,
         "skincache_version": __version__,
@@ -619,12 +614,8 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
         "template_sets": json.dumps({k: TEMPLATE_SETS[k] for k in template_sets}),
         "chunking": json.dumps({"chunk_size": manifest["chunk_size"],
                                 "batch_size": manifest["batch_size"]}),
-        "created": _now(),
-        "versions": json.dumps({
-            "skincache": __version__, "torch": torch.__version__,
-            "open_clip": open_clip.__version__, "torchvision": torchvision.__version__,
-            "pillow": PIL.__version__, "numpy": np.__version__,
-        }),
+        "created": now_iso(),
+        "versions": json.dumps(versions("torch", "open_clip", "torchvision", "pillow", "numpy")),
     }
     failed = {
         "image_id": [records[i].image_id for i in f_index],
@@ -643,6 +634,3 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
                         failed_reasons=dict(reasons),
                         splits={s: len(a.labels) for s, a in splits.items()})
 
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from skincache import __version__
+from skincache._io import __version__, now_iso, write_json
 from skincache.cache import CacheError, FeatureCache, check_writable_dir
 from skincache.errors import SkincacheError
 from skincache.heads import Head, create_head, get_head_class, load_head
@@ -167,8 +167,7 @@ def _write_split(run: Path, cache: FeatureCache, split: str, report: dict, proba
                  plots: bool, name: str | None = None) -> None:
     """metrics/<name>.json, predictions/<name>.csv and plots/<name>_*.png (name: the split)."""
     name = name or split
-    (run / "metrics").mkdir(parents=True, exist_ok=True)
-    (run / "metrics" / f"{name}.json").write_text(json.dumps(report, indent=2))
+    write_json(run / "metrics" / f"{name}.json", report)
     data = cache.split(split)
     write_predictions_csv(run / "predictions" / f"{name}.csv", list(data.image_id),
                           data.labels, proba, cache.classes)
@@ -184,11 +183,7 @@ def evaluation_entry(cache: FeatureCache, split: str, name: str, report: dict, b
             "cache": str(cache.path.resolve()), "cache_key": cache.key,
             "n_samples": report["n_samples"],
             "balanced_accuracy": report.get("balanced_accuracy"), "by": by,
-            "status": status, "metrics": f"metrics/{name}.json", "created": _now()}
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+            "status": status, "metrics": f"metrics/{name}.json", "created": now_iso()}
 
 
 def default_run_name(head: str) -> str:
@@ -237,7 +232,7 @@ def fit_head_run(
                                           tta=tta)
             _write_split(run, fc, split, report, proba, plots)
             result.metrics[split] = report
-    (run / "run.json").write_text(json.dumps({
+    write_json(run / "run.json", {
         "kind": "head",
         "head": head,
         "params": {k: _jsonable(v) for k, v in model.get_params().items()},
@@ -258,9 +253,9 @@ def fit_head_run(
         "splits": {s: len(fc.splits[s]) for s in fc.splits},
         "evaluations": [evaluation_entry(fc, s, s, r, "fit-head") for s, r in
                         result.metrics.items()],
-        "created": _now(),
+        "created": now_iso(),
         "skincache_version": __version__,
-    }, indent=2))
+    })
     return result
 
 
@@ -400,7 +395,7 @@ def evaluate(run: str | Path, split: str = "test", *, cache: str | Path | None =
     meta = json.loads(meta_path.read_text())
     meta.setdefault("evaluations", []).append(
         evaluation_entry(fc, split, name, report, "evaluate", status))
-    meta_path.write_text(json.dumps(meta, indent=2))
+    write_json(meta_path, meta)
     return Evaluation(report, name, split, status, files, dict(fc.attrs))
 
 

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError
 
+from .._io import atomic_write_text
 from ..errors import InputFileError
 from . import _posthoc
 from ._math import (  # noqa: F401  (re-exported: heads import them from here)
@@ -350,7 +351,7 @@ class Head(ClassifierMixin, BaseEstimator):
             "posthoc": post_scalars,
             "arrays": sorted(arrays),
         }
-        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         return out
 
 
