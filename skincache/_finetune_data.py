@@ -26,6 +26,7 @@ from PIL import Image
 
 from skincache.data import Record
 from skincache.encode import read_record
+from skincache.errors import InputFileError
 from skincache.views import DecodeError, ViewMaker, ViewPolicy, decode_image, view_params
 
 
@@ -256,7 +257,7 @@ class _StreamSet(torch.utils.data.Dataset):
         rec = self.records[i]
         clean, base, reason = decode_record(rec, self.maker, self.crops is not None)
         if clean is None:
-            raise RuntimeError(f"{rec.source}: decoded at the start of the run, fails now "
+            raise InputFileError(f"{rec.source}: decoded at the start of the run, fails now "
                                f"({reason}); was the file changed during training?")
         if self.crops is None:
             return torch.from_numpy(clean)

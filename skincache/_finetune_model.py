@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skincache.errors import InputFileError, NotFoundError
 from skincache.heads import load_head, zeroshot_prototypes
 from skincache.models import LoadedModel
-from skincache.prompts import TEMPLATE_SETS, class_prompts
+from skincache.prompts import class_prompts, template_set_order
 
 
 class ClipClassifier(nn.Module):
@@ -57,7 +58,7 @@ def text_features(loaded: LoadedModel, classes: list[str], template_set: str) ->
     """[C, T, D] prompt embeddings of every class, computed as `encode` computes the cache's
     text (one batch per template set) and, for "all", the sets side by side in sorted order as
     `fit-head --templates all` reads them: the zero-shot start is the zero-shot head's."""
-    sets = sorted(TEMPLATE_SETS) if template_set == "all" else [template_set]
+    sets = template_set_order(template_set)
     device = next(loaded.model.parameters()).device
     out = []
     for s in sets:
@@ -88,7 +89,7 @@ def head_dir(path: str | Path) -> Path:
     for cand in (p, p / "head"):
         if (cand / "head.json").is_file():
             return cand
-    raise FileNotFoundError(f"--head-init {path}: no saved head (head.json) there or in "
+    raise NotFoundError(f"--head-init {path}: no saved head (head.json) there or in "
                             f"{p / 'head'}; give a `fit-head` run folder, 'zeroshot' or 'random'")
 
 
@@ -106,15 +107,15 @@ def fitted_head(path: str | Path, logit_scale: float, n_classes: int, dim: int,
             meta = json.loads(meta_path.read_text())
             saved = meta.get("classes")
             if saved is not None and list(saved) != list(classes):
-                raise ValueError(f"{meta_path}: the head was fit on classes {saved}, this "
+                raise InputFileError(f"{meta_path}: the head was fit on classes {saved}, this "
                                  f"dataset has {classes}")
             if model and meta.get("model") and meta["model"] != model:
-                raise ValueError(f"{meta_path}: the head was fit on {meta['model']} features; "
+                raise InputFileError(f"{meta_path}: the head was fit on {meta['model']} features; "
                                  f"this run fine-tunes {model}")
             break
     head = load_head(d)
     if head.n_features_in_ != dim or head.n_classes_ != n_classes:
-        raise ValueError(f"{d}: head has {head.n_features_in_} features x {head.n_classes_} "
+        raise InputFileError(f"{d}: head has {head.n_features_in_} features x {head.n_classes_} "
                          f"classes; the model has {dim} features and the data {n_classes} "
                          "classes (fit the head on a cache of this model and dataset)")
     w, b = linear_weights(head)
@@ -144,7 +145,7 @@ def linear_weights(head) -> tuple[np.ndarray, np.ndarray]:
         mean = np.asarray(head.mean_, np.float64)
         scale = np.asarray(head.scale_, np.float64)
         return wl / scale[None, :], bl - (mean / scale) @ wl.T
-    raise ValueError(f"head '{name}' is not a linear classifier; --head-init takes a zeroshot, "
+    raise InputFileError(f"head '{name}' is not a linear classifier; --head-init takes a zeroshot, "
                      "zs-linear, logreg, linear or mlp (depth 0) head")
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from skincache._io import atomic_write
-from skincache.errors import InputFileError
+from skincache.errors import InputFileError, NotFoundError
 
 CHECKPOINT_FORMAT = "skincache.finetune"
 CHECKPOINT_VERSION = 1
@@ -36,7 +36,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with `weights_only=True` (refuses anything that needs unpickling)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint here")
+        raise NotFoundError(f"{path}: no checkpoint here")
     try:
         with warnings.catch_warnings():  # torch's notes on odd pickles: the error says it
             warnings.simplefilter("ignore", UserWarning)

@@ -46,6 +46,7 @@ from skincache._options import set_interrupt_hint
 from skincache._progress import console, progress_bar
 from skincache.data import limit_dataset, load_dataset
 from skincache.device import autocast_dtype, default_workers, resolve_precision
+from skincache.errors import UsageError
 from skincache.finetune import FinetuneConfig, FinetuneResult
 from skincache.heads.base import balanced_class_weights, softmax
 from skincache.models import ModelSpec, load_model
@@ -64,7 +65,7 @@ class FinetuneRun:
         self.amp = autocast_dtype(self.precision)
         self.timings: dict[str, float] = {}
         if cfg.batch_size % ctx.world:
-            raise ValueError(f"batch size {cfg.batch_size} does not split over {ctx.world} "
+            raise UsageError(f"batch size {cfg.batch_size} does not split over {ctx.world} "
                              "processes; use a multiple of the process count")
         self.per_rank_batch = cfg.batch_size // ctx.world
 
@@ -129,11 +130,11 @@ class FinetuneRun:
         self.ds.validate()
         self.fingerprint = self.ds.fingerprint()
         if "train" not in self.ds.splits:
-            raise ValueError(f"{cfg.data}: no training split (splits: {self.ds.splits})")
+            raise UsageError(f"{cfg.data}: no training split (splits: {self.ds.splits})")
         if cfg.resume:
             saved = json.loads((self.run_dir / "run.json").read_text())["dataset"]
             if saved["fingerprint"] != self.fingerprint:
-                raise ValueError(f"{cfg.data}: the data changed since {self.run_dir} started "
+                raise UsageError(f"{cfg.data}: the data changed since {self.run_dir} started "
                                  "(ids, labels, splits or files differ); a resumed run must "
                                  "train on the same data")
         self.classes = list(self.ds.classes)
@@ -165,7 +166,7 @@ class FinetuneRun:
                     mode=self.store_mode, workers=workers, split=s, advance=advance)
         self.failed = [f for s in splits for f in self.stores[s].failed]
         if not len(self.stores["train"]):
-            raise ValueError(f"{cfg.data}: no training image could be decoded "
+            raise UsageError(f"{cfg.data}: no training image could be decoded "
                              f"({len(self.failed)} failed, e.g. {self.failed[0].reason})")
         if self.device.type == "cuda" and self.store_mode == "memory":
             free, _ = torch.cuda.mem_get_info(self.device)

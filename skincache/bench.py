@@ -75,7 +75,7 @@ def bench_heads(
     fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
     split = eval_split or ("test" if "test" in fc.splits else "val")
     if split not in fc.splits:
-        raise ValueError(f"{fc.path}: no split '{split}' (has {sorted(fc.splits)})")
+        raise UsageError(f"{fc.path}: no split '{split}' (has {sorted(fc.splits)})")
     evald, val = fc.split(split), fc.splits.get("val")
     full = fit_inputs(fc, template_set=template_set)
     if full["text"] is None:

@@ -47,13 +47,14 @@ def _options(
 
 @contextlib.contextmanager
 def _clear_errors():
-    """Known failures become one red line and exit status 1, not a traceback (`--debug`
-    shows the traceback). Cache warnings (an old cache without checksums) become one yellow
-    line each."""
+    """skincache's own errors (`SkincacheError`: a bad option, file or cache, said in one
+    message) and a disk that is full, read-only or not ours become one red line and exit status
+    1; anything else (a torch shape bug, CUDA out of memory) keeps its traceback, and
+    `--debug` shows the traceback of ours too. Cache warnings (an old cache without
+    checksums) become one yellow line each."""
     import warnings
 
-    from skincache.cache import CacheError, CacheWarning
-    from skincache.data import DataError, FetchError
+    from skincache.cache import CacheWarning
     from skincache.errors import SkincacheError
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -69,18 +70,16 @@ def _clear_errors():
     warnings.showwarning = show
     try:
         yield
-    except (SkincacheError, DataError, CacheError, FetchError, FileNotFoundError,
-            FileExistsError, ValueError, RuntimeError, OSError, EOFError) as e:
+    except (SkincacheError, OSError) as e:
         if _DEBUG["on"]:
             raise
-        if isinstance(e, OSError) and not isinstance(e, (SkincacheError, FileNotFoundError,
-                                                         FileExistsError)):
-            if e.errno not in _DISK_ERRNOS:
-                raise
+        if isinstance(e, SkincacheError):
+            text = str(e)
+        elif e.errno in _DISK_ERRNOS:
             where = f" ({e.filename})" if e.filename else ""
             text = f"{e.strerror or e}{where}; nothing done so far is lost"
         else:
-            text = str(e)
+            raise
         from rich.markup import escape  # a message may hold "[...]": print it as is
 
         _render.err.print(f"[bold red]error:[/] {escape(text)}", highlight=False)

@@ -49,7 +49,7 @@ from skincache.cache import (
 from skincache.data import Dataset, Record, read_image_bytes
 from skincache.data.classes import display_name
 from skincache.device import autocast_dtype, default_workers, resolve_device, resolve_precision
-from skincache.errors import DiskError, InputFileError
+from skincache.errors import DiskError, InputFileError, UsageError
 from skincache.models import LoadedModel, ModelSpec, load_model
 from skincache.prompts import TEMPLATE_SETS, class_prompts
 from skincache.views import (
@@ -335,7 +335,7 @@ def _route(loader: str, device: torch.device) -> str:
     if loader == "auto":
         return "tensor" if device.type == "cuda" else "pillow"
     if loader not in ("tensor", "pillow"):
-        raise ValueError(f"loader must be auto, tensor or pillow, got {loader!r}")
+        raise UsageError(f"loader must be auto, tensor or pillow, got {loader!r}")
     return loader
 
 

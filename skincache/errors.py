@@ -23,3 +23,15 @@ class InputFileError(SkincacheError, ValueError):
 
 class DiskError(SkincacheError, OSError):
     """Disk full, read-only folder, permission denied: nothing done so far is lost."""
+
+
+class NotFoundError(SkincacheError, FileNotFoundError):
+    """A file or folder the user named is not there (a checkpoint, a run, a saved head)."""
+
+
+class ExistsError(SkincacheError, FileExistsError):
+    """The output the user named is taken (a run folder that already holds a run)."""
+
+
+class ModelError(SkincacheError, RuntimeError):
+    """A model that cannot be loaded: an unknown architecture, weights not downloadable."""

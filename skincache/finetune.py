@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from skincache.device import PRECISIONS
+from skincache.errors import NotFoundError, UsageError
 from skincache.prompts import TEMPLATE_SETS
 
 #: Table 1 of the reference paper: what each setup changes from `base` (the defaults).
@@ -98,7 +99,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if self.setup not in SETUPS:
-            raise ValueError(f"unknown setup {self.setup!r}; choose one of {', '.join(SETUPS)}")
+            raise UsageError(f"unknown setup {self.setup!r}; choose one of {', '.join(SETUPS)}")
         preset = SETUPS[self.setup]
         if self.weight_decay is None:
             self.weight_decay = float(preset["weight_decay"])
@@ -112,7 +113,7 @@ class FinetuneConfig:
     def _check(self) -> None:
         def need(ok: bool, msg: str) -> None:
             if not ok:
-                raise ValueError(f"finetune: {msg}")
+                raise UsageError(f"finetune: {msg}")
 
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
@@ -233,10 +234,10 @@ def _resolve_resume(config: FinetuneConfig) -> FinetuneConfig:
         return config
     meta_path = Path(config.resume) / "run.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"--resume {config.resume}: no run.json there (not a run folder)")
+        raise NotFoundError(f"--resume {config.resume}: no run.json there (not a run folder)")
     meta = json.loads(meta_path.read_text())
     if meta.get("kind") != "finetune":
-        raise ValueError(f"{meta_path}: kind is {meta.get('kind')!r}, not a fine-tuning run")
+        raise UsageError(f"{meta_path}: kind is {meta.get('kind')!r}, not a fine-tuning run")
     saved = FinetuneConfig.from_dict(meta["config"])
     keep = {k: getattr(config, k) for k in RESUME_MUTABLE}
     return dataclasses.replace(saved, **keep)

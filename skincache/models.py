@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from skincache.errors import UsageError
+from skincache.errors import ModelError, NotFoundError, UsageError
 
 TINY_MODEL = "skincache-tiny"
 #: The tag `--pretrained` takes when not given, for architectures that have it.
@@ -243,10 +243,10 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
     import open_clip
 
     if spec.checkpoint and not Path(spec.checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {spec.checkpoint}")
+        raise NotFoundError(f"checkpoint not found: {spec.checkpoint}")
     is_hub = spec.name.startswith("hf-hub:")
     if not is_hub and spec.name not in open_clip.list_models():
-        raise RuntimeError(
+        raise ModelError(
             f"unknown model '{spec.name}': use an open_clip architecture "
             f"(`skincache models` lists them), an 'hf-hub:org/repo' id, or '{TINY_MODEL}'"
         )
@@ -266,11 +266,11 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
     except Exception as e:  # open_clip raises many types for unreachable hubs / unknown tags
         what = f"model '{spec.name}' (pretrained={spec.pretrained})"
         if offline:  # the cause is known: open_clip's own long text would only repeat it
-            raise RuntimeError(
+            raise ModelError(
                 f"could not load {what}: {offline}, and the weights are not in the local "
                 "Hugging Face cache; run this once where the network is reachable and copy its "
                 "~/.cache/huggingface here, or pass --checkpoint FILE") from e
-        raise RuntimeError(f"could not load {what}: {e}") from e
+        raise ModelError(f"could not load {what}: {e}") from e
     if spec.checkpoint:
         load_checkpoint_file(model, spec)
     model.eval().to(device)

@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 
 from skincache.cache import FeatureCache
+from skincache.errors import UsageError
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -27,7 +28,7 @@ def near_duplicates(cache: FeatureCache, threshold: float = 0.95,
     so the report stays bounded (N x per_image) even when a threshold is too low for the
     model (a random-initialised model puts every pair above 0.95)."""
     if not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
+        raise UsageError(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
     names = list(cache.splits)
     pairs: list[dict] = []
     for i, a in enumerate(names):

@@ -38,3 +38,17 @@ def class_prompts(classes: list[str], template_set: str) -> list[list[str]]:
     if template_set not in TEMPLATE_SETS:
         raise KeyError(f"unknown template set '{template_set}'; known: {sorted(TEMPLATE_SETS)}")
     return [[t.format(display_name(c)) for t in TEMPLATE_SETS[template_set]] for c in classes]
+
+
+#: The name that means every template set, side by side.
+ALL_TEMPLATES = "all"
+
+
+def template_set_order(template_set: str, available=None) -> list[str]:
+    """The template sets that `template_set` names, in the one order every consumer uses:
+    "all" is every available set (default: every known one) sorted by name, side by side;
+    anything else is that one set. The zero-shot head on a cache (`fit-head --templates all`)
+    and the fine-tune's zero-shot start agree because both read the sets in this order."""
+    if template_set == ALL_TEMPLATES:
+        return sorted(TEMPLATE_SETS if available is None else available)
+    return [template_set]

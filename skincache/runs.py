@@ -27,7 +27,7 @@ import numpy as np
 
 from skincache._io import __version__, now_iso, write_json
 from skincache.cache import CacheError, FeatureCache, check_writable_dir
-from skincache.errors import SkincacheError
+from skincache.errors import SkincacheError, UsageError
 from skincache.heads import Head, create_head, get_head_class, load_head
 from skincache.metrics import (
     calibration_bins,
@@ -36,9 +36,9 @@ from skincache.metrics import (
     write_predictions_csv,
 )
 from skincache.plots import write_report_plots
+from skincache.prompts import ALL_TEMPLATES, template_set_order
 
 DEFAULT_RUNS_DIR = Path("runs")
-ALL_TEMPLATES = "all"
 
 
 class RunError(SkincacheError, RuntimeError):
@@ -59,7 +59,8 @@ def text_features(cache: FeatureCache, template_set: str = ALL_TEMPLATES) -> np.
     if not cache.text:
         return None
     if template_set == ALL_TEMPLATES:
-        return np.concatenate([cache.text[k] for k in sorted(cache.text)], axis=1)
+        return np.concatenate([cache.text[k] for k in template_set_order(template_set, cache.text)],
+                              axis=1)
     if template_set not in cache.text:
         raise CacheError(f"{cache.path}: no template set '{template_set}' "
                          f"(has {sorted(cache.text)} or '{ALL_TEMPLATES}')")
@@ -71,7 +72,7 @@ def few_shot_indices(y: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
     without replacement by a seeded generator, in increasing order: the few-shot protocol of
     CoOp / Tip-Adapter / CLIP_benchmark's `fewshot_k`."""
     if shots < 1:
-        raise ValueError(f"shots must be >= 1, got {shots}")
+        raise UsageError(f"shots must be >= 1, got {shots}")
     rng = np.random.default_rng(seed)
     picked = []
     for c in np.unique(y):

@@ -25,6 +25,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 
+from skincache.errors import UsageError
 from skincache.models import PreprocessSpec
 
 
@@ -45,11 +46,11 @@ class ViewPolicy:
 
     def __post_init__(self) -> None:
         if self.k < 0:
-            raise ValueError(f"views: K must be >= 0, got {self.k}")
+            raise UsageError(f"views: K must be >= 0, got {self.k}")
         if self.resize < self.crop:
-            raise ValueError(f"views: resize ({self.resize}) must be >= crop ({self.crop})")
+            raise UsageError(f"views: resize ({self.resize}) must be >= crop ({self.crop})")
         if not 0.0 <= self.hflip <= 1.0:
-            raise ValueError(f"views: hflip probability must be in [0, 1], got {self.hflip}")
+            raise UsageError(f"views: hflip probability must be in [0, 1], got {self.hflip}")
 
     def to_dict(self) -> dict:
         return {"policy": "resize-randomcrop-hflip", **asdict(self)}

@@ -11,6 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, log_loss
 
+from skincache.errors import UsageError
 from skincache.heads import (
     HEADS,
     Head,
@@ -377,7 +378,7 @@ def test_device_choice(separable):
     assert next(head.module_.parameters()).device.type == (
         "cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
+        with pytest.raises(UsageError, match="no CUDA device is available"):
             fit("linear", separable, device="cuda")
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from skincache.errors import UsageError
+
 from ._record import DataError
 from .classes import HAM10000_CLASSES, HAM10000_COUNTS
 
@@ -74,7 +76,7 @@ def class_counts(n_images: int) -> dict[str, int]:
     MIN_PER_CLASS (or n_images // 7 for tiny sets) so that every class reaches every split."""
     k = len(HAM10000_CLASSES)
     if n_images < 2 * k:
-        raise ValueError(f"n_images={n_images}: the demo needs at least {2 * k} images")
+        raise UsageError(f"n_images={n_images}: the demo needs at least {2 * k} images")
     floor = min(MIN_PER_CLASS, n_images // k)
     rest = n_images - floor * k
     total = sum(HAM10000_COUNTS.values())

@@ -89,6 +89,19 @@ class FeedForwardHead(Head):
         dev = next(self.module_.parameters()).device
         return softmax(T.predict_logits(self.module_, self._prep(X), dev))
 
+    def linear_form(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Depth 0 (`linear`, or `mlp` with depth=0) is linear: the standardisation folds into
+        W and b. Deeper networks are not (None)."""
+        module = self.module_
+        if not (isinstance(module, nn.Sequential) and len(module) == 1
+                and isinstance(module[0], nn.Linear)):
+            return None
+        wl = module[0].weight.detach().double().cpu().numpy()
+        bl = module[0].bias.detach().double().cpu().numpy()
+        mean = np.asarray(self.mean_, np.float64)
+        scale = np.asarray(self.scale_, np.float64)
+        return wl / scale[None, :], bl - (mean / scale) @ wl.T
+
     def _state_arrays(self) -> dict[str, np.ndarray]:
         return {"mean_": self.mean_, "scale_": self.scale_, **T.state_to_numpy(self.module_)}
 

@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from skincache.errors import UsageError
+
 from ._math import balanced_accuracy, log_softmax
 
 #: tau values tried on validation when `logit_adjust="auto"`.
@@ -51,10 +53,10 @@ def check_logit_adjust(value: object) -> float | None:
     try:
         tau = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"logit_adjust must be 'auto', a number >= 0 or none; got {value!r}"
+        raise UsageError(f"logit_adjust must be 'auto', a number >= 0 or none; got {value!r}"
                          ) from None
     if not np.isfinite(tau) or tau < 0:
-        raise ValueError(f"logit_adjust must be 'auto', a number >= 0 or none; got {value!r}")
+        raise UsageError(f"logit_adjust must be 'auto', a number >= 0 or none; got {value!r}")
     return tau
 
 

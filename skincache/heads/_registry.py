@@ -4,14 +4,15 @@ name without an if-chain and a saved head's JSON can say which class rebuilds it
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-if TYPE_CHECKING:
-    from .base import Head
+from skincache.errors import UsageError
 
-HEADS: dict[str, type[Head]] = {}
+#: name -> head class (a `heads.base.Head` subclass). The registry knows no head module, not
+#: even `base` (which imports it to rebuild saved heads): heads/ has no import cycle.
+HEADS: dict[str, type] = {}
 
-H = TypeVar("H", bound="type[Head]")
+H = TypeVar("H", bound=type)
 
 
 def register_head(name: str) -> Callable[[H], H]:
@@ -33,14 +34,14 @@ def list_heads() -> list[str]:
     return list(HEADS)
 
 
-def get_head_class(name: str) -> type[Head]:
+def get_head_class(name: str) -> type:
     try:
         return HEADS[name]
     except KeyError:
-        raise ValueError(f"unknown head {name!r}; known heads: {', '.join(HEADS)}") from None
+        raise UsageError(f"unknown head {name!r}; known heads: {', '.join(HEADS)}") from None
 
 
-def create_head(name: str, **params: Any) -> Head:
+def create_head(name: str, **params: Any) -> Any:
     """A new, unfitted head. Unknown parameter names raise TypeError naming the head."""
     cls = get_head_class(name)
     try:

@@ -29,6 +29,7 @@ from torch import nn
 
 from skincache.device import inference_device  # noqa: F401 (the heads' import point)
 from skincache.device import resolve_device as _resolve_device
+from skincache.errors import UsageError
 
 from . import _progress
 from ._math import balanced_accuracy, balanced_class_weights
@@ -80,9 +81,9 @@ class TrainConfig:
 
     def check(self) -> None:
         if self.balance not in BALANCE_MODES:
-            raise ValueError(f"balance must be one of {BALANCE_MODES}, got {self.balance!r}")
+            raise UsageError(f"balance must be one of {BALANCE_MODES}, got {self.balance!r}")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be positive")
+            raise UsageError("epochs and batch_size must be positive")
 
 
 @dataclass

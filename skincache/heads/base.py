@@ -18,7 +18,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError
 
 from .._io import atomic_write_text
-from ..errors import InputFileError
+from ..errors import InputFileError, NotFoundError, UsageError
 from . import _posthoc
 from ._math import (  # noqa: F401  (re-exported: heads import them from here)
     balanced_accuracy,
@@ -219,7 +219,7 @@ class Head(ClassifierMixin, BaseEstimator):
         else max(y)+1.
         """
         if self.needs_text and text is None:
-            raise ValueError(
+            raise UsageError(
                 f"head {self.name!r} needs the cache's text features (class prompt "
                 "embeddings); re-encode with prompts"
             )
@@ -260,6 +260,13 @@ class Head(ClassifierMixin, BaseEstimator):
 
     def _fit(self, data: FitData) -> None:
         raise NotImplementedError
+
+    def linear_form(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(W [C, D], b [C]) such that the head's logits, before the post-hoc logit adjustment
+        and temperature, are `l2_normalize(X) @ W.T + b`, for heads linear in the features;
+        None for the others (the default). Fine-tuning starts from it (`--head-init RUN`),
+        so a new linear head only has to implement this."""
+        return None
 
     # -- prediction
 
@@ -433,7 +440,7 @@ def load_head(directory: str | Path) -> Head:
     d = Path(directory)
     cfg_path = d / CONFIG_FILE
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: no saved head here")
+        raise NotFoundError(f"{cfg_path}: no saved head here")
     config = _read_config(cfg_path)
     try:
         cls = get_head_class(config["name"])
@@ -449,7 +456,7 @@ def load_head(directory: str | Path) -> Head:
         raise _bad(cfg_path, f"bad params ({e})") from None
     arrays_path = d / ARRAYS_FILE
     if not arrays_path.is_file():
-        raise FileNotFoundError(f"{arrays_path}: the head's arrays are missing")
+        raise NotFoundError(f"{arrays_path}: the head's arrays are missing")
     try:
         arrays = load_file(str(arrays_path))
     except Exception as e:  # SafetensorError, OSError: random bytes, a pickle, truncation

@@ -12,6 +12,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from skincache.errors import UsageError
+
 from ._registry import register_head
 from .base import FitData, Head, balanced_class_weights, l2_normalize
 
@@ -54,11 +56,11 @@ class KNNHead(Head):
 
     def _fit(self, data: FitData) -> None:
         if self.weights not in WEIGHTS:
-            raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
+            raise UsageError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
         if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+            raise UsageError(f"k must be >= 1, got {self.k}")
         if self.class_weight not in (None, "balanced"):
-            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
+            raise UsageError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
         n, k_views, d = data.views.shape
         keys = [l2_normalize(data.X)]
         rows = [np.arange(n)]

@@ -19,6 +19,8 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from skincache.errors import UsageError
+
 from . import _progress
 from ._registry import register_head
 from .base import (
@@ -89,12 +91,12 @@ class LogRegHead(Head):
 
     def _fit(self, data: FitData) -> None:
         if self.class_weight not in (None, "balanced"):
-            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
+            raise UsageError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
         if self.solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+            raise UsageError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.solver == "sklearn":
             if self.use_views:
-                raise ValueError("use_views=True needs solver='torch'")
+                raise UsageError("use_views=True needs solver='torch'")
             self._fit_sklearn(data)
         else:
             self._fit_torch(data)
@@ -236,3 +238,6 @@ class LogRegHead(Head):
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         return softmax(l2_normalize(X) @ self.coef_.T + self.intercept_)
+
+    def linear_form(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.coef_, np.float64), np.asarray(self.intercept_, np.float64)

@@ -1,0 +1,154 @@
+"""The package's import rule, checked on the source (ast, nothing imported): every arrow points
+down the layers below and nothing forms a cycle. README "Architecture" states the same rule.
+
+- Outside a package (`data/`, `heads/`, `finetune/`) a module sees another module or package
+  as one node; an import must go to a node on a strictly lower layer of `LAYERS`.
+- Inside a package the submodules import each other without a cycle, and never the package's
+  own `__init__` (that is the package's public face, for the modules above it).
+- `skincache/__init__.py` is the top: it re-exports lazily, by name, and imports only `_io`.
+Imports under `if TYPE_CHECKING:` and inside functions count: they are arrows too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "skincache"
+
+#: bottom (0) to top. A new module gets a layer here; an import to the same or a higher
+#: layer is an arrow back up.
+LAYERS: list[set[str]] = [
+    {"errors", "_io"},
+    {"device", "_options", "_sanity", "metrics", "data"},
+    {"models", "cache", "heads", "prompts"},
+    {"views", "plots", "_progress"},
+    {"loaders"},
+    {"encoder"},
+    {"encode", "runs", "near_duplicates"},
+    {"predict", "bench", "finetune", "demo"},
+    {"_render"},
+    {"cli"},
+]
+PACKAGES = {"data", "heads", "finetune"}
+LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+
+
+def _modules() -> dict[str, Path]:
+    """dotted name -> file, for every module of the package."""
+    out = {}
+    for p in PKG.rglob("*.py"):
+        parts = list(p.relative_to(PKG.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
+
+
+def _imports(mod: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The skincache modules `mod` imports (dotted), wherever the import statement is."""
+    package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "skincache"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            if name.split(".")[0] != "skincache":
+                continue
+            for a in node.names:  # `from skincache.heads import base` imports a module
+                sub = f"{name}.{a.name}"
+                found.add(sub if sub in modules else name)
+    return found - {mod}
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {m: _imports(m, p, modules) for m, p in modules.items()}
+
+
+def _node(mod: str) -> str:
+    """The node a module is from outside its package: `skincache.heads.knn` -> `heads`."""
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else "skincache"
+
+
+def test_every_module_has_a_layer():
+    nodes = {_node(m) for m in _graph()} - {"skincache"}
+    missing = sorted(n for n in nodes if n not in LEVEL)
+    assert not missing, f"give these a layer in LAYERS (and README's architecture): {missing}"
+
+
+def test_no_arrow_points_up():
+    up = []
+    for mod, deps in _graph().items():
+        src = _node(mod)
+        for dep in deps:
+            dst = _node(dep)
+            if src == "skincache":
+                if dep != "skincache._io":
+                    up.append(f"skincache/__init__ -> {dep} (re-export it lazily, by name)")
+                continue
+            if dst == "skincache":
+                up.append(f"{mod} -> skincache (the package's __init__; import the module)")
+            elif src == dst:  # inside one package: never its own __init__
+                if src in PACKAGES and dep == f"skincache.{src}":
+                    up.append(f"{mod} -> {dep} (a submodule importing its package's __init__)")
+            elif LEVEL[dst] >= LEVEL[src]:
+                up.append(f"{mod} (layer {LEVEL[src]}) -> {dep} (layer {LEVEL[dst]})")
+    assert not up, "arrows back up:\n" + "\n".join(sorted(up))
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for d in sorted(graph.get(n, ())):
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in state and (found := visit(d)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_no_import_cycle():
+    cycle = _cycle(_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_checks_catch_a_cycle_and_an_upward_arrow():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+    assert LEVEL["cache"] < LEVEL["heads"] + 1 and LEVEL["cli"] == len(LAYERS) - 1
+
+
+@pytest.mark.parametrize("module", ["cache", "heads", "metrics", "data"])
+def test_low_layers_know_neither_torch_models_nor_open_clip(module):
+    """`cache.py` is HDF5 + numpy; heads work on arrays and never import open_clip."""
+    files = [PKG / f"{module}.py"] if (PKG / f"{module}.py").exists() else \
+        sorted((PKG / module).rglob("*.py"))
+    for f in files:
+        tree = ast.parse(f.read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                 for a in n.names}
+        names |= {(n.module or "").split(".")[0] for n in ast.walk(tree)
+                  if isinstance(n, ast.ImportFrom) and not n.level}
+        assert "open_clip" not in names, f
+        if module == "cache":
+            assert "torch" not in names, f
