@@ -17,19 +17,19 @@ import numpy as np
 import pytest
 import torch
 
-from skincache import _finetune_state as st
-from skincache._finetune_data import ImageStore, base_image, cut_crops, epoch_seed
-from skincache._finetune_model import (
+from skincache.cache import FeatureCache
+from skincache.data import load_dataset
+from skincache.encode import ImageEncoder, encode_dataset, load_views
+from skincache.finetune import SETUPS, FinetuneConfig, run_finetune
+from skincache.finetune import state as st
+from skincache.finetune.images import ImageStore, base_image, cut_crops, epoch_seed
+from skincache.finetune.model import (
     ClipClassifier,
     fitted_head,
     interpolate,
     param_groups,
     zeroshot_head,
 )
-from skincache.cache import FeatureCache
-from skincache.data import load_dataset
-from skincache.encode import ImageEncoder, encode_dataset, load_views
-from skincache.finetune import SETUPS, FinetuneConfig, run_finetune
 from skincache.heads import create_head
 from skincache.heads.base import softmax
 from skincache.models import TINY_MODEL, ModelSpec, load_model
@@ -159,6 +159,27 @@ def test_zero_shot_start_reproduces_the_zero_shot_head(demo_dataset):
     np.testing.assert_allclose(softmax(logits.numpy()),
                                _zeroshot_proba(recs, demo_dataset.classes, "dermoscopy"),
                                atol=1e-6)
+
+
+def test_zero_shot_start_equals_the_zero_shot_head_of_fit_head(demo_cache, tmp_path):
+    """The fine-tune's zero-shot start (`--head-init zeroshot`, `--templates all`) is the
+    `zeroshot` head `fit-head --templates all` fits on the cache of the same model: the same
+    linear form, so the same logits. Both read the template sets through
+    `prompts.template_set_order`; this fails if either side orders them differently."""
+    from skincache.heads import load_head
+
+    loaded = load_model(ModelSpec(TINY_MODEL))
+    cache = FeatureCache.open(demo_cache)
+    run = fit_head_run(cache, "zeroshot", runs_dir=tmp_path, plots=False, n_bootstrap=0)
+    W, b = load_head(run.path / "head").linear_form()
+    w0, b0 = zeroshot_head(loaded, cache.classes, "all")
+    np.testing.assert_allclose(W / loaded.logit_scale, w0.numpy(), atol=1e-6)
+    assert not b.any() and not b0.any()
+    X = cache.split("val").features
+    ours = torch.nn.functional.normalize(torch.from_numpy(X), dim=-1) @ w0.T
+    np.testing.assert_allclose(loaded.logit_scale * ours.numpy(),
+                               torch.nn.functional.normalize(torch.from_numpy(X), dim=-1).numpy()
+                               @ W.T, rtol=1e-5, atol=1e-4)
 
 
 def test_head_init_from_a_fit_head_run_keeps_its_predictions(tmp_path):
@@ -326,8 +347,8 @@ _SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    from skincache import _finetune_state as st
     from skincache.finetune import FinetuneConfig, run_finetune
+    from skincache.finetune import state as st
 
     mode, cfg = sys.argv[1], json.loads(sys.argv[2])
     if mode == "kill":  # die the instant epoch 1's last.pt is on disk

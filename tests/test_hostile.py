@@ -566,7 +566,7 @@ def test_bad_checkpoints_are_one_line_and_never_unpickled(tmp_path):
     """Case 11: `encode --checkpoint` and fine-tuning's `last.pt`/`best.pt`: empty, pickle,
     random bytes, random .safetensors, a torch file holding an object: one InputFileError
     line naming the file, and the pickle payload never runs."""
-    from skincache._finetune_state import load_checkpoint
+    from skincache.finetune import load_checkpoint
     from skincache.models import load_model
 
     reasons = {"empty": "empty file", "pickle": "raw Python pickle", "random": "not a torch "

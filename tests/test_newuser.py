@@ -315,7 +315,7 @@ def test_plots_carry_the_full_class_names():
 
 
 def test_curves_start_at_epoch_0_with_readable_labels_off_the_data(tmp_path):
-    from skincache._finetune_report import curve_series
+    from skincache.finetune.report import curve_series
     from skincache.plots import curves_figure
 
     history = [{"train_loss": 1.2, "val_loss": 1.1, "train_accuracy": 0.5, "val_accuracy": 0.6,
@@ -344,7 +344,7 @@ def test_curves_start_at_epoch_0_with_readable_labels_off_the_data(tmp_path):
 def test_wise_curve_has_the_run_subtitle(tmp_path):
     from PIL import Image
 
-    from skincache._finetune_report import plot_wise_curve
+    from skincache.finetune.report import plot_wise_curve
 
     curve = [{"alpha": a / 10, "balanced_accuracy": 0.2 + a / 50, "accuracy": 0.5}
              for a in range(11)]

@@ -1,38 +1,17 @@
-"""`skincache finetune`: the reference paper's Table 1 setups with the image tower unfrozen.
-
-    cfg = FinetuneConfig.from_setup("augmented", data="../data/HAM10000", device="cuda")
-    result = run_finetune(cfg)            # runs/finetune-augmented-<time>/
-    result.metrics["test"]["balanced_accuracy"]
-
-The setups (Table 1): AdamW, lr 5e-5 with a cosine schedule after a linear warm-up, batch 16,
-20 epochs; `base` trains on the model's eval preprocessing without weight decay,
-`regularization` adds weight decay 0.01, `augmented` trains on Resize 256 / RandomCrop 224 /
-HorizontalFlip 0.5 crops (scaled to the model's input size). Every value can be overridden.
-
-The model is the open_clip image tower plus a linear head on L2-normalised features times the
-model's logit scale, initialised from the zero-shot class prototypes (so training starts from
-zero-shot CLIP exactly), from a head fit earlier by `fit-head`, or at random. Each image is
-decoded once (see `_finetune_data`); checkpoints are atomic and load with `weights_only=True`;
-`resume` continues a killed run to the same result; under `torchrun` it trains with DDP.
-The pieces: `_finetune_data` (pixels), `_finetune_model` (classifier, head init, optimiser
-groups, WiSE-FT), `_finetune_train` (the loop and the run folder), `_finetune_state`
-(checkpoints, JSON, DDP context).
+"""What a fine-tuning run is: the Table 1 setups, `FinetuneConfig` (every option, checked) and
+`FinetuneResult` (what a run produced). Imports nothing from `skincache.finetune`: every other
+module of the package may import this one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from skincache.device import PRECISIONS
-from skincache.errors import NotFoundError, UsageError
+from skincache.errors import UsageError
 from skincache.prompts import TEMPLATE_SETS
 
 #: Table 1 of the reference paper: what each setup changes from `base` (the defaults).
@@ -193,75 +172,3 @@ class FinetuneResult:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
-    """Fine-tune, evaluate and write `runs/<name>/` (see the module doc and the README).
-
-    Under torchrun (WORLD_SIZE > 1 in the environment) every process calls this; they join one
-    process group and only rank 0 writes. A finished run given to `resume` is read back, not
-    trained again."""
-    from skincache._finetune_report import finished_result
-    from skincache._finetune_state import DistContext
-    from skincache._finetune_train import FinetuneRun
-    from skincache.device import resolve_device
-
-    cfg = _resolve_resume(config)
-    if cfg.resume and _status(Path(cfg.resume)) == "complete":
-        return finished_result(Path(cfg.resume), cfg)
-    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes; before any data loads
-        from skincache.cache import check_writable_dir
-
-        check_writable_dir(Path(cfg.runs_dir), "--runs-dir")
-    device = resolve_device(cfg.device)
-    ctx = DistContext.from_env(device)
-    try:
-        with _runtime(cfg, ctx.device, ctx.local_world):
-            return FinetuneRun(cfg, ctx, progress=progress and ctx.main).run()
-    finally:
-        ctx.close()
-
-
-def _status(run_dir: Path) -> str | None:
-    meta = run_dir / "run.json"
-    return json.loads(meta.read_text()).get("status") if meta.is_file() else None
-
-
-def _resolve_resume(config: FinetuneConfig) -> FinetuneConfig:
-    """With `resume`, the run's own saved config, except where and how fast it runs: a
-    different learning rate or epoch count would not continue the same run."""
-    if not config.resume:
-        return config
-    meta_path = Path(config.resume) / "run.json"
-    if not meta_path.is_file():
-        raise NotFoundError(f"--resume {config.resume}: no run.json there (not a run folder)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("kind") != "finetune":
-        raise UsageError(f"{meta_path}: kind is {meta.get('kind')!r}, not a fine-tuning run")
-    saved = FinetuneConfig.from_dict(meta["config"])
-    keep = {k: getattr(config, k) for k in RESUME_MUTABLE}
-    return dataclasses.replace(saved, **keep)
-
-
-@contextlib.contextmanager
-def _runtime(cfg: FinetuneConfig, device: torch.device, local_world: int):
-    """Determinism and CPU threads for the run only, restored afterwards (a library call
-    should not leave the process in another mode)."""
-    import torch.backends.cudnn as cudnn
-
-    prev = (torch.are_deterministic_algorithms_enabled(),
-            torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.deterministic,
-            cudnn.benchmark, torch.get_num_threads())
-    if cfg.deterministic:
-        if device.type == "cuda":
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    cudnn.deterministic, cudnn.benchmark = cfg.deterministic, not cfg.deterministic
-    if device.type == "cpu" and local_world > 1:  # processes of one machine share its cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-        cudnn.deterministic, cudnn.benchmark = prev[2], prev[3]
-        torch.set_num_threads(prev[4])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,20 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from skincache import _finetune_report as report
-from skincache import _finetune_state as state
-from skincache._finetune_data import (
+from skincache._io import write_json
+from skincache._options import set_interrupt_hint
+from skincache._progress import progress_bar
+from skincache.data import limit_dataset, load_dataset
+from skincache.device import autocast_dtype, default_workers, resolve_precision
+from skincache.errors import ExistsError, UsageError
+from skincache.finetune import report, state
+from skincache.finetune.config import FinetuneConfig, FinetuneResult
+from skincache.finetune.images import (
     ImageStore,
     choose_mode,
     estimate_bytes,
 )
-from skincache._finetune_model import (
+from skincache.finetune.model import (
     ClipClassifier,
     fitted_head,
     interpolate,
@@ -40,14 +47,7 @@ from skincache._finetune_model import (
     warmup_cosine,
     zeroshot_head,
 )
-from skincache._finetune_report import quick_scores, train_timing
-from skincache._io import write_json
-from skincache._options import set_interrupt_hint
-from skincache._progress import console, progress_bar
-from skincache.data import limit_dataset, load_dataset
-from skincache.device import autocast_dtype, default_workers, resolve_precision
-from skincache.errors import UsageError
-from skincache.finetune import FinetuneConfig, FinetuneResult
+from skincache.finetune.report import quick_scores, train_timing
 from skincache.heads.base import balanced_class_weights, softmax
 from skincache.models import ModelSpec, load_model
 from skincache.views import Normalizer, ViewMaker, ViewPolicy
@@ -58,8 +58,10 @@ WISE_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 class FinetuneRun:
     """One process's part of a run (all of it without torchrun)."""
 
-    def __init__(self, cfg: FinetuneConfig, ctx: state.DistContext, *, progress: bool):
+    def __init__(self, cfg: FinetuneConfig, ctx: state.DistContext, *, progress: bool,
+                 log: Callable[[str], None] | None = None):
         self.cfg, self.ctx, self.progress = cfg, ctx, progress
+        self.log = log or (lambda line: None)
         self.device = ctx.device
         self.precision = resolve_precision(cfg.precision, self.device)
         self.amp = autocast_dtype(self.precision)
@@ -105,8 +107,8 @@ class FinetuneRun:
             root = Path(cfg.runs_dir)
             if cfg.name:
                 if (root / cfg.name / "run.json").exists():
-                    return f"error:{root / cfg.name} already holds a run; pass --resume " \
-                           f"{root / cfg.name} to continue it, or another --name"
+                    raise ExistsError(f"{root / cfg.name} already holds a run; pass --resume "
+                                      f"{root / cfg.name} to continue it, or another --name")
                 return cfg.name
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             name, i = f"finetune-{cfg.setup}-{stamp}", 1
@@ -115,9 +117,7 @@ class FinetuneRun:
                 name = f"finetune-{cfg.setup}-{stamp}-{i}"
             return name
 
-        name = state.on_main(self.ctx, pick)
-        if name.startswith("error:"):
-            raise FileExistsError(name[6:])
+        name = state.on_main(self.ctx, pick)  # rank 0's error is raised on every rank
         return Path(cfg.runs_dir) / name  # created with run.json, once data and model load
 
     # ------------------------------------------------------------------ data
@@ -174,8 +174,8 @@ class FinetuneRun:
                 for st in self.stores.values():
                     st.to(self.device)
         self.timings["decode_s"] = time.perf_counter() - t0
-        if self.failed and self.progress:
-            console.print(f"[yellow]{len(self.failed)} image(s) could not be read and are "
+        if self.failed:
+            self.log(f"[yellow]{len(self.failed)} image(s) could not be read and are "
                           f"skipped[/] (listed in {self.run_dir / 'failed.json'})")
 
     # ------------------------------------------------------------------ model
@@ -275,12 +275,11 @@ class FinetuneRun:
         self.since_best, self.stopped = int(ckpt["since_best"]), bool(ckpt["stopped"])
         self.init_val = ckpt["init_val"]
         self.start_epoch = int(ckpt["epoch"]) + 1
-        if int(ckpt["world_size"]) != self.ctx.world and self.progress:
-            console.print(f"[yellow]resuming a {ckpt['world_size']}-process run with "
+        if int(ckpt["world_size"]) != self.ctx.world:
+            self.log(f"[yellow]resuming a {ckpt['world_size']}-process run with "
                           f"{self.ctx.world}: the global batch is the same, float sums may "
                           "differ in the last digits[/]")
-        if self.progress:
-            console.print(f"resuming {self.run_dir} after epoch {ckpt['epoch']}")
+        self.log(f"resuming {self.run_dir} after epoch {ckpt['epoch']}")
         return True
 
     # ------------------------------------------------------------------ training
@@ -359,14 +358,13 @@ class FinetuneRun:
         state.save_checkpoint(self._payload(epoch, "last"), self.run_dir / "last.pt")
         row["save_seconds"] = time.perf_counter() - t1
         write_json(self.run_dir / "history.json", self._history_json())
-        if self.progress:
-            val = ("" if score is None else
-                   f"  val bal-acc {score:.4f} acc {row['val_accuracy']:.4f}"
-                   + ("  [green]best[/]" if improved else ""))
-            console.print(f"epoch {epoch}/{self.cfg.epochs}  loss {row['train_loss']:.4f}  "
-                          f"train acc {row['train_accuracy']:.4f}{val}  "
-                          f"{row['train_images_per_s']:,.0f} img/s"
-                          + ("  [yellow]early stop[/]" if self.stopped else ""))
+        val = ("" if score is None else
+               f"  val bal-acc {score:.4f} acc {row['val_accuracy']:.4f}"
+               + ("  [green]best[/]" if improved else ""))
+        self.log(f"epoch {epoch}/{self.cfg.epochs}  loss {row['train_loss']:.4f}  "
+                 f"train acc {row['train_accuracy']:.4f}{val}  "
+                 f"{row['train_images_per_s']:,.0f} img/s"
+                 + ("  [yellow]early stop[/]" if self.stopped else ""))
 
     # ------------------------------------------------------------------ evaluation
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from skincache._io import atomic_write
-from skincache.errors import InputFileError, NotFoundError
+from skincache.errors import InputFileError, NotFoundError, SkincacheError
 
 CHECKPOINT_FORMAT = "skincache.finetune"
 CHECKPOINT_VERSION = 1
@@ -142,5 +142,15 @@ class DistContext:
 
 
 def on_main(ctx: DistContext, fn: Callable[[], Any]) -> Any:
-    """Run `fn` on rank 0 only and give every rank its result."""
-    return ctx.broadcast(fn() if ctx.main else None)
+    """Run `fn` on rank 0 only and give every rank its result; a skincache error raised there
+    (a taken run name) is raised on every rank, so all of them stop with the same message."""
+    box: tuple[str, Any] = ("ok", None)
+    if ctx.main:
+        try:
+            box = ("ok", fn())
+        except SkincacheError as e:
+            box = ("error", e)
+    kind, value = ctx.broadcast(box)
+    if kind == "error":
+        raise value
+    return value

@@ -165,7 +165,7 @@ def finished_result(run_dir: Path, cfg):
     metrics = {p.stem: json.loads(p.read_text())
                for p in sorted((run_dir / "metrics").glob("*.json")) if p.stem != "wise_curve"}
     curve_path = run_dir / "metrics" / "wise_curve.json"
-    from skincache.finetune import FinetuneResult
+    from skincache.finetune.config import FinetuneResult
 
     return FinetuneResult(
         run_dir=run_dir, config=cfg, history=hist["epochs"], init_val=hist["init"],

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skincache.errors import InputFileError, NotFoundError
-from skincache.heads import load_head, zeroshot_prototypes
+from skincache.heads import Head, get_head_class, list_heads, load_head, zeroshot_prototypes
 from skincache.models import LoadedModel
 from skincache.prompts import class_prompts, template_set_order
 
@@ -93,6 +93,11 @@ def head_dir(path: str | Path) -> Path:
                             f"{p / 'head'}; give a `fit-head` run folder, 'zeroshot' or 'random'")
 
 
+def _is_linear(name: str) -> bool:
+    """Whether the head class `name` can have a linear form (overrides `linear_form`)."""
+    return get_head_class(name).linear_form is not Head.linear_form
+
+
 def fitted_head(path: str | Path, logit_scale: float, n_classes: int, dim: int,
                 classes: list[str], model: str | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,35 +123,17 @@ def fitted_head(path: str | Path, logit_scale: float, n_classes: int, dim: int,
         raise InputFileError(f"{d}: head has {head.n_features_in_} features x {head.n_classes_} "
                          f"classes; the model has {dim} features and the data {n_classes} "
                          "classes (fit the head on a cache of this model and dataset)")
-    w, b = linear_weights(head)
+    form = head.linear_form()
+    if form is None:
+        linear = [n for n in list_heads() if _is_linear(n)]
+        raise InputFileError(f"head '{head.name}' is not a linear classifier; --head-init takes "
+                             f"a head with a linear form ({', '.join(linear)}; mlp with depth 0)")
+    w, b = form
     w = w / float(logit_scale)
     finite = np.isfinite(b)
     if not finite.all():  # logreg gives classes absent from its training data -inf
         b = np.where(finite, b, (b[finite].min() if finite.any() else 0.0) - 50.0)
     return torch.from_numpy(w.astype(np.float32)), torch.from_numpy(b.astype(np.float32))
-
-
-def linear_weights(head) -> tuple[np.ndarray, np.ndarray]:
-    """(A, c) with head logits = normalize(x) @ A^T + c, for the linear head types."""
-    name = head.name
-    if name == "zeroshot":
-        return head.weights_ * head.logit_scale_, np.zeros(head.n_classes_)
-    if name == "logreg":
-        return np.asarray(head.coef_, np.float64), np.asarray(head.intercept_, np.float64)
-    if name == "zs-linear":
-        m = head.module_
-        return (m.weight.detach().double().numpy() * m.logit_scale,
-                m.bias.detach().double().numpy())
-    module = getattr(head, "module_", None)
-    if (name in ("linear", "mlp") and isinstance(module, nn.Sequential) and len(module) == 1
-            and isinstance(module[0], nn.Linear)):
-        wl = module[0].weight.detach().double().numpy()
-        bl = module[0].bias.detach().double().numpy()
-        mean = np.asarray(head.mean_, np.float64)
-        scale = np.asarray(head.scale_, np.float64)
-        return wl / scale[None, :], bl - (mean / scale) @ wl.T
-    raise InputFileError(f"head '{name}' is not a linear classifier; --head-init takes a zeroshot, "
-                     "zs-linear, logreg, linear or mlp (depth 0) head")
 
 
 # ---------------------------------------------------------------------------- optimisation
