@@ -126,7 +126,17 @@ def fitted_head(path: str | Path, logit_scale: float, n_classes: int, dim: int,
 
 
 def linear_weights(head) -> tuple[np.ndarray, np.ndarray]:
-    """(A, c) with head logits = normalize(x) @ A^T + c, for the linear head types."""
+    """(A, c) with head logits = normalize(x) @ A^T + c, for the linear head types, the head's
+    post-hoc steps folded in: scores (A x + c - tau log prior) / T give exactly the head's
+    `predict_proba` (log-softmax differs from the logits by a per-row constant)."""
+    A, c = _raw_linear_weights(head)
+    tau = float(getattr(head, "logit_adjust_", 0.0))
+    t = float(getattr(head, "temperature_", 1.0))
+    log_prior = np.asarray(getattr(head, "log_prior_", np.zeros(len(c))), np.float64)
+    return A / t, (c - tau * log_prior) / t
+
+
+def _raw_linear_weights(head) -> tuple[np.ndarray, np.ndarray]:
     name = head.name
     if name == "zeroshot":
         return head.weights_ * head.logit_scale_, np.zeros(head.n_classes_)
