@@ -126,7 +126,9 @@ def decode_image(data: bytes, draft_shortest: int | None = None) -> Image.Image:
         raise DecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # the header check below refuses what Pillow would warn about, with the same
+            # message as the tensor route's `probe_size` (the two routes must agree)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             check_image_size(*img.size)
             if draft_shortest and img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK"):
@@ -136,7 +138,7 @@ def decode_image(data: bytes, draft_shortest: int | None = None) -> Image.Image:
                     img.draft("RGB" if img.mode != "CMYK" else None,
                               (math.ceil(w * s), math.ceil(h * s)))
             img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise DecodeError(f"image too large: {e}") from None
     except UnidentifiedImageError:
         raise DecodeError("not an image Pillow can read (unknown or corrupt format)") from None

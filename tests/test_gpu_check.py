@@ -70,9 +70,8 @@ def test_quick_cpu_run_does_every_step(tmp_path):
 
     ids = next(r for r in _rows(res, 3) if "only_a" in r)
     assert not ids["only_a"]
-    # Known gap, reported to the lead: the tensor route (nvjpeg on CUDA, torchvision's decoder
-    # here) does not apply Pillow's decompression-bomb guard, so it keeps bomb.jpg.
-    assert set(ids["only_b"]) <= {"bomb"}
+    # both routes check the header's size before decoding (the bomb fails on both, same reason)
+    assert not ids["only_b"] and "bomb" in ids["failed_a"]
     assert {"empty", "truncated_half", "header_only", "notes", "gone"} <= set(ids["failed_a"])
     for r in _rows(res, 3)[1:]:
         assert r["verdict"] == "met", r

@@ -95,7 +95,7 @@ def head_dir(path: str | Path) -> Path:
 
 def _is_linear(name: str) -> bool:
     """Whether the head class `name` can have a linear form (overrides `linear_form`)."""
-    return get_head_class(name).linear_form is not Head.linear_form
+    return get_head_class(name)._linear_form is not Head._linear_form
 
 
 def fitted_head(path: str | Path, logit_scale: float, n_classes: int, dim: int,

@@ -89,7 +89,7 @@ class FeedForwardHead(Head):
         dev = next(self.module_.parameters()).device
         return softmax(T.predict_logits(self.module_, self._prep(X), dev))
 
-    def linear_form(self) -> tuple[np.ndarray, np.ndarray] | None:
+    def _linear_form(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Depth 0 (`linear`, or `mlp` with depth=0) is linear: the standardisation folds into
         W and b. Deeper networks are not (None)."""
         module = self.module_

@@ -261,11 +261,23 @@ class Head(ClassifierMixin, BaseEstimator):
     def _fit(self, data: FitData) -> None:
         raise NotImplementedError
 
-    def linear_form(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(W [C, D], b [C]) such that the head's logits, before the post-hoc logit adjustment
-        and temperature, are `l2_normalize(X) @ W.T + b`, for heads linear in the features;
-        None for the others (the default). Fine-tuning starts from it (`--head-init RUN`),
-        so a new linear head only has to implement this."""
+    def linear_form(self, posthoc: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
+        """(W [C, D], b [C]) such that `softmax(l2_normalize(X) @ W.T + b)` is exactly
+        `predict_proba(X)` (the logit adjustment and temperature folded in; `posthoc=False`:
+        the head's own logits before them), for heads linear in the features; None for the
+        others. Fine-tuning starts from it (`--head-init RUN`), so a new linear head only
+        implements `_linear_form` and fine-tuning needs no edit."""
+        raw = self._linear_form()
+        if raw is None or not posthoc:
+            return raw
+        A, c = raw
+        tau = float(getattr(self, "logit_adjust_", 0.0))
+        t = float(getattr(self, "temperature_", 1.0))
+        log_prior = np.asarray(getattr(self, "log_prior_", np.zeros(len(c))), np.float64)
+        return A / t, (c - tau * log_prior) / t
+
+    def _linear_form(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The head's raw logits as (W, b) on L2-normalised features, if linear (override)."""
         return None
 
     # -- prediction

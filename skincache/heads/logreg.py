@@ -239,5 +239,5 @@ class LogRegHead(Head):
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         return softmax(l2_normalize(X) @ self.coef_.T + self.intercept_)
 
-    def linear_form(self) -> tuple[np.ndarray, np.ndarray]:
+    def _linear_form(self) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.coef_, np.float64), np.asarray(self.intercept_, np.float64)

@@ -51,5 +51,5 @@ class ZeroShotHead(Head):
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         return softmax(zeroshot_logits(X, self.weights_, self.logit_scale_))
 
-    def linear_form(self) -> tuple[np.ndarray, np.ndarray]:
+    def _linear_form(self) -> tuple[np.ndarray, np.ndarray]:
         return self.weights_ * self.logit_scale_, np.zeros(self.n_classes_)

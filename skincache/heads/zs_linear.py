@@ -115,7 +115,7 @@ class ZSLinearHead(Head):
         dev = self.module_.weight.device
         return softmax(T.predict_logits(self.module_, l2_normalize(X), dev))
 
-    def linear_form(self) -> tuple[np.ndarray, np.ndarray]:
+    def _linear_form(self) -> tuple[np.ndarray, np.ndarray]:
         m = self.module_
         return (m.weight.detach().double().cpu().numpy() * m.logit_scale,
                 m.bias.detach().double().cpu().numpy())
