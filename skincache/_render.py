@@ -62,7 +62,7 @@ def class_table(counts: dict[str, dict[str, int]], classes: list[str], title: st
     _show(t)
 
 
-def encode_result(r, quiet: bool = False) -> None:
+def encode_result(r) -> None:
     if r.status == "exists":
         out.print(f"[green]up to date:[/] {r.path} already holds this encoding "
                   "(same data, model, preprocessing and views); nothing to do. "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -22,7 +21,6 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -505,6 +503,9 @@ class CacheLock:
             if de is not None:
                 raise de from None
             raise
+        import fcntl  # POSIX only: imported where used, so `import skincache.cache` works
+        # anywhere (reading caches needs no lock)
+
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -535,6 +536,8 @@ class CacheLock:
     def release(self) -> None:
         if self._fd is not None:
             _HELD_LOCK_FDS.discard(self._fd)
+            import fcntl
+
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -697,13 +700,3 @@ def estimate_cache_bytes(splits: dict[str, SplitArrays], text: dict[str, np.ndar
     n += sum(a.size * 4 for a in text.values())
     n += sum(sum(len(x) for x in col) + 16 * len(col) for col in failed.values())
     return int(n * 1.2) + (256 << 10)
-
-
-@contextlib.contextmanager
-def locked(path: Path, wait: bool = False) -> Iterator[CacheLock]:
-    lock = CacheLock(path)
-    lock.acquire(wait=wait)
-    try:
-        yield lock
-    finally:
-        lock.release()

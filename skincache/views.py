@@ -1,6 +1,7 @@
 """Decode an image once, then cut its clean view and K augmented views from it.
 
-Shared by `encode` (and later `finetune`). Two routes produce the same views:
+Shared by `encode`, `predict` and `finetune` (its decode-once image store and per-epoch
+crops). Two routes produce the same views:
 - Pillow (CPU workers): JPEG draft mode shrinks a large JPEG while decoding, then the geometric
   part of open_clip's own eval transform and the augmentation run on the PIL image;
 - tensors (any torch device; the CUDA route feeds it nvjpeg-decoded images): the very same

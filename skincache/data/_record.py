@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from skincache.errors import SkincacheError
@@ -160,8 +159,3 @@ def _unstorable(value: str) -> str:
     except UnicodeEncodeError:
         return "is not valid UTF-8 (an undecodable file name?)"
     return ""
-
-
-def ordered(records: Sequence[Record], splits: Sequence[str]) -> list[Record]:
-    """Records grouped by split in the given split order, stable within a split."""
-    return [r for s in splits for r in records if r.split == s]

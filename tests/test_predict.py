@@ -1,0 +1,41 @@
+"""predict: new images through the cache's own encode path, a saved head, nearest cases."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from skincache.cache import FeatureCache
+from skincache.data import load_dataset
+from skincache.predict import predict_images, write_predictions
+from skincache.runs import fit_head_run, load_run
+
+
+def test_predict_uses_the_encode_path_and_reports_bad_files(demo_cache, tmp_path):
+    fit_head_run(demo_cache, "mlp", runs_dir=tmp_path, name="mlp", n_bootstrap=0,
+                 plots=False)
+    fc = FeatureCache.open(demo_cache)
+    train = fc.split("train")
+    ds = load_dataset(fc.attrs["dataset_root"])
+    src = {r.image_id: r.source for r in ds.records}
+    ids = list(train.image_id[:3])
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    gray = tmp_path / "gray.png"
+    Image.open(src[ids[0]]).convert("L").save(gray)
+    preds = predict_images(tmp_path / "mlp", [src[i] for i in ids] + [bad, tmp_path / "no.jpg",
+                                                                        gray], neighbors=3)
+    assert [p.ok for p in preds] == [True, True, True, False, False, True]
+    assert "not an image" in preds[3].error and "no file" in preds[4].error
+    head = load_run(tmp_path / "mlp").head
+    expected = head.predict_proba(train.features[:3])
+    for j, p in enumerate(preds[:3]):
+        # a training image finds itself: same decoding, views and model as encode
+        assert p.neighbors[0]["image_id"] == ids[j] and p.neighbors[0]["similarity"] > 0.999
+        got = np.array([p.probabilities[c] for c in fc.classes])
+        assert np.allclose(got, expected[j], atol=2e-3)
+        assert p.predicted == fc.classes[int(expected[j].argmax())]
+    out = write_predictions(preds, tmp_path / "p.json")
+    assert len(json.loads(out.read_text())) == 6
