@@ -1,9 +1,10 @@
 """`bench-heads` wall time on a HAM10000-sized cache (D=512, K=4): every variant x 5 seeds.
 
-The cache is written through skincache's own writer from the synthetic problem of
-`benchmarks/heads_fit.py` (10,015 train images with HAM10000's class counts, val/test with the
-same proportions, 7 x 8 prompt embeddings), then `bench_heads` runs on it exactly as the CLI
-does. Target on a 2-core CPU: under 3 minutes. Prints a table and writes JSON.
+The cache is written through skincache's own writer from the synthetic problem
+`skincache.data.synthetic_features` (as in `benchmarks/heads_fit.py`: 10,015 train images with
+HAM10000's class counts, val/test with the same proportions, 7 x 8 prompt embeddings), then
+`bench_heads` runs on it exactly as the CLI does. Target on a 2-core CPU: under 3 minutes.
+Prints a table and writes JSON.
 
     python benchmarks/bench_heads.py [--seeds 5]
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,17 +21,14 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-sys.path.insert(0, str(Path(__file__).parent))
-from heads_fit import make_problem  # noqa: E402
-
-from skincache._render import bench_table  # noqa: E402
-from skincache.bench import bench_heads, n_fits  # noqa: E402
-from skincache.cache import SplitArrays, write_cache  # noqa: E402
-from skincache.data.classes import HAM10000_CLASSES  # noqa: E402
+from skincache.bench import bench_heads, n_fits
+from skincache.cache import SplitArrays, write_cache
+from skincache.data import HAM10000_CLASSES, synthetic_features
+from skincache.render import bench_table
 
 
 def synthetic_cache(path: Path, seed: int = 0) -> Path:
-    p = make_problem(seed=seed)
+    p = synthetic_features(seed=seed)
     k, d = p["views"].shape[1], p["X"].shape[1]
 
     def split(X, y, views, name):

@@ -35,8 +35,7 @@ from rich.table import Table
 
 from skincache.data import load_dataset, make_demo_dataset
 from skincache.device import autocast_dtype, resolve_device, resolve_precision
-from skincache.finetune import SETUPS, FinetuneConfig, run_finetune
-from skincache.finetune.model import ClipClassifier, random_head
+from skincache.finetune import SETUPS, ClipClassifier, FinetuneConfig, random_head, run_finetune
 from skincache.models import TINY_MODEL, ModelSpec, load_model
 
 PAPER_TRAIN, PAPER_VAL, PAPER_EPOCHS = 9577, 2492, 20

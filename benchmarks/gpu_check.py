@@ -81,13 +81,10 @@ from skincache import (  # noqa: E402
     make_demo_dataset,
     run_finetune,
 )
-from skincache.data import HAM10000_CLASSES  # noqa: E402
-from skincache.encode import (  # noqa: E402
-    cpu_batches,
-    resolve_device,
-    resolve_precision,
-    tensor_batches,
-)
+from skincache.data import HAM10000_CLASSES, synthetic_features  # noqa: E402
+from skincache.device import autocast_dtype, resolve_device, resolve_precision  # noqa: E402
+from skincache.finetune import ClipClassifier, random_head  # noqa: E402
+from skincache.loaders import cpu_batches, tensor_batches  # noqa: E402
 from skincache.models import TINY_MODEL, PreprocessSpec  # noqa: E402
 from skincache.views import Normalizer, ViewMaker  # noqa: E402
 
@@ -97,7 +94,6 @@ TARGETS = {"k0_img_s": 8000.0, "k4_img_s": 5000.0, "ratio": 3.0, "finetune_min":
 #: what the README asks of the heads on a 2-core CPU (benchmarks/heads_fit.py)
 HEAD_TARGETS_S = {"logreg": 10.0, "linear": 2.0, "mlp": 2.0}
 PAPER_TRAIN, PAPER_VAL, PAPER_EPOCHS = 9577, 2492, 20
-HAM10000_COUNTS = [327, 514, 1099, 115, 1113, 6705, 142]  # akiec bcc bkl df mel nv vasc
 
 #: sizes: the GPU run and the CI-sized CPU run (--quick)
 FULL = {"n_images": 20000, "shards": 16, "batch": 256, "real_n": 0, "views_real": 1,
@@ -265,10 +261,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def amp_dtype(precision: str) -> torch.dtype | None:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -373,7 +365,7 @@ def baseline_seconds(paths: list[str], loaded, k: int, device: torch.device, pre
     loader = torch.utils.data.DataLoader(
         _BaselineDataset(paths, pp.open_clip_transform(), aug, k), batch_size=batch_size,
         num_workers=workers, pin_memory=device.type == "cuda")
-    dtype = amp_dtype(precision)
+    dtype = autocast_dtype(precision)
     t0 = time.perf_counter()
     with torch.no_grad():
         for x in loader:
@@ -434,7 +426,7 @@ def step_encode(chk: Check, state: dict) -> None:
         chk.row(1, f"K={k}: skincache, img/s without one model load (est.)",
                 f"{excl:,.0f}" if excl else "—", k=k, img_per_s_excl_load=excl)
         chk.row(1, f"K={k}: naive baseline img/s ({workers} workers, "
-                   f"{'autocast ' + precision if amp_dtype(precision) else precision})",
+                   f"{'autocast ' + precision if autocast_dtype(precision) else precision})",
                 f"{base_rate:,.0f}", k=k, baseline_s=base_s, img_per_s=base_rate)
         ratio = base_s / ours_s
         chk.row(1, f"K={k}: skincache / baseline", f"{ratio:.2f}x",
@@ -709,28 +701,17 @@ def step_precision(chk: Check, state: dict) -> None:
 # --------------------------------------------------------------------------- step 5: fine-tune
 
 
-class _Classifier(torch.nn.Module):
-    """The fine-tuning model's shape: image tower, L2-normalised features, linear head times
-    the logit scale (what `skincache finetune` trains)."""
-
-    def __init__(self, visual: torch.nn.Module, dim: int, n_classes: int, scale: float):
-        super().__init__()
-        self.visual, self.head, self.scale = visual, torch.nn.Linear(dim, n_classes), scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.head(F.normalize(self.visual(x), dim=-1))
-
-
 def bare_step_rate(chk: Check, batch_size: int, steps: int) -> float:
     """Images/s of forward + backward + AdamW on random tensors already on the device."""
     dev = chk.device
     loaded = load_model(ModelSpec(chk.args.model, None), "cpu")
-    model = _Classifier(loaded.model.visual, loaded.embed_dim, 7, loaded.logit_scale)
+    w, b = random_head(7, loaded.embed_dim, 0)  # the model `skincache finetune` trains
+    model = ClipClassifier(loaded.model.visual, w, b, loaded.logit_scale)
     model = model.to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=dev.type == "cuda" or None)
     x = torch.randn(batch_size, 3, *loaded.preprocess.size, device=dev)
     y = torch.randint(0, 7, (batch_size,), device=dev)
-    dtype = amp_dtype(resolve_precision("auto", dev))
+    dtype = autocast_dtype(resolve_precision("auto", dev))
 
     def step() -> None:
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
@@ -804,29 +785,10 @@ def step_finetune(chk: Check, state: dict) -> None:
 # --------------------------------------------------------------------------- step 6: heads
 
 
-def heads_problem(scale: float, seed: int = 0, d: int = 512, k: int = 4) -> dict:
-    """HAM10000-sized features (10,015 train at scale 1) shaped like CLIP's: a large shared
-    component, a weaker class direction, per-image noise; val/test at 10% / 20% of train."""
-    rng = np.random.default_rng(seed)
-    counts = np.maximum(3, np.round(np.array(HAM10000_COUNTS) * scale)).astype(int)
-    common = rng.standard_normal(d)
-    common /= np.linalg.norm(common)
-    means = rng.standard_normal((len(counts), d))
-    means /= np.linalg.norm(means, axis=1, keepdims=True)
-
-    def images(per_class: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        y = np.repeat(np.arange(len(counts)), per_class)
-        rng.shuffle(y)
-        x = 3.0 * common + 0.35 * means[y] + rng.standard_normal((len(y), d)) / np.sqrt(d) * 2.2
-        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
-
-    X, y = images(counts)
-    Xv, yv = images(np.maximum(1, np.round(counts * 0.1)).astype(int))
-    views = X[:, None, :] + rng.standard_normal((len(X), k, d)) / np.sqrt(d) * 0.8
-    views = (views / np.linalg.norm(views, axis=-1, keepdims=True)).astype(np.float32)
-    text = (2.0 * common + 0.5 * means[:, None, :]
-            + rng.standard_normal((len(counts), 8, d)) / np.sqrt(d) * 1.5).astype(np.float32)
-    return {"X": X, "y": y, "views": views, "X_val": Xv, "y_val": yv, "text": text}
+def heads_problem(scale: float, seed: int = 0) -> dict:
+    """HAM10000-sized features (10,015 train at scale 1) shaped like CLIP's (the problem of
+    benchmarks/heads_fit.py): `skincache.data.synthetic_features`."""
+    return synthetic_features(seed, scale=scale)
 
 
 def step_heads(chk: Check, state: dict) -> None:

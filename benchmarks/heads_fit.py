@@ -33,46 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skincache.data import synthetic_features
 from skincache.heads import create_head, list_heads
 
-HAM10000_COUNTS = [327, 514, 1099, 115, 1113, 6705, 142]  # akiec bcc bkl df mel nv vasc
 TARGET_S = {"logreg": 15.0, "tip-adapter-f": 15.0}
 DEFAULT_TARGET_S = 2.0
 
-
-def _unit(a: np.ndarray) -> np.ndarray:
-    return a / np.linalg.norm(a, axis=-1, keepdims=True)
-
-
-def make_problem(
-    seed: int = 0, d: int = 512, k_views: int = 4, n_templates: int = 8, val_frac: float = 0.1,
-    test_frac: float = 0.2,
-) -> dict[str, np.ndarray]:
-    """Train split of exactly 10,015 images, val/test splits with the same class proportions."""
-    rng = np.random.default_rng(seed)
-    counts = np.array(HAM10000_COUNTS)
-    c = len(counts)
-    common = _unit(rng.standard_normal(d))
-    means = _unit(rng.standard_normal((c, d)))
-
-    def images(n_per_class: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        y = np.repeat(np.arange(c), n_per_class)
-        rng.shuffle(y)
-        x = 3.0 * common + 0.35 * means[y] + rng.standard_normal((len(y), d)) / np.sqrt(d) * 2.2
-        return _unit(x).astype(np.float32), y
-
-    X, y = images(counts)
-    X_val, y_val = images(np.maximum(1, np.round(counts * val_frac)).astype(int))
-    X_test, y_test = images(np.maximum(1, np.round(counts * test_frac)).astype(int))
-    noise = rng.standard_normal((len(X), k_views, d)) / np.sqrt(d) * 0.8
-    views = _unit(X[:, None, :] + noise).astype(np.float32)
-    # Prompts: a shared "photo of a lesion" direction, the class direction, template noise.
-    text = _unit(
-        2.0 * common + 0.5 * means[:, None, :]
-        + rng.standard_normal((c, n_templates, d)) / np.sqrt(d) * 1.5
-    ).astype(np.float32)
-    return {"X": X, "y": y, "views": views, "X_val": X_val, "y_val": y_val,
-            "X_test": X_test, "y_test": y_test, "text": text}
+#: the synthetic problem (skincache.data.synthetic_features; bench_heads.py uses it too)
+make_problem = synthetic_features
 
 
 def bench(heads: list[str], data: dict[str, np.ndarray], repeats: int = 3) -> list[dict]:

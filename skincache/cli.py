@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from skincache import _render
+from skincache import render as _render
 from skincache._options import check_file, interrupt_hint, set_interrupt_hint
 from skincache._sanity import cache_attrs, one_class_warning, random_init_warning
 from skincache.device import PRECISIONS

@@ -16,7 +16,7 @@ import numpy as np
 from skincache.data import Record
 from skincache.data._files import IMAGE_EXTS
 from skincache.device import resolve_device, resolve_precision
-from skincache.encode import ImageEncoder
+from skincache.encoder import ImageEncoder
 from skincache.heads import create_head
 from skincache.models import ModelSpec, load_model
 from skincache.runs import RunError, load_run

@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"encoder"},
     {"encode", "runs", "near_duplicates"},
     {"predict", "bench", "finetune", "demo"},
-    {"_render"},
+    {"render"},
     {"cli"},
 ]
 PACKAGES = {"data", "heads", "finetune"}

@@ -19,7 +19,8 @@ import torch
 
 from skincache.cache import FeatureCache
 from skincache.data import load_dataset
-from skincache.encode import ImageEncoder, encode_dataset, load_views
+from skincache.encode import encode_dataset
+from skincache.encoder import ImageEncoder
 from skincache.finetune import SETUPS, FinetuneConfig, run_finetune
 from skincache.finetune import state as st
 from skincache.finetune.images import ImageStore, base_image, cut_crops, epoch_seed
@@ -32,6 +33,7 @@ from skincache.finetune.model import (
 )
 from skincache.heads import create_head
 from skincache.heads.base import softmax
+from skincache.loaders import load_views
 from skincache.models import TINY_MODEL, ModelSpec, load_model
 from skincache.prompts import template_set_order
 from skincache.runs import fit_head_run

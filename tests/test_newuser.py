@@ -256,7 +256,7 @@ def test_noop_encode_reports_a_stale_partial_and_force_resumes_it(demo_root, tmp
 
 
 def test_predict_a_folder_gives_one_line_per_image(demo_cache, demo_root, tmp_path):
-    from skincache._render import distinct_digits
+    from skincache.render import distinct_digits
 
     runs = tmp_path / "runs"
     _ok(["fit-head", "--cache", str(demo_cache), "--head", "knn", "--runs-dir", str(runs),

@@ -8,12 +8,13 @@ from ._record import SPLITS, DataError, Dataset, Record
 from .audit import AuditReport, audit_dataset
 from .classes import DX_NAMES, HAM10000_CLASSES, display_name
 from .combine import with_test_set
-from .demo import make_demo_dataset
+from .demo import make_demo_dataset, synthetic_features
 from .fetch import FetchError, fetch_ham10000
 from .sources import detect_kind, load_dataset, read_image_bytes
 from .splits import DEFAULT_RATIOS, assign_splits, limit_dataset
 
 __all__ = [
+    "synthetic_features",
     "DEFAULT_RATIOS",
     "DX_NAMES",
     "HAM10000_CLASSES",

@@ -263,3 +263,44 @@ def make_demo_dataset(root: Path, n_images: int = 280, seed: int = 0,
     tmp.replace(root / METADATA)
     (root / MARKER).write_text(json.dumps(marker))
     return root
+
+
+def synthetic_features(
+    seed: int = 0, d: int = 512, k_views: int = 4, n_templates: int = 8, val_frac: float = 0.1,
+    test_frac: float = 0.2, scale: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """A HAM10000-sized feature problem shaped like CLIP's, for head benchmarks: train split
+    of HAM10000's class counts (10,015 images at `scale` 1; at least 3 per class otherwise),
+    val/test with the same proportions, K augmented views, C x T prompt embeddings. Features
+    are unit vectors: a large shared component, a weaker class direction, per-image noise.
+    Keys: X, y, views, X_val, y_val, X_test, y_test, text."""
+    rng = np.random.default_rng(seed)
+    counts = np.array([HAM10000_COUNTS[c] for c in HAM10000_CLASSES])
+    if scale != 1.0:
+        counts = np.maximum(3, np.round(counts * scale)).astype(int)
+    c = len(counts)
+    common = _unit(rng.standard_normal(d))
+    means = _unit(rng.standard_normal((c, d)))
+
+    def images(n_per_class: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        y = np.repeat(np.arange(c), n_per_class)
+        rng.shuffle(y)
+        x = 3.0 * common + 0.35 * means[y] + rng.standard_normal((len(y), d)) / np.sqrt(d) * 2.2
+        return _unit(x).astype(np.float32), y
+
+    X, y = images(counts)
+    X_val, y_val = images(np.maximum(1, np.round(counts * val_frac)).astype(int))
+    X_test, y_test = images(np.maximum(1, np.round(counts * test_frac)).astype(int))
+    noise = rng.standard_normal((len(X), k_views, d)) / np.sqrt(d) * 0.8
+    views = _unit(X[:, None, :] + noise).astype(np.float32)
+    # Prompts: a shared "photo of a lesion" direction, the class direction, template noise.
+    text = _unit(
+        2.0 * common + 0.5 * means[:, None, :]
+        + rng.standard_normal((c, n_templates, d)) / np.sqrt(d) * 1.5
+    ).astype(np.float32)
+    return {"X": X, "y": y, "views": views, "X_val": X_val, "y_val": y_val,
+            "X_test": X_test, "y_test": y_test, "text": text}
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    return a / np.linalg.norm(a, axis=-1, keepdims=True)

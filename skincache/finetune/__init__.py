@@ -25,9 +25,10 @@ This module is the public API: the names below.
 """
 
 from skincache.finetune.config import RESUME_MUTABLE, SETUPS, FinetuneConfig, FinetuneResult
-from skincache.finetune.model import ClipClassifier, zeroshot_head
+from skincache.finetune.model import ClipClassifier, random_head, zeroshot_head
 from skincache.finetune.run import run_finetune
 from skincache.finetune.state import load_checkpoint, save_checkpoint
 
 __all__ = ["RESUME_MUTABLE", "SETUPS", "ClipClassifier", "FinetuneConfig", "FinetuneResult",
-           "load_checkpoint", "run_finetune", "save_checkpoint", "zeroshot_head"]
+           "load_checkpoint", "random_head", "run_finetune", "save_checkpoint",
+           "zeroshot_head"]

@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from skincache.data import Record
-from skincache.encode import read_record
 from skincache.errors import InputFileError
+from skincache.loaders import read_record
 from skincache.views import DecodeError, ViewMaker, ViewPolicy, decode_image, view_params
 
 
@@ -44,7 +44,7 @@ def decode_record(record: Record, maker: ViewMaker, keep_base: bool
                   ) -> tuple[np.ndarray | None, np.ndarray | None, str]:
     """(clean uint8 [3,H,W], resized base uint8 [3,h,w] or None, failure reason); never raises.
 
-    Reading is `encode.read_record`, so a failure reads the same in a cache's `/failed` table
+    Reading is `loaders.read_record`, so a failure reads the same in a cache's `/failed` table
     and in a fine-tuning run's `failed.json`."""
     data, _, reason = read_record(record)
     if data is None:
