@@ -164,17 +164,25 @@ def plot_label(run: Path, cache: FeatureCache, split: str, n: int) -> str:
             f"{split} split (n={n:,})")
 
 
+def write_split_outputs(run: Path, name: str, report: dict, image_ids: list[str],
+                        labels: np.ndarray, proba: np.ndarray, classes: list[str],
+                        label: str | None) -> None:
+    """The one writer of a split's outputs in a run folder, for head runs and fine-tuning runs
+    alike: metrics/<name>.json (the metrics report), predictions/<name>.csv and, given a plot
+    label (the subtitle), plots/<name>_*.png."""
+    write_json(run / "metrics" / f"{name}.json", report)
+    write_predictions_csv(run / "predictions" / f"{name}.csv", image_ids, labels, proba, classes)
+    if label is not None:
+        write_report_plots(report, run / "plots", prefix=f"{name}_", label=label)
+
+
 def _write_split(run: Path, cache: FeatureCache, split: str, report: dict, proba: np.ndarray,
                  plots: bool, name: str | None = None) -> None:
-    """metrics/<name>.json, predictions/<name>.csv and plots/<name>_*.png (name: the split)."""
-    name = name or split
-    write_json(run / "metrics" / f"{name}.json", report)
+    """A head run's split: `write_split_outputs` under `name` (default: the split)."""
     data = cache.split(split)
-    write_predictions_csv(run / "predictions" / f"{name}.csv", list(data.image_id),
-                          data.labels, proba, cache.classes)
-    if plots:
-        write_report_plots(report, run / "plots", prefix=f"{name}_",
-                           label=plot_label(run, cache, split, report["n_samples"]))
+    write_split_outputs(run, name or split, report, list(data.image_id), data.labels, proba,
+                        cache.classes,
+                        plot_label(run, cache, split, report["n_samples"]) if plots else None)
 
 
 def evaluation_entry(cache: FeatureCache, split: str, name: str, report: dict, by: str,

@@ -44,10 +44,10 @@ from skincache.finetune.model import (
     interpolate,
     param_groups,
     random_head,
-    warmup_cosine,
     zeroshot_head,
 )
 from skincache.finetune.report import quick_scores, train_timing
+from skincache.heads._math import warmup_cosine
 from skincache.heads.base import balanced_class_weights, softmax
 from skincache.models import ModelSpec, load_model
 from skincache.views import Normalizer, ViewMaker, ViewPolicy

@@ -13,12 +13,15 @@ import numpy as np
 
 from skincache._io import now_iso, versions, write_json
 from skincache.heads.base import balanced_accuracy, softmax
-from skincache.metrics import classification_report, write_predictions_csv
+from skincache.metrics import classification_report
+from skincache.runs import write_split_outputs
 
 
 def write_outputs(run_dir: Path, result, stores: dict, probas: dict[str, np.ndarray],
                   classes: list[str], cfg) -> None:
-    """Fill `result.metrics` and write every file under `run_dir`."""
+    """Fill `result.metrics` and write every file under `run_dir`: each split through the
+    writer head runs use (`runs.write_split_outputs`), then the curves."""
+    who = run_label(run_dir, cfg)
     for split, proba in probas.items():
         store = stores[split]
         y = store.labels.cpu().numpy()
@@ -26,20 +29,16 @@ def write_outputs(run_dir: Path, result, stores: dict, probas: dict[str, np.ndar
                                     seed=cfg.seed)
         rep["model"] = {"best_epoch": result.best_epoch, "wise_alpha": result.wise_alpha}
         result.metrics[split] = rep
-        write_json(run_dir / "metrics" / f"{split}.json", rep)
-        write_predictions_csv(run_dir / "predictions" / f"{split}.csv", store.image_ids, y,
-                              proba, classes)
+        write_split_outputs(run_dir, split, rep, store.image_ids, y, proba, classes,
+                            f"{who} {split} split (n={rep['n_samples']:,})" if cfg.plots
+                            else None)
     if result.wise_curve is not None:
         write_json(run_dir / "metrics" / "wise_curve.json", result.wise_curve)
     if not cfg.plots:
         return
-    from skincache.plots import plot_curves, write_report_plots
+    from skincache.plots import plot_curves
 
     plots = run_dir / "plots"
-    who = run_label(run_dir, cfg)
-    for split, rep in result.metrics.items():
-        write_report_plots(rep, plots, prefix=f"{split}_",
-                           label=f"{who} {split} split (n={rep['n_samples']:,})")
     series = curve_series(result.history, result.init_val)
     if series:
         plot_curves(series, plots / "curves.png", title=f"Fine-tuning ({cfg.setup})",

@@ -51,3 +51,18 @@ def balanced_class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     w = np.zeros(n_classes, dtype=np.float64)
     w[present] = len(y) / (present.sum() * counts[present])
     return w
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, schedule: str = "cosine"):
+    """The lr factor at step s: linear warm-up from ~0, then cosine to 0 (or constant). The
+    one schedule: the PyTorch heads (no warm-up) and fine-tuning use it."""
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return 0.5 * (1.0 + float(np.cos(np.pi * progress)))
+
+    return factor

@@ -32,7 +32,7 @@ from skincache.device import resolve_device as _resolve_device
 from skincache.errors import UsageError
 
 from . import _progress
-from ._math import balanced_accuracy, balanced_class_weights
+from ._math import balanced_accuracy, balanced_class_weights, warmup_cosine
 
 BALANCE_MODES = (None, "loss", "sampler")
 
@@ -156,9 +156,7 @@ def train(
     batch_size = max(1, min(cfg.batch_size, X.shape[0] // cfg.min_steps_per_epoch))
     steps_per_epoch = math.ceil(n / batch_size)
     total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, 0))
     loss_w = None
     if cfg.balance == "loss":
         w = balanced_class_weights(y.cpu().numpy(), n_classes)
