@@ -13,6 +13,7 @@ and renamed to `<name>.h5`: a reader never sees half a cache under the final nam
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import io
@@ -305,6 +306,11 @@ class FeatureCache:
             raise CacheError(f"{self.path}: no split '{name}' (has {list(self.splits)})")
         return self.splits[name]
 
+    @property
+    def header(self) -> CacheHeader:
+        """The attributes encode wrote, typed (`CacheHeader`)."""
+        return CacheHeader.from_attrs(self.attrs)
+
     def summary(self) -> dict:
         """What `skincache info` shows: provenance, shapes, class counts, failures."""
         a = self.attrs
@@ -316,29 +322,30 @@ class FeatureCache:
         for row in self.failed:
             r = row["reason"].split(":")[0]
             reasons[r] = reasons.get(r, 0) + 1
+        h = self.header
         return {
             "path": str(self.path),
-            "key": a["key"],
-            "model": a["model"],
-            "pretrained": a.get("pretrained") or "",
-            "checkpoint": a.get("checkpoint") or "",
-            "checkpoint_sha256": a.get("checkpoint_sha256") or "",
-            "weights_sha256": a["weights_sha256"],
-            "precision": a["precision"],
-            "preprocess": json.loads(a["preprocess"]),
-            "views": json.loads(a["views"]),
-            "dataset": {"name": a["dataset"], "kind": a["dataset_kind"], "root": a["dataset_root"],
-                        "fingerprint": a["dataset_fingerprint"]},
+            "key": h.key,
+            "model": h.model,
+            "pretrained": h.pretrained or "",
+            "checkpoint": h.checkpoint or "",
+            "checkpoint_sha256": h.checkpoint_sha256 or "",
+            "weights_sha256": h.weights_sha256,
+            "precision": h.precision,
+            "preprocess": h.preprocess,
+            "views": h.views,
+            "dataset": {"name": h.dataset, "kind": h.dataset_kind, "root": h.dataset_root,
+                        "fingerprint": h.dataset_fingerprint},
             "classes": self.classes,
-            "embed_dim": int(a["embed_dim"]),
+            "embed_dim": int(h.embed_dim),
             "feature_dtype": a["feature_dtype"],
             "splits": {s: len(d) for s, d in self.splits.items()},
             "class_counts": counts,
             "text_sets": {k: list(v.shape) for k, v in self.text.items()},
             "failed": len(self.failed),
             "failed_reasons": reasons,
-            "created": a["created"],
-            "versions": json.loads(a["versions"]),
+            "created": h.created,
+            "versions": h.versions,
         }
 
 
@@ -603,6 +610,61 @@ class PartialCache:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+#: CacheHeader fields stored as JSON text in the HDF5 attributes.
+_JSON_FIELDS = ("preprocess", "views", "classes", "class_names", "template_sets", "chunking",
+                "versions")
+
+
+@dataclass
+class CacheHeader:
+    """The root attributes `encode` writes and `summary` reads back: their names live here,
+    once. JSON-valued attributes are held decoded. (`write_cache` adds the format, schema,
+    split order, checksums and completeness flag itself.)"""
+
+    key: str
+    model: str
+    weights_sha256: str
+    embed_dim: int
+    logit_scale: float
+    precision: str
+    preprocess: dict
+    views: dict
+    dataset: str
+    dataset_kind: str
+    dataset_root: str
+    dataset_fingerprint: str
+    classes: list
+    class_names: list
+    template_sets: dict
+    versions: dict
+    created: str = ""
+    skincache_version: str = ""
+    pretrained: str = ""
+    checkpoint: str = ""
+    checkpoint_sha256: str = ""
+    device: str = ""
+    features_normalized: bool = False
+    chunking: dict = field(default_factory=dict)
+
+    def to_attrs(self) -> dict:
+        """The attributes as `write_cache` takes them (JSON-valued ones encoded)."""
+        return {f.name: json.dumps(getattr(self, f.name)) if f.name in _JSON_FIELDS
+                else getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> CacheHeader:
+        """From a cache's (checked) attributes; ones an older cache lacks take the defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: json.loads(v) if k in _JSON_FIELDS and isinstance(v, str) else v
+                  for k, v in attrs.items() if k in known}
+        for name in ("preprocess", "views", "template_sets", "versions"):
+            values.setdefault(name, {})
+        for name in ("dataset", "dataset_kind", "dataset_root", "dataset_fingerprint"):
+            values.setdefault(name, "")
+        values.setdefault("class_names", values.get("classes", []))
+        return cls(**values)
 
 
 @dataclass

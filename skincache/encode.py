@@ -28,6 +28,7 @@ from skincache._io import __version__, now_iso, versions
 from skincache._progress import progress_bar
 from skincache.cache import (
     SCHEMA_VERSION,
+    CacheHeader,
     CacheLock,
     PartialCache,
     SplitArrays,
@@ -300,36 +301,34 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
         )
     text = partial.read_array("text") or {}
     loaded = encoder.loaded
-    attrs = {
-        "key": key,
-        "skincache_version": __version__,
-        "model": loaded.spec.name,
-        "pretrained": loaded.spec.pretrained or "",
-        "checkpoint": str(Path(loaded.spec.checkpoint).resolve()) if loaded.spec.checkpoint
+    header = CacheHeader(
+        key=key,
+        skincache_version=__version__,
+        model=loaded.spec.name,
+        pretrained=loaded.spec.pretrained or "",
+        checkpoint=str(Path(loaded.spec.checkpoint).resolve()) if loaded.spec.checkpoint
         else "",
-        "checkpoint_sha256": loaded.spec.identity()["checkpoint_sha256"] or "",
-        "weights_sha256": loaded.weights_sha256,
-        "embed_dim": loaded.embed_dim,
-        "logit_scale": loaded.logit_scale,
-        "precision": encoder.precision,
-        "device": encoder.device.type,
-        "preprocess": loaded.preprocess.to_json(),
-        "views": json.dumps({**encoder.policy.to_dict(),
-                             "scaled_resize": encoder.maker.aug_resize,
-                             "scaled_crop": list(encoder.maker.crop_hw)}),
-        "features_normalized": False,
-        "dataset": dataset.name,
-        "dataset_kind": dataset.kind,
-        "dataset_root": str(dataset.root),
-        "dataset_fingerprint": fingerprint,
-        "classes": json.dumps(dataset.classes),
-        "class_names": json.dumps([display_name(c) for c in dataset.classes]),
-        "template_sets": json.dumps({k: TEMPLATE_SETS[k] for k in template_sets}),
-        "chunking": json.dumps({"chunk_size": manifest["chunk_size"],
-                                "batch_size": manifest["batch_size"]}),
-        "created": now_iso(),
-        "versions": json.dumps(versions("torch", "open_clip", "torchvision", "pillow", "numpy")),
-    }
+        checkpoint_sha256=loaded.spec.identity()["checkpoint_sha256"] or "",
+        weights_sha256=loaded.weights_sha256,
+        embed_dim=loaded.embed_dim,
+        logit_scale=loaded.logit_scale,
+        precision=encoder.precision,
+        device=encoder.device.type,
+        preprocess=json.loads(loaded.preprocess.to_json()),
+        views={**encoder.policy.to_dict(), "scaled_resize": encoder.maker.aug_resize,
+               "scaled_crop": list(encoder.maker.crop_hw)},
+        features_normalized=False,
+        dataset=dataset.name,
+        dataset_kind=dataset.kind,
+        dataset_root=str(dataset.root),
+        dataset_fingerprint=fingerprint,
+        classes=list(dataset.classes),
+        class_names=[display_name(c) for c in dataset.classes],
+        template_sets={k: TEMPLATE_SETS[k] for k in template_sets},
+        chunking={"chunk_size": manifest["chunk_size"], "batch_size": manifest["batch_size"]},
+        created=now_iso(),
+        versions=versions("torch", "open_clip", "torchvision", "pillow", "numpy"),
+    )
     failed = {
         "image_id": [records[i].image_id for i in f_index],
         "source": [records[i].source for i in f_index],
@@ -341,7 +340,7 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
     if free < need:
         raise make_disk_error(errno.ENOSPC, f"disk full: assembling {final} needs about "
                               f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB are free")
-    write_cache(final, attrs, splits, text, failed)
+    write_cache(final, header.to_attrs(), splits, text, failed)
     reasons = Counter(r.split(":")[0] for r in failed["reason"])
     return EncodeResult(final, "built", n_images=len(index), n_failed=len(f_index),
                         failed_reasons=dict(reasons),

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from skincache.cache import CacheBusyError, CacheError, CacheLock, FeatureCache
+from skincache.cache import CacheBusyError, CacheError, CacheHeader, CacheLock, FeatureCache
 from skincache.encode import encode_dataset
 from skincache.models import TINY_MODEL, ModelSpec
 from skincache.prompts import TEMPLATE_SETS
@@ -76,3 +76,16 @@ def test_the_lock_excludes_a_second_holder_until_released(tmp_path):
     third = CacheLock(path)
     assert third.try_acquire()
     third.release()
+
+
+def test_the_header_encode_writes_reads_back_typed(demo_cache):
+    """The root attributes have one definition (`CacheHeader`): encode writes it, `header`
+    and `summary` read it back."""
+    fc = FeatureCache.open(demo_cache)
+    h = fc.header
+    assert isinstance(h, CacheHeader)
+    assert (h.model, h.embed_dim, h.classes) == (TINY_MODEL, 64, fc.classes)
+    assert h.views["k"] == 2 and set(h.template_sets) == set(TEMPLATE_SETS)
+    assert CacheHeader.from_attrs(h.to_attrs()) == h
+    s = fc.summary()
+    assert (s["preprocess"], s["views"], s["versions"]) == (h.preprocess, h.views, h.versions)
