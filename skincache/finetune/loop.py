@@ -444,9 +444,18 @@ class FinetuneRun:
         return {"init": self.init_val, "epochs": self.history, "best_epoch": self.best["epoch"],
                 "best_val_balanced_accuracy": self.best["score"], "stopped_early": self.stopped}
 
+    def _facts(self) -> report.RunFacts:
+        return report.RunFacts(
+            config=self.cfg, spec=self.spec, loaded=self.loaded,
+            scaled_augmentation={"resize": self.maker.aug_resize,
+                                 "crop": list(self.maker.crop_hw)},
+            dataset=self.ds, fingerprint=self.fingerprint, n_failed=len(self.failed),
+            world_size=self.ctx.world, device=self.device.type, precision=self.precision,
+            image_store=self.store_mode)
+
     def _write_run_json(self, status: str, result: FinetuneResult | None = None) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         meta_path = self.run_dir / "run.json"
         old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        write_json(meta_path, report.run_meta(self, status, old, result))
+        write_json(meta_path, report.run_meta(self._facts(), status, old, result))
         write_json(self.run_dir / "failed.json", [f.__dict__ for f in self.failed])

@@ -6,14 +6,18 @@ training curves and, with WiSE-FT, the alpha curve. A finished run can be read b
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from skincache._io import now_iso, versions, write_json
+from skincache.data import Dataset
+from skincache.finetune.config import FinetuneConfig, FinetuneResult
 from skincache.heads.base import balanced_accuracy, softmax
 from skincache.metrics import classification_report
+from skincache.models import LoadedModel, ModelSpec
 from skincache.runs import write_split_outputs
 
 
@@ -104,26 +108,45 @@ def plot_wise_curve(curve: list[dict[str, float]], path: Path, chosen: float | N
 # ---------------------------------------------------------------------------- run folder
 
 
-def run_meta(run, status: str, old: dict[str, Any], result=None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunFacts:
+    """What `run.json` says about a run besides its status and results, gathered once the
+    data, model and image stores exist (the report reads nothing else of the training loop)."""
+
+    config: FinetuneConfig
+    spec: ModelSpec
+    loaded: LoadedModel
+    scaled_augmentation: dict[str, Any]  # {"resize": int, "crop": [h, w]} at the model's size
+    dataset: Dataset
+    fingerprint: str
+    n_failed: int
+    world_size: int
+    device: str
+    precision: str
+    image_store: str
+
+
+def run_meta(facts: RunFacts, status: str, old: dict[str, Any],
+             result: FinetuneResult | None = None) -> dict[str, Any]:
     """`run.json`: kind, status, the full config, the model and data identities, versions."""
-    lp = run.loaded
+    lp, ds, spec = facts.loaded, facts.dataset, facts.spec
+    classes = list(ds.classes)
     meta: dict[str, Any] = {
         "kind": "finetune", "format_version": 1, "status": status,
         "created": old.get("created", now_iso()), "updated": now_iso(),
-        "config": run.cfg.to_dict(),
-        "model": {**run.spec.identity(), "checkpoint": run.spec.checkpoint,
+        "config": facts.config.to_dict(),
+        "model": {**spec.identity(), "checkpoint": spec.checkpoint,
                   "weights_sha256": lp.weights_sha256, "embed_dim": lp.embed_dim,
                   "logit_scale": lp.logit_scale,
                   "preprocess": json.loads(lp.preprocess.to_json()),
-                  "scaled_augmentation": {"resize": run.maker.aug_resize,
-                                          "crop": list(run.maker.crop_hw)}},
-        "dataset": {"name": run.ds.name, "kind": run.ds.kind, "root": str(run.ds.root),
-                    "fingerprint": run.fingerprint, "classes": run.classes,
-                    "split_sizes": {s: len(run.ds.split_records(s)) for s in run.ds.splits},
-                    "failed": len(run.failed)},
-        "classes": run.classes,
-        "world_size": run.ctx.world, "device": run.device.type,
-        "precision": run.precision, "image_store": run.store_mode,
+                  "scaled_augmentation": facts.scaled_augmentation},
+        "dataset": {"name": ds.name, "kind": ds.kind, "root": str(ds.root),
+                    "fingerprint": facts.fingerprint, "classes": classes,
+                    "split_sizes": {s: len(ds.split_records(s)) for s in ds.splits},
+                    "failed": facts.n_failed},
+        "classes": classes,
+        "world_size": facts.world_size, "device": facts.device,
+        "precision": facts.precision, "image_store": facts.image_store,
         "versions": versions("torch", "open_clip", "torchvision", "numpy", "pillow", "python"),
         "checkpoints": {"best": "best.pt", "last": "last.pt"},
     }
@@ -164,8 +187,6 @@ def finished_result(run_dir: Path, cfg):
     metrics = {p.stem: json.loads(p.read_text())
                for p in sorted((run_dir / "metrics").glob("*.json")) if p.stem != "wise_curve"}
     curve_path = run_dir / "metrics" / "wise_curve.json"
-    from skincache.finetune.config import FinetuneResult
-
     return FinetuneResult(
         run_dir=run_dir, config=cfg, history=hist["epochs"], init_val=hist["init"],
         metrics=metrics, best_epoch=hist["best_epoch"],
