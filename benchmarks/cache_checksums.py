@@ -33,7 +33,7 @@ from skincache.cache import (
     CacheWarning,
     FeatureCache,
     SplitArrays,
-    _digest,
+    dataset_digest,
     write_cache,
 )
 
@@ -131,7 +131,7 @@ def main() -> None:
             f.visititems(lambda n, o: data.append(o.asstr()[()] if o.dtype.kind == "O"
                                                   else o[()]) if isinstance(o, h5py.Dataset)
                          else None)
-        hash_s = best(lambda: [_digest(a) for a in data], args.repeats)
+        hash_s = best(lambda: [dataset_digest(a) for a in data], args.repeats)
         open_checked = best(lambda: FeatureCache.open(checked), args.repeats)
         open_plain = best(lambda: open_unverified(plain), args.repeats)
         fl = fletcher_rows(folder, checked, args.repeats)

@@ -310,8 +310,9 @@ def audit(
             _render.near_duplicate_pairs(pairs, threshold)
             _warn(random_note)
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(rep, indent=2))
+        from skincache._io import write_json
+
+        write_json(json_out, rep)
         _render.out.print(f"report written to {json_out}")
 
 

@@ -35,6 +35,7 @@ allow_nan=False)` works; undefined values are `None`, never NaN.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     roc_auc_score,
 )
+
+from skincache._io import atomic_write_text
 
 __all__ = [
     "CI_METRICS",
@@ -548,11 +551,9 @@ def write_predictions_csv(
     rows, so downstream readers see the columns); returns the path."""
     rows = predictions_table(image_ids, y_true, proba, class_names)
     fields = ["image_id", "true", "predicted", *(f"p_{c}" for c in class_names)]
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    return out
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return atomic_write_text(path, buf.getvalue())  # a reader never sees half a table

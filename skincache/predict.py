@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from skincache._io import atomic_write_text, write_json
 from skincache.data import Record
 from skincache.data._files import IMAGE_EXTS
 from skincache.device import resolve_device, resolve_precision
@@ -101,22 +102,21 @@ def predict_images(
 
 
 def write_predictions(preds: list[Prediction], path: str | Path) -> Path:
-    """Predictions as JSON (everything) or CSV (one row per image, p_<class> columns)."""
+    """Predictions as JSON (everything) or CSV (one row per image, p_<class> columns), written
+    atomically."""
     import csv
-    import json
+    import io
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps([p.__dict__ for p in preds], indent=2))
-        return path
+        return write_json(path, [p.__dict__ for p in preds])
     classes = next((list(p.probabilities) for p in preds if p.ok), [])
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "predicted", *(f"p_{c}" for c in classes), "nearest", "error"])
-        for p in preds:
-            nearest = ";".join(f"{n['image_id']}:{n['label']}:{n['similarity']:.6f}"
-                               for n in p.neighbors)
-            w.writerow([p.path, p.predicted, *(p.probabilities.get(c, "") for c in classes),
-                        nearest, p.error])
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["path", "predicted", *(f"p_{c}" for c in classes), "nearest", "error"])
+    for p in preds:
+        nearest = ";".join(f"{n['image_id']}:{n['label']}:{n['similarity']:.6f}"
+                           for n in p.neighbors)
+        w.writerow([p.path, p.predicted, *(p.probabilities.get(c, "") for c in classes),
+                    nearest, p.error])
+    return atomic_write_text(path, buf.getvalue())
