@@ -152,3 +152,13 @@ def test_low_layers_know_neither_torch_models_nor_open_clip(module):
         assert "open_clip" not in names, f
         if module == "cache":
             assert "torch" not in names, f
+
+
+def test_posix_only_modules_are_imported_where_used():
+    """`fcntl` (POSIX) is imported inside the functions that lock, never at a module's top
+    level: `import skincache.cache` (and so reading a cache) works on Windows."""
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert "fcntl" not in names, f"{path}: top-level import of fcntl"

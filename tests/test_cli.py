@@ -129,3 +129,31 @@ def test_finetune_then_reencode_with_its_checkpoint_then_fit_head(demo_root, tmp
     assert len(info["checkpoint_sha256"]) == 64
     _ok(["fit-head", "--cache", str(cache), "--head", "zeroshot", "--runs-dir", str(runs),
          "--bootstrap", "0", "--no-plots"])
+
+
+def test_only_skincache_errors_become_one_line(tmp_path, monkeypatch):
+    """A library error that is the user's (`SkincacheError`) is one `error:` line; anything
+    else, a torch shape bug or CUDA running out of memory, keeps its traceback."""
+    from skincache.cache import FeatureCache
+    from skincache.errors import UsageError
+
+    cache = tmp_path / "x.h5"
+    cache.write_bytes(b"")
+
+    def refuse(path):
+        raise UsageError("a message for the user")
+
+    monkeypatch.setattr(FeatureCache, "open", classmethod(lambda cls, p: refuse(p)))
+    r = runner.invoke(app, ["info", str(cache)])
+    assert r.exit_code == 1 and "error: a message for the user" in r.output
+
+    def crash(path):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(FeatureCache, "open", classmethod(lambda cls, p: crash(p)))
+    r = runner.invoke(app, ["info", str(cache)])
+    assert isinstance(r.exception, RuntimeError) and "error:" not in r.output
+    monkeypatch.setattr(FeatureCache, "open", classmethod(lambda cls, p: (_ for _ in ()).throw(
+        ValueError("shapes (3,4) and (5,6) not aligned"))))
+    r = runner.invoke(app, ["info", str(cache)])
+    assert isinstance(r.exception, ValueError) and "error:" not in r.output
