@@ -43,10 +43,11 @@ from skincache.cache import (
 from skincache.data import Dataset, Record
 from skincache.data.classes import display_name
 from skincache.device import default_workers, resolve_device, resolve_precision
+from skincache.distributed import DistContext, on_main
 from skincache.encoder import ImageEncoder
 from skincache.errors import DiskError
 from skincache.loaders import Batch, route
-from skincache.models import LoadedModel, ModelSpec, load_model
+from skincache.models import ModelSpec, load_model
 from skincache.prompts import TEMPLATE_SETS
 from skincache.views import ViewPolicy
 
@@ -133,43 +134,91 @@ def encode_dataset(
     name = cache_name(dataset.name, spec.slug, policy.k, key)
     final = cache_dir / f"{name}.h5"
     if final.exists() and not force:
-        swept = _sweep_leftovers(cache_dir, name)
+        # under torchrun every rank sees the finished cache; only rank 0 sweeps its leftovers
+        swept = _sweep_leftovers(cache_dir, name) if os.environ.get("RANK", "0") == "0" else None
         return EncodeResult(final, "exists", stale_partial=swept)
     check_writable_dir(cache_dir, "--cache-dir")
 
     t0 = time.perf_counter()
-    # before any file is written, the lock included: a model that fails to load leaves none
-    loaded = load_model(spec, dev)
-    partial = PartialCache(cache_dir / f"{name}.partial")
+    ctx = DistContext.from_env(dev)  # a world of one without torchrun
     try:
-        with CacheLock(cache_dir / f"{name}.lock") as lock:
-            lock.acquire(wait=wait)
-            if final.exists() and not force:  # another run finished it while we waited
-                return EncodeResult(final, "exists")
-            result, status = _encode_locked(dataset, loaded, policy, dev, precision, fingerprint,
-                                            key, final, partial, force, batch_size,
-                                            chunk_batches, num_workers, loader, template_sets,
-                                            progress)
-            # the cache is complete: from here on only litter is removed (a kill now leaves
-            # litter that the next run sweeps, see `_sweep_leftovers`)
-            partial.remove()
-            # safe while held: a process waiting on the old inode re-checks `final` once it has it
-            lock.path.unlink(missing_ok=True)
-    except OSError as e:
-        done = partial.n_chunks() if partial.folder.exists() else 0
-        after = (f"nothing is lost ({done} finished chunk(s) kept in {partial.folder}): "
-                 "free space (or fix the folder) and run the same command again to resume")
-        if isinstance(e, DiskError):
-            raise make_disk_error(e.errno or 0, f"{e}; {after}") from None
-        inside = e.filename is None or Path(str(e.filename)).resolve().is_relative_to(
-            cache_dir.resolve())
-        de = disk_error(e, e.filename or partial.folder, "writing", after) if inside else None
-        if de is not None:  # (an unreadable checkpoint elsewhere keeps its own message)
-            raise de from None
-        raise
-    result.status = status
+        result = _encode_run(ctx, dataset, spec, policy, ctx.device, precision, fingerprint, key,
+                             final, cache_dir, name, force, wait, batch_size, chunk_batches,
+                             num_workers, loader, template_sets, progress)
+    finally:
+        ctx.close()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _encode_run(ctx: DistContext, dataset: Dataset, spec: ModelSpec, policy: ViewPolicy,
+                dev: torch.device, precision: str, fingerprint: str, key: str, final: Path,
+                cache_dir: Path, name: str, force: bool, wait: bool, batch_size: int,
+                chunk_batches: int, num_workers: int | None, loader: str,
+                template_sets: list[str], progress: bool) -> EncodeResult:
+    """The encode itself, on one process or as one rank of a torchrun job.
+
+    Sharding: rank 0 takes the lock and starts (or resumes) the `.partial/` folder; the chunks
+    still missing are dealt round-robin to the ranks, each rank commits its own chunk files
+    into the shared folder, and rank 0 assembles the `.h5` once all are there. Chunk contents
+    depend only on the records in them (views are seeded per image id), so any split of the
+    work gives the same cache as one process, and a killed run (any rank) resumes with the
+    chunks still missing."""
+    # before any file is written, the lock included: a model that fails to load leaves none
+    loaded = load_model(spec, dev)
+    encoder = ImageEncoder(loaded, policy, dev, precision)
+    partial = PartialCache(cache_dir / f"{name}.partial")
+    with contextlib.ExitStack() as stack:
+        try:
+            def start() -> dict | None:
+                lock = stack.enter_context(CacheLock(cache_dir / f"{name}.lock"))
+                lock.acquire(wait=wait)
+                if final.exists() and not force:  # another run finished it while we waited
+                    return None
+                return _start_partial(dataset, encoder, partial, key, force, batch_size,
+                                      chunk_batches, template_sets)
+
+            plan = on_main(ctx, start)
+            if plan is None:
+                return EncodeResult(final, "exists")
+            mine = plan["missing"][ctx.rank::ctx.world]
+            workers = (max(1, default_workers() // ctx.local_world) if num_workers is None
+                       else num_workers)
+            chunk_size = plan["chunk_size"]
+            n_mine = sum(min(chunk_size, len(dataset.records) - i * chunk_size) for i in mine)
+            with progress_bar(n_mine, f"encode {dataset.name}" + (
+                    f" (rank {ctx.rank}/{ctx.world})" if ctx.active else ""),
+                    enabled=progress and ctx.main) as advance, \
+                    _share_cores(dev, workers if route(loader, dev) == "pillow" else 0):
+                _run_chunks(encoder, dataset.records, mine, partial, chunk_size,
+                            plan["batch_size"], workers, loader, advance)
+            ctx.barrier()  # every rank's chunks are committed
+
+            def finish() -> EncodeResult:
+                result = _assemble(final, partial, dataset, fingerprint, encoder, key,
+                                   plan["n_chunks"], template_sets, plan["manifest"])
+                # the cache is complete: from here on only litter is removed (a kill now
+                # leaves litter that the next run sweeps, see `_sweep_leftovers`)
+                partial.remove()
+                # safe while held: a process waiting on the old inode re-checks `final`
+                (cache_dir / f"{name}.lock").unlink(missing_ok=True)
+                return result
+
+            result = on_main(ctx, finish)
+            result.status = "resumed" if plan["resumed"] else "built"
+            return result
+        except OSError as e:
+            done = partial.n_chunks() if partial.folder.exists() else 0
+            after = (f"nothing is lost ({done} finished chunk(s) kept in {partial.folder}): "
+                     "free space (or fix the folder) and run the same command again to resume")
+            if isinstance(e, DiskError):
+                raise make_disk_error(e.errno or 0, f"{e}; {after}") from None
+            inside = e.filename is None or Path(str(e.filename)).resolve().is_relative_to(
+                cache_dir.resolve())
+            de = disk_error(e, e.filename or partial.folder, "writing", after) if inside else None
+            if de is not None:  # (an unreadable checkpoint elsewhere keeps its own message)
+                raise de from None
+            raise
 
 
 def _sweep_leftovers(cache_dir: Path, name: str) -> Path | None:
@@ -199,12 +248,11 @@ def _sweep_leftovers(cache_dir: Path, name: str) -> Path | None:
     return partial.folder if had_partial and not partial.folder.exists() else None
 
 
-def _encode_locked(dataset: Dataset, loaded: LoadedModel, policy: ViewPolicy, dev: torch.device,
-                   precision: str, fingerprint: str, key: str, final: Path,
-                   partial: PartialCache, force: bool, batch_size: int, chunk_batches: int,
-                   num_workers: int | None, loader: str, template_sets: list[str],
-                   progress: bool) -> tuple[EncodeResult, str]:
-    """The run itself, under the lock: chunks (resumed), assembly."""
+def _start_partial(dataset: Dataset, encoder: ImageEncoder, partial: PartialCache, key: str,
+                   force: bool, batch_size: int, chunk_batches: int,
+                   template_sets: list[str]) -> dict:
+    """Rank 0, under the lock: start or resume the partial folder, write the text features,
+    and list the chunks still missing (every rank gets this plan)."""
     if force:
         partial.remove()
     records = dataset.records
@@ -212,48 +260,46 @@ def _encode_locked(dataset: Dataset, loaded: LoadedModel, policy: ViewPolicy, de
         "key": key, "n_records": len(records), "batch_size": batch_size,
         "chunk_size": batch_size * chunk_batches, "started": now_iso(),
     })
-    chunk_size, batch_size = manifest["chunk_size"], manifest["batch_size"]
+    chunk_size = manifest["chunk_size"]
     n_chunks = math.ceil(len(records) / chunk_size)
-    done = [i for i in range(n_chunks) if partial.has_chunk(i)]
-    first = len(done) if done == list(range(len(done))) else 0
-    status = "resumed" if first else "built"
-
-    encoder = ImageEncoder(loaded, policy, dev, precision)
+    missing = [i for i in range(n_chunks) if not partial.has_chunk(i)]
     if partial.read_array("text") is None:
         partial.write_array("text", **{s: encoder.text_features(dataset.classes, s)
                                        for s in template_sets})
-    positions = list(range(first * chunk_size, len(records)))
-    workers = default_workers() if num_workers is None else num_workers
-    with progress_bar(len(records), f"encode {dataset.name}", enabled=progress) as advance, \
-            _share_cores(dev, workers if route(loader, dev) == "pillow" else 0):
-        advance(first * chunk_size)
-        _run_chunks(encoder, records, positions, partial, first, chunk_size, batch_size,
-                    num_workers, loader, advance)
-    result = _assemble(final, partial, dataset, fingerprint, encoder, key, n_chunks,
-                       template_sets, manifest)
-    return result, status
+    return {"manifest": manifest, "chunk_size": chunk_size,
+            "batch_size": manifest["batch_size"], "n_chunks": n_chunks, "missing": missing,
+            "resumed": len(missing) < n_chunks}
 
 
-def _run_chunks(encoder: ImageEncoder, records: list[Record], positions: list[int],
-                partial: PartialCache, first_chunk: int, chunk_size: int, batch_size: int,
+def _run_chunks(encoder: ImageEncoder, records: list[Record], chunks: list[int],
+                partial: PartialCache, chunk_size: int, batch_size: int,
                 num_workers: int | None, loader: str, advance) -> None:
-    """Model loop; commits one chunk file per `chunk_size` records (batches never straddle)."""
-    chunk = first_chunk
+    """Model loop over `chunks` (in order, in one loader pass); commits one chunk file per
+    chunk (batches never straddle two chunks)."""
+    if not chunks:
+        return
+
+    def size(c: int) -> int:
+        return min(chunk_size, len(records) - c * chunk_size)
+
+    positions = [p for c in chunks for p in range(c * chunk_size, c * chunk_size + size(c))]
+    todo = iter(chunks)
+    chunk = next(todo)
     acc: list[Batch] = []
     feats: list[np.ndarray] = []
     seen = 0
-    limit = min(chunk_size, len(records) - chunk * chunk_size)
+    # every chunk but the dataset's last holds a multiple of batch_size records, so batches
+    # never straddle two chunks and are the very batches a one-process run makes
     for batch in encoder.batches(records, positions, batch_size, num_workers, loader):
         acc.append(batch)
         if len(batch.index):
             feats.append(encoder.features(batch.pixels))
         seen += batch.n_records
         advance(batch.n_records)
-        if seen == limit:
+        if seen == size(chunk):
             _commit(partial, chunk, acc, feats, encoder)
-            chunk += 1
             acc, feats, seen = [], [], 0
-            limit = min(chunk_size, len(records) - chunk * chunk_size)
+            chunk = next(todo, -1)
     if acc:
         raise RuntimeError("internal: loader ended inside a chunk")
 

@@ -22,7 +22,7 @@ PKG = Path(__file__).resolve().parents[1] / "skincache"
 #: layer is an arrow back up.
 LAYERS: list[set[str]] = [
     {"errors", "_io"},
-    {"device", "_options", "_sanity", "metrics", "data"},
+    {"device", "distributed", "_options", "_sanity", "metrics", "data"},
     {"models", "cache", "heads", "prompts"},
     {"views", "plots", "_progress"},
     {"loaders"},
