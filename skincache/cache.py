@@ -145,7 +145,7 @@ class SplitData:
     without keeping anything; `release()` drops what was read. Built from arrays (tests,
     callers with their own data) it simply holds them."""
 
-    _COLS = ("features", "views", "labels", "image_id", "group_id", "sha1")
+    COLUMNS = ("features", "views", "labels", "image_id", "group_id", "sha1")
 
     def __init__(self, features: np.ndarray | None = None, views: np.ndarray | None = None,
                  labels: np.ndarray | None = None, image_id: np.ndarray | None = None,
@@ -247,7 +247,7 @@ class SplitData:
 
     def load(self) -> SplitData:
         """Read every column into memory now (float32 features and views)."""
-        for c in self._COLS:
+        for c in self.COLUMNS:
             self._get(c)
         _ = self.meta
         return self
