@@ -18,9 +18,9 @@ class LinearHead(FeedForwardHead):
     patience: epochs without a better validation balanced accuracy before stopping (None: run
     all epochs); the best epoch's weights are kept. Without validation data all epochs run.
     seed: the same seed gives identical weights. device: "cpu", "cuda" or "auto".
-    max_memory: MiB (a number) or "512M" / "8G" of float32 training data to hold at once; above it (or,
-    with None/"auto", above a quarter of physical memory) batches are gathered from the float16
-    cache arrays instead: same weights, a fraction of the memory.
+    max_memory: MiB (a number) or "512M" / "8G" of float32 training data to hold at once;
+    above it (None/"auto": a quarter of physical memory) batches are gathered from the float16
+    cache arrays instead: the same weights, a fraction of the memory.
     """
 
     def __init__(
