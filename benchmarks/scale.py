@@ -151,6 +151,15 @@ def child(cache: str, head: str, params: dict) -> dict:
         out["exact_query_1k_s"] = time.perf_counter() - t0
         out["ivf_recall_at_k"] = float(np.mean(
             [len(set(truth[i]) & set(got[i])) / h.k for i in range(len(q))]))
+        out["ivf_cells"] = int(ivf.nlist)
+        sweep = {}
+        for nprobe in (8, 32, 128):  # the recall / query-time trade of the IVF setting
+            ivf.nprobe = min(nprobe, ivf.nlist)
+            t0 = time.perf_counter()
+            _, got = ivf.search(q, h.k)
+            sweep[nprobe] = {"query_1k_s": time.perf_counter() - t0, "recall_at_k": float(
+                np.mean([len(set(truth[i]) & set(got[i])) / h.k for i in range(len(q))]))}
+        out["ivf_nprobe_sweep"] = sweep
     return out
 
 
