@@ -111,7 +111,7 @@ def child(cache: str, head: str, params: dict) -> dict:
     from skincache.cache import FeatureCache
     from skincache.runs import fit_inputs, make_head
 
-    out: dict = {"head": head}
+    out: dict = {"head": head, "params": params}
     t0 = time.perf_counter()
     fc = FeatureCache.open(cache)
     out["open_s"] = time.perf_counter() - t0
@@ -194,7 +194,7 @@ def table(rows: list[dict]) -> str:
             q = f"{h['query_s']:.2f} ({h['index']})" if "query_s" in h else ""
             rec = f"{h['ivf_recall_at_k']:.3f}" if "ivf_recall_at_k" in h else ""
             lines.append(f"| {r['n']:,} | {r['k']} | {r['file_mb']:.0f} | {r['write_s']:.1f} | "
-                         f"{r['open_s']:.3f} | {h['head']} | {h['fit_s']:.1f} | "
+                         f"{r['open_s']:.3f} | {h.get('variant', h['head'])} | {h['fit_s']:.1f} | "
                          f"{h['peak_rss_mb']:.0f} | {'yes' if h['streamed'] else 'no'} | "
                          f"{q} | {rec} |")
     return "\n".join(lines)
@@ -207,10 +207,13 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    keys = sorted({(h["head"], r["k"]) for r in rows for h in r["heads"] if "error" not in h})
+    def name(h: dict) -> str:
+        return h.get("variant", h["head"])
+
+    keys = sorted({(name(h), r["k"]) for r in rows for h in r["heads"] if "error" not in h})
     for head, k in keys:
-        pts = sorted((r["n"], h) for r in rows if r["k"] == k for h in r["heads"]
-                     if h["head"] == head and "error" not in h)
+        pts = sorted(((r["n"], h) for r in rows if r["k"] == k for h in r["heads"]
+                      if name(h) == head and "error" not in h), key=lambda p: p[0])
         if not pts:
             continue
         ns = [p[0] for p in pts]
@@ -238,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--views", default="0,4")
-    ap.add_argument("--heads", default=",".join(HEADS))
+    ap.add_argument("--heads", default=",".join(HEADS),
+                    help="heads; NAME:BUDGET sets max_memory (e.g. linear:1G streams)")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/scale.json")
@@ -292,8 +296,11 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"N={n:,} K={k}: wrote {row['file_mb']:.0f} MB in {row['write_s']:.1f} s, "
                       f"open {row['open_s']:.3f} s, read train {row['read_train_s']:.2f} s",
                       flush=True)
-                for head in heads:
-                    res = run_head(path, head, params.get(head, {}), a.timeout)
+                for spec in heads:  # "linear:1G": linear with max_memory=1G (streamed)
+                    head, _, budget = spec.partition(":")
+                    hp = {**params.get(head, {}), **({"max_memory": budget} if budget else {})}
+                    res = run_head(path, head, hp, a.timeout)
+                    res["variant"] = spec
                     row["heads"].append(res)
                     print(f"  {head}: " + (res.get("error") or
                           f"fit {res['fit_s']:.1f} s, peak {res['peak_rss_mb']:.0f} MB, "
