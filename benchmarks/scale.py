@@ -211,15 +211,20 @@ def plot(rows: list[dict], path: Path) -> None:
         return h.get("variant", h["head"])
 
     keys = sorted({(name(h), r["k"]) for r in rows for h in r["heads"] if "error" not in h})
+    colours = plt.get_cmap("tab10")
+    names = sorted({head for head, _ in keys})
     for head, k in keys:
+        colour = colours(names.index(head) % 10)
         pts = sorted(((r["n"], h) for r in rows if r["k"] == k for h in r["heads"]
                       if name(h) == head and "error" not in h), key=lambda p: p[0])
         if not pts:
             continue
         ns = [p[0] for p in pts]
         style = "-o" if k == 0 else "--s"
-        axes[0].loglog(ns, [p[1]["fit_s"] for p in pts], style, label=f"{head} K={k}")
-        axes[1].loglog(ns, [p[1]["peak_rss_mb"] for p in pts], style, label=f"{head} K={k}")
+        axes[0].loglog(ns, [p[1]["fit_s"] for p in pts], style, color=colour,
+                       label=f"{head} K={k}")
+        axes[1].loglog(ns, [p[1]["peak_rss_mb"] for p in pts], style, color=colour,
+                       label=f"{head} K={k}")
     ns = sorted({r["n"] for r in rows})
     if len(ns) > 1:  # a linear-growth guide through the first linear point
         axes[0].loglog(ns, [ns_ / ns[0] for ns_ in ns], ":", color="grey", label="slope 1")
