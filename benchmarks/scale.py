@@ -124,6 +124,7 @@ def child(cache: str, head: str, params: dict) -> dict:
     h.fit(**inputs)
     out["fit_s"] = time.perf_counter() - t0
     out["streamed"] = bool(getattr(h, "streamed_", False))
+    out["epochs_run"] = getattr(h, "epochs_run_", None)
     test = fc.split("test")
     t0 = time.perf_counter()
     pred = h.predict(test.features16)
