@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,24 +117,159 @@ def cache_name(dataset: str, model_slug: str, k: int, key: str) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-@dataclass
-class SplitData:
-    """One split's arrays. Features are float32 in memory (float16 on disk), not normalised."""
+#: rows per block when streaming a dataset (hashing, batches): about 32 MB of float16 at D=512
+def _block_rows(row_bytes: int, target: int = 32 << 20) -> int:
+    return max(1, target // max(1, row_bytes))
 
-    features: np.ndarray  # [N, D]
-    views: np.ndarray  # [N, K, D]
-    labels: np.ndarray  # [N] int64 index into classes
-    image_id: np.ndarray  # [N] str
-    group_id: np.ndarray  # [N] str ("" where unknown)
-    sha1: np.ndarray  # [N] str
-    meta: dict[str, np.ndarray] = field(default_factory=dict)
+
+class _SplitSource:
+    """Where a lazy split's datasets live: the cache file, re-opened per read (a `FeatureCache`
+    holds no HDF5 handle, so it survives forks and never pins the file), each dataset checked
+    against its sha256 the first time it is read, streaming the hash in blocks."""
+
+    def __init__(self, owner: FeatureCache, base: str, n: int, dim: int, k: int):
+        self.owner, self.base, self.n, self.dim, self.k = owner, base, n, dim, k
+
+    def read(self, col: str) -> np.ndarray:
+        return self.owner._read_dataset(f"{self.base}/{col}")
+
+    def blocks(self, col: str, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        return self.owner._iter_dataset(f"{self.base}/{col}", rows)
+
+
+class SplitData:
+    """One split's arrays. `features` / `views` are float32 (float16 on disk), not normalised.
+
+    A split of an opened cache is lazy: nothing is read until an attribute is asked for, and
+    each array is read (and checked against its checksum) once, then kept. `features16` /
+    `views16` give the stored float16 (half the memory); `batches` streams float32 row blocks
+    without keeping anything; `release()` drops what was read. Built from arrays (tests,
+    callers with their own data) it simply holds them."""
+
+    COLUMNS = ("features", "views", "labels", "image_id", "group_id", "sha1")
+
+    def __init__(self, features: np.ndarray | None = None, views: np.ndarray | None = None,
+                 labels: np.ndarray | None = None, image_id: np.ndarray | None = None,
+                 group_id: np.ndarray | None = None, sha1: np.ndarray | None = None,
+                 meta: dict[str, np.ndarray] | None = None, *,
+                 _source: _SplitSource | None = None, _meta_cols: tuple[str, ...] = ()):
+        self._source = _source
+        self._meta_cols = _meta_cols
+        self._have: dict[str, np.ndarray] = {}
+        given = dict(features=features, views=views, labels=labels, image_id=image_id,
+                     group_id=group_id, sha1=sha1)
+        for k, v in given.items():
+            if v is not None:
+                self._have[k] = v
+        self._meta: dict[str, np.ndarray] | None = (
+            None if _source is not None else dict(meta or {}))
+
+    # -- lazy columns
+    def _get(self, col: str) -> np.ndarray:
+        if col not in self._have:
+            if self._source is None:
+                raise AttributeError(f"split has no {col}")
+            if col in ("features", "views"):
+                self._have[col] = self._get16(col).astype(np.float32)
+            elif col == "labels":
+                self._have[col] = self._source.read("labels").astype(np.int64)
+            else:
+                self._have[col] = self._source.read(col)
+        return self._have[col]
+
+    def _get16(self, col: str) -> np.ndarray:
+        key = col + "16"
+        if key in self._have:
+            return self._have[key]
+        if col in self._have:  # built from arrays (or already read as float32)
+            return self._have[col]
+        assert self._source is not None
+        arr = self._source.read(col)
+        self._have[key] = arr
+        return arr
+
+    features = property(lambda self: self._get("features"))
+    views = property(lambda self: self._get("views"))
+    labels = property(lambda self: self._get("labels"))
+    image_id = property(lambda self: self._get("image_id"))
+    group_id = property(lambda self: self._get("group_id"))
+    sha1 = property(lambda self: self._get("sha1"))
+
+    @property
+    def features16(self) -> np.ndarray:
+        """The clean-view features as stored (float16 for an opened cache), read once."""
+        return self._get16("features")
+
+    @property
+    def views16(self) -> np.ndarray:
+        return self._get16("views")
+
+    @property
+    def meta(self) -> dict[str, np.ndarray]:
+        if self._meta is None:
+            assert self._source is not None
+            self._meta = {c: self._source.read(f"meta/{c}") for c in self._meta_cols}
+        return self._meta
+
+    @property
+    def n_views(self) -> int:
+        if self._source is not None:
+            return self._source.k
+        return int(self._get("views").shape[1])
 
     def __len__(self) -> int:
-        return len(self.labels)
+        if self._source is not None:
+            return self._source.n
+        return len(self._get("labels"))
+
+    def nbytes32(self, views: bool = True) -> int:
+        """Bytes of the float32 features (and views) in memory: what `features`/`views` cost."""
+        if self._source is not None:
+            n, d, k = self._source.n, self._source.dim, self._source.k
+        else:
+            n, d = self._get("features").shape
+            k = self.n_views
+        return n * d * 4 * (1 + (k if views else 0))
+
+    def batches(self, rows: int | None = None, what: str = "features"
+                ) -> Iterator[tuple[int, np.ndarray]]:
+        """(start row, float32 block) over `features` or `views`, streamed from the file in
+        blocks of `rows` (about 32 MB by default); nothing is kept."""
+        if what not in ("features", "views"):
+            raise ValueError(f"what must be 'features' or 'views', got {what!r}")
+        if self._source is None or what in self._have or what + "16" in self._have:
+            arr = self._get16(what)
+            step = rows or _block_rows(int(np.prod(arr.shape[1:])) * 2)
+            for start in range(0, len(arr), step):
+                yield start, np.asarray(arr[start:start + step], dtype=np.float32)
+            return
+        for start, block in self._source.blocks(what, rows):
+            yield start, block.astype(np.float32)
+
+    def load(self) -> SplitData:
+        """Read every column into memory now (float32 features and views)."""
+        for c in self.COLUMNS:
+            self._get(c)
+        _ = self.meta
+        return self
+
+    def release(self) -> None:
+        """Forget what was read (an opened cache reads it again on demand)."""
+        if self._source is not None:
+            self._have.clear()
+            self._meta = None if self._meta_cols else {}
+
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        """Which columns are in memory now (for tests and memory accounting)."""
+        return tuple(sorted(self._have))
 
 
 class FeatureCache:
-    """A complete cache, read into memory (HAM10000 at D=512, K=4 is about 100 MB)."""
+    """A complete cache. `open` checks the header and every split's shapes but reads no
+    feature data: splits read on demand (`split(name).features`, `.batches()`), each dataset
+    verified against its sha256 when first read. `load()` (or `open(path, load=True)`) reads
+    everything into memory at once, as small caches may prefer."""
 
     def __init__(self, path: Path, attrs: dict, splits: dict[str, SplitData],
                  text: dict[str, np.ndarray], failed: list[dict]):
@@ -142,10 +278,14 @@ class FeatureCache:
         self.splits = splits
         self.text = text
         self.failed = failed
+        self._sums: dict[str, str] | None = None  # None: schema 1, nothing to verify
+        self._verified: set[str] = set()
+        self._header = ""
 
     @classmethod
-    def open(cls, path: str | Path) -> FeatureCache:
-        """Read and check a cache; refuses partial, foreign or newer-schema files."""
+    def open(cls, path: str | Path, load: bool = False) -> FeatureCache:
+        """Open and check a cache; refuses partial, foreign or newer-schema files. Split data is
+        read lazily unless `load`."""
         path = Path(path)
         if path.name.endswith(".partial") or path.suffix == ".tmp" or (
             path.is_dir() and path.name.endswith(".partial")
@@ -160,20 +300,125 @@ class FeatureCache:
             hint = (" (an unfinished run exists: run the same encode again to resume it)"
                     if partial.exists() else "")
             raise CacheError(f"{path}: no such cache file{hint}")
+        with cls._file(path) as f:
+            fc = cls._read(path, f)
+        if load:
+            fc.load()
+        return fc
+
+    def load(self) -> FeatureCache:
+        """Read every split into memory now (float32), checking each dataset."""
+        for s in self.splits.values():
+            s.load()
+        return self
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _file(path: Path) -> Iterator[h5py.File]:
+        """The HDF5 file, with a damaged structure (truncated, overwritten) as one line."""
         try:
             f = h5py.File(path, "r")
         except OSError as e:
             raise CacheError(f"{path}: not a readable HDF5 file ({e})") from None
         try:
             with f:
-                return cls._read(path, f)
+                yield f
         except (KeyError, OSError, ValueError, TypeError) as e:
-            # a damaged HDF5 structure (truncated, overwritten): one line, not a traceback
             if isinstance(e, CacheError):
                 raise
             raise CacheError(f"{path}: damaged cache file ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); re-encode it with "
                              "`skincache encode ... --force`") from None
+
+    @contextlib.contextmanager
+    def _reopen(self) -> Iterator[h5py.File]:
+        with self._file(self.path) as f:
+            if self._header and _decode_attr(f.attrs.get("header_sha256", "")) != self._header:
+                raise CacheError(f"{self.path}: the file changed since it was opened "
+                                 "(re-encoded?); open it again")
+            yield f
+
+    def _want(self, name: str) -> str | None:
+        if self._sums is None or name in self._verified:
+            return None
+        want = self._sums.get(name)
+        if want is None:
+            raise CacheError(f"{self.path}: dataset {name} has no checksum; the file was "
+                             "altered after writing; re-encode it")
+        return want
+
+    def _mismatch(self, name: str) -> CacheError:
+        return CacheError(f"{self.path}: dataset {name} does not match its checksum: the file "
+                          "is corrupted (disk fault or edit); re-encode it with "
+                          "`skincache encode ... --force`")
+
+    def _read_dataset(self, name: str) -> np.ndarray:
+        """A dataset's stored values, read in blocks and checked against its sha256 as they
+        arrive (once per dataset and open cache): one pass over the file, no second copy."""
+        want = self._want(name)
+        with self._reopen() as f:
+            ds = f[name]
+            if ds.dtype.kind == "O":
+                value = _strs(ds)
+                if want is not None and _digest(value) != want:
+                    raise self._mismatch(name)
+            else:
+                value = np.empty(ds.shape, dtype=ds.dtype.newbyteorder("="))
+                h = _digest_start(value) if want is not None else None
+                for start, stop in _row_blocks(ds):
+                    if stop > start:
+                        ds.read_direct(value, np.s_[start:stop], np.s_[start:stop])
+                    if h is not None:
+                        _digest_update(h, value[start:stop])
+                if h is not None and h.hexdigest() != want:
+                    raise self._mismatch(name)
+        if want is not None:
+            self._verified.add(name)
+        if name.endswith("/labels") and value.size:
+            n_classes = len(self.classes)
+            if value.min() < 0 or value.max() >= n_classes:
+                split = name.split("/")[1]
+                raise CacheError(f"{self.path}: split '{split}' has labels outside [0, "
+                                 f"{n_classes}) (the classes attribute and the labels "
+                                 "disagree); re-encode it")
+        return value
+
+    def _iter_dataset(self, name: str, rows: int | None = None
+                      ) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, block) of a numeric dataset, streamed; a dataset not yet verified is first
+        hashed in one streaming pass (holding one block), so no block of a corrupted dataset
+        is ever handed out."""
+        with self._reopen() as f:
+            self._verify_stream(f, name)
+            ds = f[name]
+            for start, stop in _row_blocks(ds, rows):
+                yield start, ds[start:stop]
+
+    def _verify_stream(self, f: h5py.File, name: str) -> None:
+        """Hash one dataset in blocks (holding one block) against its sha256, once."""
+        want = self._want(name)
+        if want is None:
+            return
+        ds = f[name]
+        if ds.dtype.kind == "O":
+            ok = _digest(_strs(ds)) == want
+        else:
+            h = _digest_start(np.empty((0,), ds.dtype), shape=ds.shape)
+            for start, stop in _row_blocks(ds):
+                _digest_update(h, ds[start:stop])
+            ok = h.hexdigest() == want
+        if not ok:
+            raise self._mismatch(name)
+        self._verified.add(name)
+
+    def verify(self) -> FeatureCache:
+        """Check every dataset of the file against its checksum now, streaming (one block in
+        memory at a time); `skincache info` does this. Reads are checked anyway as they come."""
+        if self._sums:
+            with self._reopen() as f:
+                for name in sorted(self._sums):
+                    self._verify_stream(f, name)
+        return self
 
     @classmethod
     def _read(cls, path: Path, f: h5py.File) -> FeatureCache:
@@ -193,6 +438,7 @@ class FeatureCache:
             raise CacheError(f"{path}: schema version {raw.get('schema_version')!r} is not one "
                              "this skincache reads; re-encode it")
         checked = schema >= 2
+        sums: dict[str, str] | None = None
         if checked:
             _verify_header(path, raw)
             try:
@@ -202,79 +448,66 @@ class FeatureCache:
                 raise CacheError(f"{path}: attribute 'checksums' is not a JSON object; "
                                  "re-encode it") from None
         else:
-            sums = {}
             warnings.warn(f"{path}: written by an older skincache (schema {schema}) without "
                           "checksums, so corruption cannot be detected; re-encode it with "
                           "`skincache encode ... --force` to add them", CacheWarning,
-                          stacklevel=3)
+                          stacklevel=4)
         attrs = {k: _decode_attr(v) for k, v in raw.items()}
         classes, split_order = _check_attrs(path, attrs, f)
-
-        def read(name: str):
-            """A dataset's stored values, checked against its sha256 (schema >= 2)."""
-            ds = f[name]
-            value = _strs(ds) if ds.dtype.kind == "O" else ds[()]
-            if checked:
-                want = sums.get(name)
-                if want is None:
-                    raise CacheError(f"{path}: dataset {name} has no checksum; the file was "
-                                     "altered after writing; re-encode it")
-                if _digest(value) != want:
-                    raise CacheError(f"{path}: dataset {name} does not match its checksum: "
-                                     "the file is corrupted (disk fault or edit); re-encode it "
-                                     "with `skincache encode ... --force`")
-            return value
+        fc = cls(path, attrs, {}, {}, [])
+        fc._sums = sums
+        fc._header = _decode_attr(raw.get("header_sha256", "")) if checked else ""
 
         if checked:
+            assert sums is not None
             present: list[str] = []
             f.visititems(lambda n, o: present.append(n) if isinstance(o, h5py.Dataset) else None)
             extra = sorted(set(present) - set(sums))
             if extra:
                 raise CacheError(f"{path}: dataset {extra[0]} was added after writing (no "
                                  "checksum); re-encode it")
+            missing = sorted(set(sums) - set(present))
+            if missing:
+                raise CacheError(f"{path}: dataset {missing[0]} is missing (the file was "
+                                 "altered after writing); re-encode it")
         n_classes = len(classes)
         dim = int(attrs["embed_dim"])
-        splits = {}
+        # Shapes from the HDF5 metadata only: no split data is read here.
         for name in split_order:
             base = f"splits/{name}"
             g = f[base]
-            feats, views, labels = (read(f"{base}/features"), read(f"{base}/views"),
-                                    read(f"{base}/labels"))
-            n = len(labels)
-            if feats.shape != (n, dim) or views.ndim != 3 or views.shape[0] != n or \
-                    views.shape[2] != dim:
+            feats, views, labels = g["features"], g["views"], g["labels"]
+            n = labels.shape[0] if labels.ndim == 1 else -1
+            if labels.ndim != 1 or feats.shape != (n, dim) or views.ndim != 3 or \
+                    views.shape[0] != n or views.shape[2] != dim:
                 raise CacheError(f"{path}: split '{name}' has inconsistent shapes (features "
                                  f"{feats.shape}, views {views.shape}, labels {labels.shape}, "
                                  f"embed_dim {dim}); re-encode it")
-            if n and (labels.min() < 0 or labels.max() >= n_classes):
-                raise CacheError(f"{path}: split '{name}' has labels outside [0, {n_classes}) "
-                                 "(the classes attribute and the labels disagree); re-encode it")
-            strs = {c: read(f"{base}/{c}") for c in ("image_id", "group_id", "sha1")}
-            meta = {c: read(f"{base}/meta/{c}") for c in g["meta"]} if "meta" in g else {}
-            bad = [c for c, v in {**strs, **meta}.items() if len(v) != n]
+            meta_cols = tuple(g["meta"]) if "meta" in g else ()
+            cols = {c: g[c] for c in ("image_id", "group_id", "sha1")}
+            cols.update({c: g["meta"][c] for c in meta_cols})
+            bad = [c for c, v in cols.items() if v.shape != (n,)]
             if bad:
                 raise CacheError(f"{path}: split '{name}': column {bad[0]} has a different "
                                  f"length than the labels ({n}); re-encode it")
-            splits[name] = SplitData(
-                features=feats.astype(np.float32), views=views.astype(np.float32),
-                labels=labels.astype(np.int64), meta=meta, **strs)
-        text = {}
+            fc.splits[name] = SplitData(_source=_SplitSource(fc, base, n, dim, views.shape[1]),
+                                        _meta_cols=meta_cols)
+        # text prototypes and the failed table are small: read (and verified) now
         if "text" in f:
             for name in f["text"]:
-                arr = read(f"text/{name}")
+                arr = fc._read_dataset(f"text/{name}")
                 if arr.ndim != 3 or arr.shape[0] != n_classes or arr.shape[2] != dim:
                     raise CacheError(f"{path}: text/{name} has shape {arr.shape}, expected "
                                      f"[{n_classes}, T, {dim}]; re-encode it")
-                text[name] = arr
-        failed = []
+                fc.text[name] = arr
         if "failed" in f:
-            cols = {c: read(f"failed/{c}") for c in f["failed"]}
-            n = len(next(iter(cols.values()))) if cols else 0
-            if any(len(v) != n for v in cols.values()):
+            fcols = {c: fc._read_dataset(f"failed/{c}") for c in f["failed"]}
+            n = len(next(iter(fcols.values()))) if fcols else 0
+            if any(len(v) != n for v in fcols.values()):
                 raise CacheError(f"{path}: the failed-images table has columns of different "
                                  "lengths; re-encode it")
-            failed = [{c: str(cols[c][i]) for c in cols} for i in range(n)]
-        return cls(path, attrs, splits, text, failed)
+            fc.failed = [{c: str(fcols[c][i]) for c in fcols} for i in range(n)]
+        return fc
 
     @property
     def key(self) -> str:
@@ -312,7 +545,9 @@ class FeatureCache:
         return CacheHeader.from_attrs(self.attrs)
 
     def summary(self) -> dict:
-        """What `skincache info` shows: provenance, shapes, class counts, failures."""
+        """What `skincache info` shows: provenance, shapes, class counts, failures. Verifies
+        every dataset's checksum first (streaming), so `info` is a whole-file check."""
+        self.verify()
         a = self.attrs
         counts = {
             s: {c: int((d.labels == i).sum()) for i, c in enumerate(self.classes)}
@@ -383,6 +618,32 @@ def dataset_digest(value) -> str:
     """The sha256 `write_cache` stores for each dataset and `FeatureCache.open` verifies
     (public so the checksum benchmark times exactly it)."""
     return _digest(value)
+
+
+def _digest_start(a: np.ndarray, shape: tuple | None = None):
+    """A streaming `_digest` of a numeric array: the header now, rows via `_digest_update`
+    (row blocks of a C-contiguous array are its byte stream, so the digest is the same)."""
+    h = hashlib.sha256()
+    dt = a.dtype.newbyteorder("<")
+    h.update(f"{dt.str}{tuple(a.shape if shape is None else shape)}".encode())
+    return h
+
+
+def _digest_update(h, block: np.ndarray) -> None:
+    b = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<"))
+    h.update(b.reshape(-1).view(np.uint8))
+
+
+def _row_blocks(ds, rows: int | None = None) -> Iterator[tuple[int, int]]:
+    n = ds.shape[0] if ds.ndim else 0
+    if not ds.ndim:
+        yield 0, 0
+        return
+    step = rows or _block_rows(int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+    if n == 0:
+        yield 0, 0
 
 
 def _header_digest(raw: dict) -> str:

@@ -251,7 +251,7 @@ def info(
 
     with _clear_errors():
         fc = FeatureCache.open(cache)
-    summary = fc.summary()
+        summary = fc.summary()  # verifies every dataset (lazy caches read on demand)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

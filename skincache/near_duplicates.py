@@ -2,26 +2,23 @@
 
 Byte-identical files are caught by sha1 (`skincache.data.audit`); the same lesion photographed
 twice, re-compressed or resized is not. Pairs of images in different splits whose clean-view
-features have cosine similarity above a threshold are candidates to look at.
+features have cosine similarity above a threshold are candidates to look at. Search is exact
+up to `IVF_THRESHOLD` images in the searched split and IVF above (the kNN head's index): each
+split's float16 features are normalised into one float32 copy, never the whole cache at once.
 """
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 
 from skincache.cache import FeatureCache
 from skincache.errors import UsageError
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    faiss.normalize_L2(x)
-    return x
+from skincache.heads.knn import IVF_THRESHOLD, build_ip_index, unit_rows
 
 
 def near_duplicates(cache: FeatureCache, threshold: float = 0.95,
-                    per_image: int = 5) -> list[dict]:
+                    per_image: int = 5, index: str = "auto",
+                    ivf_threshold: int = IVF_THRESHOLD) -> list[dict]:
     """Cross-split pairs with cosine similarity >= threshold, most similar first.
 
     Each image contributes at most its `per_image` most similar images of every later split,
@@ -32,12 +29,11 @@ def near_duplicates(cache: FeatureCache, threshold: float = 0.95,
     names = list(cache.splits)
     pairs: list[dict] = []
     for i, a in enumerate(names):
-        xa = _unit(cache.splits[a].features)
+        xa = unit_rows(cache.splits[a].features16)
         for b in names[i + 1:]:
             sb = cache.splits[b]
-            index = faiss.IndexFlatIP(xa.shape[1])
-            index.add(_unit(sb.features))
-            sims, rows = index.search(xa, min(per_image, len(sb)))
+            found = build_ip_index(unit_rows(sb.features16), index, threshold=ivf_threshold)
+            sims, rows = found.search(xa, min(per_image, len(sb)))
             for qa, j in zip(*np.nonzero(sims >= threshold), strict=True):
                 rb = rows[qa, j]
                 ga, gb = cache.splits[a].group_id[qa], sb.group_id[rb]

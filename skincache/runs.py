@@ -88,13 +88,16 @@ def fit_inputs(cache: FeatureCache, *, template_set: str = ALL_TEMPLATES,
     `shots`: K training images per class (seeded); val stays whole."""
     train = cache.split("train")
     val = cache.splits.get("val") if use_val else None
-    X, y, views = train.features, train.labels, train.views
+    # float16 as stored: heads that stream (linear, mlp, logreg, knn) convert batches; the
+    # others convert to float32 in `check_fit_inputs`
+    X, y, views = train.features16, train.labels, train.views16
     if shots is not None:
         idx = few_shot_indices(y, shots, seed)
         X, y, views = X[idx], y[idx], views[idx]
     return dict(
         X=X, y=y, views=views,
-        X_val=None if val is None else val.features, y_val=None if val is None else val.labels,
+        X_val=None if val is None else val.features16,
+        y_val=None if val is None else val.labels,
         text=text_features(cache, template_set), logit_scale=cache.logit_scale,
         n_classes=len(cache.classes),
     )

@@ -672,7 +672,7 @@ def test_a_flipped_bit_or_zeroed_block_is_refused_naming_the_dataset(cache_copy,
             f.seek(off)
             f.write(b"\0" * 2048)
     with pytest.raises(CacheError, match=f"dataset {dataset} does not match its checksum"):
-        FeatureCache.open(cache_copy)
+        FeatureCache.open(cache_copy).load()
 
 
 def test_labels_overwritten_through_hdf5_are_refused(cache_copy):
@@ -681,7 +681,7 @@ def test_labels_overwritten_through_hdf5_are_refused(cache_copy):
         labels = f["splits/train/labels"]
         labels[:20] = (labels[:20] + 1) % 7
     with pytest.raises(CacheError, match="splits/train/labels does not match its checksum"):
-        FeatureCache.open(cache_copy)
+        FeatureCache.open(cache_copy).load()
 
 
 def _edit_attrs(path: Path, fix_checksum: bool, **attrs) -> None:
@@ -705,7 +705,7 @@ def test_hand_edited_attributes_are_refused(cache_copy, attrs, match, fix_checks
     still fail the sanity checks (truncated classes, missing split, non-JSON, absurd scale)."""
     _edit_attrs(cache_copy, fix_checksum, **attrs)
     with pytest.raises(CacheError) as e:
-        FeatureCache.open(cache_copy)
+        FeatureCache.open(cache_copy).load()
     msg = str(e.value)
     assert "\n" not in msg and str(cache_copy) in msg
     if fix_checksum:
@@ -721,7 +721,7 @@ def test_swapped_classes_are_caught_by_the_header_checksum(cache_copy):
     swapped[0], swapped[1] = swapped[1], swapped[0]
     _edit_attrs(cache_copy, False, classes=json.dumps(swapped))
     with pytest.raises(CacheError, match="do not match their checksum"):
-        FeatureCache.open(cache_copy)
+        FeatureCache.open(cache_copy).load()
 
 
 def test_a_schema_1_cache_is_still_read_with_a_warning(cache_copy):

@@ -32,6 +32,21 @@ def build_mlp(n_in: int, n_out: int, hidden: int, depth: int, dropout: float) ->
     return nn.Sequential(*layers)
 
 
+def _normalized_moments(X: np.ndarray, rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and spread (+1e-6) of the L2-normalised rows, accumulated in
+    float64 over row blocks: the same numbers whether X is in memory or streamed."""
+    d = X.shape[1]
+    s1, s2 = np.zeros(d), np.zeros(d)
+    for i in range(0, len(X), rows):
+        b = l2_normalize(X[i:i + rows]).astype(np.float64)
+        s1 += b.sum(axis=0)
+        s2 += (b * b).sum(axis=0)
+    n = max(1, len(X))
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
+    return mean.astype(np.float32), (std + 1e-6).astype(np.float32)
+
+
 class FeedForwardHead(Head):
     """Base for heads trained by `_torch.train` on standardised features (see module doc)."""
 
@@ -57,19 +72,28 @@ class FeedForwardHead(Head):
     def _prep(self, X: np.ndarray) -> np.ndarray:
         return (l2_normalize(X) - self.mean_) / self.scale_
 
+    #: float16 inputs are kept; batches are gathered and converted when streaming
+    _streams = True
+    #: bytes of float32 training data held at once before streaming (None/"auto": a quarter
+    #: of physical memory); subclasses expose it as the `max_memory` parameter
+    max_memory: int | str | None = None
+
+    def _streaming(self, data: FitData) -> bool:
+        n, k, d = data.views.shape
+        # in memory: the preprocessed rows and views as float32, twice (numpy, then tensor)
+        need = 2 * 4 * d * (n * (1 + (k if self.use_views else 0)))
+        self.streamed_ = need > T.memory_budget(self.max_memory)
+        return self.streamed_
+
     def _fit(self, data: FitData) -> None:
         dev = T.resolve_device(self.device)
-        Xn = l2_normalize(data.X)
-        self.mean_ = Xn.mean(axis=0).astype(np.float32)
-        self.scale_ = (Xn.std(axis=0) + 1e-6).astype(np.float32)
+        self.mean_, self.scale_ = _normalized_moments(data.X)
         n, k, d = data.views.shape
+        if self._streaming(data):
+            self._fit_streamed(data, dev)
+            return
         views = self._prep(data.views.reshape(n * k, d)).reshape(n, k, d)
-        cfg = T.TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-            weight_decay=self.weight_decay, seed=self.seed, balance=self.balance,
-            use_views=self.use_views, patience=self.patience,
-            val_score=self._val_score(data) if data.has_val else None, name=self.name,
-        )
+        cfg = self._config(data)
         with T.seeded(self.seed, dev):
             module = self._build(d, data.n_classes).to(dev)
             res = T.train(
@@ -79,6 +103,44 @@ class FeedForwardHead(Head):
                 X_val=T.to_tensor(self._prep(data.X_val), dev) if data.has_val else None,
                 y_val=data.y_val if data.has_val else None,
             )
+        self._finish(module, res)
+
+    def _config(self, data: FitData) -> T.TrainConfig:
+        return T.TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+            weight_decay=self.weight_decay, seed=self.seed, balance=self.balance,
+            use_views=self.use_views, patience=self.patience,
+            val_score=self._val_score(data) if data.has_val else None, name=self.name,
+        )
+
+    def _fit_streamed(self, data: FitData, dev: torch.device) -> None:
+        """The same loop over batches gathered from the (float16) arrays: memory is the
+        inputs as given plus one batch, and the weights equal the in-memory fit's."""
+        n, k, d = data.views.shape
+        rows = T.RowSource(data.X, data.views, self._prep, dev)
+        with T.seeded(self.seed, dev):
+            module = self._build(d, data.n_classes).to(dev)
+
+            def predict_val() -> torch.Tensor:
+                return torch.from_numpy(self._logits(module, data.X_val, dev))
+
+            res = T.train(
+                module, rows, T.to_tensor(data.y, dev, torch.long), torch.empty(0),
+                data.n_classes, self._config(data),
+                y_val=data.y_val if data.has_val else None,
+                predict_val=predict_val if data.has_val else None,
+            )
+        self._finish(module, res)
+
+    def _logits(self, module: nn.Module, X: np.ndarray, dev: torch.device,
+                rows: int = 65536) -> np.ndarray:
+        """Logits in row blocks, preprocessing each block (no float32 copy of X)."""
+        parts = [T.predict_logits(module, self._prep(X[i:i + rows]), dev)
+                 for i in range(0, len(X), rows)]
+        return (np.concatenate(parts) if parts else
+                np.zeros((0, self.n_classes_), dtype=np.float32))
+
+    def _finish(self, module: nn.Module, res: T.TrainResult) -> None:
         self.module_ = module
         self.epochs_run_ = res.epochs_run
         self.best_epoch_ = res.best_epoch
@@ -87,7 +149,7 @@ class FeedForwardHead(Head):
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         dev = next(self.module_.parameters()).device
-        return softmax(T.predict_logits(self.module_, self._prep(X), dev))
+        return softmax(self._logits(self.module_, X, dev))
 
     def _linear_form(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Depth 0 (`linear`, or `mlp` with depth=0) is linear: the standardisation folds into

@@ -21,12 +21,31 @@ fit; on 7k x 1280 features a C sweep took most of a minute. Here:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+class RowBlocks:
+    """Training rows for `logreg_path` that are never held as one float32 array: the rows of
+    each array in `parts` (float16 cache features, [N, D] each, concatenated in order), read
+    in blocks and passed through `prep` (L2 normalisation) on the way."""
+
+    def __init__(self, parts: Sequence[np.ndarray], prep: Callable[[np.ndarray], np.ndarray],
+                 rows: int = 65536):
+        self.parts, self.prep, self.rows = list(parts), prep, rows
+        self.shape = (sum(len(p) for p in self.parts), self.parts[0].shape[1])
+
+    def blocks(self, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+        offset = 0
+        for part in self.parts:
+            for i in range(0, len(part), self.rows):
+                xb = self.prep(np.asarray(part[i:i + self.rows], dtype=np.float32))
+                yield offset + i, torch.as_tensor(np.ascontiguousarray(xb), device=device)
+            offset += len(part)
 
 
 @dataclass
@@ -38,7 +57,7 @@ class PathPoint:
 
 
 def logreg_path(
-    X: np.ndarray,
+    X: np.ndarray | RowBlocks,
     y: np.ndarray,
     Cs: Sequence[float],
     *,
@@ -56,14 +75,30 @@ def logreg_path(
     tol is the gradient tolerance (max-abs of the gradient of the sample-averaged loss).
     """
     dev = torch.device(device)
-    Xt = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=dev)
     yt = torch.as_tensor(np.asarray(y, dtype=np.int64), device=dev)
-    n, d = Xt.shape
+    streamed = isinstance(X, RowBlocks)
+    n, d = X.shape
     w = (torch.ones(n, device=dev) if sample_weight is None
          else torch.as_tensor(np.asarray(sample_weight, dtype=np.float32), device=dev))
     total = float(w.sum())
-    mu = (w[:, None] * Xt).sum(0) / total
-    Xc = Xt - mu
+    if streamed:
+        assert isinstance(X, RowBlocks)
+        source = X
+        mu = torch.zeros(d, dtype=torch.float64, device=dev)
+        for start, xb in source.blocks(dev):
+            mu += (w[start:start + len(xb), None] * xb).sum(0).double()
+        mu = (mu / total).float()
+
+        def batches() -> Iterator[tuple[int, torch.Tensor]]:
+            for start, xb in source.blocks(dev):
+                yield start, xb - mu
+    else:
+        Xt = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=dev)
+        mu = (w[:, None] * Xt).sum(0) / total
+        Xc = Xt - mu
+
+        def batches() -> Iterator[tuple[int, torch.Tensor]]:
+            yield 0, Xc
     W = torch.zeros(n_classes, d, device=dev)
     b = torch.zeros(n_classes, device=dev)
     if init is not None:
@@ -71,15 +106,19 @@ def logreg_path(
         b = torch.as_tensor(init[1], dtype=torch.float32, device=dev).clone()
         b = b + W @ mu  # into the centred parameterisation
     for C in Cs:
-        W, b, evals = _solve(Xc, yt, w, total, float(C), W, b, max_iter, tol)
+        W, b, evals = _solve(batches, yt, w, total, float(C), W, b, max_iter, tol)
         yield PathPoint(float(C), W.cpu().numpy().copy(), (b - W @ mu).cpu().numpy().copy(),
                         evals)
 
 
-def _solve(Xc: torch.Tensor, y: torch.Tensor, w: torch.Tensor, total: float, C: float,
+def _solve(batches: Callable[[], Iterator[tuple[int, torch.Tensor]]], y: torch.Tensor,
+           w: torch.Tensor, total: float, C: float,
            W0: torch.Tensor, b0: torch.Tensor, max_iter: int, tol: float
            ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One L-BFGS solve at C from (W0, b0) on centred features; (W, b, evaluations)."""
+    """One L-BFGS solve at C from (W0, b0) on centred features given as row blocks (one
+    block in memory; several when streamed: the loss and its gradient are sums over rows, so
+    summing them block by block gives L-BFGS the exact full-batch values); (W, b,
+    evaluations)."""
     Wp = W0.clone().requires_grad_(True)
     bp = b0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([Wp, bp], lr=1.0, max_iter=max_iter, max_eval=max_iter,
@@ -92,10 +131,23 @@ def _solve(Xc: torch.Tensor, y: torch.Tensor, w: torch.Tensor, total: float, C: 
         nonlocal evals
         evals += 1
         opt.zero_grad(set_to_none=True)
-        ce = F.cross_entropy(Xc @ Wp.T + bp, y, reduction="none")
-        loss = (ce * w).sum() / total + penalty * (Wp * Wp).sum()
-        loss.backward()
-        return loss
+        parts = list(batches())
+        if len(parts) == 1:  # in memory: one graph, as before
+            _, Xc = parts[0]
+            ce = F.cross_entropy(Xc @ Wp.T + bp, y, reduction="none")
+            loss = (ce * w).sum() / total + penalty * (Wp * Wp).sum()
+            loss.backward()
+            return loss
+        value = 0.0
+        for start, Xc in parts:
+            stop = start + len(Xc)
+            ce = F.cross_entropy(Xc @ Wp.T + bp, y[start:stop], reduction="none")
+            part = (ce * w[start:stop]).sum() / total
+            part.backward()
+            value += float(part.detach())
+        reg = penalty * (Wp * Wp).sum()
+        reg.backward()
+        return torch.tensor(value + float(reg.detach()))
 
     opt.step(closure)
     return Wp.detach(), bp.detach(), evals

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -35,6 +36,55 @@ from . import _progress
 from ._math import balanced_accuracy, balanced_class_weights, warmup_cosine
 
 BALANCE_MODES = (None, "loss", "sampler")
+
+#: the automatic memory budget: this fraction of physical memory (see `memory_budget`)
+AUTO_MEMORY_FRACTION = 0.25
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def memory_budget(max_memory: int | float | str | None) -> int:
+    """Bytes a head may spend on float32 copies of its training data: a number (MiB, so that
+    a saved head's integer parameter stays small), a string like "512M" / "8G" / "100K", or
+    None / "auto" for a quarter of physical memory."""
+    if max_memory is None or (isinstance(max_memory, str) and max_memory.lower() == "auto"):
+        return int(physical_memory() * AUTO_MEMORY_FRACTION)
+    if isinstance(max_memory, str):
+        text = max_memory.strip().upper().removesuffix("B").removesuffix("I")
+        unit = text[-1] if text and text[-1] in _UNITS else ""
+        try:
+            value = float(text[: len(text) - len(unit)]) * _UNITS[unit]
+        except ValueError:
+            raise ValueError(f"max_memory must be bytes, '512M', '8G' or 'auto', got "
+                             f"{max_memory!r}") from None
+    else:
+        value = float(max_memory) * (1 << 20)
+    if not value > 0:
+        raise ValueError(f"max_memory must be positive, got {max_memory!r}")
+    return int(value)
+
+
+class RowSource:
+    """Training rows for `train` without a float32 copy of the whole set: clean-view rows X
+    [N, D] and views [N, K, D] stay as given (float16 from a cache, or a memory map) and each
+    batch is gathered, converted and preprocessed (`prep`) on its own. Gives the same rows,
+    in the same order, as the in-memory tensors, so the same seed gives the same weights."""
+
+    def __init__(self, X: np.ndarray, views: np.ndarray,
+                 prep: Callable[[np.ndarray], np.ndarray], device: torch.device):
+        self.X, self.views, self.prep, self.device = X, views, prep, device
+        self.shape = X.shape
+
+    def gather(self, order: torch.Tensor, pick: torch.Tensor | None) -> torch.Tensor:
+        idx = order.cpu().numpy()
+        rows = self.X[idx] if pick is None else self.views[idx, pick.cpu().numpy()]
+        return to_tensor(self.prep(np.asarray(rows, dtype=np.float32)), self.device)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -140,12 +190,14 @@ def train(
 ) -> TrainResult:
     """Train `module` in place with AdamW and a per-step cosine schedule; returns a record.
 
-    X [N, D], y [N] (long), views [N, K, D] already on the module's device and preprocessed.
+    X [N, D], y [N] (long), views [N, K, D] already on the module's device and preprocessed;
+    or X a `RowSource` (views then unused) that gathers and preprocesses each batch.
     `forward(x_batch, index_batch)` computes logits (default `module(x_batch)`; the index lets
     tip-adapter-f mask each image's own cache key). `penalty()` is added to the loss
     (zs-linear's pull towards the zero-shot weights). Call inside `seeded(...)`.
     """
     cfg.check()
+    streamed = isinstance(X, RowSource)
     device = X.device
     g = torch.Generator().manual_seed(cfg.seed)
     fwd: Forward = forward or (lambda xb, _idx: module(xb))
@@ -190,10 +242,21 @@ def train(
     for epoch in range(1, cfg.epochs + 1):
         module.train()
         order = epoch_indices(y_cpu, n_classes, cfg.balance, g)[:n].to(device)
-        feats, labels = epoch_features(X, views, cfg.use_views, g, order), y[order]
+        if streamed:  # the same draws as epoch_features, rows fetched per batch
+            k = X.views.shape[1]
+            pick = (torch.randint(k, (X.shape[0],), generator=g)
+                    if cfg.use_views and k else None)
+            labels = y[order]
+        else:
+            feats, labels = epoch_features(X, views, cfg.use_views, g, order), y[order]
         for start in range(0, n, batch_size):
             stop = start + batch_size
-            logits = fwd(feats[start:stop], order[start:stop])
+            if streamed:
+                ob = order[start:stop].cpu()
+                xb = X.gather(ob, None if pick is None else pick[ob])
+            else:
+                xb = feats[start:stop]
+            logits = fwd(xb, order[start:stop])
             loss = F.cross_entropy(logits, labels[start:stop], weight=loss_w)
             if penalty is not None:
                 loss = loss + penalty()

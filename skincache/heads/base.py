@@ -69,14 +69,19 @@ class FitData:
         return self.X_val is not None and len(self.X_val) > 0
 
 
-def _as_features(name: str, x: Any, ndim: int) -> np.ndarray:
+def _as_features(name: str, x: Any, ndim: int, keep_half: bool = False) -> np.ndarray:
+    """float32, contiguous; with `keep_half` a float16 array (a cache's stored features) is
+    kept as it is, for heads that convert batches themselves (see `Head._streams`)."""
     a = np.asarray(x)
     if a.ndim != ndim:
         raise ValueError(f"{name} must be a {ndim}-D array, got shape {a.shape}")
     if not np.issubdtype(a.dtype, np.number):
         raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    if not np.isfinite(a).all():
+    half = keep_half and a.dtype == np.float16
+    a = np.ascontiguousarray(a, dtype=np.float16 if half else np.float32)
+    flat = a.reshape(len(a), -1) if a.ndim else a.reshape(1)
+    step = max(1, (64 << 20) // max(1, flat[:1].nbytes))  # check in blocks: no N x D bool mask
+    if not all(np.isfinite(flat[i:i + step]).all() for i in range(0, len(flat), step)):
         raise ValueError(f"{name} contains NaN or infinite values")
     return a
 
@@ -124,8 +129,9 @@ def check_fit_inputs(
     text: Any = None,
     logit_scale: float | None = None,
     n_classes: int | None = None,
+    keep_half: bool = False,
 ) -> FitData:
-    X = _as_features("X", X, 2)
+    X = _as_features("X", X, 2, keep_half)
     n, d = X.shape
     if n == 0:
         raise ValueError("X has no rows")
@@ -133,13 +139,13 @@ def check_fit_inputs(
     if views is None:
         views = np.zeros((n, 0, d), dtype=np.float32)
     else:
-        views = _as_features("views", views, 3)
+        views = _as_features("views", views, 3, keep_half)
         if views.shape[0] != n or views.shape[2] != d:
             raise ValueError(f"views must have shape [{n}, K, {d}], got {views.shape}")
     if (X_val is None) != (y_val is None):
         raise ValueError("give X_val and y_val together, or neither")
     if X_val is not None:
-        X_val = _as_features("X_val", X_val, 2)
+        X_val = _as_features("X_val", X_val, 2, keep_half)
         if X_val.shape[1] != d:
             raise ValueError(f"X_val has {X_val.shape[1]} features, X has {d}")
         y_val = _as_labels("y_val", y_val, X_val.shape[0])
@@ -180,6 +186,9 @@ class Head(ClassifierMixin, BaseEstimator):
     """
 
     name: ClassVar[str] = ""
+    #: heads that take float16 inputs as they are and convert batches themselves (linear, mlp,
+    #: logreg, knn: a 1M-row cache is not copied to float32 whole)
+    _streams: ClassVar[bool] = False
     #: heads whose method starts from the class prompt embeddings
     needs_text: ClassVar[bool] = False
     _fitted_arrays: ClassVar[tuple[str, ...]] = ()
@@ -225,7 +234,7 @@ class Head(ClassifierMixin, BaseEstimator):
             )
         data = check_fit_inputs(
             X, y, views=views, X_val=X_val, y_val=y_val, text=text,
-            logit_scale=logit_scale, n_classes=n_classes,
+            logit_scale=logit_scale, n_classes=n_classes, keep_half=self._streams,
         )
         _posthoc.check_logit_adjust(self.logit_adjust)
         self.n_classes_ = data.n_classes

@@ -2,7 +2,10 @@
 
 Besides a prediction, a kNN head can say *why*: `kneighbors` returns the most similar training
 images, which the CLI shows next to a prediction (the caller maps row indices to image ids and
-labels). Exact search is fast enough here: 10k x 512 keys is 20 MB and one BLAS call per batch.
+labels). Exact search (`IndexFlatIP`) is fast enough for HAM10000: 10k x 512 keys is 20 MB and
+one BLAS call per batch. Above `ivf_threshold` keys (`index="auto"`) the head uses an inverted
+file (`IndexIVFFlat`, sqrt(N) k-means cells trained on a seeded sample, `nprobe` cells searched
+per query): approximate, with recall against exact search measured in `benchmarks/scale.py`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,44 @@ from ._registry import register_head
 from .base import FitData, Head, balanced_class_weights, l2_normalize
 
 WEIGHTS = ("similarity", "uniform")
+INDEXES = ("auto", "flat", "ivf")
+#: keys above which index="auto" switches from exact search to IVF
+IVF_THRESHOLD = 200_000
+
+
+def build_ip_index(keys: np.ndarray, kind: str = "auto", *, threshold: int = IVF_THRESHOLD,
+                   nprobe: int = 32, nlist: int | None = None, seed: int = 0) -> faiss.Index:
+    """An inner-product index over unit-norm float32 `keys`: exact (`IndexFlatIP`) for "flat"
+    or "auto" up to `threshold` keys, else IVF with `nlist` cells (default sqrt(N)), k-means
+    trained on a seeded sample of 64 keys per cell, `nprobe` cells searched per query."""
+    if kind not in INDEXES:
+        raise ValueError(f"index must be one of {INDEXES}, got {kind!r}")
+    n, d = keys.shape
+    if kind == "flat" or (kind == "auto" and n <= threshold):
+        index = faiss.IndexFlatIP(d)
+        index.add(keys)
+        return index
+    cells = int(nlist) if nlist else int(round(np.sqrt(n)))
+    cells = max(1, min(cells, n))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, cells, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = int(seed)
+    index.cp.niter = 10
+    index.cp.max_points_per_centroid = 64
+    index.cp.min_points_per_centroid = 1
+    sample = np.random.default_rng(seed).choice(n, size=min(n, 64 * cells), replace=False)
+    index.train(np.ascontiguousarray(keys[np.sort(sample)]))
+    index.add(keys)
+    index.nprobe = min(int(nprobe), cells)
+    return index
+
+
+def unit_rows(X: np.ndarray, rows: int = 65536) -> np.ndarray:
+    """L2-normalised float32 copy of X (any float dtype), converted block by block."""
+    out = np.empty(X.shape, dtype=np.float32)
+    for i in range(0, len(X), rows):
+        out[i:i + rows] = l2_normalize(X[i:i + rows])
+    return out
 
 
 @register_head("knn")
@@ -32,9 +73,13 @@ class KNNHead(Head):
     label (more keys, slower search; neighbours may then repeat an image).
     class_weight: None, or "balanced" to scale class c's votes by n_keys / (C * n_keys_c), so
     that a class with two-thirds of the keys (nv) does not win by sheer density.
+    index: "auto" (exact up to `ivf_threshold` keys, IVF above), "flat" (always exact) or
+    "ivf" (always approximate); nprobe: IVF cells searched per query (more: higher recall,
+    slower).
     """
 
     _fitted_arrays = ("keys_", "key_labels_", "key_rows_")
+    _streams = True
 
     def __init__(
         self,
@@ -45,6 +90,9 @@ class KNNHead(Head):
         class_weight: str | None = None,
         logit_adjust: float | str | None = "auto",
         calibrate: bool = True,
+        index: str = "auto",
+        ivf_threshold: int = IVF_THRESHOLD,
+        nprobe: int = 32,
     ) -> None:
         self.k = k
         self.weights = weights
@@ -53,6 +101,9 @@ class KNNHead(Head):
         self.class_weight = class_weight
         self.logit_adjust = logit_adjust
         self.calibrate = calibrate
+        self.index = index
+        self.ivf_threshold = ivf_threshold
+        self.nprobe = nprobe
 
     def _fit(self, data: FitData) -> None:
         if self.weights not in WEIGHTS:
@@ -62,19 +113,24 @@ class KNNHead(Head):
         if self.class_weight not in (None, "balanced"):
             raise UsageError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
         n, k_views, d = data.views.shape
-        keys = [l2_normalize(data.X)]
-        rows = [np.arange(n)]
-        if self.use_views and k_views:
-            keys.append(l2_normalize(data.views.reshape(n * k_views, d)))
-            rows.append(np.repeat(np.arange(n), k_views))
-        self.keys_ = np.ascontiguousarray(np.concatenate(keys), dtype=np.float32)
+        if self.index not in INDEXES:
+            raise ValueError(f"index must be one of {INDEXES}, got {self.index!r}")
+        if self.use_views and k_views:  # keys: clean views, then every augmented view
+            self.keys_ = np.empty((n * (1 + k_views), d), dtype=np.float32)
+            self.keys_[:n] = unit_rows(data.X)
+            self.keys_[n:] = unit_rows(data.views.reshape(n * k_views, d))
+            rows = [np.arange(n), np.repeat(np.arange(n), k_views)]
+        else:
+            self.keys_ = unit_rows(data.X)
+            rows = [np.arange(n)]
         self.key_rows_ = np.concatenate(rows).astype(np.int64)
         self.key_labels_ = data.y[self.key_rows_]
         self._build_index()
 
     def _build_index(self) -> None:
-        self.index_ = faiss.IndexFlatIP(self.keys_.shape[1])
-        self.index_.add(self.keys_)
+        self.index_ = build_ip_index(self.keys_, self.index, threshold=self.ivf_threshold,
+                                     nprobe=self.nprobe)
+        self.approximate_ = not isinstance(self.index_, faiss.IndexFlat)
 
     def _restore(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
         super()._restore(arrays, scalars)
@@ -83,6 +139,10 @@ class KNNHead(Head):
     def _search(self, X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(int(k), self.index_.ntotal)
         sims, keys = self.index_.search(np.ascontiguousarray(l2_normalize(X)), k)
+        if self.approximate_ and (keys < 0).any():  # IVF found fewer than k: pad with the best
+            miss = keys < 0
+            keys = np.where(miss, keys[:, :1], keys)
+            sims = np.where(miss, sims[:, :1], sims)
         return sims, keys
 
     def kneighbors(self, X: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,9 @@ class LinearHead(FeedForwardHead):
     patience: epochs without a better validation balanced accuracy before stopping (None: run
     all epochs); the best epoch's weights are kept. Without validation data all epochs run.
     seed: the same seed gives identical weights. device: "cpu", "cuda" or "auto".
+    max_memory: MiB (a number) or "512M" / "8G" of float32 training data to hold at once;
+    above it (None/"auto": a quarter of physical memory) batches are gathered from the float16
+    cache arrays instead: the same weights, a fraction of the memory.
     """
 
     def __init__(
@@ -31,6 +34,7 @@ class LinearHead(FeedForwardHead):
         patience: int | None = 10,
         seed: int = 0,
         device: str = "cpu",
+        max_memory: int | str | None = None,
         logit_adjust: float | str | None = "auto",
         calibrate: bool = True,
     ) -> None:
@@ -43,5 +47,6 @@ class LinearHead(FeedForwardHead):
         self.patience = patience
         self.seed = seed
         self.device = device
+        self.max_memory = max_memory
         self.logit_adjust = logit_adjust
         self.calibrate = calibrate

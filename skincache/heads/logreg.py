@@ -50,10 +50,15 @@ class LogRegHead(Head):
     tol: gradient tolerance. device: "cpu", "cuda" or "auto" (torch solver).
     use_views: also train on the K cached augmented views of every image (K+1 rows per image;
     K+1 times the cost); pairs well with `--tta`.
+    max_memory: MiB (a number) or "512M" / "8G" of float32 training rows to hold at once;
+    above it (None/"auto": a quarter of physical memory) the torch solver streams row blocks
+    from the float16 inputs and sums the loss and gradient over them (exact full-batch values
+    for L-BFGS, one block in memory). The sklearn solver always works in memory.
     """
 
     _fitted_arrays = ("coef_", "intercept_")
     _fitted_scalars = ("C_",)
+    _streams = True
 
     def __init__(
         self,
@@ -69,6 +74,7 @@ class LogRegHead(Head):
         tol: float = 1e-5,
         device: str = "cpu",
         use_views: bool = False,
+        max_memory: int | str | None = None,
     ) -> None:
         self.C = C
         self.class_weight = class_weight
@@ -82,6 +88,7 @@ class LogRegHead(Head):
         self.tol = tol
         self.device = device
         self.use_views = use_views
+        self.max_memory = max_memory
 
     # -- fitting
 
@@ -103,14 +110,22 @@ class LogRegHead(Head):
 
     def _fit_torch(self, data: FitData) -> None:
         from . import _lbfgs
-        from ._torch import resolve_device
-
+        from ._torch import memory_budget, resolve_device
         dev = resolve_device(self.device)
-        X, y_all = l2_normalize(data.X), data.y
-        if self.use_views and data.n_views:
-            n, k, d = data.views.shape
-            X = np.concatenate([X, l2_normalize(data.views.reshape(n * k, d))])
-            y_all = np.concatenate([data.y, np.repeat(data.y, k)])
+        n, k, d = data.views.shape
+        views = self.use_views and data.n_views
+        rows = n * (1 + (k if views else 0))
+        # in memory: the normalised rows, their tensor and the centred copy, all float32
+        self.streamed_ = 3 * 4 * d * rows > memory_budget(self.max_memory)
+        y_all = np.concatenate([data.y, np.repeat(data.y, k)]) if views else data.y
+        X: np.ndarray | _lbfgs.RowBlocks
+        if self.streamed_:
+            parts = [data.X] + ([data.views.reshape(n * k, d)] if views else [])
+            X = _lbfgs.RowBlocks(parts, l2_normalize)
+        else:
+            X = l2_normalize(data.X)
+            if views:
+                X = np.concatenate([X, l2_normalize(data.views.reshape(n * k, d))])
         seen = np.unique(y_all)
         remap = np.full(data.n_classes, -1, dtype=np.int64)
         remap[seen] = np.arange(len(seen))

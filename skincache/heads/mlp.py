@@ -18,7 +18,7 @@ class MLPHead(FeedForwardHead):
     Training parameters as for `linear`: epochs/batch_size/lr/weight_decay (AdamW, cosine),
     balance (None | "loss" | "sampler"), use_views (one random cached view per image per epoch),
     patience (early stopping on validation balanced accuracy, best weights restored), seed,
-    device ("cpu" | "cuda" | "auto").
+    device ("cpu" | "cuda" | "auto"), max_memory (as for `linear`).
     """
 
     def __init__(
@@ -35,6 +35,7 @@ class MLPHead(FeedForwardHead):
         patience: int | None = 10,
         seed: int = 0,
         device: str = "cpu",
+        max_memory: int | str | None = None,
         logit_adjust: float | str | None = "auto",
         calibrate: bool = True,
     ) -> None:
@@ -50,5 +51,6 @@ class MLPHead(FeedForwardHead):
         self.patience = patience
         self.seed = seed
         self.device = device
+        self.max_memory = max_memory
         self.logit_adjust = logit_adjust
         self.calibrate = calibrate
