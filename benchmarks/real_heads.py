@@ -54,7 +54,10 @@ from skincache.heads import create_head
 from skincache.heads.base import l2_normalize
 from skincache.metrics import classification_report
 
-DEFAULT_NPZ = Path(__file__).resolve().parents[2] / "shared/data/features/ham10000-effnetlite0.npz"
+#: $SKINCACHE_SHARED_DATA (as for the tests), else ../shared/data beside the repository
+DEFAULT_NPZ = Path(os.environ.get("SKINCACHE_SHARED_DATA")
+                   or Path(__file__).resolve().parents[2] / "shared/data"
+                   ) / "features/ham10000-effnetlite0.npz"
 META = ("age", "sex", "localization", "dx_type")
 RATIOS = (0.6, 0.2, 0.2)
 
@@ -260,7 +263,8 @@ def main() -> None:
                     default=Path(__file__).parent / "results" / "real_heads.json")
     args = ap.parse_args()
     if not args.npz.is_file():
-        sys.exit(f"{args.npz}: the real-feature file is not here (see shared/data/features)")
+        sys.exit(f"{args.npz}: the real-feature file is not here; pass --npz or set "
+                 "SKINCACHE_SHARED_DATA to the shared data folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()

@@ -438,6 +438,8 @@ def evaluate(
     cache: Annotated[Path | None, typer.Option(help="Cache to evaluate on (default: the one "
                                                     "the head was fit on).")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Test-time augmentation "
+                                             "(default: as the run was fit).")] = None,
 ) -> None:
     """Metrics and plots of a saved head on a split (refuses a different model's cache).
 
@@ -449,8 +451,9 @@ def evaluate(
             check_file("--cache", cache)
         from skincache.runs import evaluate
 
-        ev = evaluate(run, split, cache=cache, n_bootstrap=bootstrap)
-    _render.metrics_table({ev.name: ev.report}, f"{run} on {ev.name}")
+        ev = evaluate(run, split, cache=cache, n_bootstrap=bootstrap, tta=tta)
+    with_tta = " (TTA)" if ev.report.get("posthoc", {}).get("tta") else ""
+    _render.metrics_table({ev.name: ev.report}, f"{run} on {ev.name}{with_tta}")
     _render.per_class_table(ev.report, f"per class ({ev.name})")
     _warn_meaningless(ev.cache_attrs, {ev.name: ev.report}, "the head",
                       "fit another head (skincache fit-head)")

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -403,7 +404,10 @@ def plot_shots(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], 
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
     variants = list(dict.fromkeys(r["variant"] for r in rows if r.get("shots") is not None))
-    for v in variants:
+    # 20 distinct colours, then a second line style: no two variants look alike
+    colours = [matplotlib.colormaps["tab20"](i % 20) for i in range(len(variants))]
+    styles = ["-", "--", ":", "-."]
+    for i, v in enumerate(variants):
         pts = sorted((r["shots"], r["balanced_accuracy_mean"], r["balanced_accuracy_std"],
                       r["n_seeds"]) for r in rows
                      if r["variant"] == v and r.get("shots") is not None
@@ -413,7 +417,8 @@ def plot_shots(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], 
         k = np.array([p[0] for p in pts], dtype=float)
         m = 100 * np.array([p[1] for p in pts])
         half = 100 * 1.96 * np.array([p[2] for p in pts]) / np.sqrt([max(p[3], 1) for p in pts])
-        line = ax.plot(k, m, marker="o", label=v)[0]
+        line = ax.plot(k, m, marker="o", label=v, color=colours[i],
+                       linestyle=styles[(i // 20) % len(styles)])[0]
         ax.fill_between(k, m - half, m + half, color=line.get_color(), alpha=0.15)
     ax.set_xscale("log", base=2)
     ks = sorted({r["shots"] for r in rows if r.get("shots") is not None})

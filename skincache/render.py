@@ -171,7 +171,7 @@ def heads_table(results: list, split: str, picked: int | None = None) -> None:
     `picked` (the index val chooses) is marked, so nobody picks a head by its test score."""
     t = Table(title=f"heads: chosen on val, reported on {split}", title_justify="left")
     for col in ("head", "fit s", "val bal-acc %", f"{split} bal-acc %", "acc %",
-                "macro-F1 %", "AUROC %", "ECE %"):
+                "macro-F1 %", "AUROC %", "ECE"):
         t.add_column(col, justify="left" if col == "head" else "right")
     for i, r in enumerate(results):
         m = r.metrics.get(split)
@@ -181,7 +181,7 @@ def heads_table(results: list, split: str, picked: int | None = None) -> None:
         name = f"{r.head} *" if i == picked else r.head
         t.add_row(name, f"{r.fit_seconds:.2f}", _pct(v["balanced_accuracy"]) if v else "n/a",
                   _ci(m, "balanced_accuracy"), _ci(m, "accuracy"), _ci(m, "macro_f1"),
-                  _ci(m, "auroc"), _pct(m.get("ece")))
+                  _ci(m, "auroc"), "n/a" if m.get("ece") is None else f"{m['ece']:.3f}")
     _show(t)
     if picked is not None:
         out.print(f"* {results[picked].head}: val's pick (best val balanced accuracy); choose "

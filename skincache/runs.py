@@ -369,21 +369,24 @@ def _same_numbers(a: dict, b: dict) -> bool:
 
 
 def evaluate(run: str | Path, split: str = "test", *, cache: str | Path | None = None,
-             n_bootstrap: int = 1000, plots: bool = True) -> Evaluation:
+             n_bootstrap: int = 1000, plots: bool = True, tta: bool | None = None
+             ) -> Evaluation:
     """Score a saved head on a split of its cache or of another one encoded the same way.
 
     Nothing the run wrote is replaced: results on another cache go under
     `<dataset>__<split>`; when a file of that name holds other numbers (another cache of the
     same dataset, other bootstrap settings) the new results get the next free name
     (`<name>-2`, ...). Every evaluation, unchanged ones included, is appended to run.json's
-    `evaluations`."""
+    `evaluations`. `tta`: None follows the run (a head fit with `--tta` is evaluated with it,
+    so its numbers compare with the run's own)."""
     loaded = load_run(run)
+    tta = bool(loaded.config.get("tta", False)) if tta is None else tta
     fc = loaded.open_cache(cache)
     if split not in fc.splits:
         raise RunError(f"cache {fc.path} has no split '{split}' (it has: "
                        f"{', '.join(fc.splits)}); choose one with --split")
     report, proba = evaluate_head(loaded.head, fc, split, n_bootstrap=n_bootstrap,
-                                  seed=int(loaded.config.get("seed", 0)))
+                                  seed=int(loaded.config.get("seed", 0)), tta=tta)
     base = evaluation_name(loaded, fc, split)
     name, i, status = base, 1, "written"
     while (loaded.path / "metrics" / f"{name}.json").exists():
@@ -412,7 +415,8 @@ def evaluate(run: str | Path, split: str = "test", *, cache: str | Path | None =
 
 
 def evaluate_run(run: str | Path, split: str = "test", *, cache: str | Path | None = None,
-                 n_bootstrap: int = 1000, plots: bool = True) -> dict:
+                 n_bootstrap: int = 1000, plots: bool = True, tta: bool | None = None) -> dict:
     """The report of `evaluate` (metrics of a saved head on a split; files written as
     `evaluate` says)."""
-    return evaluate(run, split, cache=cache, n_bootstrap=n_bootstrap, plots=plots).report
+    return evaluate(run, split, cache=cache, n_bootstrap=n_bootstrap, plots=plots,
+                    tta=tta).report

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+#: the real data: $SKINCACHE_SHARED_DATA, else ../shared/data beside the repository
+SHARED_DATA = Path(os.environ.get("SKINCACHE_SHARED_DATA")
+                   or REPO / ".." / "shared" / "data").resolve()
 
 
 def shared_data(sub: str) -> Path:

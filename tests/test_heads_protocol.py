@@ -271,3 +271,15 @@ def test_reliability_plot_shows_before_and_after_calibration(demo_cache, tmp_pat
     assert any(lbl.startswith("Before temperature scaling") for lbl in labels)
     assert "→" in fig.axes[0].get_title()
     assert (tmp_path / "m" / "plots" / "test_reliability.png").stat().st_size > 0
+
+
+def test_evaluate_follows_the_runs_tta(demo_cache, tmp_path):
+    from skincache.runs import evaluate, fit_head_run
+
+    fit = fit_head_run(demo_cache, "knn", runs_dir=tmp_path, name="k", n_bootstrap=20,
+                       tta=True, plots=False)
+    ev = evaluate(tmp_path / "k", "test", n_bootstrap=20, plots=False)
+    assert ev.report["posthoc"]["tta"] is True and ev.status == "unchanged"
+    assert ev.report["balanced_accuracy"] == fit.metrics["test"]["balanced_accuracy"]
+    plain = evaluate(tmp_path / "k", "test", n_bootstrap=20, plots=False, tta=False)
+    assert plain.report["posthoc"]["tta"] is False
