@@ -258,7 +258,7 @@ def predictions(preds: list, top: int = 3) -> None:
             continue
         t = Table(title=f"{p.path} → [bold]{p.predicted}[/]", title_justify="left")
         t.add_column("class")
-        t.add_column("probability", justify="right")
+        t.add_column("probability / cosine", justify="right")
         for c, v in _top(p, top):
             t.add_row(c, f"{v:.3f}")
         if p.neighbors:
@@ -266,7 +266,7 @@ def predictions(preds: list, top: int = 3) -> None:
             d = distinct_digits([n["similarity"] for n in p.neighbors])
             for n in p.neighbors:
                 t.add_row(f"similar: {n['image_id']} ({n['label']})",
-                          f"{n['similarity']:.{d}f}")
+                          f"cos {n['similarity']:.{d}f}")
         _show(t)
 
 
