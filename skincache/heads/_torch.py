@@ -83,8 +83,12 @@ class RowSource:
 
     def gather(self, order: torch.Tensor, pick: torch.Tensor | None) -> torch.Tensor:
         idx = order.cpu().numpy()
-        rows = self.X[idx] if pick is None else self.views[idx, pick.cpu().numpy()]
-        return to_tensor(self.prep(np.asarray(rows, dtype=np.float32)), self.device)
+        rows = np.asarray(self.X[idx], dtype=np.float32)
+        if pick is not None:  # pick == K is the clean view (as in `epoch_features`)
+            p = pick.cpu().numpy()
+            aug = p < self.views.shape[1]
+            rows[aug] = self.views[idx[aug], p[aug]]
+        return to_tensor(self.prep(rows), self.device)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -162,12 +166,17 @@ def epoch_features(
     order: torch.Tensor,
 ) -> torch.Tensor:
     """The epoch's feature rows in visiting order (one gather per epoch, so batches are
-    contiguous slices): for each image a random cached view, or the clean view."""
+    contiguous slices): for each image one of its K+1 cached views drawn at random, the clean
+    view included (val and test are scored on clean views: a head that never saw one trains on
+    a shifted distribution), or the clean view alone."""
     n, k = views.shape[0], views.shape[1]
     if not use_views or k == 0:
         return X[order]
-    pick = torch.randint(k, (n,), generator=g).to(views.device)
-    return views[order, pick[order]]
+    pick = torch.randint(k + 1, (n,), generator=g).to(views.device)[order]
+    out = X[order].clone()
+    aug = pick < k
+    out[aug] = views[order[aug], pick[aug]]
+    return out
 
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -244,7 +253,7 @@ def train(
         order = epoch_indices(y_cpu, n_classes, cfg.balance, g)[:n].to(device)
         if streamed:  # the same draws as epoch_features, rows fetched per batch
             k = X.views.shape[1]
-            pick = (torch.randint(k, (X.shape[0],), generator=g)
+            pick = (torch.randint(k + 1, (X.shape[0],), generator=g)
                     if cfg.use_views and k else None)
             labels = y[order]
         else:
