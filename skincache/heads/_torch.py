@@ -3,8 +3,9 @@
 Why it looks the way it does:
 - Everything is a full tensor on the device and batches are index slices: with 10k x 512 cached
   features a DataLoader's per-item overhead would cost more than the arithmetic.
-- Feature-level augmentation: every epoch each image contributes one of its K cached augmented
-  views, drawn at random (the clean view when K=0 or views are switched off). This is what the
+- Feature-level augmentation: every epoch each image contributes one of its clean + K cached
+  views, drawn at random (the clean view alone when K=0 or views are switched off). The clean
+  view is in the draw because val and test are scored on clean views. This is what the
   cache buys: augmentation without running the image tower again.
 - Class imbalance (HAM10000 is two-thirds nv): `balance="loss"` weights the cross-entropy by
   inverse class frequency, `balance="sampler"` draws each epoch's images with probability
