@@ -14,7 +14,7 @@ class LinearHead(FeedForwardHead):
     epochs/batch_size/lr/weight_decay: AdamW with a cosine schedule to zero (batch_size is an
     upper bound: a small training set gets smaller batches, at least 10 steps per epoch).
     balance: None, "loss" (class-weighted cross-entropy) or "sampler" (class-balanced draws).
-    use_views: draw one cached augmented view per image per epoch (clean view when K=0).
+    use_views: draw one of the clean + K cached views per image per epoch (clean when K=0).
     patience: epochs without a better validation balanced accuracy before stopping (None: run
     all epochs); the best epoch's weights are kept. Without validation data all epochs run.
     seed: the same seed gives identical weights. device: "cpu", "cuda" or "auto".

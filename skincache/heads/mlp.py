@@ -16,7 +16,8 @@ class MLPHead(FeedForwardHead):
     views already regularise. Raise `hidden` / set `dropout` when a GPU or time allows.
 
     Training parameters as for `linear`: epochs/batch_size/lr/weight_decay (AdamW, cosine),
-    balance (None | "loss" | "sampler"), use_views (one random cached view per image per epoch),
+    balance (None | "loss" | "sampler"), use_views (one of the clean + K cached views per image
+    per epoch),
     patience (early stopping on validation balanced accuracy, best weights restored), seed,
     device ("cpu" | "cuda" | "auto"), max_memory (as for `linear`).
     """
