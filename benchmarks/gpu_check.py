@@ -67,7 +67,6 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-from torchvision import transforms as T  # noqa: E402
 
 from skincache import (  # noqa: E402
     FeatureCache,
@@ -341,40 +340,14 @@ def real_dataset(chk: Check, state: dict):
 # --------------------------------------------------------------------------- step 1: encode
 
 
-class _BaselineDataset(torch.utils.data.Dataset):
-    def __init__(self, paths: list[str], preprocess, aug, k: int):
-        self.paths, self.preprocess, self.aug, self.k = paths, preprocess, aug, k
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        img = Image.open(self.paths[i])
-        return torch.stack([self.preprocess(img)] + [self.aug(img) for _ in range(self.k)])
-
-
 def baseline_seconds(paths: list[str], loaded, k: int, device: torch.device, precision: str,
                      batch_size: int, workers: int) -> float:
-    """The loop a user would write (as benchmarks/encode.py): open_clip's `preprocess` and,
-    for K > 0, the reference augmentation K more times on the same decoded image."""
-    pp = loaded.preprocess
-    resize = round(256 * min(pp.size) / 224)
-    aug = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
-                     T.RandomCrop(pp.size), T.RandomHorizontalFlip(), T.ToTensor(),
-                     T.Normalize(pp.mean, pp.std)])
-    loader = torch.utils.data.DataLoader(
-        _BaselineDataset(paths, pp.open_clip_transform(), aug, k), batch_size=batch_size,
-        num_workers=workers, pin_memory=device.type == "cuda")
-    dtype = autocast_dtype(precision)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for x in loader:
-            x = x.flatten(0, 1).to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                f = loaded.model.encode_image(x)
-            f.float().cpu()
-    sync(device)
-    return time.perf_counter() - t0
+    """The loop a user would write: `benchmarks/encode.py`'s baseline (open_clip's
+    `preprocess` and, for K > 0, the reference augmentation K more times per decoded image),
+    imported from the script beside this one so both benchmarks time the same loop."""
+    from encode import baseline  # benchmarks/encode.py: this script's folder is on sys.path
+
+    return baseline(paths, loaded, k, device, precision, batch_size, workers)
 
 
 def step_encode(chk: Check, state: dict) -> None:

@@ -141,14 +141,14 @@ def run_head(fc: FeatureCache, variant: str, head: str, params: dict) -> list[di
     fit_s = time.perf_counter() - t0
     rows = []
     for tta in (False, True):
-        proba = {s: (h.predict_proba_tta(d.features, d.views) if tta
-                     else h.predict_proba(d.features)) for s, d in (("val", va), ("test", te))}
-        raw_test = h.predict_proba_uncalibrated(te.features)
+        cal, unc = {}, {}
+        for s, d in (("val", va), ("test", te)):
+            cal[s], unc[s] = h.predict_proba_pair(d.features, d.views if tta else None)
         rows.append({
             "variant": variant + ("+tta" if tta else ""), "head": head, "params": params,
-            "fit_seconds": fit_s, "val": _scores(va.labels, proba["val"]),
-            "test": _scores(te.labels, proba["test"]),
-            "ece_test_uncalibrated": _scores(te.labels, raw_test)["ece"],
+            "fit_seconds": fit_s, "val": _scores(va.labels, cal["val"]),
+            "test": _scores(te.labels, cal["test"]),
+            "ece_test_uncalibrated": _scores(te.labels, unc["test"])["ece"],
             "tau": getattr(h, "logit_adjust_", None), "temperature": getattr(h, "temperature_",
                                                                               None),
             "C": getattr(h, "C_", None),

@@ -21,8 +21,9 @@ from skincache._io import atomic_write_text, now_iso, write_json
 from skincache.cache import FeatureCache
 from skincache.errors import UsageError
 from skincache.heads import get_head_class
+from skincache.heads.base import balanced_accuracy, tta_mean
 from skincache.metrics import classification_report
-from skincache.runs import ALL_TEMPLATES, fit_inputs, head_proba, is_seeded, make_head
+from skincache.runs import ALL_TEMPLATES, fit_inputs, is_seeded, make_head
 
 #: (variant name, head name, params): every head plus the variants worth comparing.
 #: Defaults are balanced-accuracy-first (logit adjustment chosen on val); "-plain" variants
@@ -93,16 +94,15 @@ def bench_heads(
                 t0 = time.perf_counter()
                 head.fit(**inputs)
                 fit_s = time.perf_counter() - t0
+                probas = {"eval": _split_probas(head, evald, tta)}
+                if val is not None:  # scored on val already when there is no test split
+                    probas["val"] = (probas["eval"] if val is evald
+                                     else _split_probas(head, val, tta))
                 for with_tta in (False, True) if tta else (False,):
-                    report = classification_report(
-                        evald.labels, head_proba(head, evald.features, evald.views,
-                                                 tta=with_tta), fc.classes, n_bootstrap=0)
-                    val_score = None
-                    if val is not None:
-                        val_score = classification_report(
-                            val.labels, head_proba(head, val.features, val.views,
-                                                   tta=with_tta), fc.classes,
-                            n_bootstrap=0)["balanced_accuracy"]
+                    report = classification_report(evald.labels, probas["eval"][with_tta],
+                                                   fc.classes, n_bootstrap=0)
+                    val_score = (balanced_accuracy(val.labels, probas["val"][with_tta]
+                                                   .argmax(axis=1)) if val is not None else None)
                     name = variant + ("+tta" if with_tta else "")
                     run = {"variant": name, "head": head_name, "params": params, "seed": seed,
                            "shots": k, "split": split, "fit_seconds": fit_s,
@@ -123,6 +123,17 @@ def bench_heads(
         plot_shots(rows, out / "shots.png",
                    title=f"{fc.attrs['model']} · {fc.attrs.get('dataset', '')} · {split}")
     return BenchResult(out, rows, runs)
+
+
+def _split_probas(head, data, tta: bool) -> dict[bool, np.ndarray]:
+    """{False: clean-view probabilities, True: the TTA mean} with one pass over each view."""
+    clean = head.predict_proba(data.features)
+    out = {False: clean}
+    n, k, d = data.views.shape
+    if tta:
+        out[True] = clean if k == 0 else tta_mean(
+            clean, head.predict_proba(np.asarray(data.views, np.float32).reshape(n * k, d)))
+    return out
 
 
 def check_variants(variants: list[str] | None) -> list[tuple[str, str, dict[str, Any]]]:

@@ -182,8 +182,7 @@ def _encode_run(ctx: DistContext, dataset: Dataset, spec: ModelSpec, policy: Vie
             if plan is None:
                 return EncodeResult(final, "exists")
             mine = plan["missing"][ctx.rank::ctx.world]
-            workers = (max(1, default_workers() // ctx.local_world) if num_workers is None
-                       else num_workers)
+            workers = default_workers(ctx.local_world) if num_workers is None else num_workers
             chunk_size = plan["chunk_size"]
             n_mine = sum(min(chunk_size, len(dataset.records) - i * chunk_size) for i in mine)
             with progress_bar(n_mine, f"encode {dataset.name}" + (

@@ -115,30 +115,14 @@ def is_seeded(name: str) -> bool:
     return "seed" in get_head_class(name)().get_params()
 
 
-def head_proba(head: Head, features: np.ndarray, views: np.ndarray | None, *,
-               tta: bool = False, calibrated: bool = True) -> np.ndarray:
-    """A head's probabilities on one split: the clean view, or with `tta` the mean over the
-    clean view and the split's cached augmented views; `calibrated=False` leaves out the
-    temperature (the "before" of calibration)."""
-    if not tta or views is None or views.shape[1] == 0:
-        return head.predict_proba(features) if calibrated else (
-            head.predict_proba_uncalibrated(features))
-    if calibrated:
-        return head.predict_proba_tta(features, views)
-    n, k, d = views.shape
-    flat = head.predict_proba_uncalibrated(views.reshape(n * k, d)).reshape(n, k, -1)
-    return (head.predict_proba_uncalibrated(features) + flat.sum(axis=1)) / (k + 1)
-
-
 def evaluate_head(head: Head, cache: FeatureCache, split: str, *, n_bootstrap: int = 1000,
                   seed: int = 0, tta: bool = False) -> tuple[dict, np.ndarray]:
     """classification_report of `head` on `split`, plus the ECE before temperature scaling
     (`ece_uncalibrated`) and the post-hoc values the head applied."""
     data = cache.split(split)
-    proba = head_proba(head, data.features, data.views, tta=tta)
+    proba, raw = head.predict_proba_pair(data.features, data.views if tta else None)
     report = classification_report(data.labels, proba, cache.classes, n_bootstrap=n_bootstrap,
                                    seed=seed)
-    raw = head_proba(head, data.features, data.views, tta=tta, calibrated=False)
     report["ece_uncalibrated"] = expected_calibration_error(data.labels, raw)
     report["calibration_uncalibrated"] = calibration_bins(data.labels, raw)
     report["posthoc"] = {"tta": bool(tta and data.views.shape[1] > 0),

@@ -504,7 +504,8 @@ def test_fit_head_warns_once_per_head_that_answers_one_class(demo_cache, tmp_pat
             p[:, 5] = 0.94
             return p
 
-        predict_proba_uncalibrated = predict_proba
+        def predict_proba_pair(self, X, views=None):
+            return self.predict_proba(X), self.predict_proba(X)
 
     monkeypatch.setattr(runs, "evaluate_head",
                         lambda head, cache, split, **kw: real(AlwaysNv(), cache, split, **kw))

@@ -39,6 +39,14 @@ CONFIG_FILE = "head.json"
 ARRAYS_FILE = "head.safetensors"
 
 
+def tta_mean(clean: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """Test-time augmentation: the mean of clean-view probabilities [N, C] and the views'
+    [N * K, C] (image-major, as `views.reshape(N * K, D)` gives them)."""
+    n = len(clean)
+    k = len(views) // max(n, 1)
+    return (clean + views.reshape(n, k, -1).sum(axis=1)) / (k + 1)
+
+
 # ----------------------------------------------------------------------------- fit inputs
 
 
@@ -303,30 +311,43 @@ class Head(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities [N, C] (float64, rows sum to 1), after the logit adjustment and
         the temperature chosen on validation."""
-        return self._posthoc_proba(X, getattr(self, "temperature_", 1.0))
+        return self._posthoc(self._raw_proba(X), getattr(self, "temperature_", 1.0))
+
+    def predict_proba_uncalibrated(self, X: np.ndarray) -> np.ndarray:
+        """As `predict_proba` without the temperature (T = 1): the "before" of calibration."""
+        return self._posthoc(self._raw_proba(X), 1.0)
 
     def predict_proba_tta(self, X: np.ndarray, views: np.ndarray | None) -> np.ndarray:
         """Test-time augmentation for free: the mean of `predict_proba` over the clean view
         X [N, D] and the cached augmented views [N, K, D] of the same images (K = 0 or None:
         the clean view alone)."""
-        proba = self.predict_proba(X)
+        return self.predict_proba_pair(X, views)[0]
+
+    def predict_proba_pair(self, X: np.ndarray, views: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """(calibrated, uncalibrated) probabilities from one pass of the head over X (and, with
+        views [N, K, D], over the views too: each the TTA mean). What an evaluation reports
+        twice (metrics after calibration, ECE before) costs one forward pass."""
+        raw = self._raw_proba(X)
+        t = getattr(self, "temperature_", 1.0)
+        cal, unc = self._posthoc(raw, t), self._posthoc(raw, 1.0)
         if views is None or views.ndim != 3 or views.shape[1] == 0 or len(X) == 0:
-            return proba
+            return cal, unc
         n, k, d = views.shape
-        flat = self.predict_proba(np.asarray(views, dtype=np.float32).reshape(n * k, d))
-        return (proba + flat.reshape(n, k, -1).sum(axis=1)) / (k + 1)
+        raw_v = self._raw_proba(np.asarray(views, dtype=np.float32).reshape(n * k, d))
+        return (tta_mean(cal, self._posthoc(raw_v, t)),
+                tta_mean(unc, self._posthoc(raw_v, 1.0)))
 
-    def predict_proba_uncalibrated(self, X: np.ndarray) -> np.ndarray:
-        """As `predict_proba` without the temperature (T = 1): the "before" of calibration."""
-        return self._posthoc_proba(X, 1.0)
-
-    def _posthoc_proba(self, X: np.ndarray, temperature: float) -> np.ndarray:
+    def _raw_proba(self, X: np.ndarray) -> np.ndarray:
+        """The subclass's own probabilities, before the post-hoc steps (input checked)."""
         X = self._check_X(X)
         if len(X) == 0:
             return np.zeros((0, self.n_classes_), dtype=np.float64)
-        raw = self._predict_proba(X)
+        return self._predict_proba(X)
+
+    def _posthoc(self, raw: np.ndarray, temperature: float) -> np.ndarray:
         tau = getattr(self, "logit_adjust_", 0.0)
-        if tau == 0.0 and temperature == 1.0:
+        if len(raw) == 0 or (tau == 0.0 and temperature == 1.0):
             return raw
         scores = (_posthoc.as_scores(raw) - tau * self.log_prior_) / temperature
         scores[raw <= 0] = -np.inf  # a class the head rules out stays ruled out
