@@ -2,17 +2,20 @@
 the same folder, then a rename, so a reader never sees half a result and a crash leaves the old
 file), JSON without NaN, the UTC timestamp runs record, and the library versions they record.
 
-Nothing here imports torch or another skincache module."""
+Nothing here imports torch or a skincache module other than `errors`."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import stat
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from .errors import InputFileError, NotFoundError
 
 __version__ = "0.1.0"
 
@@ -62,6 +65,65 @@ def _finite(obj: Any) -> Any:
     if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
         return _finite(obj.item())
     return obj
+
+
+def read_regular(path: str | Path, *, max_bytes: int = 64 << 20, what: str = "file") -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `max_bytes`.
+
+    Opened non-blocking and checked with fstat on the open descriptor, so a FIFO, a socket,
+    a device or a symlink to `/dev/zero` is refused at once (never waited on, never read
+    without end). Raises NotFoundError / InputFileError naming `what` and the path."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"{what} {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise InputFileError(f"{what} {path} is a folder, not a file") from exc
+    except OSError as exc:
+        raise InputFileError(f"{what} {path} cannot be read: {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise InputFileError(f"{what} {path} is a folder, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise InputFileError(f"{what} {path} is not a regular file (a FIFO, socket or "
+                                 "device); refusing to read it")
+        if st.st_size > max_bytes:
+            raise InputFileError(f"{what} {path} is {st.st_size:,} bytes, over the "
+                                 f"{max_bytes:,}-byte limit for it")
+        chunks, total = [], 0
+        while True:
+            block = os.read(fd, 1 << 20)
+            if not block:
+                break
+            total += len(block)
+            if total > max_bytes:
+                raise InputFileError(f"{what} {path} grew past the {max_bytes:,}-byte limit "
+                                     "while being read")
+            chunks.append(block)
+        return b"".join(chunks)
+    except OSError as exc:
+        if isinstance(exc, InputFileError | NotFoundError):
+            raise
+        raise InputFileError(f"{what} {path} cannot be read: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def read_json_file(path: str | Path, *, max_bytes: int = 64 << 20, what: str = "file") -> Any:
+    """JSON from a regular UTF-8 file (`read_regular`'s refusals), one InputFileError line for
+    invalid UTF-8, invalid JSON or JSON nested too deep to parse."""
+    raw = read_regular(path, max_bytes=max_bytes, what=what)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputFileError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise InputFileError(f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno}"
+                             ) from exc
+    except RecursionError as exc:
+        raise InputFileError(f"{what} {path} is JSON nested too deep to read") from exc
 
 
 def now_iso() -> str:

@@ -21,7 +21,8 @@ PKG = Path(__file__).resolve().parents[1] / "skincache"
 #: bottom (0) to top. A new module gets a layer here; an import to the same or a higher
 #: layer is an arrow back up.
 LAYERS: list[set[str]] = [
-    {"errors", "_io"},
+    {"errors"},
+    {"_io"},
     {"device", "distributed", "_options", "_sanity", "metrics", "data"},
     {"models", "cache", "heads", "prompts"},
     {"views", "plots", "_progress"},
