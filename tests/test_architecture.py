@@ -80,15 +80,16 @@ def _node(mod: str) -> str:
     return parts[1] if len(parts) > 1 else "skincache"
 
 
-def test_every_module_has_a_layer():
-    nodes = {_node(m) for m in _graph()} - {"skincache"}
-    missing = sorted(n for n in nodes if n not in LEVEL)
-    assert not missing, f"give these a layer in LAYERS (and README's architecture): {missing}"
+def _missing_layers(graph: dict[str, set[str]]) -> list[str]:
+    """Nodes of `graph` that LAYERS does not place."""
+    nodes = {_node(m) for m in graph} - {"skincache"}
+    return sorted(n for n in nodes if n not in LEVEL)
 
 
-def test_no_arrow_points_up():
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every arrow of `graph` that breaks the rule in this module's docstring, described."""
     up = []
-    for mod, deps in _graph().items():
+    for mod, deps in graph.items():
         src = _node(mod)
         for dep in deps:
             dst = _node(dep)
@@ -103,7 +104,17 @@ def test_no_arrow_points_up():
                     up.append(f"{mod} -> {dep} (a submodule importing its package's __init__)")
             elif LEVEL[dst] >= LEVEL[src]:
                 up.append(f"{mod} (layer {LEVEL[src]}) -> {dep} (layer {LEVEL[dst]})")
-    assert not up, "arrows back up:\n" + "\n".join(sorted(up))
+    return sorted(up)
+
+
+def test_every_module_has_a_layer():
+    missing = _missing_layers(_graph())
+    assert not missing, f"give these a layer in LAYERS (and README's architecture): {missing}"
+
+
+def test_no_arrow_points_up():
+    up = _upward(_graph())
+    assert not up, "arrows back up:\n" + "\n".join(up)
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -134,9 +145,38 @@ def test_no_import_cycle():
 
 
 def test_the_checks_catch_a_cycle_and_an_upward_arrow():
+    """Each rule fed a graph that breaks it (and one that keeps it): the checks can fail."""
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
-    assert LEVEL["cache"] < LEVEL["heads"] + 1 and LEVEL["cli"] == len(LAYERS) - 1
+    ok = {"skincache.cli": {"skincache.render", "skincache.heads.knn"},
+          "skincache.heads.knn": {"skincache.heads._registry", "skincache.metrics"},
+          "skincache.heads._registry": set(), "skincache": {"skincache._io"}}
+    assert _upward(ok) == [] and _missing_layers(ok) == []
+    bad = {
+        "skincache.metrics": {"skincache.cli"},            # down the layers, pointing up
+        "skincache.device": {"skincache.metrics"},         # the same layer
+        "skincache": {"skincache.cache"},                  # __init__ importing eagerly
+        "skincache.heads.knn": {"skincache.heads"},        # a submodule -> its package __init__
+        "skincache.runs": {"skincache"},                   # the top package from below
+    }
+    found = _upward(bad)
+    assert len(found) == 5, found
+    for needle in ("skincache.metrics (layer", "skincache.device (layer",
+                   "skincache/__init__ -> skincache.cache", "its package's __init__",
+                   "skincache.runs -> skincache (the package"):
+        assert any(needle in f for f in found), (needle, found)
+    assert _missing_layers({"skincache.newthing": set()}) == ["newthing"]
+
+
+def test_imports_are_read_wherever_they_stand(tmp_path):
+    """Relative imports, imports inside functions and under TYPE_CHECKING are arrows too."""
+    src = tmp_path / "mod.py"
+    src.write_text("from typing import TYPE_CHECKING\nfrom . import cache\n"
+                   "from .heads import knn\nif TYPE_CHECKING:\n    from .runs import x\n"
+                   "def f():\n    import skincache.render\n")
+    modules = {"skincache.cache": src, "skincache.heads.knn": src}
+    assert _imports("skincache.mod", src, modules) == {
+        "skincache.cache", "skincache.heads.knn", "skincache.runs", "skincache.render"}
 
 
 @pytest.mark.parametrize("module", ["cache", "heads", "metrics", "data"])
