@@ -453,3 +453,24 @@ def test_confidence_settles_what_two_sources_both_claim(tmp_path):
     ham_csv = write_csv(tmp_path / "hamlist.csv", ["path", "label", "lesion_id", "image_id",
                                                     "dx"], [["a.jpg", "mel", "L", "a", "mel"]])
     assert detect_kind(ham_csv) == "ham10000"
+
+
+def test_a_fifo_named_like_a_source_is_unrecognised_without_being_opened(tmp_path):
+    """Detectors look at regular files only: a FIFO named labels.csv (or .parquet) is "not a
+    source" at once; reading its header would wait for a writer forever. Run in a child so
+    that a regression fails on the subprocess timeout instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom skincache.data import load_dataset\n"
+            "for p in sys.argv[1:]:\n"
+            "    try: load_dataset(p)\n"
+            "    except Exception as e: print(type(e).__name__, e)\n")
+    fifos = [tmp_path / "labels.csv", tmp_path / "shard.parquet"]
+    for f in fifos:
+        os.mkfifo(f)
+    out = subprocess.run([sys.executable, "-c", code, *map(str, fifos)], capture_output=True,
+                         text=True, timeout=120).stdout.splitlines()
+    assert len(out) == len(fifos)
+    for line, f in zip(out, fifos, strict=True):
+        assert line.startswith("DataError") and f"{f}: unrecognised file type" in line, line

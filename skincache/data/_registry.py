@@ -91,7 +91,11 @@ def register_source(
     name: str, *, layout: str, detect: Detector, priority: int, split: str, group: str
 ) -> Callable[[L], L]:
     """Loader decorator: make `name:` a prefix, `detect` part of `detect_source` and `layout`
-    part of the help and error text. The loader is returned unchanged."""
+    part of the help and error text. The loader is returned unchanged.
+
+    `detect(probe)` answers a `Confidence` (a bool reads as LIKELY / NO) and must not raise on
+    a path it does not know: every detector may see every path. It must not open anything but
+    a regular file (`probe.is_file`): a FIFO named `x.csv` would block the read."""
 
     def decorate(load: L) -> L:
         if name in SOURCES and SOURCES[name].load is not load:
