@@ -474,3 +474,16 @@ def test_a_fifo_named_like_a_source_is_unrecognised_without_being_opened(tmp_pat
     assert len(out) == len(fifos)
     for line, f in zip(out, fifos, strict=True):
         assert line.startswith("DataError") and f"{f}: unrecognised file type" in line, line
+
+
+def test_the_readme_source_table_is_the_registry():
+    """README's Data sources table: one row per registered source (by prefix), with the
+    registry's split and group text; a source added or changed without its row fails here."""
+    from skincache.data.sources import list_sources
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Data sources", 1)[1].split("\n\n| source |", 1)[1]
+    rows = [[c.strip().replace("`", "") for c in line.strip("|").split("|")]
+            for line in section.split("\n\n", 1)[0].splitlines()[2:]]
+    table = {prefix: (split, group) for _name, prefix, _layout, split, group in rows}
+    assert table == {s.prefix: (s.split, s.group) for s in list_sources()}

@@ -66,7 +66,8 @@ class Source:
 
     name: the kind (`Dataset.kind`) and its prefix (`name:`). layout: one line saying what
     the path looks like, read by the CLI help and the "expected one of" errors. split and
-    group: where the records' split and group come from (for listings and docs). priority:
+    group: where the records' split and group come from, as README's Data sources table says
+    it (a test checks that the table and the registry agree). priority:
     detection order (lower first), which breaks ties between equally confident detectors.
     """
 
