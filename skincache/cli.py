@@ -14,6 +14,7 @@ import typer
 from skincache import render as _render
 from skincache._options import check_file, interrupt_hint, set_interrupt_hint
 from skincache._sanity import cache_attrs, one_class_warning, random_init_warning
+from skincache.data.sources import sources_help
 from skincache.device import PRECISIONS
 from skincache.errors import UsageError
 
@@ -128,9 +129,7 @@ def _ratios(text: str) -> tuple[float, ...]:
 
 @app.command()
 def encode(
-    data: Annotated[str, typer.Option(help="Dataset: a HAM10000 folder, ISIC 2018 CSV, parquet "
-                                           "shards, path,label CSV or class folders (kind: "
-                                           "prefix optional).")],
+    data: Annotated[str, typer.Option(help=sources_help())],
     model: Annotated[str, typer.Option(help="open_clip architecture or hf-hub: id "
                                             "(`skincache models` lists them).")] = "ViT-B-32",
     pretrained: Annotated[str | None, typer.Option(help=PRETRAINED_HELP)] = None,

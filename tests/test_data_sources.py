@@ -333,3 +333,157 @@ def test_read_image_bytes_missing_file(tmp_path: Path) -> None:
         read_image_bytes(str(tmp_path / "absent.jpg"))
     p = write_jpeg(tmp_path / "a.jpg", 4)
     assert read_image_bytes(str(p)) == jpeg_bytes(4)
+
+
+# --- the source registry: adding a source is one @register_source -------------------------
+
+TALLY = "TALLY.txt"
+
+
+@pytest.fixture
+def tally_source():
+    """A throwaway source registered for one test and removed afterwards: a folder holding
+    TALLY.txt, one `<image file>,<label>` per line. Its detector is CERTAIN, the built-in
+    `folder` source only LIKELY on the same folder, so it wins though it is declared last."""
+    from skincache.data._record import Dataset, Record
+    from skincache.data._registry import Confidence, unregister_source
+    from skincache.data.sources import register_source
+
+    def detect(probe):
+        return Confidence.CERTAIN if probe.is_dir and (probe.path / TALLY).is_file() \
+            else Confidence.NO
+
+    @register_source("tally", layout=f"a folder holding {TALLY}", detect=detect, priority=99,
+                     split="assigned", group="none")
+    def load_tally(root: Path) -> Dataset:
+        lines = (root / TALLY).read_text().split()
+        records = [Record(image_id=f, source=str(root / f), label=label)
+                   for f, label in (line.split(",") for line in lines)]
+        return Dataset(name="tally", records=records,
+                       classes=sorted({r.label for r in records}), kind="tally")
+
+    yield load_tally
+    unregister_source("tally")
+
+
+def make_tally(root: Path) -> Path:
+    """Class folders (what `folder` would read) plus a TALLY.txt that relabels them."""
+    for i in range(12):
+        write_jpeg(root / "a" / f"{i}.jpg", i)
+    (root / TALLY).write_text("".join(f"a/{i}.jpg,{'xy'[i % 2]}\n" for i in range(12)))
+    return root
+
+
+def test_a_registered_source_is_detected_prefixed_listed_and_loaded(tmp_path, tally_source):
+    from skincache.data.sources import expected_text, list_sources, sources_help
+
+    root = make_tally(tmp_path / "t")
+    assert detect_kind(root) == "tally"
+    ds = load_dataset(root)
+    assert ds.kind == "tally" and ds.classes == ["x", "y"] and len(ds.records) == 12
+    assert {r.split for r in ds.records} <= {"train", "val", "test"}  # splits assigned
+    assert load_dataset(f"tally:{root}").kind == "tally"
+    assert load_dataset(root, kind="folder").kind == "folder"  # the prefix still overrides
+    assert list_sources()[-1].name == "tally"
+    assert f"a folder holding {TALLY} (tally:)" in expected_text()
+    assert f"tally: a folder holding {TALLY}" in sources_help()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=f"{TALLY}"):  # the "expected one of" error names it
+        load_dataset(tmp_path / "empty")
+
+
+def test_a_source_registered_before_the_cli_loads_is_in_its_help(tmp_path):
+    """The CLI's --data help is built from the registry: a plugin module imported first shows."""
+    import subprocess
+    import sys
+
+    code = (
+        "from skincache.data._registry import Confidence\n"
+        "from skincache.data.sources import register_source\n"
+        "register_source('tally', layout='a folder holding TALLY.txt', priority=99,\n"
+        "    detect=lambda p: Confidence.NO, split='assigned', group='none')(lambda p: None)\n"
+        "from typer.testing import CliRunner\n"
+        "from skincache.cli import app\n"
+        "print(CliRunner().invoke(app, ['encode', '--help']).output)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "COLUMNS": "400"}).stdout
+    assert "tally: a folder holding TALLY.txt" in out
+    assert "ham10000: a folder holding HAM10000_metadata.csv" in out
+
+
+def test_the_throwaway_source_is_gone_after_its_test(tmp_path):
+    from skincache.data.sources import expected_text
+
+    root = make_tally(tmp_path / "t")
+    assert detect_kind(root) == "folder"
+    assert "tally" not in expected_text()
+    with pytest.raises(DataError, match="unknown dataset kind 'tally'"):
+        load_dataset(root, kind="tally")
+
+
+def test_registering_a_taken_or_prefix_breaking_name_is_refused():
+    from skincache.data._registry import get_source, source_names
+    from skincache.data.sources import load_csv, register_source
+
+    def never(probe):
+        raise AssertionError("not called")
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_source("csv", layout="x", detect=never, priority=1, split="", group="")(
+            lambda p: None)
+    with pytest.raises(ValueError, match="no ':'"):
+        register_source("a:b", layout="x", detect=never, priority=1, split="", group="")(
+            lambda p: None)
+    assert get_source("csv").load is load_csv  # the refused registration replaced nothing
+    assert "a:b" not in source_names()
+
+
+def test_confidence_settles_what_two_sources_both_claim(tmp_path):
+    """A CSV with the ISIC one-hot header and the HAM columns is ISIC (its exact header is
+    certain, HAM columns only likely); a folder holding HAM10000_metadata.csv and an ISIC CSV
+    is HAM10000 (both certain: the earlier source wins); a path,label CSV with the HAM columns
+    is HAM10000 (both likely: the earlier wins)."""
+    both = write_csv(tmp_path / "both.csv", [*ISIC_HEADER, "lesion_id", "image_id", "dx"],
+                     [["ISIC_1", 1, 0, 0, 0, 0, 0, 0, "L1", "ISIC_1", "mel"]])
+    assert detect_kind(both) == "isic2018"
+    make_ham(tmp_path / "ham")
+    make_isic(tmp_path / "ham")
+    assert detect_kind(tmp_path / "ham") == "ham10000"
+    ham_csv = write_csv(tmp_path / "hamlist.csv", ["path", "label", "lesion_id", "image_id",
+                                                    "dx"], [["a.jpg", "mel", "L", "a", "mel"]])
+    assert detect_kind(ham_csv) == "ham10000"
+
+
+def test_a_fifo_named_like_a_source_is_unrecognised_without_being_opened(tmp_path):
+    """Detectors look at regular files only: a FIFO named labels.csv (or .parquet) is "not a
+    source" at once; reading its header would wait for a writer forever. Run in a child so
+    that a regression fails on the subprocess timeout instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom skincache.data import load_dataset\n"
+            "for p in sys.argv[1:]:\n"
+            "    try: load_dataset(p)\n"
+            "    except Exception as e: print(type(e).__name__, e)\n")
+    fifos = [tmp_path / "labels.csv", tmp_path / "shard.parquet"]
+    for f in fifos:
+        os.mkfifo(f)
+    out = subprocess.run([sys.executable, "-c", code, *map(str, fifos)], capture_output=True,
+                         text=True, timeout=120).stdout.splitlines()
+    assert len(out) == len(fifos)
+    for line, f in zip(out, fifos, strict=True):
+        assert line.startswith("DataError") and f"{f}: unrecognised file type" in line, line
+
+
+def test_the_readme_source_table_is_the_registry():
+    """README's Data sources table: one row per registered source (by prefix), with the
+    registry's split and group text; a source added or changed without its row fails here."""
+    from skincache.data.sources import list_sources
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Data sources", 1)[1].split("\n\n| source |", 1)[1]
+    rows = [[c.strip().replace("`", "") for c in line.strip("|").split("|")]
+            for line in section.split("\n\n", 1)[0].splitlines()[2:]]
+    table = {prefix: (split, group) for _name, prefix, _layout, split, group in rows}
+    assert table == {s.prefix: (s.split, s.group) for s in list_sources()}

@@ -2,36 +2,40 @@
 
 Everything here produces or inspects `Dataset`s of `Record`s (one per image); nothing here
 decodes images for the model or knows about the cache.
+
+Names are re-exported lazily, by name (as `skincache/__init__.py` does): the CLI reads the
+source registry for its help text at import, and that must not pull in numpy with `demo`.
 """
 
-from ._record import SPLITS, DataError, Dataset, Record
-from .audit import AuditReport, audit_dataset
-from .classes import DX_NAMES, HAM10000_CLASSES, display_name
-from .combine import with_test_set
-from .demo import make_demo_dataset, synthetic_features
-from .fetch import FetchError, fetch_ham10000
-from .sources import detect_kind, load_dataset, read_image_bytes
-from .splits import DEFAULT_RATIOS, assign_splits, limit_dataset
+from __future__ import annotations
 
-__all__ = [
-    "synthetic_features",
-    "DEFAULT_RATIOS",
-    "DX_NAMES",
-    "HAM10000_CLASSES",
-    "SPLITS",
-    "AuditReport",
-    "DataError",
-    "Dataset",
-    "FetchError",
-    "Record",
-    "assign_splits",
-    "audit_dataset",
-    "detect_kind",
-    "display_name",
-    "fetch_ham10000",
-    "limit_dataset",
-    "load_dataset",
-    "make_demo_dataset",
-    "read_image_bytes",
-    "with_test_set",
-]
+import importlib
+from typing import Any
+
+#: public name -> the submodule that defines it
+_EXPORTS: dict[str, str] = {
+    "SPLITS": "_record", "DataError": "_record", "Dataset": "_record", "Record": "_record",
+    "AuditReport": "audit", "audit_dataset": "audit",
+    "DX_NAMES": "classes", "HAM10000_CLASSES": "classes", "display_name": "classes",
+    "with_test_set": "combine",
+    "make_demo_dataset": "demo", "synthetic_features": "demo",
+    "FetchError": "fetch", "fetch_ham10000": "fetch",
+    "detect_kind": "sources", "load_dataset": "sources", "read_image_bytes": "sources",
+    "list_sources": "sources", "register_source": "sources",
+    "DEFAULT_RATIOS": "splits", "assign_splits": "splits", "limit_dataset": "splits",
+}
+
+__all__ = sorted(_EXPORTS)
+
+def __getattr__(name: str) -> Any:
+    """Import the defining submodule on first use, then keep the name here."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

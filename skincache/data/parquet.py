@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ._files import SPLIT_ALIASES, slug, split_from_name
 from ._record import SPLITS, DataError, Dataset, Record
+from ._registry import Confidence, Probe, register_source
 from .classes import HAM10000_CLASSES
 
 if TYPE_CHECKING:  # pyarrow costs ~0.15 s to import: only loaded when parquet is used
@@ -53,6 +54,17 @@ def _str(value: object) -> str:
     return "" if value is None else str(value)
 
 
+def _detect(probe: Probe) -> Confidence:
+    """A `.parquet` file, or a folder with parquet files anywhere below: certain."""
+    if probe.is_file:
+        return Confidence.CERTAIN if probe.suffix == ".parquet" else Confidence.NO
+    return Confidence.CERTAIN if probe.is_dir and parquet_files(probe.path) else Confidence.NO
+
+
+@register_source(
+    "parquet", layout="a .parquet file or a folder of parquet shards", detect=_detect,
+    priority=30, split="from the file name, else assigned", group="lesion_id",
+)
 def load_parquet(spec: Path) -> Dataset:
     """Records for every row of every parquet shard under `spec` (a file or a folder).
 
