@@ -19,10 +19,10 @@ from sklearn.metrics import (
 )
 
 from skincache.metrics import (
-    CI_METRICS,
     _resample_chunks,
     bootstrap_distribution,
     calibration_bins,
+    ci_metrics,
     classification_report,
     expected_calibration_error,
     headline,
@@ -224,12 +224,12 @@ def test_bootstrap_ci_contains_estimate_is_seeded_and_narrows():
     c = classification_report(y, p, CLASSES, n_bootstrap=200, seed=4)
     assert a["ci"] == b["ci"]
     assert a["ci"] != c["ci"]
-    for key in CI_METRICS:
+    for key in (m.name for m in ci_metrics()):
         lo, hi = a["ci"][key]
         assert lo < a[key] < hi, key
     y_big, p_big = _problem(4000, seed=8)
     big = classification_report(y_big, p_big, CLASSES, n_bootstrap=200, seed=3)
-    for key in CI_METRICS:
+    for key in (m.name for m in ci_metrics()):
         width, width_big = np.diff(a["ci"][key])[0], np.diff(big["ci"][key])[0]
         assert width_big < 0.6 * width, key  # ~1/sqrt(10) expected
 
@@ -238,7 +238,7 @@ def test_ci_level_and_no_bootstrap():
     y, p = _problem(300, seed=9)
     wide = classification_report(y, p, CLASSES, n_bootstrap=200, ci=0.99)["ci"]
     narrow = classification_report(y, p, CLASSES, n_bootstrap=200, ci=0.5)["ci"]
-    for key in CI_METRICS:
+    for key in (m.name for m in ci_metrics()):
         assert wide[key][0] < narrow[key][0] < narrow[key][1] < wide[key][1]
     none = classification_report(y, p, CLASSES, n_bootstrap=0)
     assert all(v is None for v in none["ci"].values())
