@@ -580,6 +580,11 @@ class Metric:
     fmt: Format = "percent"  # tables show 100 * value, or the value itself
     resample: Callable[[Resamples], np.ndarray] | None = None
 
+    @property
+    def heading(self) -> str:
+        """The table column: the short label, with its unit when tables show a percent."""
+        return f"{self.short} %" if self.fmt == "percent" else self.short
+
     def score(self, y_true: Any, proba: Any) -> float | None:
         """This metric of probabilities [n, C] (predictions are their argmax)."""
         p = np.asarray(proba, dtype=np.float64)
