@@ -149,7 +149,7 @@ def _ci_caption(reports: list[dict]) -> str | None:
               if r.get("bootstrap", {}).get("n_resamples")}
     if len(levels) != 1:
         return None
-    return f"[lo-hi]: {100 * levels.pop():g}% bootstrap interval"
+    return escape(f"[lo-hi]: {100 * levels.pop():g}% bootstrap interval")
 
 
 def metrics_table(reports: dict[str, dict], title: str) -> None:
