@@ -19,14 +19,21 @@ Why these numbers, in this order:
   are kept in the report so a reliability diagram can be drawn from the JSON alone.
 - **Log loss** over all classes (probabilities renormalised to sum to 1).
 
+The metrics are a registry (`Metric`, `register`, `metrics()`; see "registry" below): the
+report, the intervals, the headline, the CLI tables and `bench-heads` iterate it, so a metric is
+added in one place. Balanced accuracy has one definition, `balanced_accuracy_from_confusion`;
+`balanced_accuracy` (one prediction set) and every bootstrap resample go through it, and the
+heads re-export it for their selection on val.
+
 Confidence intervals: percentile bootstrap over images (resample n of n with replacement,
-`n_bootstrap` times, seeded). All four CI metrics are computed on the *same* resamples. The
+`n_bootstrap` times, seeded). All the CI metrics are computed on the *same* resamples. The
 bootstrap is vectorised rather than calling scikit-learn per resample: a resample's confusion
 matrix is one `np.bincount` of ``true * C + pred`` codes, and its AUROC is the weighted
 Mann-Whitney statistic computed from cumulative counts over score-sorted negatives (ties count
 1/2, exactly as `roc_auc_score`), so cost is O(n_bootstrap * n * C) with no sorting per resample.
-Point estimates use scikit-learn's own functions; tests check the vectorised resample values
-against scikit-learn on the same resamples.
+Point estimates use scikit-learn's own functions (balanced accuracy: ours, equal to
+scikit-learn's); tests check the vectorised resample values against scikit-learn on the same
+resamples.
 
 Everything returned is plain Python (floats, ints, lists, dicts, None) so `json.dumps(report,
 allow_nan=False)` works; undefined values are `None`, never NaN.
