@@ -316,6 +316,9 @@ def test_a_registered_metric_reaches_report_ci_bench_and_tables(error_rate):
     row = aggregate(runs)[0]
     assert row["error_rate_mean"] == pytest.approx(np.mean([r["error_rate"] for r in runs]))
     assert "| err % |" in markdown_table([row])
+    older = [{k: v for k, v in r.items() if k != "error_rate"} for r in runs]  # before it existed
+    assert aggregate(older)[0]["error_rate_mean"] is None
+    assert markdown_table(aggregate(older)).rstrip().endswith("| n/a | 0.10 |")
     with render.out.capture() as cap:
         render.bench_table([row], "bench")
     assert "err %" in cap.get()
