@@ -21,8 +21,8 @@ from skincache._io import atomic_write_text, now_iso, write_json
 from skincache.cache import FeatureCache
 from skincache.errors import UsageError
 from skincache.heads import get_head_class
-from skincache.heads.base import balanced_accuracy, tta_mean
-from skincache.metrics import classification_report
+from skincache.heads.base import tta_mean
+from skincache.metrics import PRIMARY, classification_report, get_metric, metrics, table_metrics
 from skincache.runs import ALL_TEMPLATES, fit_inputs, is_seeded, make_head
 
 #: (variant name, head name, params): every head plus the variants worth comparing.
@@ -45,7 +45,13 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("zs-linear", "zs-linear", {}),
 ]
 
-METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auroc", "ece", "val_balanced_accuracy")
+#: The run key of the selection score: the primary metric on val (`val_balanced_accuracy`).
+VAL_KEY = f"val_{PRIMARY}"
+
+
+def _aggregated() -> tuple[str, ...]:
+    """The run keys averaged over seeds: every registered metric, the val score, fit time."""
+    return (*(m.name for m in metrics()), VAL_KEY, "fit_seconds")
 
 
 @dataclass
@@ -101,13 +107,13 @@ def bench_heads(
                 for with_tta in (False, True) if tta else (False,):
                     report = classification_report(evald.labels, probas["eval"][with_tta],
                                                    fc.classes, n_bootstrap=0)
-                    val_score = (balanced_accuracy(val.labels, probas["val"][with_tta]
-                                                   .argmax(axis=1)) if val is not None else None)
+                    val_score = (get_metric(PRIMARY).score(val.labels, probas["val"][with_tta])
+                                 if val is not None else None)
                     name = variant + ("+tta" if with_tta else "")
                     run = {"variant": name, "head": head_name, "params": params, "seed": seed,
                            "shots": k, "split": split, "fit_seconds": fit_s,
-                           "cache_key": fc.key, "val_balanced_accuracy": val_score,
-                           **{m: report[m] for m in METRICS if m in report},
+                           "cache_key": fc.key, VAL_KEY: val_score,
+                           **{m.name: report[m.name] for m in metrics()},
                            "per_class_recall": {c: v["recall"]
                                                 for c, v in report["per_class"].items()}}
                     tag = f"{name}_k{k}" if k is not None else name
@@ -154,44 +160,52 @@ def n_fits(seeds: int, variants: list[str] | None = None, shots: list[int] | Non
 
 def aggregate(runs: list[dict]) -> list[dict]:
     """Mean and std over seeds per (variant, shots), in the order they first appear; the row
-    with the best mean val balanced accuracy (per shots) is marked `chosen_by_val`."""
+    with the best mean val balanced accuracy (`PRIMARY`, per shots) is marked `chosen_by_val`.
+    A metric a run predates (registered since) aggregates to None."""
     order = list(dict.fromkeys((r["variant"], r.get("shots")) for r in runs))
     rows = []
     for v, k in order:
         rs = [r for r in runs if r["variant"] == v and r.get("shots") == k]
         row: dict[str, Any] = {"variant": v, "head": rs[0]["head"], "shots": k,
                                "n_seeds": len(rs)}
-        for m in (*METRICS, "fit_seconds"):
+        for m in _aggregated():
             vals = np.array([np.nan if r.get(m) is None else r[m] for r in rs], dtype=float)
             row[f"{m}_mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
             row[f"{m}_std"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else None
         rows.append(row)
     for k in dict.fromkeys(r["shots"] for r in rows):
-        group = [r for r in rows if r["shots"] == k and r["val_balanced_accuracy_mean"] is not None]
+        group = [r for r in rows if r["shots"] == k and r[f"{VAL_KEY}_mean"] is not None]
         if group:
-            max(group, key=lambda r: r["val_balanced_accuracy_mean"])["chosen_by_val"] = True
+            best = max if get_metric(PRIMARY).higher_is_better else min
+            best(group, key=lambda r: r[f"{VAL_KEY}_mean"])["chosen_by_val"] = True
     return rows
 
 
 def format_cell(row: dict, m: str, pct: bool = True) -> str:
-    """`mean ± std` in percent (just the mean for a single run), or seconds."""
+    """`mean ± std` of metric `m` (or `val_<metric>`) in its registered format, percent or a
+    fraction (just the mean for a single run); `pct=False`: seconds."""
     mean, std = row[f"{m}_mean"], row[f"{m}_std"]
     if mean is None:
         return "n/a"
     if not pct:
         return f"{mean:.2f}"
-    return f"{100 * mean:.1f} ± {100 * std:.1f}" if row["n_seeds"] > 1 else f"{100 * mean:.1f}"
+    percent = get_metric(m.removeprefix("val_")).fmt == "percent"
+    scale, digits = (100, 1) if percent else (1, 3)
+    cell = f"{scale * mean:.{digits}f}"
+    return cell + (f" ± {scale * std:.{digits}f}" if row["n_seeds"] > 1 else "")
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| variant | shots | seeds | val bal-acc % | balanced acc % | acc % | macro-F1 % | "
-            "AUROC % | ECE % | fit s |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    """results.md: one row per variant, a column per table metric (`table_metrics()`)."""
+    shown = table_metrics()
+    cols = ["variant", "shots", "seeds", f"val {get_metric(PRIMARY).heading}",
+            *(m.heading for m in shown), "fit s"]
+    head = "| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|\n"
     lines = []
     for r in rows:
         seeds = r["n_seeds"] if r["n_seeds"] > 1 else "1 (deterministic)"
         name = r["variant"] + (" (val's pick)" if r.get("chosen_by_val") else "")
-        cells = [format_cell(r, m) for m in ("val_balanced_accuracy", "balanced_accuracy",
-                                             "accuracy", "macro_f1", "auroc", "ece")]
+        cells = [format_cell(r, m) for m in (VAL_KEY, *(m.name for m in shown))]
         cells.append(format_cell(r, "fit_seconds", False))
         shots = "all" if r.get("shots") is None else str(r["shots"])
         lines.append(f"| {name} | {shots} | {seeds} | " + " | ".join(cells) + " |\n")

@@ -19,14 +19,21 @@ Why these numbers, in this order:
   are kept in the report so a reliability diagram can be drawn from the JSON alone.
 - **Log loss** over all classes (probabilities renormalised to sum to 1).
 
+The metrics are a registry (`Metric`, `register`, `metrics()`; see "registry" below): the
+report, the intervals, the headline, the CLI tables and `bench-heads` iterate it, so a metric is
+added in one place. Balanced accuracy has one definition, `balanced_accuracy_from_confusion`;
+`balanced_accuracy` (one prediction set) and every bootstrap resample go through it, and the
+heads re-export it for their selection on val.
+
 Confidence intervals: percentile bootstrap over images (resample n of n with replacement,
-`n_bootstrap` times, seeded). All four CI metrics are computed on the *same* resamples. The
+`n_bootstrap` times, seeded). All the CI metrics are computed on the *same* resamples. The
 bootstrap is vectorised rather than calling scikit-learn per resample: a resample's confusion
 matrix is one `np.bincount` of ``true * C + pred`` codes, and its AUROC is the weighted
 Mann-Whitney statistic computed from cumulative counts over score-sorted negatives (ties count
 1/2, exactly as `roc_auc_score`), so cost is O(n_bootstrap * n * C) with no sorting per resample.
-Point estimates use scikit-learn's own functions; tests check the vectorised resample values
-against scikit-learn on the same resamples.
+Point estimates use scikit-learn's own functions (balanced accuracy: ours, equal to
+scikit-learn's); tests check the vectorised resample values against scikit-learn on the same
+resamples.
 
 Everything returned is plain Python (floats, ints, lists, dicts, None) so `json.dumps(report,
 allow_nan=False)` works; undefined values are `None`, never NaN.
@@ -38,15 +45,16 @@ import csv
 import io
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
-    balanced_accuracy_score,
     confusion_matrix,
     f1_score,
     log_loss,
@@ -57,31 +65,30 @@ from sklearn.metrics import (
 from skincache._io import atomic_write_text
 
 __all__ = [
-    "CI_METRICS",
     "ECE_BINS",
+    "PRIMARY",
+    "Metric",
+    "Resamples",
+    "balanced_accuracy",
+    "balanced_accuracy_from_confusion",
     "bootstrap_distribution",
     "calibration_bins",
+    "ci_metrics",
     "classification_report",
+    "compute_metrics",
     "expected_calibration_error",
+    "get_metric",
     "headline",
+    "metrics",
     "predictions_table",
+    "register",
+    "table_metrics",
+    "unregister",
     "write_predictions_csv",
 ]
 
 ECE_BINS = 15
 """Number of equal-width confidence bins for the ECE (the common choice since Guo et al.)."""
-
-CI_METRICS: tuple[str, ...] = ("balanced_accuracy", "accuracy", "macro_f1", "auroc")
-"""Report keys that get bootstrap confidence intervals, in headline order."""
-
-_HEADLINE: tuple[tuple[str, str], ...] = (
-    ("balanced_accuracy", "Balanced accuracy"),
-    ("accuracy", "Accuracy"),
-    ("macro_f1", "Macro-F1"),
-    ("auroc", "AUROC (OvR macro)"),
-    ("ece", f"ECE ({ECE_BINS} bins)"),
-    ("log_loss", "Log loss"),
-)
 
 # Resamples processed together: at most _CHUNK, and at most _CHUNK_ELEMENTS / n so that each
 # [b, n] array stays ~5 MB whatever n is, while numpy calls stay large enough to be efficient.
@@ -212,29 +219,65 @@ def _resample_chunks(n: int, n_bootstrap: int, seed: int) -> Iterator[np.ndarray
         done += b
 
 
-def _metrics_from_confusion(cms: np.ndarray) -> dict[str, np.ndarray]:
-    """Balanced accuracy, accuracy and macro-F1 for a stack of confusion matrices [b, C, C]
-    (rows = true), with scikit-learn's label-set rules (see the module docstring)."""
-    cms = cms.astype(np.float64)
-    tp = np.diagonal(cms, axis1=1, axis2=2)
-    support = cms.sum(axis=2)
-    predicted = cms.sum(axis=1)
-    n = support.sum(axis=1)
+def confusion_counts(y_true: Any, y_pred: Any, n_classes: int | None = None) -> np.ndarray:
+    """Confusion matrix [C, C] (rows = true class) of integer labels, one `np.bincount`: the
+    shape every confusion-based metric below reads, for one prediction set or (stacked) many."""
+    y = _int_labels(y_true, "y_true")
+    pred = _int_labels(y_pred, "y_pred")
+    if y.shape != pred.shape:
+        raise ValueError(f"{len(y)} labels but {len(pred)} predictions")
+    if n_classes is None:
+        n_classes = int(max(y.max(initial=-1), pred.max(initial=-1))) + 1
+    return np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(
+        n_classes, n_classes
+    )
 
+
+def _int_labels(v: Any, what: str) -> np.ndarray:
+    a = np.asarray(v)
+    if a.dtype.kind not in "iub":
+        raise ValueError(f"{what} must hold integer class indices, got dtype {a.dtype}")
+    a = a.astype(np.int64).ravel()
+    if a.size and a.min() < 0:
+        raise ValueError(f"{what} holds negative class indices")
+    return a
+
+
+def balanced_accuracy_from_confusion(cms: np.ndarray) -> np.ndarray:
+    """Balanced accuracy of confusion matrices [..., C, C] (rows = true): the mean recall over
+    the classes present (support > 0), scikit-learn's `balanced_accuracy_score` rule. THE one
+    definition: the point estimate, every bootstrap resample and the heads' selection on val
+    all come here (through `balanced_accuracy` for one prediction set)."""
+    cms = np.asarray(cms, dtype=np.float64)
+    tp = np.diagonal(cms, axis1=-2, axis2=-1)
+    support = cms.sum(axis=-1)
     present = support > 0
     recall = np.divide(tp, support, out=np.zeros_like(tp), where=present)
-    balanced = recall.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+    return recall.sum(axis=-1) / np.maximum(present.sum(axis=-1), 1)
 
-    in_labels = present | (predicted > 0)
+
+def balanced_accuracy(y_true: Any, y_pred: Any, n_classes: int | None = None) -> float:
+    """Balanced accuracy of integer labels and predictions (0 when there are none). One
+    bincount, no sort: cheap enough for the heads' per-epoch and grid-search checks."""
+    return float(balanced_accuracy_from_confusion(confusion_counts(y_true, y_pred, n_classes)))
+
+
+def _accuracy_from_confusion(cms: np.ndarray) -> np.ndarray:
+    cms = np.asarray(cms, dtype=np.float64)
+    n = cms.sum(axis=(-2, -1))
+    return np.diagonal(cms, axis1=-2, axis2=-1).sum(axis=-1) / np.maximum(n, 1)
+
+
+def _macro_f1_from_confusion(cms: np.ndarray) -> np.ndarray:
+    """Macro-F1 over the classes present in y_true or predicted (scikit-learn's label set),
+    0/0 counted as 0."""
+    cms = np.asarray(cms, dtype=np.float64)
+    tp = np.diagonal(cms, axis1=-2, axis2=-1)
+    support, predicted = cms.sum(axis=-1), cms.sum(axis=-2)
+    in_labels = (support > 0) | (predicted > 0)
     denom = support + predicted  # 2tp + fp + fn
     f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    macro_f1 = (f1 * in_labels).sum(axis=1) / np.maximum(in_labels.sum(axis=1), 1)
-
-    return {
-        "balanced_accuracy": balanced,
-        "accuracy": tp.sum(axis=1) / np.maximum(n, 1),
-        "macro_f1": macro_f1,
-    }
+    return (f1 * in_labels).sum(axis=-1) / np.maximum(in_labels.sum(axis=-1), 1)
 
 
 class _AucPlan:
@@ -299,6 +342,54 @@ def _auroc_classes(y: np.ndarray, n_classes: int) -> list[int]:
     return [k for k in range(n_classes) if 0 < support[k] < len(y)]
 
 
+@dataclass
+class _Sample:
+    """The full prediction set being resampled, and what is precomputed on it once."""
+
+    y: np.ndarray
+    proba: np.ndarray
+    pred: np.ndarray
+    n_classes: int
+    auroc_classes: Sequence[int]
+
+    @cached_property
+    def auc_plan(self) -> _AucPlan:
+        return _AucPlan(self.y, self.proba, self.auroc_classes)
+
+
+@dataclass
+class Resamples:
+    """A chunk of b bootstrap resamples (`idx` [b, n], row r = the images of resample r), with
+    the arrays several metrics share built on first use, once per chunk."""
+
+    sample: _Sample
+    idx: np.ndarray
+
+    @cached_property
+    def confusion(self) -> np.ndarray:
+        """Confusion matrices [b, C, C]: one `np.bincount` of ``true * C + pred`` codes."""
+        s, b, cc = self.sample, self.idx.shape[0], self.sample.n_classes ** 2
+        codes = s.y * s.n_classes + s.pred
+        flat = (codes[self.idx] + (np.arange(b) * cc)[:, None]).ravel()
+        return np.bincount(flat, minlength=b * cc).reshape(b, s.n_classes, s.n_classes)
+
+    @cached_property
+    def weights(self) -> np.ndarray:
+        """[n, b] int32: how often image i is drawn in resample r (image-major, see aucs)."""
+        b, n = self.idx.shape
+        flat = (self.idx * b + np.arange(b)[:, None]).ravel()
+        return np.bincount(flat, minlength=n * b).reshape(n, b).astype(np.int32)
+
+    def one_by_one(self, metric: Metric) -> np.ndarray:
+        """`metric.compute` on each resample: the fallback for a metric with no `resample`."""
+        s = self.sample
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            values = [metric.compute(s.y[i], s.pred[i], s.proba[i], s.n_classes)
+                      for i in self.idx]
+        return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
 def bootstrap_distribution(
     y_true: Any,
     proba: Any,
@@ -307,7 +398,8 @@ def bootstrap_distribution(
     seed: int = 0,
     auroc_classes: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The four CI metrics on each of `n_bootstrap` seeded resamples, as arrays [n_bootstrap].
+    """Every CI metric (`ci_metrics()`) on each of `n_bootstrap` seeded resamples, as arrays
+    [n_bootstrap]; all metrics see the same resamples.
 
     Vectorised (see the module docstring): ~0.4 s for 1,000 resamples of 10,000 predictions
     with 7 classes on one CPU core, most of it the AUROC (O(n_bootstrap * n * C), no sorting per
@@ -318,33 +410,15 @@ def bootstrap_distribution(
     p = np.asarray(proba, dtype=np.float64)
     n, n_classes = p.shape
     y = np.asarray(y_true).astype(np.int64)
-    pred = _argmax(p)
-    codes = y * n_classes + pred
     if auroc_classes is None:
         auroc_classes = _auroc_classes(y, n_classes)
-    plan = _AucPlan(y, p, auroc_classes)
-
-    parts: dict[str, list[np.ndarray]] = {m: [] for m in CI_METRICS}
-    cc = n_classes * n_classes
+    sample = _Sample(y, p, _argmax(p), n_classes, list(auroc_classes))
+    chosen = ci_metrics()
+    parts: dict[str, list[np.ndarray]] = {m.name: [] for m in chosen}
     for idx in _resample_chunks(n, n_bootstrap, seed):
-        b = idx.shape[0]
-        flat = (codes[idx] + (np.arange(b) * cc)[:, None]).ravel()
-        cms = np.bincount(flat, minlength=b * cc).reshape(b, n_classes, n_classes)
-        for name, values in _metrics_from_confusion(cms).items():
-            parts[name].append(values)
-        if plan.classes:
-            # weights[i, r] = how often image i is drawn in resample r (image-major, see aucs).
-            flat = (idx * b + np.arange(b)[:, None]).ravel()
-            weights = np.bincount(flat, minlength=n * b).reshape(n, b).astype(np.int32)
-            aucs = plan.aucs(weights)
-            finite = np.isfinite(aucs)
-            count = finite.sum(axis=1)
-            total = np.where(finite, aucs, 0.0).sum(axis=1)
-            macro = np.full(b, np.nan)
-            np.divide(total, count, out=macro, where=count > 0)
-            parts["auroc"].append(macro)
-        else:
-            parts["auroc"].append(np.full(b, np.nan))
+        chunk = Resamples(sample, idx)
+        for m in chosen:
+            parts[m.name].append(m.resample(chunk) if m.resample else chunk.one_by_one(m))
     return {
         m: (np.concatenate(v) if v else np.empty(0, dtype=np.float64)) for m, v in parts.items()
     }
@@ -374,12 +448,13 @@ def classification_report(
 ) -> dict[str, Any]:
     """Everything `metrics.json` holds for one split, as a JSON-ready dict.
 
-    Keys, in order: `n_samples`, `classes`, the headline numbers (`balanced_accuracy`,
-    `accuracy`, `macro_f1`, `auroc`, `ece`, `log_loss`), `ci` (metric -> [lo, hi] or None),
-    `bootstrap` (how the CIs were made), `auroc_classes` / `auroc_excluded`, `notes` (plain
-    sentences about anything left out), `per_class` (name -> precision, recall, f1, support,
-    predicted, auroc), `confusion_matrix` (counts, rows = true class, columns = predicted) and
-    `calibration` (the ECE bins). `n_bootstrap=0` skips the intervals (all None).
+    Keys, in order: `n_samples`, `classes`, the registered metrics (`metrics()`: by default
+    `balanced_accuracy`, `accuracy`, `macro_f1`, `auroc`, `ece`, `log_loss`), `ci` (CI metric
+    -> [lo, hi] or None), `bootstrap` (how the CIs were made), `auroc_classes` /
+    `auroc_excluded`, `notes` (plain sentences about anything left out), `per_class` (name ->
+    precision, recall, f1, support, predicted, auroc), `confusion_matrix` (counts, rows = true
+    class, columns = predicted) and `calibration` (the ECE bins). `n_bootstrap=0` skips the
+    intervals (all None).
 
     Predictions are the argmax of `proba`; per-class precision/recall/F1 that are 0/0 (a class
     never predicted, or absent from `y_true`) are reported as 0, scikit-learn's
@@ -409,22 +484,13 @@ def classification_report(
             f"classes absent from y_true: {absent}; balanced accuracy averages recall over the "
             f"{n_classes - len(absent)} classes present, and their recall is reported as 0"
         )
+    values = compute_metrics(y, pred, p, n_classes)
     with warnings.catch_warnings():
-        # Edge cases (absent or never-predicted classes) are reported in `notes`/`per_class`,
-        # so scikit-learn's warnings about them would only be noise in a CLI run.
         warnings.simplefilter("ignore", UndefinedMetricWarning)
-        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        balanced = float(balanced_accuracy_score(y, pred))
-        accuracy = float(accuracy_score(y, pred))
-        macro_f1 = float(f1_score(y, pred, average="macro", zero_division=0))
         prec, rec, f1, _ = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-        loss = float(log_loss(y, p, labels=labels))
 
     auroc_idx = _auroc_classes(y, n_classes)
-    per_class_auroc: dict[int, float] = {
-        k: float(roc_auc_score(y == k, p[:, k])) for k in auroc_idx
-    }
-    auroc = float(np.mean(list(per_class_auroc.values()))) if auroc_idx else None
+    per_class_auroc = _per_class_auroc(y, p, n_classes)
     excluded = [names[k] for k in labels if k not in per_class_auroc]
     if excluded:
         notes.append(
@@ -435,29 +501,20 @@ def classification_report(
     if never_predicted:
         notes.append(f"classes never predicted (precision reported as 0): {never_predicted}")
 
-    bins = calibration_bins(y, p)
-    ece = _ece_from_bins(bins)
-
-    intervals: dict[str, list[float] | None] = {m: None for m in CI_METRICS}
+    intervals: dict[str, list[float] | None] = {m.name: None for m in ci_metrics()}
     if n_bootstrap > 0:
         dist = bootstrap_distribution(
             y, p, n_bootstrap=n_bootstrap, seed=seed, auroc_classes=auroc_idx
         )
-        for m in CI_METRICS:
-            if m == "auroc" and auroc is None:
-                continue
-            intervals[m] = _percentile_ci(dist[m], ci)
+        for name in intervals:
+            if values[name] is not None:  # no interval around an undefined value
+                intervals[name] = _percentile_ci(dist[name], ci)
 
     cm = confusion_matrix(y, pred, labels=labels)
     return {
         "n_samples": int(n),
         "classes": names,
-        "balanced_accuracy": balanced,
-        "accuracy": accuracy,
-        "macro_f1": macro_f1,
-        "auroc": auroc,
-        "ece": ece,
-        "log_loss": loss,
+        **values,
         "ci": intervals,
         "bootstrap": {
             "n_resamples": int(n_bootstrap),
@@ -480,24 +537,184 @@ def classification_report(
             for k in labels
         },
         "confusion_matrix": cm.astype(int).tolist(),
-        "calibration": bins,
+        "calibration": calibration_bins(y, p),
     }
 
 
 def headline(report: dict[str, Any]) -> list[tuple[str, float, float, float]]:
-    """(display name, value, lo, hi) rows for a terminal or markdown table, balanced accuracy
-    first. Undefined values and missing intervals are NaN so the tuple types stay uniform;
-    ECE and log loss have no interval."""
+    """(label, value, lo, hi) rows for a terminal or markdown table, one per registered metric
+    the report holds, balanced accuracy first. Undefined values and missing intervals are NaN
+    so the tuple types stay uniform; metrics without `in_ci` have no interval."""
     nan = float("nan")
     rows: list[tuple[str, float, float, float]] = []
-    for key, label in _HEADLINE:
-        if key not in report:
+    for m in metrics():
+        if m.name not in report:
             continue
-        value = report[key]
-        interval = report.get("ci", {}).get(key)
+        value = report[m.name]
+        interval = report.get("ci", {}).get(m.name)
         lo, hi = interval if interval is not None else (nan, nan)
-        rows.append((label, nan if value is None else float(value), float(lo), float(hi)))
+        rows.append((m.label, nan if value is None else float(value), float(lo), float(hi)))
     return rows
+
+
+# ------------------------------------------------------------------------------- registry
+
+Format = Literal["percent", "fraction"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric, everything the package needs to know about it in one record: the report
+    computes it, the bootstrap gives it an interval, the tables and `bench-heads` show and
+    aggregate it, all by iterating `metrics()`. To add a metric, `register` one of these.
+
+    `compute(y_true, y_pred, proba, n_classes)` gets integer labels, argmax predictions and
+    validated probabilities (None when the caller has only predictions: then a metric that
+    `needs_proba` is None); it returns a float, or None when undefined. `resample`, optional,
+    computes the metric on a whole chunk of bootstrap resamples at once (vectorised); without
+    it an `in_ci` metric is computed resample by resample with `compute`, which is correct
+    but slower.
+    """
+
+    name: str  # the key in metrics.json, the bench JSON and its aggregate (`<name>_mean`)
+    label: str  # words for headlines and plots
+    short: str  # a table column
+    compute: Callable[[np.ndarray, np.ndarray, np.ndarray | None, int], float | None]
+    higher_is_better: bool = True
+    needs_proba: bool = False
+    in_ci: bool = False  # gets a bootstrap interval in `ci`
+    in_tables: bool = True  # a column of the fit-head / evaluate / bench-heads tables
+    fmt: Format = "percent"  # tables show 100 * value, or the value itself
+    resample: Callable[[Resamples], np.ndarray] | None = None
+
+    @property
+    def heading(self) -> str:
+        """The table column: the short label, with its unit when tables show a percent."""
+        return f"{self.short} %" if self.fmt == "percent" else self.short
+
+    def score(self, y_true: Any, proba: Any) -> float | None:
+        """This metric of probabilities [n, C] (predictions are their argmax)."""
+        p = np.asarray(proba, dtype=np.float64)
+        return self.compute(np.asarray(y_true).astype(np.int64), _argmax(p), p, p.shape[1])
+
+
+_REGISTRY: dict[str, Metric] = {}
+
+#: Report keys that are not metrics; a metric may not take one of these names.
+_RESERVED = frozenset({"n_samples", "classes", "ci", "bootstrap", "auroc_classes",
+                       "auroc_excluded", "notes", "per_class", "confusion_matrix",
+                       "calibration", "fit_seconds"})
+
+PRIMARY = "balanced_accuracy"
+"""The metric that leads every table and picks a head (or a variant) on val: the official ISIC
+2018 Task 3 metric, and the one plain accuracy cannot game on ~67% `nv` data."""
+
+
+def register(metric: Metric) -> Metric:
+    """Add `metric` to the registry (after the ones already there: registration order is
+    report, headline and table order). Returns it, so it can be kept in a name."""
+    if metric.name in _REGISTRY or metric.name in _RESERVED:
+        raise ValueError(f"a metric or report key named {metric.name!r} already exists")
+    _REGISTRY[metric.name] = metric
+    return metric
+
+
+def unregister(name: str) -> None:
+    """Remove a registered metric (tests register throwaway ones)."""
+    if name == PRIMARY:
+        raise ValueError(f"{PRIMARY} chooses heads on val; it cannot be removed")
+    del _REGISTRY[name]
+
+
+def metrics() -> tuple[Metric, ...]:
+    """Every registered metric, in order (balanced accuracy first)."""
+    return tuple(_REGISTRY.values())
+
+
+def ci_metrics() -> tuple[Metric, ...]:
+    """The metrics with bootstrap intervals."""
+    return tuple(m for m in _REGISTRY.values() if m.in_ci)
+
+
+def table_metrics() -> tuple[Metric, ...]:
+    """The metrics the result tables show, in column order."""
+    return tuple(m for m in _REGISTRY.values() if m.in_tables)
+
+
+def get_metric(name: str) -> Metric:
+    """The registered metric called `name`."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"no metric {name!r}; known: {', '.join(_REGISTRY)}") from None
+
+
+def compute_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, proba: np.ndarray | None, n_classes: int
+) -> dict[str, float | None]:
+    """Every registered metric of one prediction set, {name: value or None}, in order.
+    Inputs as `Metric.compute` takes them (integer labels; `proba` validated, or None)."""
+    out: dict[str, float | None] = {}
+    with warnings.catch_warnings():
+        # Edge cases (absent or never-predicted classes) are reported in the report's `notes`
+        # and `per_class`, so scikit-learn's warnings about them would only be noise.
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        for m in _REGISTRY.values():
+            if m.needs_proba and proba is None:
+                out[m.name] = None
+                continue
+            value = m.compute(y_true, y_pred, proba, n_classes)
+            out[m.name] = None if value is None else float(value)
+    return out
+
+
+def _per_class_auroc(y: np.ndarray, proba: np.ndarray, n_classes: int) -> dict[int, float]:
+    """One-vs-rest AUROC of each class that has positives and negatives in `y`."""
+    return {k: float(roc_auc_score(y == k, proba[:, k])) for k in _auroc_classes(y, n_classes)}
+
+
+def _macro_auroc(y, pred, proba, n_classes) -> float | None:  # noqa: ANN001 (Metric.compute)
+    per_class = _per_class_auroc(y, proba, n_classes)
+    return float(np.mean(list(per_class.values()))) if per_class else None
+
+
+def _auroc_resamples(r: Resamples) -> np.ndarray:
+    """Macro AUROC of each resample of the chunk: the mean over the planned classes that have
+    positives and negatives in that resample; NaN if none do."""
+    plan = r.sample.auc_plan
+    b = r.idx.shape[0]
+    if not plan.classes:
+        return np.full(b, np.nan)
+    aucs = plan.aucs(r.weights)
+    finite = np.isfinite(aucs)
+    count = finite.sum(axis=1)
+    total = np.where(finite, aucs, 0.0).sum(axis=1)
+    macro = np.full(b, np.nan)
+    np.divide(total, count, out=macro, where=count > 0)
+    return macro
+
+
+for _m in (
+    Metric("balanced_accuracy", "Balanced accuracy", "bal. acc",
+           lambda y, pred, p, c: balanced_accuracy(y, pred, c), in_ci=True,
+           resample=lambda r: balanced_accuracy_from_confusion(r.confusion)),
+    Metric("accuracy", "Accuracy", "acc", lambda y, pred, p, c: float(accuracy_score(y, pred)),
+           in_ci=True, resample=lambda r: _accuracy_from_confusion(r.confusion)),
+    Metric("macro_f1", "Macro-F1", "macro-F1",
+           lambda y, pred, p, c: float(f1_score(y, pred, average="macro", zero_division=0)),
+           in_ci=True, resample=lambda r: _macro_f1_from_confusion(r.confusion)),
+    Metric("auroc", "AUROC (OvR macro)", "AUROC", _macro_auroc, needs_proba=True, in_ci=True,
+           resample=_auroc_resamples),
+    Metric("ece", f"ECE ({ECE_BINS} bins)", "ECE",
+           lambda y, pred, p, c: expected_calibration_error(y, p), higher_is_better=False,
+           needs_proba=True, fmt="fraction"),
+    Metric("log_loss", "Log loss", "log loss",
+           lambda y, pred, p, c: float(log_loss(y, p, labels=list(range(c)))),
+           higher_is_better=False, needs_proba=True, in_tables=False, fmt="fraction"),
+):
+    register(_m)
+del _m
 
 
 # ---------------------------------------------------------------------------- predictions

@@ -26,7 +26,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from skincache.data.classes import DX_NAMES
-from skincache.metrics import ECE_BINS, calibration_bins, expected_calibration_error
+from skincache.metrics import (
+    ECE_BINS,
+    PRIMARY,
+    calibration_bins,
+    expected_calibration_error,
+    get_metric,
+)
 
 __all__ = [
     "DPI",
@@ -408,10 +414,9 @@ def plot_shots(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], 
     colours = [matplotlib.colormaps["tab20"](i % 20) for i in range(len(variants))]
     styles = ["-", "--", ":", "-."]
     for i, v in enumerate(variants):
-        pts = sorted((r["shots"], r["balanced_accuracy_mean"], r["balanced_accuracy_std"],
-                      r["n_seeds"]) for r in rows
-                     if r["variant"] == v and r.get("shots") is not None
-                     and r["balanced_accuracy_mean"] is not None)
+        pts = sorted((r["shots"], r[f"{PRIMARY}_mean"], r[f"{PRIMARY}_std"], r["n_seeds"])
+                     for r in rows if r["variant"] == v and r.get("shots") is not None
+                     and r[f"{PRIMARY}_mean"] is not None)
         if not pts:
             continue
         k = np.array([p[0] for p in pts], dtype=float)
@@ -424,7 +429,7 @@ def plot_shots(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], 
     ks = sorted({r["shots"] for r in rows if r.get("shots") is not None})
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("training images per class (shots)")
-    ax.set_ylabel("balanced accuracy % (mean, 95% CI over seeds)")
+    ax.set_ylabel(f"{get_metric(PRIMARY).label.lower()} % (mean, 95% CI over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     if title:

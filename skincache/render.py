@@ -6,6 +6,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from skincache._progress import PlainWhenPiped
+from skincache.metrics import PRIMARY, Metric, get_metric, table_metrics
 
 out = PlainWhenPiped()
 err = PlainWhenPiped(stderr=True)  # errors, so `> file` keeps only results
@@ -130,30 +131,38 @@ def _reasons(reasons: dict[str, int]) -> str:
     return ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
 
 
-def _ci(report: dict, m: str) -> str:
-    v = report.get(m)
+def _cell(report: dict | None, m: Metric, with_ci: bool = True) -> str:
+    """One metric of a report in its registered format, with its interval when it has one:
+    `71.3 [68-74]` (percent) or `0.042 [0.031-0.055]` (fraction)."""
+    v = None if report is None else report.get(m.name)
     if v is None:
         return "n/a"
-    ci = (report.get("ci") or {}).get(m)
-    return f"{100 * v:.1f}" + (f" [{100 * ci[0]:.0f}-{100 * ci[1]:.0f}]" if ci else "")
+    ci = (report.get("ci") or {}).get(m.name) if with_ci else None
+    if m.fmt == "percent":
+        return f"{100 * v:.1f}" + (f" [{100 * ci[0]:.0f}-{100 * ci[1]:.0f}]" if ci else "")
+    return f"{v:.3f}" + (f" [{ci[0]:.3f}-{ci[1]:.3f}]" if ci else "")
+
+
+def _ci_caption(reports: list[dict]) -> str | None:
+    """Says what the bracketed numbers are, at the level the reports were made with."""
+    levels = {r.get("bootstrap", {}).get("level") for r in reports
+              if r.get("bootstrap", {}).get("n_resamples")}
+    if len(levels) != 1:
+        return None
+    return escape(f"[lo-hi]: {100 * levels.pop():g}% bootstrap interval")
 
 
 def metrics_table(reports: dict[str, dict], title: str) -> None:
-    """Headline metrics per split, balanced accuracy first (it leads on imbalanced data).
-    CIs for the first two; every CI is in metrics/<split>.json."""
-    t = Table(title=title, title_justify="left")
-    for col in ("split", "n", "bal. acc % [95% CI]", "acc % [95% CI]", "F1 %", "AUROC %",
-                "ECE"):
+    """Headline metrics per split, one column per table metric (`table_metrics()`), balanced
+    accuracy first (it leads on imbalanced data); every CI is in metrics/<split>.json."""
+    shown = table_metrics()
+    t = Table(title=title, title_justify="left", caption=_ci_caption(list(reports.values())),
+              caption_justify="left")
+    for col in ("split", "n", *(m.heading for m in shown)):
         t.add_column(col, justify="right" if col != "split" else "left")
     for split, r in reports.items():
-        t.add_row(split, f"{r['n_samples']:,}", _ci(r, "balanced_accuracy"),
-                  _ci(r, "accuracy"), _pct(r.get("macro_f1")), _pct(r.get("auroc")),
-                  "n/a" if r.get("ece") is None else f"{r['ece']:.3f}")
+        t.add_row(split, f"{r['n_samples']:,}", *(_cell(r, m) for m in shown))
     _show(t)
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}"
 
 
 def per_class_table(report: dict, title: str) -> None:
@@ -170,18 +179,18 @@ def heads_table(results: list, split: str, picked: int | None = None) -> None:
     """One row per head: val (where hyper-parameters and the head are chosen) beside `split`;
     `picked` (the index val chooses) is marked, so nobody picks a head by its test score."""
     t = Table(title=f"heads: chosen on val, reported on {split}", title_justify="left")
-    for col in ("head", "fit s", "val bal-acc %", f"{split} bal-acc %", "acc %",
-                "macro-F1 %", "AUROC %", "ECE"):
+    primary, shown = get_metric(PRIMARY), table_metrics()
+    for col in ("head", "fit s", f"val {primary.heading}",
+                *((f"{split} " if m is primary else "") + m.heading for m in shown)):
         t.add_column(col, justify="left" if col == "head" else "right")
     for i, r in enumerate(results):
         m = r.metrics.get(split)
         if m is None:
             continue
-        v = r.metrics.get("val")
         name = f"{r.head} *" if i == picked else r.head
-        t.add_row(name, f"{r.fit_seconds:.2f}", _pct(v["balanced_accuracy"]) if v else "n/a",
-                  _ci(m, "balanced_accuracy"), _ci(m, "accuracy"), _ci(m, "macro_f1"),
-                  _ci(m, "auroc"), "n/a" if m.get("ece") is None else f"{m['ece']:.3f}")
+        t.add_row(name, f"{r.fit_seconds:.2f}",
+                  _cell(r.metrics.get("val"), primary, with_ci=False),
+                  *(_cell(m, metric) for metric in shown))
     _show(t)
     if picked is not None:
         out.print(f"* {results[picked].head}: val's pick (best val balanced accuracy); choose "
@@ -209,18 +218,19 @@ def heads_list(specs: list) -> None:
 def bench_table(rows: list[dict], title: str) -> None:
     t = Table(title=title, title_justify="left")
     shots = any(r.get("shots") is not None for r in rows)
-    for col in ("variant", *(("shots",) if shots else ()), "seeds", "val bal-acc %",
-                "balanced acc %", "acc %", "macro-F1 %", "AUROC %", "fit s"):
+    shown = table_metrics()
+    for col in ("variant", *(("shots",) if shots else ()), "seeds",
+                f"val {get_metric(PRIMARY).heading}", *(m.heading for m in shown), "fit s"):
         t.add_column(col, justify="left" if col == "variant" else "right")
 
+    from skincache.bench import VAL_KEY
     from skincache.bench import format_cell as f
 
     for r in rows:
         name = r["variant"] + (" ← val's pick" if r.get("chosen_by_val") else "")
         t.add_row(name, *((str(r["shots"]),) if shots else ()),
                   str(r["n_seeds"]) if r["n_seeds"] > 1 else "1 (det.)",
-                  f(r, "val_balanced_accuracy"), f(r, "balanced_accuracy"), f(r, "accuracy"),
-                  f(r, "macro_f1"), f(r, "auroc"), f(r, "fit_seconds", pct=False))
+                  f(r, VAL_KEY), *(f(r, m.name) for m in shown), f(r, "fit_seconds", pct=False))
     _show(t)
 
 

@@ -19,10 +19,10 @@ from sklearn.metrics import (
 )
 
 from skincache.metrics import (
-    CI_METRICS,
     _resample_chunks,
     bootstrap_distribution,
     calibration_bins,
+    ci_metrics,
     classification_report,
     expected_calibration_error,
     headline,
@@ -224,12 +224,12 @@ def test_bootstrap_ci_contains_estimate_is_seeded_and_narrows():
     c = classification_report(y, p, CLASSES, n_bootstrap=200, seed=4)
     assert a["ci"] == b["ci"]
     assert a["ci"] != c["ci"]
-    for key in CI_METRICS:
+    for key in (m.name for m in ci_metrics()):
         lo, hi = a["ci"][key]
         assert lo < a[key] < hi, key
     y_big, p_big = _problem(4000, seed=8)
     big = classification_report(y_big, p_big, CLASSES, n_bootstrap=200, seed=3)
-    for key in CI_METRICS:
+    for key in (m.name for m in ci_metrics()):
         width, width_big = np.diff(a["ci"][key])[0], np.diff(big["ci"][key])[0]
         assert width_big < 0.6 * width, key  # ~1/sqrt(10) expected
 
@@ -238,7 +238,7 @@ def test_ci_level_and_no_bootstrap():
     y, p = _problem(300, seed=9)
     wide = classification_report(y, p, CLASSES, n_bootstrap=200, ci=0.99)["ci"]
     narrow = classification_report(y, p, CLASSES, n_bootstrap=200, ci=0.5)["ci"]
-    for key in CI_METRICS:
+    for key in (m.name for m in ci_metrics()):
         assert wide[key][0] < narrow[key][0] < narrow[key][1] < wide[key][1]
     none = classification_report(y, p, CLASSES, n_bootstrap=0)
     assert all(v is None for v in none["ci"].values())
@@ -273,3 +273,67 @@ def test_predictions_table_and_csv(tmp_path):
     assert all(len(r["p_nv"]) <= 15 for r in back)  # shortest float32 repr, not float64 noise
     unlabelled = predictions_table(ids[:2], None, p32[:2], CLASSES)
     assert unlabelled[0]["true"] is None
+
+
+@pytest.fixture
+def error_rate():
+    """A throwaway metric registered in one place (and removed afterwards): the proof that
+    adding a metric needs no edit anywhere else. No `resample`: the bootstrap falls back to
+    computing it on each resample."""
+    from skincache.metrics import Metric, register, unregister
+
+    metric = register(Metric("error_rate", "Error rate", "err",
+                             lambda y, pred, p, c: float(np.mean(y != pred)),
+                             higher_is_better=False, in_ci=True))
+    yield metric
+    unregister(metric.name)
+
+
+def test_a_registered_metric_reaches_report_ci_bench_and_tables(error_rate):
+    from skincache import render
+    from skincache.bench import VAL_KEY, aggregate, markdown_table
+    from skincache.metrics import compute_metrics, metrics
+
+    y, p = _problem(300, seed=12)
+    pred = p.argmax(axis=1)
+    assert compute_metrics(y, pred, p, 7)["error_rate"] == pytest.approx(np.mean(y != pred))
+    report = classification_report(y, p, CLASSES, n_bootstrap=100, seed=5)
+    assert report["error_rate"] == pytest.approx(1 - report["accuracy"])
+    assert error_rate in ci_metrics()
+    # the same resamples as accuracy, so its interval is accuracy's mirrored
+    lo, hi = report["ci"]["error_rate"]
+    acc_lo, acc_hi = report["ci"]["accuracy"]
+    assert (lo, hi) == pytest.approx((1 - acc_hi, 1 - acc_lo), abs=1e-12)
+    assert ("Error rate", report["error_rate"], lo, hi) in headline(report)
+
+    with render.out.capture() as cap:
+        render.metrics_table({"test": report}, "scores")
+    assert "err %" in cap.get() and f"{100 * report['error_rate']:.1f}" in cap.get()
+
+    runs = [{"variant": "v", "head": "h", "shots": None, "fit_seconds": 0.1, VAL_KEY: 0.5,
+             **{m.name: r[m.name] for m in metrics()}}
+            for r in (report, classification_report(y[:200], p[:200], CLASSES, n_bootstrap=0))]
+    row = aggregate(runs)[0]
+    assert row["error_rate_mean"] == pytest.approx(np.mean([r["error_rate"] for r in runs]))
+    assert "| err % |" in markdown_table([row])
+    older = [{k: v for k, v in r.items() if k != "error_rate"} for r in runs]  # before it existed
+    assert aggregate(older)[0]["error_rate_mean"] is None
+    assert markdown_table(aggregate(older)).rstrip().endswith("| n/a | 0.10 |")
+    with render.out.capture() as cap:
+        render.bench_table([row], "bench")
+    assert "err %" in cap.get()
+
+
+def test_balanced_accuracy_is_one_definition():
+    """The heads' selection score is the report's, which is scikit-learn's."""
+    from skincache.heads.base import balanced_accuracy as heads_balanced_accuracy
+    from skincache.metrics import balanced_accuracy
+
+    assert heads_balanced_accuracy is balanced_accuracy
+    y, p = _problem(500, seed=13, freq=np.array([0.0, 0.1, 0.3, 0.6]))
+    pred = p.argmax(axis=1)
+    assert 0 not in y and 0 in pred  # an absent class that is still predicted
+    assert balanced_accuracy(y, pred) == pytest.approx(_sk(y, pred)["balanced_accuracy"],
+                                                       abs=1e-15)
+    with pytest.raises(ValueError, match="integer class indices"):
+        balanced_accuracy(np.array([0.5, 1.0]), np.array([0, 1]))

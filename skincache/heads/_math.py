@@ -1,8 +1,13 @@
-"""Small numeric helpers the heads share (numpy only, no head imports: a leaf module)."""
+"""Small numeric helpers the heads share (numpy, and `metrics` one layer down; no head
+imports: a leaf of the heads package)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+# The one balanced accuracy (skincache.metrics): the heads' val selection scores exactly what
+# the reports and `bench-heads` report.
+from skincache.metrics import balanced_accuracy  # noqa: F401  (re-exported to the heads)
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
@@ -26,18 +31,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     np.exp(z, out=z)
     z /= z.sum(axis=1, keepdims=True)
     return z
-
-
-def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean recall over the classes present in `y_true`, as `sklearn.metrics.
-    balanced_accuracy_score` defines it; a few times faster, which matters inside the
-    per-epoch early-stopping check and the hyper-parameter grids."""
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
-    classes, inverse, counts = np.unique(y_true, return_inverse=True, return_counts=True)
-    correct = (y_true == y_pred).astype(np.float64)
-    hits = np.bincount(inverse, weights=correct, minlength=classes.size)
-    return float(np.mean(hits / counts))
 
 
 def class_counts(y: np.ndarray, n_classes: int) -> np.ndarray:
