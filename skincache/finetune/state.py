@@ -1,4 +1,5 @@
-"""Fine-tuning state that outlives a process: checkpoints, JSON files, and the DDP context.
+"""Fine-tuning state that outlives a process: checkpoints, the loop's `TrainState`, disk errors
+of the run folder's writes, and the DDP context.
 
 Checkpoints are plain `torch.save` dicts of tensors, numbers, strings, lists and dicts, so
 `torch.load(..., weights_only=True)` reads them (nothing is unpickled); RNG states are stored as
