@@ -671,7 +671,14 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_resumes(demo_roo
     res = run_finetune(FinetuneConfig(resume=str(run), device="cpu", workers=0),
                        progress=False)
     assert res.resumed and [r["epoch"] for r in res.history] == [1, 2]
-    assert st.load_checkpoint(run / "last.pt")["epoch"] == 2
+    last = st.load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 2 and last["best"] == {"epoch": res.best_epoch,
+                                                   "score": res.best_val_balanced_accuracy}
+    # the keys of format version 1, as written before TrainState: old runs still resume
+    assert set(last) == {"format", "format_version", "kind", "epoch", "classes", "model",
+                         "state_dict", "head", "val_balanced_accuracy", "optimizer",
+                         "scheduler", "scaler", "rng", "history", "best", "since_best",
+                         "stopped", "init_val", "world_size", "config"}
 
 
 def test_a_file_size_limit_is_one_error_line_and_the_run_resumes(demo_root, tmp_path):
