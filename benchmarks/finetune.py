@@ -35,7 +35,14 @@ from rich.table import Table
 
 from skincache.data import load_dataset, make_demo_dataset
 from skincache.device import autocast_dtype, resolve_device, resolve_precision
-from skincache.finetune import SETUPS, ClipClassifier, FinetuneConfig, random_head, run_finetune
+from skincache.finetune import (
+    SETUPS,
+    ClipClassifier,
+    FinetuneConfig,
+    FinetuneResult,
+    random_head,
+    run_finetune,
+)
 from skincache.models import TINY_MODEL, ModelSpec, load_model
 
 PAPER_TRAIN, PAPER_VAL, PAPER_EPOCHS = 9577, 2492, 20
@@ -45,10 +52,13 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def bare_step_rate(model_name: str, pretrained: str | None, device: torch.device,
-                   precision: str, batch_size: int, steps: int) -> float:
-    """Images/s of forward + backward + AdamW on random tensors already on the device."""
+                   precision: str, batch_size: int, steps: int, *, repeats: int = 3,
+                   warmup: int | None = None) -> float:
+    """Images/s of forward + backward + AdamW on random tensors already on the device, the
+    best of `repeats` timings (a shared machine only ever makes a run slower). Also step 5
+    of benchmarks/gpu_check.py."""
     loaded = load_model(ModelSpec(model_name, pretrained), "cpu")
-    w, b = random_head(7, loaded.embed_dim, 0)
+    w, b = random_head(7, loaded.embed_dim, 0)  # the model `skincache finetune` trains
     model = ClipClassifier(loaded.model.visual, w, b, loaded.logit_scale).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=device.type == "cuda" or None)
     h, w_ = loaded.preprocess.size
@@ -63,10 +73,10 @@ def bare_step_rate(model_name: str, pretrained: str | None, device: torch.device
         loss.backward()
         opt.step()
 
-    for _ in range(max(10, steps // 5)):
+    for _ in range(max(10, steps // 5) if warmup is None else warmup):
         step()
     best = float("inf")
-    for _ in range(3):  # best of 3: a shared machine only ever makes a run slower
+    for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -78,12 +88,23 @@ def bare_step_rate(model_name: str, pretrained: str | None, device: torch.device
     return steps * batch_size / best
 
 
-def projected_seconds(row: dict) -> float:
+def run_rates(res: FinetuneResult, n_val: int, n_all: int) -> dict[str, float]:
+    """A finished run's speeds: training images/s (epoch 1 pays warm-up, so the best epoch
+    after it: a shared machine only ever makes an epoch slower), evaluation images/s, seconds
+    per checkpoint save, decode images/s."""
+    steady = res.history[1:] or res.history
+    evals = [r["eval_seconds"] for r in res.history]
+    return {"train_img_per_s": max(r["train_images_per_s"] for r in steady),
+            "eval_img_per_s": n_val / (sum(evals) / len(evals)) if n_val else float("nan"),
+            "save_s_per_epoch": res.timings.get("save_s", 0.0) / len(res.history),
+            "decode_img_per_s": n_all / res.timings["decode_s"]}
+
+
+def projected_seconds(decode_rate: float, train_rate: float, eval_rate: float,
+                      save_s: float) -> float:
     """The paper's base run: decode once, 20 x (train 9,577 + validate 2,492 + save)."""
-    decode = (PAPER_TRAIN + PAPER_VAL) / row["decode_img_per_s"]
-    epoch = (PAPER_TRAIN / row["train_img_per_s"] + PAPER_VAL / row["eval_img_per_s"]
-             + row["save_s_per_epoch"])
-    return decode + PAPER_EPOCHS * epoch
+    return ((PAPER_TRAIN + PAPER_VAL) / decode_rate
+            + PAPER_EPOCHS * (PAPER_TRAIN / train_rate + PAPER_VAL / eval_rate + save_s))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,24 +143,17 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = run_finetune(cfg, progress=False)
             wall = time.perf_counter() - t0
-            # epoch 1 pays warm-up (allocator, thread pools); of the others the best, as for
-            # the bare step: a shared machine only ever makes an epoch slower
-            steady = res.history[1:] or res.history
-            steady_rate = max(r["train_images_per_s"] for r in steady)
-            n_val = sizes.get("val", 0)
-            evals = [r["eval_seconds"] for r in res.history]
+            rates = run_rates(res, sizes.get("val", 0), sum(sizes.values()))
             row = {
-                "setup": setup, "wall_s": wall, "epochs": len(res.history),
-                "train_img_per_s": steady_rate,
+                "setup": setup, "wall_s": wall, "epochs": len(res.history), **rates,
                 "train_img_per_s_all_epochs": res.timings["train_images_per_s"],
                 "bare_step_img_per_s": bare,
-                "pipeline_efficiency": steady_rate / bare,
-                "eval_img_per_s": n_val / (sum(evals) / len(evals)) if n_val else float("nan"),
-                "save_s_per_epoch": res.timings["save_s"] / len(res.history),
-                "decode_img_per_s": sum(sizes.values()) / res.timings["decode_s"],
+                "pipeline_efficiency": rates["train_img_per_s"] / bare,
                 "val_balanced_accuracy": res.best_val_balanced_accuracy,
             }
-            row["projected_paper_base_s"] = projected_seconds(row)
+            row["projected_paper_base_s"] = projected_seconds(
+                rates["decode_img_per_s"], rates["train_img_per_s"], rates["eval_img_per_s"],
+                rates["save_s_per_epoch"])
             rows.append(row)
         # again at the end (best of both): on a shared CPU the first timing in a process is
         # sometimes several times slower than the same loop a minute later

@@ -63,7 +63,6 @@ import numpy as np
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -82,7 +81,6 @@ from skincache import (  # noqa: E402
 )
 from skincache.data import HAM10000_CLASSES, synthetic_features  # noqa: E402
 from skincache.device import autocast_dtype, resolve_device, resolve_precision  # noqa: E402
-from skincache.finetune import ClipClassifier, random_head  # noqa: E402
 from skincache.loaders import cpu_batches, tensor_batches  # noqa: E402
 from skincache.models import TINY_MODEL, PreprocessSpec  # noqa: E402
 from skincache.views import Normalizer, ViewMaker  # noqa: E402
@@ -92,7 +90,6 @@ TARGETS = {"k0_img_s": 8000.0, "k4_img_s": 5000.0, "ratio": 3.0, "finetune_min":
            "cosine": 0.99, "pixel_mad": 8.0}
 #: what the README asks of the heads on a 2-core CPU (benchmarks/heads_fit.py)
 HEAD_TARGETS_S = {"logreg": 10.0, "linear": 2.0, "mlp": 2.0}
-PAPER_TRAIN, PAPER_VAL, PAPER_EPOCHS = 9577, 2492, 20
 
 #: sizes: the GPU run and the CI-sized CPU run (--quick)
 FULL = {"n_images": 20000, "shards": 16, "batch": 256, "real_n": 0, "views_real": 1,
@@ -674,51 +671,19 @@ def step_precision(chk: Check, state: dict) -> None:
 # --------------------------------------------------------------------------- step 5: fine-tune
 
 
-def bare_step_rate(chk: Check, batch_size: int, steps: int) -> float:
-    """Images/s of forward + backward + AdamW on random tensors already on the device."""
-    dev = chk.device
-    loaded = load_model(ModelSpec(chk.args.model, None), "cpu")
-    w, b = random_head(7, loaded.embed_dim, 0)  # the model `skincache finetune` trains
-    model = ClipClassifier(loaded.model.visual, w, b, loaded.logit_scale)
-    model = model.to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=dev.type == "cuda" or None)
-    x = torch.randn(batch_size, 3, *loaded.preprocess.size, device=dev)
-    y = torch.randint(0, 7, (batch_size,), device=dev)
-    dtype = autocast_dtype(resolve_precision("auto", dev))
-
-    def step() -> None:
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(max(3, steps // 5)):
-        step()
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(dev)
-    return steps * batch_size / (time.perf_counter() - t0)
-
-
-def projected_seconds(decode_rate: float, train_rate: float, eval_rate: float,
-                      save_s: float) -> float:
-    """The paper's base run: decode once, 20 x (train 9,577 + validate 2,492 + save)."""
-    return ((PAPER_TRAIN + PAPER_VAL) / decode_rate
-            + PAPER_EPOCHS * (PAPER_TRAIN / train_rate + PAPER_VAL / eval_rate + save_s))
-
-
 def step_finetune(chk: Check, state: dict) -> None:
-    sz, args = chk.sizes, chk.args
+    # benchmarks/finetune.py (this script's folder is on sys.path): the same measures
+    from finetune import bare_step_rate, projected_seconds, run_rates
+
+    sz, args, dev = chk.sizes, chk.args, chk.device
     data = str(synthetic(state, "shard0"))
     ds = load_dataset(data)
     n_val = len(ds.split_records("val"))
     n_all = len(ds.records)
     for bs in sz["ft_batches"]:
         chk.need(10 if not args.quick else 0, f"step 5, bare step at batch {bs}")
-        bare = bare_step_rate(chk, bs, sz["bare_steps"])
+        bare = bare_step_rate(args.model, None, dev, resolve_precision("auto", dev), bs,
+                              sz["bare_steps"], repeats=1, warmup=max(3, sz["bare_steps"] // 5))
         chk.row(5, f"batch {bs}: bare training step img/s (no data pipeline)", f"{bare:,.0f}",
                 batch_size=bs, bare_step_img_per_s=bare)
     for bs in sz["ft_batches"]:
@@ -731,12 +696,9 @@ def step_finetune(chk: Check, state: dict) -> None:
         res = run_finetune(cfg, progress=False)
         wall = time.perf_counter() - t0
         run = json.loads((res.run_dir / "run.json").read_text())
-        steady = res.history[1:] or res.history
-        train_rate = max(r["train_images_per_s"] for r in steady)
-        evals = [r["eval_seconds"] for r in res.history]
-        eval_rate = n_val / (sum(evals) / len(evals)) if n_val else float("nan")
-        save_s = res.timings.get("save_s", 0.0) / len(res.history)
-        decode_rate = n_all / res.timings["decode_s"]
+        rates = run_rates(res, n_val, n_all)
+        train_rate, eval_rate = rates["train_img_per_s"], rates["eval_img_per_s"]
+        save_s, decode_rate = rates["save_s_per_epoch"], rates["decode_img_per_s"]
         proj = projected_seconds(decode_rate, train_rate, eval_rate, save_s)
         epochs = ", ".join(f"{r['train_images_per_s']:,.0f}" for r in res.history)
         chk.row(5, f"batch {bs}: run_finetune base, {len(res.history)} epochs on "

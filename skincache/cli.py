@@ -562,6 +562,7 @@ def bench_heads_cmd(
 
 @app.command()
 def finetune(
+    ctx: typer.Context,
     data: Annotated[str | None, typer.Option(help="Dataset (as for encode); not needed with "
                                                   "--resume.")] = None,
     setup: Annotated[str, typer.Option(help="base, regularization or augmented (the reference "
@@ -628,24 +629,16 @@ def finetune(
             raise UsageError(f"--resume {resume}: not a run folder (no run.json there)")
         set_interrupt_hint("nothing was saved yet: run the same command again")
         # torch and open_clip load from here on: every cheap check is done
-        from skincache.finetune import FinetuneConfig, run_finetune
+        from skincache.finetune import run_finetune
+        from skincache.finetune.config import config_from_cli
         from skincache.models import resolve_pretrained
 
         ckpt = str(checkpoint) if checkpoint else None
-        config = FinetuneConfig.from_setup(
-            setup, data=data or "", test_data=test_data, model=model,
-            pretrained=None if resume else resolve_pretrained(model, pretrained, ckpt),
-            limit=limit,
-            checkpoint=ckpt, epochs=epochs,
-            batch_size=batch_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay,
-            warmup_ratio=warmup_ratio, schedule=schedule, layer_decay=layer_decay,
-            grad_clip=grad_clip, label_smoothing=label_smoothing, balance=balance,
-            head_init=head_init, template_set=templates, wise=wise, wise_sweep=wise_sweep,
-            patience=patience, seed=seed, device=device, precision=precision,
-            split_ratios=_ratios(split_ratios) if split_ratios else None, split_seed=split_seed,
-            runs_dir=str(runs_dir), name=name, resume=str(resume) if resume else None,
-            workers=workers, image_store=image_store, n_bootstrap=bootstrap,
-            plots=not no_plots)
+        # every other option passes through by name (checked against FinetuneConfig)
+        config = config_from_cli({
+            **ctx.params, "data": data or "",
+            "pretrained": None if resume else resolve_pretrained(model, pretrained, ckpt),
+            "split_ratios": _ratios(split_ratios) if split_ratios else None})
         result = run_finetune(config, progress=not quiet)
     if result.is_main:
         _render.finetune_result(result)

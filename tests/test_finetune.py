@@ -565,3 +565,145 @@ def test_early_stopping_and_run_names(demo_root, tmp_path):
     with pytest.raises(ValueError, match="not a skincache fine-tuning checkpoint"):
         torch.save({"state_dict": {}}, tmp_path / "x.pt")
         st.load_checkpoint(tmp_path / "x.pt")
+
+
+# ----------------------------------------------------------------------------- options once
+
+
+def test_cli_options_and_the_config_agree_and_a_mismatch_is_named():
+    import dataclasses
+    import inspect
+
+    from skincache import cli
+    from skincache.finetune.config import cli_mismatch, config_from_cli
+
+    fields = [f.name for f in dataclasses.fields(FinetuneConfig)]
+    params = [p for p in inspect.signature(cli.finetune).parameters if p != "ctx"]
+    assert cli_mismatch(fields, params) == []
+    # a field added without a flag, a flag without a field, a stale table entry: each named
+    assert "'new_knob'" in " ".join(cli_mismatch(fields + ["new_knob"], params))
+    assert "'extra_flag'" in " ".join(cli_mismatch(fields, params + ["extra_flag"]))
+    bad = cli_mismatch([f for f in fields if f != "eval_batch_size"], params)
+    assert bad and "NO_CLI_FLAG lists 'eval_batch_size'" in bad[0]
+    with pytest.raises(RuntimeError, match="extra_flag"):
+        config_from_cli({p: None for p in params} | {"extra_flag": 1})
+    # None means the setup's value; names differing from the field are mapped
+    values = {p: None for p in params} | {"setup": "augmented", "data": "d", "no_plots": True,
+                                          "wise_sweep": False, "templates": "clip",
+                                          "bootstrap": 7, "runs_dir": Path("r")}
+    cfg = config_from_cli(values)
+    assert (cfg.augment, cfg.plots, cfg.template_set, cfg.n_bootstrap, cfg.runs_dir,
+            cfg.epochs) == (True, False, "clip", 7, "r", 20)
+
+
+# ----------------------------------------------------------------------------- train state
+
+
+def test_train_state_observes_epochs_and_round_trips_the_checkpoint_format():
+    ts = st.TrainState()
+    assert ts.observe({"epoch": 1, "val_balanced_accuracy": 0.5}, patience=2)
+    assert not ts.observe({"epoch": 2, "val_balanced_accuracy": 0.5}, patience=2)  # not >
+    assert not ts.stopped
+    assert not ts.observe({"epoch": 3, "val_balanced_accuracy": 0.4}, patience=2)
+    assert ts.stopped and (ts.best_epoch, ts.best_score, ts.since_best, ts.epoch) == (1, 0.5, 2, 3)
+    # without a val split every epoch is the best and patience never stops the run
+    free = st.TrainState()
+    assert all(free.observe({"epoch": e}, patience=1) for e in (1, 2, 3)) and not free.stopped
+    # a last.pt as written before TrainState existed (format version 1) reads back
+    old = {"epoch": 3, "history": [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}],
+           "best": {"epoch": 1, "score": 0.5}, "since_best": 2, "stopped": True,
+           "init_val": {"balanced_accuracy": 0.25}}
+    back = st.TrainState.from_checkpoint(old)
+    assert back.to_checkpoint() == old
+    assert (back.best_epoch, back.epoch, back.stopped, back.init_val) == (
+        1, 3, True, {"balanced_accuracy": 0.25})
+
+
+# ----------------------------------------------------------------------------- full disk
+
+
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_resumes(demo_root, tmp_path,
+                                                                        monkeypatch):
+    """ENOSPC from the file under torch's zip writer (which would say "unexpected pos"): one
+    DiskError line, the previous last.pt still loads, no temp file, and --resume finishes."""
+    import errno
+
+    import skincache._io as sio
+    from skincache.errors import DiskError
+
+    real_open, opened = open, []
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def full_on_second_last(path, mode="r", *a, **kw):
+        fh = real_open(path, mode, *a, **kw)
+        if Path(path).name == "last.pt.tmp":
+            opened.append(path)
+            if len(opened) == 2:  # epoch 2's last.pt
+                return Full(fh)
+        return fh
+
+    monkeypatch.setattr(sio, "open", full_on_second_last, raising=False)
+    cfg = _cfg(demo_root, tmp_path, epochs=2, name="full")
+    with pytest.raises(DiskError) as info:
+        run_finetune(cfg, progress=False)
+    msg = str(info.value)
+    assert msg.startswith("disk full writing") and "last.pt.tmp" in msg
+    assert f"--resume {tmp_path / 'full'}" in msg and "\n" not in msg
+    run = tmp_path / "full"
+    assert st.load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert not list(run.glob("*.tmp"))
+    monkeypatch.undo()
+    res = run_finetune(FinetuneConfig(resume=str(run), device="cpu", workers=0),
+                       progress=False)
+    assert res.resumed and [r["epoch"] for r in res.history] == [1, 2]
+    last = st.load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 2 and last["best"] == {"epoch": res.best_epoch,
+                                                   "score": res.best_val_balanced_accuracy}
+    # the keys of format version 1, as written before TrainState: old runs still resume
+    assert set(last) == {"format", "format_version", "kind", "epoch", "classes", "model",
+                         "state_dict", "head", "val_balanced_accuracy", "optimizer",
+                         "scheduler", "scaler", "rng", "history", "best", "since_best",
+                         "stopped", "init_val", "world_size", "config"}
+
+
+def test_a_file_size_limit_is_one_error_line_and_the_run_resumes(demo_root, tmp_path):
+    """`ulimit -f 5000` (checkpoints of the tiny model are bigger): exit 1, one `error:`
+    line, no traceback, no temp file left, and the run continues once the limit is lifted."""
+    import resource
+
+    limit = 5000 * 1024
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    run = tmp_path / "capped"
+    args = [sys.executable, "-m", "skincache.cli", "finetune", "--data", str(demo_root),
+            "--model", TINY_MODEL, "--pretrained", "", "--epochs", "1", "--batch-size", "8",
+            "--device", "cpu", "--workers", "0", "--bootstrap", "0", "--no-plots", "--quiet",
+            "--runs-dir", str(tmp_path), "--name", "capped"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, preexec_fn=cap,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and err.count("error:") == 1
+    assert "file size limit reached" in err and "--resume" in err
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    assert not list(run.glob("*.tmp")) and not list(run.glob("*.pt"))
+    res = run_finetune(FinetuneConfig(resume=str(run), device="cpu", workers=0),
+                       progress=False)
+    assert [r["epoch"] for r in res.history] == [1] and (run / "best.pt").is_file()

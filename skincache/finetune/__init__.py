@@ -20,7 +20,8 @@ The package, bottom to top (each module imports only those before it):
 `config` (setups, FinetuneConfig, FinetuneResult) · `state` (checkpoints, DistContext, RNG) ·
 `images` (decode-once image store, per-epoch crops) · `model` (classifier, head init,
 optimiser groups, schedule, WiSE-FT) · `report` (run.json, metrics, plots; a finished run read
-back) · `loop` (FinetuneRun: the epoch loop) · `run` (`run_finetune`: entry, resume, torchrun).
+back) · `loop` (builders that return values, then FinetuneRun: the epoch loop over a
+`state.TrainState`) · `run` (`run_finetune`: entry, resume, torchrun).
 This module is the public API: the names below.
 """
 

@@ -6,6 +6,7 @@ module of the package may import this one.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,16 @@ SETUPS: dict[str, dict[str, Any]] = {
 RESUME_MUTABLE = ("device", "workers", "eval_batch_size", "image_store", "resume")
 
 _STORES = ("auto", "memory", "stream")
+
+#: `skincache finetune` parameters named otherwise than the field they set (`--templates` sets
+#: `template_set`; `--no-plots` sets `plots` to False). Every other field is set by the CLI
+#: parameter of its own name (`--head-lr` for `head_lr`).
+CLI_NAMES = {"template_set": "templates", "n_bootstrap": "bootstrap", "plots": "no_plots"}
+#: Fields without a `skincache finetune` flag: set from Python (benchmarks, notebooks) only.
+NO_CLI_FLAG = frozenset({"augment", "eval_batch_size", "aug_resize", "aug_crop", "aug_hflip",
+                         "deterministic"})
+#: `skincache finetune` parameters that are no field (how the command prints, not what runs).
+CLI_ONLY = frozenset({"quiet"})
 
 
 @dataclass
@@ -145,6 +156,38 @@ class FinetuneConfig:
     @property
     def effective_head_lr(self) -> float:
         return self.lr if self.head_lr is None else self.head_lr
+
+
+def cli_mismatch(fields: Iterable[str], params: Iterable[str]) -> list[str]:
+    """What keeps the config's `fields` and the CLI's `params` from matching one to one
+    (through CLI_NAMES, NO_CLI_FLAG and CLI_ONLY); empty when they agree. The option lists
+    are declared once, in the dataclass: a field added without a flag (or a flag without a
+    field, or a stale entry in these tables) is named here, and `config_from_cli` refuses."""
+    fields, params = set(fields), set(params)
+    wanted = {CLI_NAMES.get(f, f) for f in fields - NO_CLI_FLAG} | CLI_ONLY
+    out = [f"field {f!r} has no CLI parameter {CLI_NAMES.get(f, f)!r} (add the option, or "
+           "list the field in NO_CLI_FLAG)" for f in sorted(fields - NO_CLI_FLAG)
+           if CLI_NAMES.get(f, f) not in params]
+    out += [f"CLI parameter {p!r} sets no field (add the field, map it in CLI_NAMES, or list "
+            "it in CLI_ONLY)" for p in sorted(params - wanted)]
+    out += [f"{t} lists {n!r}, which is no field" for t, names in
+            (("NO_CLI_FLAG", NO_CLI_FLAG), ("CLI_NAMES", set(CLI_NAMES))) for n in sorted(names)
+            if n not in fields]
+    return out
+
+
+def config_from_cli(params: dict[str, Any]) -> FinetuneConfig:
+    """The config of `skincache finetune`'s parsed parameters (by name, as click hands them
+    over: paths already made strings where a field is a string): each field from its
+    parameter, None meaning the setup's default (`FinetuneConfig.from_setup`)."""
+    names = [f.name for f in dataclasses.fields(FinetuneConfig)]
+    problems = cli_mismatch(names, params)
+    if problems:  # a programming error, caught by the test suite before any user sees it
+        raise RuntimeError("finetune options out of step: " + "; ".join(problems))
+    kw = {f: params[CLI_NAMES.get(f, f)] for f in names if f not in NO_CLI_FLAG}
+    kw["plots"] = not kw["plots"]  # the flag is --no-plots
+    kw = {k: str(v) if isinstance(v, Path) else v for k, v in kw.items()}
+    return FinetuneConfig.from_setup(kw.pop("setup"), **kw)
 
 
 @dataclass
