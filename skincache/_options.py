@@ -64,6 +64,13 @@ def check_model(name: str) -> None:
                      "or give an hf-hub:org/repo id")
 
 
+def check_templates(template_set: str) -> None:
+    """`--templates`: one of the shipped prompt sets, or 'all'."""
+    from skincache.prompts import ALL_TEMPLATES, TEMPLATE_SETS
+
+    check_choice("--templates", template_set, (ALL_TEMPLATES, *sorted(TEMPLATE_SETS)))
+
+
 _resume_hint = ""
 
 
@@ -75,6 +82,7 @@ def set_interrupt_hint(text: str) -> None:
 
 
 def interrupt_hint() -> str:
-    """How to go on after Ctrl-C; encode resumes from its last committed chunk when the same
-    command runs again, and nothing else writes anything a rerun cannot redo."""
+    """How to go on after Ctrl-C. encode resumes from its last committed chunk when the same
+    command runs again (the default); finetune names `--resume RUN`, bench-heads the command
+    with its --out-dir, fit-head says that nothing resumes (each sets its own hint)."""
     return _resume_hint or "run the same command again to resume"
