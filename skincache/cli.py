@@ -462,11 +462,12 @@ def evaluate(
         from skincache.runs import evaluate
 
         ev = evaluate(run, split, cache=cache, n_bootstrap=bootstrap, tta=tta)
-    with_tta = " (TTA)" if ev.report.get("posthoc", {}).get("tta") else ""
-    wanted = tta if tta is not None else _run_config(run).get("tta")
-    if wanted and not with_tta:
-        _warn_no_views(True, 0)
-    _render.metrics_table({ev.name: ev.report}, f"{run} on {ev.name}{with_tta}")
+    config = _run_config(run)
+    used_tta = bool(ev.report.get("posthoc", {}).get("tta"))
+    if (tta if tta is not None else config.get("tta")) and not used_tta:
+        _warn_no_views(True, 0)  # asked for (or fit with) TTA, scored without: no views
+    _render.metrics_table({ev.name: ev.report},
+                          f"{run} on {ev.name}{_setting(used_tta, config.get('shots'))}")
     _render.per_class_table(ev.report, f"per class ({ev.name})")
     _warn_meaningless(ev.cache_attrs, {ev.name: ev.report}, "the head",
                       "fit another head (skincache fit-head)")
@@ -618,10 +619,10 @@ def _bench_command(cache: Path, seeds: int, variants: str | None, split: str | N
 
 
 def _setting(tta: bool, shots) -> str:
-    """What a table's numbers were computed with, for its title: " (TTA, 16 shots)"."""
+    """What a table's numbers were computed with, for its title: " (TTA, shots 16)"."""
     parts = ["TTA"] * bool(tta)
     if shots:
-        parts.append(f"{shots if isinstance(shots, int) else ','.join(map(str, shots))} shots")
+        parts.append(f"shots {shots if isinstance(shots, int) else ','.join(map(str, shots))}")
     return f" ({', '.join(parts)})" if parts else ""
 
 
