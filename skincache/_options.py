@@ -82,7 +82,8 @@ def set_interrupt_hint(text: str) -> None:
 
 
 def interrupt_hint() -> str:
-    """How to go on after Ctrl-C. encode resumes from its last committed chunk when the same
-    command runs again (the default); finetune names `--resume RUN`, bench-heads the command
-    with its --out-dir, fit-head says that nothing resumes (each sets its own hint)."""
-    return _resume_hint or "run the same command again to resume"
+    """How to go on after Ctrl-C. Each command that can resume sets its own hint: encode and
+    demo (the rerun resumes from the last committed chunk), finetune (`--resume RUN`),
+    bench-heads (the command with its --out-dir), fit-head (nothing resumes). The default is
+    for the rest (info, audit, evaluate, predict...), which keep nothing half-done."""
+    return _resume_hint or "run the same command again (it starts from the beginning)"

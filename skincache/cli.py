@@ -94,6 +94,10 @@ Limit = Annotated[int | None, typer.Option(help="Quick trial on about N images: 
                                                 "class-stratified, lesion-grouped subset.")]
 
 
+#: The Ctrl-C hint of the commands that encode: their chunks are kept, the rerun resumes.
+RESUMES = "run the same command again to resume"
+
+
 def _check_min(option: str, value: int | None, low: int) -> None:
     if value is not None and value < low:
         raise UsageError(f"{option} {value}: must be >= {low}")
@@ -161,6 +165,7 @@ def encode(
     from skincache._options import check_choice, check_device, check_model
     from skincache.data import limit_dataset, load_dataset
 
+    set_interrupt_hint(RESUMES)
     with _clear_errors():
         check_device(device)
         check_model(model)
@@ -203,6 +208,7 @@ def demo(
     from skincache.cache import FeatureCache
     from skincache.demo import run_demo
 
+    set_interrupt_hint(RESUMES)  # the demo's encode resumes like any
     with _clear_errors():
         result = run_demo(cache_dir, n_images=n_images, seed=seed, views=views,
                           data_dir=data_dir, progress=not quiet)

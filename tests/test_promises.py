@@ -271,3 +271,10 @@ def test_ci_over_seeds_is_students_t(n):
     assert bench.ci95_half_width(x.std(), n) == pytest.approx((hi - lo) / 2)
     assert bench.ci95_half_width(x.std(), n) > 1.96 * x.std(ddof=1) / np.sqrt(n)
     assert bench.ci95_half_width(0.1, 1) == 0
+
+
+def test_ctrl_c_of_a_command_that_keeps_nothing_does_not_promise_a_resume(
+        demo_cache, monkeypatch, capsys):
+    err = _interrupt(monkeypatch, capsys, "skincache.cache.FeatureCache.open",
+                     ["info", str(demo_cache)])
+    assert "to resume" not in err and "run the same command again" in err
