@@ -74,6 +74,12 @@ def _interval() -> float:
         return 5.0
 
 
+def _plain() -> bool:
+    """Plain lines rather than a live bar: output to a file, a pipe or a CI log (a notebook
+    keeps rich's live display)."""
+    return not (console.is_terminal or console.is_jupyter)
+
+
 def _duration(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else (
@@ -130,7 +136,7 @@ def progress_bar(total: int, description: str, *, unit: str = "img",
     if not enabled:
         yield lambda n=1: None
         return
-    if not console.is_terminal:
+    if _plain():
         plain = PlainProgress(total, description, unit)
         yield plain.advance
         plain.show()
@@ -154,7 +160,7 @@ def head_progress(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    if not console.is_terminal:
+    if _plain():
         plains: dict[str, PlainProgress] = {}
 
         def plain_hook(task: str, done: int, total: int, note: str) -> None:
