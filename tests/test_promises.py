@@ -278,3 +278,10 @@ def test_ctrl_c_of_a_command_that_keeps_nothing_does_not_promise_a_resume(
     err = _interrupt(monkeypatch, capsys, "skincache.cache.FeatureCache.open",
                      ["info", str(demo_cache)])
     assert "to resume" not in err and "run the same command again" in err
+
+
+def test_bench_variants_name_registered_heads_and_their_parameters():
+    from skincache._head_params import head_params
+
+    for variant, head, params in bench.VARIANTS:
+        assert set(params) <= {p.name for p in head_params()[head]}, variant
