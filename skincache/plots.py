@@ -422,7 +422,9 @@ def plot_shots(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], 
         half = 100 * ci95_half_width([p[2] for p in pts], [p[3] for p in pts])
         line = ax.plot(k, m, marker="o", label=v, color=colours[i],
                        linestyle=styles[(i // 20) % len(styles)])[0]
-        ax.fill_between(k, m - half, m + half, color=line.get_color(), alpha=0.15)
+        # a t interval over 2 seeds is wide: drawn within the scale's 0-100%
+        ax.fill_between(k, np.clip(m - half, 0, 100), np.clip(m + half, 0, 100),
+                        color=line.get_color(), alpha=0.15)
     ax.set_xscale("log", base=2)
     ks = sorted({r["shots"] for r in rows if r.get("shots") is not None})
     ax.set_xticks(ks, [str(k) for k in ks])
