@@ -64,6 +64,13 @@ def check_model(name: str) -> None:
                      "or give an hf-hub:org/repo id")
 
 
+def check_templates(template_set: str) -> None:
+    """`--templates`: one of the shipped prompt sets, or 'all'."""
+    from skincache.prompts import ALL_TEMPLATES, TEMPLATE_SETS
+
+    check_choice("--templates", template_set, (ALL_TEMPLATES, *sorted(TEMPLATE_SETS)))
+
+
 _resume_hint = ""
 
 
@@ -75,6 +82,8 @@ def set_interrupt_hint(text: str) -> None:
 
 
 def interrupt_hint() -> str:
-    """How to go on after Ctrl-C; encode resumes from its last committed chunk when the same
-    command runs again, and nothing else writes anything a rerun cannot redo."""
-    return _resume_hint or "run the same command again to resume"
+    """How to go on after Ctrl-C. Each command that can resume sets its own hint: encode and
+    demo (the rerun resumes from the last committed chunk), finetune (`--resume RUN`),
+    bench-heads (the command with its --out-dir), fit-head (nothing resumes). The default is
+    for the rest (info, audit, evaluate, predict...), which keep nothing half-done."""
+    return _resume_hint or "run the same command again (it starts from the beginning)"

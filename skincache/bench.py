@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from skincache._io import atomic_write_text, now_iso, write_json
-from skincache.cache import FeatureCache
-from skincache.errors import UsageError
-from skincache.heads import get_head_class
-from skincache.heads.base import tta_mean
-from skincache.metrics import PRIMARY, classification_report, get_metric, metrics, table_metrics
-from skincache.runs import ALL_TEMPLATES, fit_inputs, is_seeded, make_head
+from skincache._head_params import is_seeded
+from skincache._io import atomic_write_text, now_iso, read_json_file, write_json
+from skincache.errors import InputFileError, UsageError
+from skincache.metrics import PRIMARY, get_metric, metrics, table_metrics
+from skincache.prompts import ALL_TEMPLATES
+
+if TYPE_CHECKING:
+    from skincache.cache import FeatureCache
+
+# torch loads with the heads: `check_variants`, `n_fits` and `check_out_dir` run without it,
+# so the CLI refuses a typo before that (cache and heads are imported inside `bench_heads`)
 
 #: (variant name, head name, params): every head plus the variants worth comparing.
 #: Defaults are balanced-accuracy-first (logit adjustment chosen on val); "-plain" variants
@@ -54,11 +60,32 @@ def _aggregated() -> tuple[str, ...]:
     return (*(m.name for m in metrics()), VAL_KEY, "fit_seconds")
 
 
+#: What a per-run JSON must hold, equal, to be reused by a rerun into the same --out-dir.
+RUN_KEY = ("variant", "head", "params", "seed", "shots", "split", "cache_key", "template_set")
+
+
 @dataclass
 class BenchResult:
     out_dir: Path
     rows: list[dict]  # aggregate, one per variant
     runs: list[dict]  # one per (variant, seed)
+    reused: int = 0  # fits whose per-run JSON a rerun into the same out_dir found and kept
+    n_views: int = 0  # augmented views per image in the cache (0: --tta had nothing to add)
+
+
+def default_out_dir() -> Path:
+    """runs/bench-<time>: where a bench goes unless told (the CLI names it in its Ctrl-C
+    hint, so the rerun resumes into the same folder)."""
+    return Path("runs") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """`out_dir` as a Path; UsageError when it names something other than a folder."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {out}: not a folder (a file is there); give a folder, "
+                         "new or one an earlier bench-heads wrote (its finished runs are kept)")
+    return out
 
 
 def bench_heads(
@@ -78,6 +105,9 @@ def bench_heads(
     results.md. `shots`: repeat for K training images per class, each seed drawing its own
     subset (so every head runs `seeds` times) and plot balanced accuracy against K. `tta`:
     also score each fit with test-time augmentation (rows `<variant>+tta`, no extra fit)."""
+    from skincache.cache import FeatureCache
+    from skincache.runs import fit_inputs
+
     chosen = check_variants(variants)
     fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
     split = eval_split or ("test" if "test" in fc.splits else "val")
@@ -86,53 +116,111 @@ def bench_heads(
     evald, val = fc.split(split), fc.splits.get("val")
     full = fit_inputs(fc, template_set=template_set)
     if full["text"] is None:
+        from skincache.heads import get_head_class
+
         chosen = [v for v in chosen if not get_head_class(v[1]).needs_text]
-    out = Path(out_dir or Path("runs") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    out = check_out_dir(out_dir or default_out_dir())
+    plan = _plan(chosen, seeds, shots, tta,
+                 {"split": split, "cache_key": fc.key, "template_set": template_set}, out)
+    found = [_finished_runs(paths, names, key) for key, names, paths in plan]  # refuse first
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "results.json").unlink(missing_ok=True)  # the tables' commit mark: written last
     runs: list[dict] = []
+    for (key, names, paths), done in zip(plan, found, strict=True):
+        if done is None:
+            done = _fit_and_score(fc, evald, val, full, key, names, tta)
+            for path, run in zip(paths, done, strict=True):
+                write_json(path, run)
+        runs += done
+        if progress:
+            progress(1)
+    rows = aggregate(runs)
+    _write_tables(out, rows, fc, split, shots_title=bool(shots), tta=tta)
+    reused = sum(done is not None for done in found)
+    return BenchResult(out, rows, runs, reused, evald.n_views)
+
+
+def _plan(chosen: list, seeds: int, shots: list[int] | None, tta: bool, common: dict,
+          out: Path) -> list[tuple[dict, list[str], list[Path]]]:
+    """One (run key, run names, per-run JSON paths) per fit, in the order they run."""
+    plan = []
     for k in shots or [None]:
         for variant, head_name, params in chosen:
             n_seeds = seeds if (k is not None or is_seeded(head_name)) else 1
             for seed in range(n_seeds):
-                inputs = full if k is None else fit_inputs(fc, template_set=template_set,
-                                                           shots=k, seed=seed)
-                head = make_head(head_name, params, seed)
-                t0 = time.perf_counter()
-                head.fit(**inputs)
-                fit_s = time.perf_counter() - t0
-                probas = {"eval": _split_probas(head, evald, tta)}
-                if val is not None:  # scored on val already when there is no test split
-                    probas["val"] = (probas["eval"] if val is evald
-                                     else _split_probas(head, val, tta))
-                for with_tta in (False, True) if tta else (False,):
-                    report = classification_report(evald.labels, probas["eval"][with_tta],
-                                                   fc.classes, n_bootstrap=0)
-                    val_score = (get_metric(PRIMARY).score(val.labels, probas["val"][with_tta])
-                                 if val is not None else None)
-                    name = variant + ("+tta" if with_tta else "")
-                    run = {"variant": name, "head": head_name, "params": params, "seed": seed,
-                           "shots": k, "split": split, "fit_seconds": fit_s,
-                           "cache_key": fc.key, VAL_KEY: val_score,
-                           **{m.name: report[m.name] for m in metrics()},
-                           "per_class_recall": {c: v["recall"]
-                                                for c, v in report["per_class"].items()}}
-                    tag = f"{name}_k{k}" if k is not None else name
-                    write_json(out / "runs" / f"{tag}_s{seed}.json", run)
-                    runs.append(run)
-                if progress:
-                    progress(1)
-    rows = aggregate(runs)
-    _write_tables(out, rows, fc, split)
-    if shots:
-        from skincache.plots import plot_shots
+                names = [variant + ("+tta" if t else "") for t in ((False, True) if tta
+                                                                    else (False,))]
+                tags = [f"{n}_k{k}" if k is not None else n for n in names]
+                plan.append(({"variant": variant, "head": head_name, "params": params,
+                              "seed": seed, "shots": k, **common}, names,
+                             [out / "runs" / f"{t}_s{seed}.json" for t in tags]))
+    return plan
 
-        plot_shots(rows, out / "shots.png",
-                   title=f"{fc.attrs['model']} · {fc.attrs.get('dataset', '')} · {split}")
-    return BenchResult(out, rows, runs)
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal once both went through JSON (tuples are lists there)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _finished_runs(paths: list[Path], names: list[str], key: dict) -> list[dict] | None:
+    """The per-run JSONs of one fit, when an earlier bench into this folder wrote them all
+    for the same cache and settings; None when any is missing or unreadable (refit it). One
+    that holds another cache's or another setting's run is refused: it is someone's result,
+    not ours to overwrite."""
+    found = []
+    for path, name in zip(paths, names, strict=True):
+        if not path.is_file():
+            return None
+        try:
+            run = read_json_file(path, max_bytes=1 << 20, what="bench run")
+        except InputFileError:
+            return None  # damaged: written again below
+        if not isinstance(run, dict):
+            return None
+        differ = [f for f in RUN_KEY if not _same(run.get(f), {**key, "variant": name}[f])]
+        if differ:
+            raise UsageError(f"{path}: a run of another bench ({', '.join(differ)} differ: "
+                             f"{differ[0]} {run.get(differ[0])!r} there, "
+                             f"{({**key, 'variant': name})[differ[0]]!r} now); give another "
+                             "--out-dir, or the same options as the bench that wrote it")
+        found.append(run)
+    return found
+
+
+def _fit_and_score(fc, evald, val, full: dict, key: dict, names: list[str], tta: bool
+                   ) -> list[dict]:
+    """Fit one head (variant x seed x shots) and score it: the clean-view run, then the TTA
+    run when asked (the same fit)."""
+    from skincache.metrics import classification_report
+    from skincache.runs import fit_inputs, make_head
+
+    k, seed = key["shots"], key["seed"]
+    inputs = full if k is None else fit_inputs(fc, template_set=key["template_set"], shots=k,
+                                               seed=seed)
+    head = make_head(key["head"], key["params"], seed)
+    t0 = time.perf_counter()
+    head.fit(**inputs)
+    fit_s = time.perf_counter() - t0
+    probas = {"eval": _split_probas(head, evald, tta)}
+    if val is not None:  # scored on val already when there is no test split
+        probas["val"] = probas["eval"] if val is evald else _split_probas(head, val, tta)
+    runs = []
+    for name, with_tta in zip(names, (False, True), strict=False):
+        report = classification_report(evald.labels, probas["eval"][with_tta], fc.classes,
+                                       n_bootstrap=0)
+        val_score = (get_metric(PRIMARY).score(val.labels, probas["val"][with_tta])
+                     if val is not None else None)
+        runs.append({**key, "variant": name, "fit_seconds": fit_s, VAL_KEY: val_score,
+                     **{m.name: report[m.name] for m in metrics()},
+                     "per_class_recall": {c: v["recall"] for c, v in report["per_class"].items()},
+                     "tta": with_tta and evald.n_views > 0})
+    return runs
 
 
 def _split_probas(head, data, tta: bool) -> dict[bool, np.ndarray]:
     """{False: clean-view probabilities, True: the TTA mean} with one pass over each view."""
+    from skincache.heads.base import tta_mean
+
     clean = head.predict_proba(data.features)
     out = {False: clean}
     n, k, d = data.views.shape
@@ -181,6 +269,19 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def ci95_half_width(std: np.ndarray | float, n: np.ndarray | int) -> np.ndarray:
+    """Half-width of the 95% confidence interval of a mean over `n` seeds, from the rows'
+    population std (`np.std`, ddof=0): Student's t with n-1 degrees of freedom times the
+    sample std over sqrt(n), i.e. t * std / sqrt(n-1). With 2-5 seeds 1.96 would be 1.5-6.5x
+    too narrow (t = 12.7 at n=2, 2.78 at n=5). One seed: no interval (0)."""
+    from scipy.stats import t
+
+    std, n = np.asarray(std, dtype=float), np.asarray(n, dtype=float)
+    many = n > 1
+    dof = np.where(many, n - 1, 1.0)
+    return np.where(many, t.ppf(0.975, dof) * std / np.sqrt(dof), 0.0)
+
+
 def format_cell(row: dict, m: str, pct: bool = True) -> str:
     """`mean ± std` of metric `m` (or `val_<metric>`) in its registered format, percent or a
     fraction (just the mean for a single run); `pct=False`: seconds."""
@@ -212,16 +313,31 @@ def markdown_table(rows: list[dict]) -> str:
     return head + "".join(lines)
 
 
-def _write_tables(out: Path, rows: list[dict], fc: FeatureCache, split: str) -> None:
+def _write_tables(out: Path, rows: list[dict], fc, split: str, *, shots_title: bool,
+                  tta: bool) -> None:
+    """results.csv, results.md (and shots.png), then results.json, all from the same runs and
+    carrying the same `run_id`: results.json is removed before the fits and written last, so
+    where it exists the other files are the ones it describes (each file is written
+    atomically; a kill in between leaves no results.json, and the rerun writes them all)."""
+    run_id = uuid.uuid4().hex[:12]
     meta = {"cache": str(fc.path), "cache_key": fc.key, "model": fc.attrs["model"],
-            "split": split, "created": now_iso()}
-    write_json(out / "results.json", {**meta, "rows": rows})
+            "split": split, "tta": tta, "views": fc.split(split).n_views, "run_id": run_id,
+            "created": now_iso()}
     buf = io.StringIO(newline="")
-    fields = list(dict.fromkeys(k for r in rows for k in r)) or ["variant"]
+    fields = ["run_id", *dict.fromkeys(k for r in rows for k in r)]
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
-    w.writerows(rows)
+    w.writerows({"run_id": run_id, **r} for r in rows)
     atomic_write_text(out / "results.csv", buf.getvalue())
+    setting = " with TTA" if tta and meta["views"] else ""
     atomic_write_text(out / "results.md",
-        f"Heads on `{fc.path.name}` ({fc.attrs['model']}), scored on `{split}`; mean ± std "
-        "over seeds.\n\n" + markdown_table(rows))
+        f"Heads on `{fc.path.name}` ({fc.attrs['model']}), scored on `{split}`{setting}; "
+        f"mean ± std over seeds (run id `{run_id}`, as in results.json).\n\n"
+        + markdown_table(rows))
+    if shots_title:
+        from skincache.plots import plot_shots
+
+        plot_shots(rows, out / "shots.png",
+                   title=f"{fc.attrs['model']} · {fc.attrs.get('dataset', '')} · {split}"
+                         f"{setting} · run {run_id}")
+    write_json(out / "results.json", {**meta, "rows": rows})

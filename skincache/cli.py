@@ -95,6 +95,10 @@ Limit = Annotated[int | None, typer.Option(help="Quick trial on about N images: 
                                                 "class-stratified, lesion-grouped subset.")]
 
 
+#: The Ctrl-C hint of the commands that encode: their chunks are kept, the rerun resumes.
+RESUMES = "run the same command again to resume"
+
+
 def _check_min(option: str, value: int | None, low: int) -> None:
     if value is not None and value < low:
         raise UsageError(f"{option} {value}: must be >= {low}")
@@ -160,6 +164,7 @@ def encode(
     from skincache._options import check_choice, check_device, check_model
     from skincache.data import limit_dataset, load_dataset
 
+    set_interrupt_hint(RESUMES)
     with _clear_errors():
         check_device(device)
         check_model(model)
@@ -202,6 +207,7 @@ def demo(
     from skincache.cache import FeatureCache
     from skincache.demo import run_demo
 
+    set_interrupt_hint(RESUMES)  # the demo's encode resumes like any
     with _clear_errors():
         result = run_demo(cache_dir, n_images=n_images, seed=seed, views=views,
                           data_dir=data_dir, progress=not quiet)
@@ -370,21 +376,26 @@ def fit_head(
     quiet: Quiet = False,
 ) -> None:
     """Fit a head on the cache's train split in seconds; metrics, predictions and plots."""
+    from skincache._head_params import parse_params
+    from skincache._options import check_templates
+
     with _clear_errors():
         raw = _params(param or [])
         check_file("--cache", cache)
-        from skincache._progress import head_progress
-        from skincache.cache import FeatureCache
-        from skincache.heads import get_head_class, parse_params
-        from skincache.runs import chosen_by_val, fit_head_run, fit_heads
-
+        _check_min("--shots", shots, 1)
+        check_templates(templates)
         if head == "all":
             if raw:
                 raise UsageError("-p sets one head's parameters; give --head NAME with -p")
             params = {}
         else:
-            get_head_class(head)
-            params = parse_params(head, raw)
+            params = parse_params(head, raw)  # the head's name too, before torch loads
+        set_interrupt_hint("nothing resumes: a run folder is finished once its run.json is "
+                           "written; run the same command again to fit from the start")
+        from skincache._progress import head_progress
+        from skincache.cache import FeatureCache
+        from skincache.runs import chosen_by_val, fit_head_run, fit_heads
+
         fc = FeatureCache.open(cache)  # read once, shared by every head
         common = dict(runs_dir=runs_dir, template_set=templates, seed=seed,
                       n_bootstrap=bootstrap, plots=not no_plots, tta=tta, shots=shots)
@@ -393,14 +404,19 @@ def fit_head(
                 results = fit_heads(fc, name=name, **common)
             else:
                 results = [fit_head_run(fc, head, params, name=name, **common)]
+    set_interrupt_hint("")
     split = "test" if "test" in results[0].metrics else "val"
+    n_views = fc.split(split).n_views
+    _warn_no_views(tta, n_views)
+    setting = _setting(tta and n_views > 0, shots)
     if len(results) == 1:
         r = results[0]
-        _render.metrics_table(r.metrics, f"{r.head}: fit in {r.fit_seconds:.2f} s → {r.path}")
+        _render.metrics_table(r.metrics, f"{r.head}{setting}: fit in {r.fit_seconds:.2f} s → "
+                                         f"{r.path}")
         if split in r.metrics:
             _render.per_class_table(r.metrics[split], f"per class ({split})")
     else:
-        _render.heads_table(results, split, picked=chosen_by_val(results))
+        _render.heads_table(results, split, picked=chosen_by_val(results), setting=setting)
     _warn(random_init_warning(fc.attrs))
     for r in results:
         _warn(one_class_warning(r.metrics, r.head))
@@ -451,8 +467,12 @@ def evaluate(
         from skincache.runs import evaluate
 
         ev = evaluate(run, split, cache=cache, n_bootstrap=bootstrap, tta=tta)
-    with_tta = " (TTA)" if ev.report.get("posthoc", {}).get("tta") else ""
-    _render.metrics_table({ev.name: ev.report}, f"{run} on {ev.name}{with_tta}")
+    config = _run_config(run)
+    used_tta = bool(ev.report.get("posthoc", {}).get("tta"))
+    if (tta if tta is not None else config.get("tta")) and not used_tta:
+        _warn_no_views(True, 0)  # asked for (or fit with) TTA, scored without: no views
+    _render.metrics_table({ev.name: ev.report},
+                          f"{run} on {ev.name}{_setting(used_tta, config.get('shots'))}")
     _render.per_class_table(ev.report, f"per class ({ev.name})")
     _warn_meaningless(ev.cache_attrs, {ev.name: ev.report}, "the head",
                       "fit another head (skincache fit-head)")
@@ -514,6 +534,14 @@ def _run_cache(run: Path) -> Path:
     return Path(json.loads((run / "run.json").read_text())["cache"])
 
 
+def _run_config(run: Path) -> dict:
+    """run.json as a dict ({} when it is not one: evaluate has read it already)."""
+    from skincache._io import read_json_file
+
+    config = read_json_file(run / "run.json", what="run.json")
+    return config if isinstance(config, dict) else {}
+
+
 @app.command("bench-heads")
 def bench_heads_cmd(
     cache: Annotated[Path, typer.Option(help="A cache file (.h5).")],
@@ -534,7 +562,11 @@ def bench_heads_cmd(
                                                       "runs/bench-<time>).")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Every head variant x seeds on one cache: val beside test, mean ± std, fit time."""
+    """Every head variant x seeds on one cache: val beside test, mean ± std, fit time.
+
+    Rerun with the same --out-dir to resume: finished runs (runs/*.json of the same cache and
+    options) are kept, the rest are fitted, and the tables are written again from all of them."""
+    from skincache._options import check_templates
     from skincache._progress import progress_bar
 
     chosen = variants.split(",") if variants else None
@@ -544,20 +576,66 @@ def bench_heads_cmd(
         ks = [int(k) for k in shots.split(",")] if shots else None
         if ks and min(ks) < 1:
             raise UsageError(f"--shots must be positive integers, got {shots}")
-        from skincache.bench import bench_heads, check_variants, n_fits
+        check_templates(templates)
+        from skincache.bench import (
+            bench_heads,
+            check_out_dir,
+            check_variants,
+            default_out_dir,
+            n_fits,
+        )
 
-        check_variants(chosen)  # before any bar is drawn
+        check_variants(chosen)  # before any bar is drawn (and before torch loads)
+        out_dir = check_out_dir(out_dir or default_out_dir())
+        set_interrupt_hint(f"the finished runs are kept in {out_dir}/runs; resume with: "
+                           + _bench_command(cache, seeds, variants, split, templates, shots,
+                                            tta, out_dir, quiet))
     with _clear_errors(), progress_bar(n_fits(seeds, chosen, ks), "bench heads", unit="fit",
                                        enabled=not quiet) as advance:
         res = bench_heads(cache, seeds=seeds, variants=chosen, eval_split=split,
                           template_set=templates, out_dir=out_dir, progress=advance,
                           shots=ks, tta=tta)
+    set_interrupt_hint("")
+    _warn_no_views(tta, res.n_views)
     _render.bench_table(res.rows, f"heads on {cache.name}: chosen on val, scored on "
-                                  f"{res.runs[0]['split']}")
+                                  f"{res.runs[0]['split']}"
+                                  f"{_setting(tta and res.n_views > 0, ks)}")
     extra = f", few-shot plot {res.out_dir}/shots.png" if ks else ""
+    kept = f" ({res.reused} fit(s) kept from the earlier run)" if res.reused else ""
     _render.out.print(f"results: {res.out_dir}/results.{{json,csv,md}}, one JSON per run in "
-                      f"{res.out_dir}/runs/{extra}", highlight=False, soft_wrap=True)
+                      f"{res.out_dir}/runs/{extra}{kept}", highlight=False, soft_wrap=True)
     _warn(random_init_warning(cache_attrs(cache)))
+
+
+def _bench_command(cache: Path, seeds: int, variants: str | None, split: str | None,
+                   templates: str, shots: str | None, tta: bool, out_dir: Path,
+                   quiet: bool) -> str:
+    """The bench-heads command line that resumes this one (its options, and --out-dir)."""
+    import shlex
+
+    args = ["skincache", "bench-heads", "--cache", str(cache), "--seeds", str(seeds)]
+    for option, value in (("--variants", variants), ("--split", split),
+                          ("--templates", templates if templates != "all" else None),
+                          ("--shots", shots)):
+        if value is not None:
+            args += [option, value]
+    args += ["--tta"] * tta + ["--out-dir", str(out_dir)] + ["--quiet"] * quiet
+    return shlex.join(args)
+
+
+def _setting(tta: bool, shots) -> str:
+    """What a table's numbers were computed with, for its title: " (TTA, shots 16)"."""
+    parts = ["TTA"] * bool(tta)
+    if shots:
+        parts.append(f"shots {shots if isinstance(shots, int) else ','.join(map(str, shots))}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _warn_no_views(tta: bool | None, n_views: int) -> None:
+    """`--tta` on a cache encoded with --views 0 has nothing to average: say so."""
+    if tta and n_views == 0:
+        _warn("--tta: this cache has no augmented views (encoded with --views 0), so the "
+              "numbers are of the clean view only; encode with --views K for TTA")
 
 
 @app.command()

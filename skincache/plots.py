@@ -405,8 +405,11 @@ def write_report_plots(
 
 def plot_shots(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *,
                title: str = "") -> Path:
-    """Few-shot curve: balanced accuracy (mean and 95% CI over seeds) against training images
-    per class, one line per head variant (log2 x axis, as in CoOp / Tip-Adapter)."""
+    """Few-shot curve: balanced accuracy (mean and 95% CI over seeds, Student's t: see
+    `bench.ci95_half_width`) against training images per class, one line per head variant
+    (log2 x axis, as in CoOp / Tip-Adapter)."""
+    from skincache.bench import ci95_half_width
+
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
     variants = list(dict.fromkeys(r["variant"] for r in rows if r.get("shots") is not None))
@@ -421,10 +424,12 @@ def plot_shots(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], 
             continue
         k = np.array([p[0] for p in pts], dtype=float)
         m = 100 * np.array([p[1] for p in pts])
-        half = 100 * 1.96 * np.array([p[2] for p in pts]) / np.sqrt([max(p[3], 1) for p in pts])
+        half = 100 * ci95_half_width([p[2] for p in pts], [p[3] for p in pts])
         line = ax.plot(k, m, marker="o", label=v, color=colours[i],
                        linestyle=styles[(i // 20) % len(styles)])[0]
-        ax.fill_between(k, m - half, m + half, color=line.get_color(), alpha=0.15)
+        # a t interval over 2 seeds is wide: drawn within the scale's 0-100%
+        ax.fill_between(k, np.clip(m - half, 0, 100), np.clip(m + half, 0, 100),
+                        color=line.get_color(), alpha=0.15)
     ax.set_xscale("log", base=2)
     ks = sorted({r["shots"] for r in rows if r.get("shots") is not None})
     ax.set_xticks(ks, [str(k) for k in ks])

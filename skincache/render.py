@@ -175,10 +175,11 @@ def per_class_table(report: dict, title: str) -> None:
     _show(t)
 
 
-def heads_table(results: list, split: str, picked: int | None = None) -> None:
+def heads_table(results: list, split: str, picked: int | None = None, setting: str = ""
+                ) -> None:
     """One row per head: val (where hyper-parameters and the head are chosen) beside `split`;
     `picked` (the index val chooses) is marked, so nobody picks a head by its test score."""
-    t = Table(title=f"heads: chosen on val, reported on {split}", title_justify="left")
+    t = Table(title=f"heads{setting}: chosen on val, reported on {split}", title_justify="left")
     primary, shown = get_metric(PRIMARY), table_metrics()
     for col in ("head", "fit s", f"val {primary.heading}",
                 *((f"{split} " if m is primary else "") + m.heading for m in shown)):
