@@ -269,19 +269,6 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def ci95_half_width(std: np.ndarray | float, n: np.ndarray | int) -> np.ndarray:
-    """Half-width of the 95% confidence interval of a mean over `n` seeds, from the rows'
-    population std (`np.std`, ddof=0): Student's t with n-1 degrees of freedom times the
-    sample std over sqrt(n), i.e. t * std / sqrt(n-1). With 2-5 seeds 1.96 would be 1.5-6.5x
-    too narrow (t = 12.7 at n=2, 2.78 at n=5). One seed: no interval (0)."""
-    from scipy.stats import t
-
-    std, n = np.asarray(std, dtype=float), np.asarray(n, dtype=float)
-    many = n > 1
-    dof = np.where(many, n - 1, 1.0)
-    return np.where(many, t.ppf(0.975, dof) * std / np.sqrt(dof), 0.0)
-
-
 def format_cell(row: dict, m: str, pct: bool = True) -> str:
     """`mean ± std` of metric `m` (or `val_<metric>`) in its registered format, percent or a
     fraction (just the mean for a single run); `pct=False`: seconds."""

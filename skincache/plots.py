@@ -406,9 +406,9 @@ def write_report_plots(
 def plot_shots(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *,
                title: str = "") -> Path:
     """Few-shot curve: balanced accuracy (mean and 95% CI over seeds, Student's t: see
-    `bench.ci95_half_width`) against training images per class, one line per head variant
+    `metrics.ci95_half_width`) against training images per class, one line per head variant
     (log2 x axis, as in CoOp / Tip-Adapter)."""
-    from skincache.bench import ci95_half_width
+    from skincache.metrics import ci95_half_width
 
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()

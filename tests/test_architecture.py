@@ -23,9 +23,9 @@ PKG = Path(__file__).resolve().parents[1] / "skincache"
 LAYERS: list[set[str]] = [
     {"errors"},
     {"_io"},
-    {"device", "distributed", "_options", "_sanity", "metrics", "data"},
+    {"device", "distributed", "_head_params", "_sanity", "metrics", "data"},
     {"models", "cache", "heads", "prompts"},
-    {"views", "plots", "_progress"},
+    {"views", "plots", "_progress", "_options"},
     {"loaders"},
     {"encoder"},
     {"encode", "runs", "near_duplicates"},

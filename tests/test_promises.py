@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from skincache import bench
+from skincache import bench, metrics
 from skincache.cli import app
 from skincache.errors import UsageError
 
@@ -268,9 +268,9 @@ def test_ci_over_seeds_is_students_t(n):
 
     x = np.random.default_rng(n).normal(0.6, 0.05, n)
     lo, hi = stats.t.interval(0.95, n - 1, loc=x.mean(), scale=stats.sem(x))
-    assert bench.ci95_half_width(x.std(), n) == pytest.approx((hi - lo) / 2)
-    assert bench.ci95_half_width(x.std(), n) > 1.96 * x.std(ddof=1) / np.sqrt(n)
-    assert bench.ci95_half_width(0.1, 1) == 0
+    assert metrics.ci95_half_width(x.std(), n) == pytest.approx((hi - lo) / 2)
+    assert metrics.ci95_half_width(x.std(), n) > 1.96 * x.std(ddof=1) / np.sqrt(n)
+    assert metrics.ci95_half_width(0.1, 1) == 0
 
 
 def test_ctrl_c_of_a_command_that_keeps_nothing_does_not_promise_a_resume(
