@@ -271,8 +271,3 @@ class Normalizer:
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels.to(torch.float32) / 255.0 - self.mean) / self.std
-
-
-def normalize(pixels: torch.Tensor, preprocess: PreprocessSpec) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> normalised float on the same device (one-off use)."""
-    return Normalizer(preprocess, pixels.device)(pixels)

@@ -140,11 +140,6 @@ class _RowReader:
         )
         self._groups: OrderedDict[tuple[tuple[str, int, int], int], pa.Array] = OrderedDict()
 
-    def clear(self) -> None:
-        with self._lock:
-            self._files.clear()
-            self._groups.clear()
-
     def read(self, path: str, row: int) -> bytes:
         st = os.stat(path)  # FileNotFoundError names the path
         key = (path, st.st_size, st.st_mtime_ns)
@@ -199,8 +194,3 @@ _reader = _RowReader()
 def read_parquet_image(path: str, row: int) -> bytes:
     """The image bytes of row `row` of parquet file `path` (cached by row group)."""
     return _reader.read(path, row)
-
-
-def clear_cache() -> None:
-    """Forget cached files and row groups (e.g. after rewriting a file in place)."""
-    _reader.clear()
