@@ -16,10 +16,10 @@ from torchvision.io import decode_jpeg
 
 from skincache.views import (
     DecodeError,
+    Normalizer,
     ViewMaker,
     ViewPolicy,
     decode_image,
-    normalize,
     view_params,
 )
 
@@ -42,8 +42,8 @@ def _cosines(model, maker: ViewMaker, files: list[Path]) -> tuple[list[float], l
                                                 f.stem))
             b = maker.from_tensor(decode_jpeg(torch.frombuffer(bytearray(data),
                                                                dtype=torch.uint8)), f.stem)
-            fa = model.model.encode_image(normalize(a[:1], model.preprocess))
-            fb = model.model.encode_image(normalize(b[:1], model.preprocess))
+            fa = model.model.encode_image(Normalizer(model.preprocess, a.device)(a[:1]))
+            fb = model.model.encode_image(Normalizer(model.preprocess, b.device)(b[:1]))
             pil_cos.append(torch.cosine_similarity(fa, ref).item())
             tensor_cos.append(torch.cosine_similarity(fb, ref).item())
     return pil_cos, tensor_cos
