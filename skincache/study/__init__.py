@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from skincache.study.compare import compare_inputs, load_input
 from skincache.study.predictions import ColumnMap, Predictions, read_predictions
-from skincache.study.score import score_file, score_predictions
+from skincache.study.score import score_file, score_files, score_predictions
 
 __all__ = ["ColumnMap", "Predictions", "compare_inputs", "load_input", "read_predictions",
-           "score_file", "score_predictions"]
+           "score_file", "score_files", "score_predictions"]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from skincache._io import write_json
 from skincache.errors import InputFileError, NotFoundError, UsageError
 from skincache.metrics import _percentile_ci, bootstrap_distribution, classification_report
 from skincache.plots import _save
@@ -187,10 +188,11 @@ def plot_differences(result: dict[str, Any], path: str | Path) -> Path:
 
 
 def compare_inputs(inputs: Sequence[str | Path], *, split: str = "test", n_bootstrap: int = 1000,
-                   seed: int = 0, ci: float = 0.95, plot: str | Path | None = None
-                   ) -> dict[str, Any]:
+                   seed: int = 0, ci: float = 0.95, plot: str | Path | None = None,
+                   json_path: str | Path | None = None) -> dict[str, Any]:
     """Every input against the first (run folders' `predictions/<split>.csv` or predictions
-    files); JSON-ready. With `plot`, the differences are drawn there (`plot` in the result)."""
+    files); JSON-ready. With `plot`, the differences are drawn there (`plot` in the result);
+    with `json_path`, the result is written there too."""
     if len(inputs) < 2:
         raise UsageError("compare needs at least two inputs (run folders or predictions files)")
     names = [input_name(p) for p in inputs]
@@ -209,4 +211,6 @@ def compare_inputs(inputs: Sequence[str | Path], *, split: str = "test", n_boots
     }
     if plot is not None:
         result["plot"] = str(plot_differences(result, plot))
+    if json_path is not None:
+        write_json(json_path, result)
     return result

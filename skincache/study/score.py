@@ -9,17 +9,19 @@ without probabilities is scored on one-hot rows, and the numbers that need proba
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from skincache._io import write_json
+from skincache.errors import UsageError
 from skincache.metrics import classification_report
 from skincache.plots import write_report_plots
 from skincache.study.predictions import ColumnMap, Predictions, read_predictions
 
-__all__ = ["model_proba", "score_file", "score_predictions"]
+__all__ = ["model_proba", "score_file", "score_files", "score_predictions"]
 
 _NEEDS_PROBA = ("auroc", "ece", "log_loss")
 
@@ -56,6 +58,11 @@ def score_file(path: str | Path, columns: ColumnMap | None = None, *,
     """Read and score one predictions file; with `plots_dir`, the run folder's plots go there as
     `<file stem>_*.png` (their paths in the report's `plots`)."""
     pred = read_predictions(path, columns, renormalize=renormalize)
+    return _score_and_plot(pred, n_bootstrap, seed, plots_dir)
+
+
+def _score_and_plot(pred: Predictions, n_bootstrap: int, seed: int,
+                    plots_dir: str | Path | None) -> dict[str, Any]:
     report = score_predictions(pred, n_bootstrap=n_bootstrap, seed=seed)
     if plots_dir is not None:
         label = f"{pred.source_path.name} ({pred.format}, n={len(pred):,})"
@@ -65,6 +72,18 @@ def score_file(path: str | Path, columns: ColumnMap | None = None, *,
     return report
 
 
-def write_reports(reports: list[dict[str, Any]], path: str | Path) -> Path:
-    """The `--json` file of `skincache score`: {"reports": [...]} in the order of the inputs."""
-    return write_json(path, {"reports": reports})
+def score_files(paths: Sequence[str | Path], columns: ColumnMap | None = None, *,
+                renormalize: bool = False, n_bootstrap: int = 1000, seed: int = 0,
+                plots_dir: str | Path | None = None, json_path: str | Path | None = None
+                ) -> list[dict[str, Any]]:
+    """`score_file` for each path, in order (every file read before any is scored, so a bad
+    last file costs no bootstrap time); with `json_path`, {"reports": [...]} is written there."""
+    if not paths:
+        raise UsageError("score needs at least one predictions file")
+    if n_bootstrap < 0:
+        raise UsageError(f"--bootstrap {n_bootstrap}: must be >= 0 (0: no intervals)")
+    preds = [read_predictions(p, columns, renormalize=renormalize) for p in paths]
+    reports = [_score_and_plot(p, n_bootstrap, seed, plots_dir) for p in preds]
+    if json_path is not None:
+        write_json(json_path, {"reports": reports})
+    return reports
