@@ -307,3 +307,24 @@ def test_cli_score_writes_json_and_bad_input_is_one_error_line(tmp_path):
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: predictions file") and "Traceback" \
         not in res.output
+
+
+def test_compare_two_real_run_folders_and_score_their_predictions(demo_cache, tmp_path):
+    """Run folders as fit-head writes them: compare finds predictions/<split>.csv, and score
+    of that file gives the numbers of the run's own metrics/<split>.json."""
+    import json
+
+    from skincache.runs import fit_head_run
+
+    for head in ("logreg", "knn"):
+        fit_head_run(demo_cache, head, runs_dir=tmp_path, name=head, n_bootstrap=50,
+                     plots=False)
+    res = CliRunner().invoke(app, ["compare", str(tmp_path / "logreg"), str(tmp_path / "knn"),
+                                   "--split", "val", "--bootstrap", "50"])
+    assert res.exit_code == 0, res.output
+    assert "knn minus logreg on" in res.output and "McNemar (exact)" in res.output
+    stored = json.loads((tmp_path / "logreg" / "metrics" / "test.json").read_text())
+    report = score_file(tmp_path / "logreg" / "predictions" / "test.csv", n_bootstrap=50)
+    for key in ("balanced_accuracy", "accuracy", "macro_f1", "auroc"):
+        assert report[key] == pytest.approx(stored[key], abs=1e-6), key
+        np.testing.assert_allclose(report["ci"][key], stored["ci"][key], atol=1e-6)
