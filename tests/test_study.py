@@ -328,3 +328,15 @@ def test_compare_two_real_run_folders_and_score_their_predictions(demo_cache, tm
     for key in ("balanced_accuracy", "accuracy", "macro_f1", "auroc"):
         assert report[key] == pytest.approx(stored[key], abs=1e-6), key
         np.testing.assert_allclose(report["ci"][key], stored["ci"][key], atol=1e-6)
+
+
+def test_score_numbers_plots_of_files_with_the_same_name(tmp_path):
+    from skincache.study import score_files
+
+    y, pa, pb = _synthetic(n=30)
+    ids = [f"i{k}" for k in range(30)]
+    files = [write_predictions_csv(tmp_path / d / "test.csv", ids, y, p, ["x", "y", "z"])
+             for d, p in (("a", pa), ("b", pb))]
+    reports = score_files(files, n_bootstrap=10, plots_dir=tmp_path / "plots")
+    names = [Path(p).name for r in reports for p in r["plots"]]
+    assert len(set(names)) == 8 and {n.split("_")[0] for n in names} == {"1-test", "2-test"}

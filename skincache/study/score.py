@@ -58,15 +58,15 @@ def score_file(path: str | Path, columns: ColumnMap | None = None, *,
     """Read and score one predictions file; with `plots_dir`, the run folder's plots go there as
     `<file stem>_*.png` (their paths in the report's `plots`)."""
     pred = read_predictions(path, columns, renormalize=renormalize)
-    return _score_and_plot(pred, n_bootstrap, seed, plots_dir)
+    return _score_and_plot(pred, n_bootstrap, seed, plots_dir, pred.source_path.stem)
 
 
 def _score_and_plot(pred: Predictions, n_bootstrap: int, seed: int,
-                    plots_dir: str | Path | None) -> dict[str, Any]:
+                    plots_dir: str | Path | None, stem: str) -> dict[str, Any]:
     report = score_predictions(pred, n_bootstrap=n_bootstrap, seed=seed)
     if plots_dir is not None:
         label = f"{pred.source_path.name} ({pred.format}, n={len(pred):,})"
-        paths = write_report_plots(report, plots_dir, prefix=f"{pred.source_path.stem}_",
+        paths = write_report_plots(report, plots_dir, prefix=f"{stem}_",
                                    label=label)
         report["plots"] = [str(p) for p in paths]
     return report
@@ -77,13 +77,18 @@ def score_files(paths: Sequence[str | Path], columns: ColumnMap | None = None, *
                 plots_dir: str | Path | None = None, json_path: str | Path | None = None
                 ) -> list[dict[str, Any]]:
     """`score_file` for each path, in order (every file read before any is scored, so a bad
-    last file costs no bootstrap time); with `json_path`, {"reports": [...]} is written there."""
+    last file costs no bootstrap time; plots of files with the same name are numbered
+    `1-test_*.png`, `2-test_*.png`); with `json_path`, {"reports": [...]} is written there."""
     if not paths:
         raise UsageError("score needs at least one predictions file")
     if n_bootstrap < 0:
         raise UsageError(f"--bootstrap {n_bootstrap}: must be >= 0 (0: no intervals)")
     preds = [read_predictions(p, columns, renormalize=renormalize) for p in paths]
-    reports = [_score_and_plot(p, n_bootstrap, seed, plots_dir) for p in preds]
+    stems = [p.source_path.stem for p in preds]
+    if len(set(stems)) < len(stems):  # test.csv of two runs: number them, never overwrite
+        stems = [f"{i}-{s}" for i, s in enumerate(stems, 1)]
+    reports = [_score_and_plot(p, n_bootstrap, seed, plots_dir, stem)
+               for p, stem in zip(preds, stems, strict=True)]
     if json_path is not None:
         write_json(json_path, {"reports": reports})
     return reports
