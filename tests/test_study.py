@@ -340,3 +340,25 @@ def test_score_numbers_plots_of_files_with_the_same_name(tmp_path):
     reports = score_files(files, n_bootstrap=10, plots_dir=tmp_path / "plots")
     names = [Path(p).name for r in reports for p in r["plots"]]
     assert len(set(names)) == 8 and {n.split("_")[0] for n in names} == {"1-test", "2-test"}
+
+
+def test_cli_score_with_a_column_mapping(tmp_path):
+    rows = ["name,gt,guess,s0,s1"] + [f"r{i},{i % 2},{(i // 3) % 2},0.25,0.75"
+                                      for i in range(12)]
+    path = _write(tmp_path / "other.csv", "\n".join(rows) + "\n")
+    args = ["score", str(path), "--id", "name", "--true", "gt", "--pred", "guess",
+            "--classes", "benign,malignant", "--bootstrap", "10", "--json",
+            str(tmp_path / "s.json")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    import json
+
+    report = json.loads((tmp_path / "s.json").read_text())["reports"][0]
+    assert report["classes"] == ["benign", "malignant"] and report["source"]["format"] == "columns"
+    assert report["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(np.arange(12) % 2, (np.arange(12) // 3) % 2))
+    # --proba s: every row predicts class 1 (0.75), whatever `guess` says
+    res = CliRunner().invoke(app, args[:-2] + ["--proba", "s"])
+    assert res.exit_code == 0 and "most probable class" in res.output
+    res = CliRunner().invoke(app, ["score", str(path), "--classes", "benign"])
+    assert res.exit_code == 1 and "--classes 'benign'" in res.output
