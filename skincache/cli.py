@@ -726,6 +726,71 @@ def finetune(
                           "try more --epochs, another --lr or --balance loss")
 
 
+@app.command()
+def score(
+    files: Annotated[list[Path], typer.Argument(help="Predictions CSV files: a run folder's "
+                                                     "predictions/<split>.csv, DermFM-Zero's, "
+                                                     "or any CSV with the column options.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the reports here.")
+                        ] = None,
+    plots: Annotated[Path | None, typer.Option(help="Write the run folder's plots here "
+                                                    "(<file stem>_*.png).")] = None,
+    true: Annotated[str | None, typer.Option("--true", help="Column of the true label.")
+                    ] = None,
+    pred: Annotated[str | None, typer.Option("--pred", help="Column of the predicted label.")
+                    ] = None,
+    proba: Annotated[str | None, typer.Option("--proba", help="Prefix of the probability "
+                                                              "columns (p_ -> p_akiec, ...).")
+                     ] = None,
+    id_col: Annotated[str | None, typer.Option("--id", help="Column of the image id.")] = None,
+    classes: Annotated[str | None, typer.Option(help="Class names in index order, for "
+                                                     "integer labels: akiec,bcc,...")] = None,
+    renormalize: Annotated[bool, typer.Option(help="Divide probability rows that do not sum "
+                                                   "to 1 by their sum (else refused).")
+                           ] = False,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Metrics, 95% CIs and plots of any predictions file, computed as for a run folder."""
+    with _clear_errors():
+        from skincache.study import ColumnMap, score_files
+
+        names = None if classes is None else tuple(c.strip() for c in classes.split(","))
+        if names is not None and (len(names) < 2 or not all(names)):
+            raise UsageError(f"--classes {classes!r}: give two or more names, comma-separated")
+        reports = score_files(files, ColumnMap(id_col, true, pred, proba, names),
+                              renormalize=renormalize, n_bootstrap=bootstrap, seed=seed,
+                              plots_dir=plots, json_path=json_out)
+    from skincache import render_study
+
+    render_study.score_table(reports)
+
+
+@app.command()
+def compare(
+    inputs: Annotated[list[Path], typer.Argument(help="Two or more run folders or predictions "
+                                                      "files; each is compared to the first.")],
+    split: Annotated[str, typer.Option(help="Split of the run folders (predictions/<split>"
+                                            ".csv).")] = "test",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")
+                        ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw the differences with their CIs here "
+                                                   "(PNG).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Paired bootstrap resamples.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Paired comparison on the shared images: differences with 95% CIs, McNemar's test."""
+    with _clear_errors():
+        _check_min("--bootstrap", bootstrap, 1)
+        from skincache.study import compare_inputs
+
+        result = compare_inputs(inputs, split=split, n_bootstrap=bootstrap, seed=seed,
+                                plot=plot, json_path=json_out)
+    from skincache import render_study
+
+    render_study.compare_table(result)
+
+
 def main() -> None:
     """The `skincache` entry point. Ctrl-C gets one line saying how to go on, not a silent
     exit 130: encode resumes from its last committed chunk, finetune from its last epoch."""

@@ -1,8 +1,8 @@
 """The package's import rule, checked on the source (ast, nothing imported): every arrow points
 down the layers below and nothing forms a cycle. README "Architecture" states the same rule.
 
-- Outside a package (`data/`, `heads/`, `finetune/`) a module sees another module or package
-  as one node; an import must go to a node on a strictly lower layer of `LAYERS`.
+- Outside a package (`data/`, `heads/`, `finetune/`, `study/`) a module sees another module
+  or package as one node; an import must go to a node on a strictly lower layer of `LAYERS`.
 - Inside a package the submodules import each other without a cycle, and never the package's
   own `__init__` (that is the package's public face, for the modules above it).
 - `skincache/__init__.py` is the top: it re-exports lazily, by name, and imports only `_io`.
@@ -30,10 +30,12 @@ LAYERS: list[set[str]] = [
     {"encoder"},
     {"encode", "runs", "near_duplicates"},
     {"predict", "bench", "finetune", "demo"},
+    {"study"},
     {"render"},
+    {"render_study"},
     {"cli"},
 ]
-PACKAGES = {"data", "heads", "finetune"}
+PACKAGES = {"data", "heads", "finetune", "study"}
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 
