@@ -11,11 +11,11 @@ import importlib.util
 import re
 from pathlib import Path
 
+from skincache.defaults import TINY_MODEL
 from skincache.errors import UsageError
 
 DEVICES = "cpu, cuda, cuda:N, mps or auto"
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-TINY_MODEL = "skincache-tiny"  # also models.TINY_MODEL; here without importing torch
 _OWN_CONFIGS = Path(__file__).parent / "model_configs"
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from skincache.defaults import env_rank
 from skincache.errors import SkincacheError
 
 
@@ -44,7 +45,7 @@ class DistContext:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls(device=device)
-        rank = int(os.environ.get("RANK", "0"))
+        rank = env_rank()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
         if device.type == "cuda":

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from skincache.defaults import TINY_MODEL
 from skincache.errors import ModelError, NotFoundError, UsageError
 
-TINY_MODEL = "skincache-tiny"
 #: The tag `--pretrained` takes when not given, for architectures that have it.
 DEFAULT_PRETRAINED = "openai"
 TINY_SEED = 0

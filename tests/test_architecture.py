@@ -21,7 +21,7 @@ PKG = Path(__file__).resolve().parents[1] / "skincache"
 #: bottom (0) to top. A new module gets a layer here; an import to the same or a higher
 #: layer is an arrow back up.
 LAYERS: list[set[str]] = [
-    {"errors"},
+    {"errors", "defaults"},
     {"_io"},
     {"device", "distributed", "_head_params", "_sanity", "metrics", "data"},
     {"models", "cache", "heads", "prompts"},

@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from skincache.defaults import HAM10000_COLUMNS, HAM10000_METADATA
+
 from ._files import index_files, read_csv_rows
 from ._record import DataError, Dataset, Record
 from ._registry import Confidence, Probe, register_source
 from ._rows import plain_id, require_columns
 from .classes import HAM10000_CLASSES
 
-HAM_METADATA = "HAM10000_metadata.csv"
-HAM_COLUMNS = ("lesion_id", "image_id", "dx")
-HAM_META = ("dx_type", "age", "sex", "localization")
+HAM_METADATA = HAM10000_METADATA
+HAM_COLUMNS = HAM10000_COLUMNS[:3]  # required
+HAM_META = HAM10000_COLUMNS[3:]  # kept as /meta/<col> where present
 
 
 def _detect(probe: Probe) -> Confidence:

@@ -21,15 +21,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from skincache.defaults import HAM10000_COLUMNS, HAM10000_METADATA
 from skincache.errors import UsageError
 
 from ._record import DataError
 from .classes import HAM10000_CLASSES, HAM10000_COUNTS
 
 MARKER = ".skincache-demo.json"
-METADATA = "HAM10000_metadata.csv"
+METADATA = HAM10000_METADATA
 PARTS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
-COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+COLUMNS = HAM10000_COLUMNS
 _VERSION = 1
 MIN_PER_CLASS = 8  # so that, split 72/19/9 by lesion, every split gets every class
 
