@@ -92,3 +92,12 @@ def test_linear_trained_on_ham10000_does_not_collapse_on_isic2018():
     assert test >= val - 0.05, f"val {val:.3f} -> ISIC 2018 test {test:.3f}"
     assert ratio.max() <= 8.0, f"one class predicted {ratio.max():.1f}x its true share"
     assert (pred == yt).mean() >= 0.4
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "half", float("nan")])
+def test_std_shrink_outside_0_1_is_a_usage_error(bad):
+    from skincache.errors import UsageError
+
+    X, y = _blobs(np.random.default_rng(0), 60, 0.0)
+    with pytest.raises(UsageError, match="std_shrink"):
+        create_head("linear", std_shrink=bad, epochs=1).fit(X, y)
