@@ -4,11 +4,11 @@ saving the weights as safetensors.
 Inputs are L2-normalised (CLIP features live on the sphere) and then standardised per dimension
 with the training mean and spread, so that one learning rate suits every backbone whatever the
 scale of its embedding. The spread is shrunk toward the average one (`std_shrink`): a dimension
-that is nearly constant in training (std 1e-4 where the median is 1e-2 on real HAM10000
-features) would otherwise be multiplied by 100, and an image from another acquisition that moves
-it a little (ISIC 2018 moves such dimensions by up to 270 training stds) would get one class
-whatever it shows (issue 15). With `std_shrink` s every scale is at least sqrt(s) times the
-root-mean-square spread.
+that is nearly constant in training (std 1e-4 where the median is 1e-2 on the Lite1 HAM10000
+features) would otherwise be multiplied by 100, and images from another acquisition that move
+it a little get huge inputs there (ISIC 2018: max |z| 270, val 71); on synthetic features such a
+shift sends every image to one class (tests/test_heads_shift.py, issue 15). With `std_shrink` s
+every scale is at least sqrt(s) times the root-mean-square spread.
 """
 
 from __future__ import annotations
