@@ -24,6 +24,13 @@ What runs, in one process, on one split:
 
     python benchmarks/real_heads.py [--npz PATH] [--threads 2] [--cli]
                                     [--out benchmarks/results/real_heads.json]
+    python benchmarks/real_heads.py --external    # HAM10000 -> ISIC 2018 (Lite1 features)
+
+`--external` (issue 18's protocol): `effnetlite1-ham10000-isic2018.npz`, HAM10000 split 6/7
+train, 1/7 val by lesion, the 1,512 ISIC 2018 test images (another acquisition) as test; val
+and external-test balanced accuracy per head variant (and the defaults before issue 15), val's
+pick marked, the most over-predicted class (a collapsing head gives one class many times its
+true share).
 
 Timing: wall seconds of one fit each; the load average is printed with the table because this
 machine is shared. Model selection is on val; test is reported, never used to choose.
@@ -55,11 +62,14 @@ from skincache.heads.base import l2_normalize
 from skincache.metrics import classification_report
 
 #: $SKINCACHE_SHARED_DATA (as for the tests), else ../shared/data beside the repository
-DEFAULT_NPZ = Path(os.environ.get("SKINCACHE_SHARED_DATA")
-                   or Path(__file__).resolve().parents[2] / "shared/data"
-                   ) / "features/ham10000-effnetlite0.npz"
+FEATURES = Path(os.environ.get("SKINCACHE_SHARED_DATA")
+                or Path(__file__).resolve().parents[2] / "shared/data") / "features"
+DEFAULT_NPZ = FEATURES / "ham10000-effnetlite0.npz"
+#: the Lite1 file, the only one with the ISIC 2018 test images (`--external`)
+EXTERNAL_NPZ = FEATURES / "effnetlite1-ham10000-isic2018.npz"
 META = ("age", "sex", "localization", "dx_type")
 RATIOS = (0.6, 0.2, 0.2)
+EXTERNAL_RATIOS = (6 / 7, 1 / 7)
 
 #: (variant, head, params). Defaults first; "-plain" is the unadjusted objective.
 VARIANTS: list[tuple[str, str, dict]] = [
@@ -68,12 +78,18 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("logreg-balanced", "logreg", {"class_weight": "balanced", "logit_adjust": None}),
     ("logreg-views", "logreg", {"use_views": True}),
     ("linear", "linear", {}),
-    ("linear-plain", "linear", {"logit_adjust": None}),
+    ("linear-plain", "linear", {"logit_adjust": None, "balance": None}),
     ("mlp", "mlp", {}),
     ("mlp-plain", "mlp", {"logit_adjust": None}),
     ("mlp-h512", "mlp", {"hidden": 512, "dropout": 0.2}),
     ("knn", "knn", {}),
     ("knn-plain", "knn", {"logit_adjust": None}),
+]
+#: `--external` adds the defaults before issue 15, to show what the external set did to them
+BEFORE_ISSUE15 = [
+    ("linear (before: std_shrink=0, balance=none)", "linear", {"std_shrink": 0.0,
+                                                               "balance": None}),
+    ("mlp (before: std_shrink=0)", "mlp", {"std_shrink": 0.0}),
 ]
 #: the head's previous solver (scikit-learn lbfgs) vs the new one, same sweep, same selection
 SOLVER_PAIR = (("logreg-sklearn-solver", "logreg", {"solver": "sklearn", "logit_adjust": None,
@@ -82,21 +98,38 @@ SOLVER_PAIR = (("logreg-sklearn-solver", "logreg", {"solver": "sklearn", "logit_
                                                   "calibrate": False}))
 
 
-def build_cache(npz: Path, out: Path) -> Path:
-    """Write the npz as a skincache cache, split by skincache's lesion-grouped split."""
+def _lesion_split(d, ratios: tuple[float, ...], rows: np.ndarray) -> np.ndarray:
+    """skincache's lesion-grouped, class-stratified split (seed 0) of the given rows."""
+    records = [Record(str(i), "", str(c), None, str(les)) for i, c, les in
+               zip(d["image_id"][rows], d["dx"][rows], d["lesion_id"][rows], strict=True)]
+    return np.array([r.split for r in assign_splits(records, ratios, seed=0)])
+
+
+def split_rows(d, external: bool) -> np.ndarray:
+    """Each row's split. Internal: HAM10000 60/20/20 by lesion. External (issue 18's
+    protocol): HAM10000 6/7 train, 1/7 val by lesion; the ISIC 2018 test images are test."""
+    if not external:
+        return _lesion_split(d, RATIOS, np.ones(len(d["dx"]), bool))
+    ham = d["split"] == "ham10000"
+    split = np.full(len(ham), "test", dtype=object)
+    split[ham] = _lesion_split(d, EXTERNAL_RATIOS, ham)
+    return split
+
+
+def build_cache(npz: Path, out: Path, external: bool = False) -> Path:
+    """Write the npz as a skincache cache, split by `split_rows`."""
     d = np.load(npz)
-    records = [Record(str(i), "", str(c), None, str(les))
-               for i, c, les in zip(d["image_id"], d["dx"], d["lesion_id"], strict=True)]
-    split = np.array([r.split for r in assign_splits(records, RATIOS, seed=0)])
+    split = split_rows(d, external)
     labels = np.array([HAM10000_CLASSES.index(c) for c in d["dx"]])
+    groups = np.where(d["lesion_id"] != "", d["lesion_id"], d["image_id"])  # ISIC: none
     splits = {}
     for name in ("train", "val", "test"):
         m = split == name
         splits[name] = SplitArrays(
             features=d["features"][m], views=d["views"][m], labels=labels[m],
-            image_id=list(d["image_id"][m]), group_id=list(d["lesion_id"][m]),
+            image_id=list(d["image_id"][m]), group_id=list(groups[m]),
             sha1=[""] * int(m.sum()), meta={c: list(d[c][m]) for c in META})
-    attrs = {"key": "effnetlite0-ham10000", "model": "efficientnet-lite0 (ImageNet)",
+    attrs = {"key": npz.stem, "model": "efficientnet-lite (ImageNet)",
              "pretrained": "imagenet", "logit_scale": 100.0, "weights_sha256": "",
              "embed_dim": int(d["features"].shape[1]), "precision": "fp16",
              "classes": json.dumps(HAM10000_CLASSES),
@@ -254,19 +287,76 @@ def render(rows: list[dict], title: str) -> None:
     Console(width=130).print(t)
 
 
+def over_prediction(y: np.ndarray, pred: list) -> tuple[str, float]:
+    """The class predicted most often relative to its true share, and that ratio: a head that
+    collapses on a shifted set gives one class many times its share."""
+    c = len(HAM10000_CLASSES)
+    ratio = (np.bincount(pred, minlength=c) / len(pred)) / np.maximum(
+        np.bincount(y, minlength=c) / len(y), 1e-12)
+    j = int(np.argmax(ratio))
+    return HAM10000_CLASSES[j], float(ratio[j])
+
+
+def external(npz: Path, out: Path) -> None:
+    """Train and choose on HAM10000, test on ISIC 2018 (another acquisition): val and
+    external-test balanced accuracy per head, val's pick marked."""
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        fc = FeatureCache.open(build_cache(npz, Path(tmp) / "external.h5", external=True))
+        sizes = {s: len(fc.splits[s]) for s in fc.splits}
+        y_test = fc.split("test").labels
+        rows: list[dict] = []
+        for variant, head, params in VARIANTS + BEFORE_ISSUE15:
+            rows += run_head(fc, variant, head, params)
+            _log(rows[-2])
+    load_after = os.getloadavg()
+    for r in rows:
+        r["over_predicted"] = over_prediction(y_test, r["test"]["pred"])
+    pick = max(rows, key=lambda r: r["val"]["balanced_accuracy"])
+    t = Table(title=f"train/val HAM10000 by lesion, test ISIC 2018 ({npz.name}), split "
+                    f"{sizes}; load {load_before[0]:.1f}→{load_after[0]:.1f}")
+    for col in ("variant", "val bal-acc", "ISIC test bal-acc", "test acc",
+                "most over-predicted (x true share)", "fit s"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        cls, ratio = r["over_predicted"]
+        t.add_row(r["variant"] + ("  ← val's pick" if r is pick else ""),
+                  _pct(r["val"]["balanced_accuracy"]), _pct(r["test"]["balanced_accuracy"]),
+                  _pct(r["test"]["accuracy"]), f"{cls} {ratio:.1f}x", f"{r['fit_seconds']:.2f}")
+    Console(width=140).print(t)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "npz": str(npz), "protocol": "external", "split_sizes": sizes, "rows": rows,
+        "val_pick": pick["variant"], "load_average": [load_before, load_after],
+        "torch_threads": torch.get_num_threads(), "machine": platform.platform(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }, indent=2, default=float))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--npz", type=Path, default=DEFAULT_NPZ)
+    ap.add_argument("--npz", type=Path, default=None,
+                    help=f"features (default {DEFAULT_NPZ.name}; with --external "
+                         f"{EXTERNAL_NPZ.name})")
+    ap.add_argument("--external", action="store_true",
+                    help="train/val on HAM10000 by lesion (6/7, 1/7), test on ISIC 2018")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--cli", action="store_true", help="also time `fit-head --head all`")
-    ap.add_argument("--out", type=Path,
-                    default=Path(__file__).parent / "results" / "real_heads.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON results (default benchmarks/results/real_heads[_external].json)")
     args = ap.parse_args()
+    args.npz = args.npz or (EXTERNAL_NPZ if args.external else DEFAULT_NPZ)
+    args.out = args.out or (Path(__file__).parent / "results" /
+                            ("real_heads_external.json" if args.external else "real_heads.json"))
     if not args.npz.is_file():
         sys.exit(f"{args.npz}: the real-feature file is not here; pass --npz or set "
                  "SKINCACHE_SHARED_DATA to the shared data folder")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.external:
+        external(args.npz, args.out)
+        return
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         cache = build_cache(args.npz, Path(tmp) / "ham10000-effnetlite0.h5")

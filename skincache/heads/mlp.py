@@ -19,7 +19,8 @@ class MLPHead(FeedForwardHead):
     balance (None | "loss" | "sampler"), use_views (one of the clean + K cached views per image
     per epoch),
     patience (early stopping on validation balanced accuracy, best weights restored), seed,
-    device ("cpu" | "cuda" | "auto"), max_memory (as for `linear`).
+    device ("cpu" | "cuda" | "auto"), max_memory, std_shrink (as for `linear`; 0.5: on the
+    Lite1 HAM10000 val split 0.601 vs 0.594 with plain standardisation).
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class MLPHead(FeedForwardHead):
         max_memory: int | str | None = None,
         logit_adjust: float | str | None = "auto",
         calibrate: bool = True,
+        std_shrink: float = 0.5,
     ) -> None:
         self.hidden = hidden
         self.depth = depth
@@ -55,3 +57,4 @@ class MLPHead(FeedForwardHead):
         self.max_memory = max_memory
         self.logit_adjust = logit_adjust
         self.calibrate = calibrate
+        self.std_shrink = std_shrink
