@@ -19,8 +19,10 @@ import hashlib
 import io
 import json
 import math
+import mmap
 import os
 import shutil
+import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -315,19 +317,26 @@ class FeatureCache:
     @staticmethod
     @contextlib.contextmanager
     def _file(path: Path) -> Iterator[h5py.File]:
-        """The HDF5 file, with a damaged structure (truncated, overwritten) as one line."""
+        """The HDF5 file, with a damaged structure (truncated, overwritten) as one line.
+
+        The one place h5py's errors are turned into ours: every read of a cache (open, the
+        `visititems` walk, lazy split reads, verify) runs inside it, and a damaged object
+        header or B-tree surfaces from h5py as OSError, RuntimeError, KeyError or ValueError
+        depending on where it is met."""
         try:
             f = h5py.File(path, "r")
-        except OSError as e:
-            raise CacheError(f"{path}: not a readable HDF5 file ({e})") from None
+        except (OSError, RuntimeError, ValueError) as e:
+            raise CacheError(f"{path}: not a readable HDF5 file ({_first_line(e)}); "
+                             "re-encode it with `skincache encode ... --force`") from None
         try:
             with f:
+                _refuse_damaged_heaps(path, f)
                 yield f
-        except (KeyError, OSError, ValueError, TypeError) as e:
-            if isinstance(e, CacheError):
+        except _H5PY_ERRORS as e:
+            if isinstance(e, SkincacheError):
                 raise
             raise CacheError(f"{path}: damaged cache file ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}); re-encode it with "
+                             f"{_first_line(e)}); re-encode it with "
                              "`skincache encode ... --force`") from None
 
     @contextlib.contextmanager
@@ -584,6 +593,15 @@ class FeatureCache:
         }
 
 
+#: what h5py raises on a damaged file (its errors map HDF5's error stack onto these)
+_H5PY_ERRORS = (KeyError, OSError, ValueError, TypeError, RuntimeError, IndexError,
+                AttributeError, struct.error)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def _decode_attr(v):
     if isinstance(v, bytes):
         return v.decode()
@@ -593,7 +611,90 @@ def _decode_attr(v):
 
 
 def _strs(ds) -> np.ndarray:
+    """A string dataset's values as h5py decodes them (the writer's own, just-written file)."""
     return np.array(ds.asstr()[()], dtype=object) if len(ds) else np.array([], dtype=object)
+
+
+#: how a variable-length string element is stored: length, heap collection address, index
+_VLEN_REF = struct.Struct("<IQI")
+_GCOL_HEAD = struct.Struct("<4sB3sQ")  # signature, version, reserved, collection size
+_GCOL_OBJ = struct.Struct("<HH4xQ")  # heap object index, reference count, size
+#: (inode, size, mtime) -> the damaged heap collections found in that file (usually none)
+_HEAPS_SEEN: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _damaged_heaps(path: Path) -> list[int]:
+    """File offsets of the global heap collections (where HDF5 keeps every variable-length
+    string: our attributes and string columns) that HDF5's own reader would loop on for ever
+    or run past: it steps from object to object by each object's stored size, and a zeroed
+    block leaves a size of 0. Found by scanning the file for collection signatures and
+    walking each as HDF5 does, with bounds; done once per file version (a plain scan, about
+    1 GB/s), before h5py reads any string."""
+    st = os.stat(path)
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    if stamp in _HEAPS_SEEN:
+        return _HEAPS_SEEN[stamp]
+    bad: list[int] = []
+    with open(path, "rb") as fh:
+        if st.st_size:
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                at = mm.find(b"GCOL")
+                while at >= 0:
+                    if _heap_is_damaged(mm, at):
+                        bad.append(at)
+                    at = mm.find(b"GCOL", at + 4)
+    _HEAPS_SEEN[stamp] = bad
+    return bad
+
+
+def _heap_is_damaged(mm: mmap.mmap, at: int) -> bool:
+    """Whether the collection at `at` would trap HDF5's walk (False for the rare float16 run
+    that merely spells "GCOL": HDF5 refuses those by their version or reserved bytes)."""
+    if at + _GCOL_HEAD.size > len(mm):
+        return False
+    _sig, version, reserved, total = _GCOL_HEAD.unpack_from(mm, at)
+    if version != 1 or reserved != b"\0\0\0":
+        return False
+    if not _GCOL_HEAD.size < total <= len(mm) - at:
+        return True
+    pos = _GCOL_HEAD.size
+    while pos + _GCOL_OBJ.size <= total:
+        index, _refs, size = _GCOL_OBJ.unpack_from(mm, at + pos)
+        need = size if index == 0 else _GCOL_OBJ.size + (size + 7) // 8 * 8
+        if need <= 0 or pos + need > total:
+            return True
+        pos += need
+    return False
+
+
+def _refuse_damaged_heaps(path: Path, f: h5py.File) -> None:
+    """One CacheError naming the string dataset whose heap is damaged (found from the
+    datasets' raw storage, read here), or the attributes when no dataset's is."""
+    bad = _damaged_heaps(path)
+    if not bad:
+        return
+    names: list[tuple[str, int, int]] = []
+
+    def strings(name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset) and h5py.check_string_dtype(obj.dtype) is not None \
+                and obj.id.get_offset() is not None:
+            names.append((name, obj.id.get_offset(), obj.id.get_storage_size()))
+
+    f.visititems(strings)
+    with open(path, "rb") as fh:
+        for name, offset, size in sorted(names):
+            fh.seek(offset)
+            raw = fh.read(min(size, 1 << 26))
+            raw = raw[:len(raw) // _VLEN_REF.size * _VLEN_REF.size]
+            if any(addr in bad for _n, addr, _i in _VLEN_REF.iter_unpack(raw)):
+                raise _heap_error(path, name, f"its string heap at byte {bad[0]:,}")
+    raise CacheError(f"{path}: the attributes are damaged (their string heap at byte "
+                     f"{bad[0]:,}); re-encode it with `skincache encode ... --force`")
+
+
+def _heap_error(path: Path, name: str, why: str) -> CacheError:
+    return CacheError(f"{path}: dataset {name} is damaged ({why}); re-encode it with "
+                      "`skincache encode ... --force`")
 
 
 def _digest(value) -> str:

@@ -1,0 +1,121 @@
+"""Hostile inputs, part two (issue 15): hangs and tracebacks at the edges of the cache reader,
+the CSV readers, the encode loop under a file-size limit, damaged `.partial/` folders, the
+`--force` resume promise and symlinks out of the dataset folder.
+
+Every case that could hang runs in a subprocess with a timeout (a hang fails the test, never
+the suite); no test times anything."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+
+from skincache.cache import CacheError, FeatureCache
+from tests.test_hostile import _cli, cache_copy  # noqa: F401  (a fixture, used by name)
+
+PY = sys.executable
+
+
+def _heap_address(path: Path, dataset: str) -> int:
+    """The file offset of the global heap collection that holds `dataset`'s first string
+    (from the dataset's raw storage: length, collection address, index per element)."""
+    with h5py.File(path, "r") as f:
+        off = f[dataset].id.get_offset()
+    with open(path, "rb") as fh:
+        fh.seek(off)
+        _length, addr, _index = struct.unpack("<IQI", fh.read(16))
+    return addr
+
+
+def _zero(path: Path, offset: int, n: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\0" * n)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, *names: str) -> str:
+    """The failure is exactly one `error:` line naming each of `names`, and no traceback."""
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out, out[-3000:]
+    assert proc.returncode == 1, out[-3000:]
+    lines = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, out[-3000:]
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- damaged HDF5
+
+
+@pytest.mark.parametrize("dataset", ["splits/train/sha1", "splits/val/image_id"])
+def test_a_zeroed_string_heap_is_one_line_not_a_hang(cache_copy, dataset):  # noqa: F811
+    """Hang 1: the heap objects' headers zeroed (the collection's signature kept) made h5py's
+    string reader loop for ever; now the bounded reader refuses it, naming the dataset."""
+    FeatureCache.open(cache_copy).verify()  # sound before
+    addr = _heap_address(cache_copy, dataset)
+    _zero(cache_copy, addr + 16, 4096 - 16)
+    proc = _cli("info", str(cache_copy), timeout=120)
+    _one_error_line(proc, str(cache_copy), "is damaged")
+    with pytest.raises(CacheError, match="dataset .* is damaged"):
+        FeatureCache.open(cache_copy).load()
+
+
+def test_a_zeroed_heap_string_is_caught_by_the_checksum(cache_copy):  # noqa: F811
+    """Bytes of one string zeroed, the heap's structure intact: it still parses, and the
+    dataset's checksum refuses it."""
+    addr = _heap_address(cache_copy, "splits/train/sha1")
+    _zero(cache_copy, addr + 16 + 16, 8)  # the first object's first 8 data bytes
+    with pytest.raises(CacheError, match="does not match its checksum|is damaged"):
+        FeatureCache.open(cache_copy).verify()
+
+
+_SWEEP = """
+import sys
+from skincache.cache import FeatureCache
+from skincache.errors import SkincacheError
+try:
+    FeatureCache.open(sys.argv[1]).verify().load()
+except SkincacheError as e:
+    print("refused:", e)
+    sys.exit(1)
+print("clean")
+"""
+
+
+def test_random_zeroed_blocks_open_cleanly_or_give_one_line(cache_copy, tmp_path):  # noqa: F811
+    """30 zeroed 4 KB blocks at random offsets: each a clean open or one refusal, never a hang
+    (a subprocess with a timeout) and never a traceback."""
+    size = cache_copy.stat().st_size
+    rng = random.Random(15)
+    outcomes = []
+    for i in range(30):
+        bad = tmp_path / f"bad{i}.h5"
+        shutil.copy(cache_copy, bad)
+        _zero(bad, rng.randrange(0, size - 1024), 4096)
+        proc = subprocess.run([PY, "-c", _SWEEP, str(bad)], capture_output=True, text=True,
+                              timeout=120)
+        out = proc.stdout + proc.stderr
+        assert "Traceback" not in out, (i, out[-3000:])
+        assert proc.returncode in (0, 1), (i, out[-3000:])
+        outcomes.append(out.split(":")[0].strip())
+        if proc.returncode == 1:
+            assert str(bad) in out, out
+    assert "refused" in outcomes  # the sweep did damage something
+
+
+def test_a_damaged_btree_or_object_header_is_one_cache_error(cache_copy):  # noqa: F811
+    """Case 2: damaged object headers / B-trees ("wrong B-tree signature") raise from h5py's
+    `visititems` walk as RuntimeError; the reader's one boundary turns them into CacheError."""
+    with h5py.File(cache_copy, "r") as f:
+        addr = h5py.h5o.get_info(f["splits"].id).addr
+    _zero(cache_copy, addr, 4096)
+    with pytest.raises(CacheError, match=str(cache_copy)):
+        FeatureCache.open(cache_copy).verify().load()
