@@ -7,6 +7,7 @@ the suite); no test times anything."""
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import struct
@@ -119,3 +120,31 @@ def test_a_damaged_btree_or_object_header_is_one_cache_error(cache_copy):  # noq
     _zero(cache_copy, addr, 4096)
     with pytest.raises(CacheError, match=str(cache_copy)):
         FeatureCache.open(cache_copy).verify().load()
+
+
+# --------------------------------------------------------------------------- FIFOs as CSVs
+
+
+@pytest.mark.parametrize("name", ["HAM10000_metadata.csv", "ISIC2018_Task3_Test_GroundTruth.csv"])
+@pytest.mark.parametrize("command", ["encode", "audit"])
+def test_a_fifo_named_like_a_metadata_csv_is_one_line_not_a_hang(tmp_path, name, command):
+    """Hang 2: the CSV readers open non-blocking and check fstat, so a FIFO in place of a
+    metadata or ground-truth CSV is refused at once (the test's timeout catches a hang)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    os.mkfifo(data / name)
+    args = ["audit", "--data", str(data)] if command == "audit" else [
+        "encode", "--data", str(data), "--model", "skincache-tiny", "--pretrained", "",
+        "--device", "cpu", "--quiet", "--cache-dir", str(tmp_path / "c")]
+    _one_error_line(_cli(*args, timeout=120), str(data / name), "not a regular file")
+
+
+def test_the_csv_readers_refuse_a_fifo_without_opening_it_for_reading(tmp_path):
+    from skincache.data._files import read_csv_header, read_csv_rows
+    from skincache.errors import InputFileError
+
+    fifo = tmp_path / "x.csv"
+    os.mkfifo(fifo)
+    for read in (read_csv_header, read_csv_rows):
+        with pytest.raises(InputFileError, match="not a regular file"):
+            read(fifo)
