@@ -12,6 +12,7 @@ Whatever one image does is recorded in the batch's `failed` with the reason; the
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import queue
 import threading
@@ -22,8 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from skincache.cache import make_disk_error
 from skincache.data import Record, read_image_bytes
-from skincache.errors import InputFileError, UsageError
+from skincache.errors import DiskError, InputFileError, UsageError
 from skincache.views import DecodeError, ViewMaker, decode_image, probe_size
 
 #: Seconds a decode worker may take for one batch before the run stops with an error.
@@ -88,6 +90,11 @@ class _ViewDataset(torch.utils.data.Dataset):
         return pos, sha1, views, reason
 
 
+class _HandOverError(RuntimeError):
+    """A decode worker could not put a batch in shared memory (raised in the worker, so the
+    DataLoader hands it to the main process instead of losing the batch)."""
+
+
 def _collate(items) -> Batch:
     ok = [(p, s, v) for p, s, v, r in items if v is not None]
     failed = [(p, s, r) for p, s, v, r in items if v is None]
@@ -95,7 +102,30 @@ def _collate(items) -> Batch:
         pixels = torch.from_numpy(np.stack([v for _, _, v in ok]))
     else:
         pixels = torch.empty(0, dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is not None:
+        # Moved into shared memory here, where a failure is an exception the DataLoader
+        # forwards. Left to its queue's feeder thread, a failure there (a file size limit,
+        # /dev/shm full: "unable to resize file </torch_...>") prints a traceback in every
+        # worker and the batch never arrives, so the main process waits for it.
+        try:
+            pixels.share_memory_()
+        except RuntimeError as e:
+            raise _HandOverError(f"{e} ({pixels.numel():,} bytes)") from None
     return Batch([p for p, _, _ in ok], pixels, [s for _, s, _ in ok], failed)
+
+
+def _hand_over_failed(e: BaseException) -> DiskError:
+    """The one line for a batch a worker could not hand over (the DataLoader wraps the
+    worker's exception with its traceback: only its last line is the worker's message)."""
+    last = str(e).strip().splitlines()[-1].split(": ", 1)[-1]
+    if "File too large" in last or "(27)" in last:
+        return make_disk_error(errno.EFBIG, "file size limit reached (ulimit -f): decode "
+                               "workers cannot hand a batch over in shared memory "
+                               f"({last}); raise the limit (ulimit -f unlimited) or pass "
+                               "--workers 0")
+    return make_disk_error(errno.ENOSPC, f"shared memory (/dev/shm) full: decode workers "
+                           f"cannot hand a batch over ({last}); free /dev/shm, or pass "
+                           "--workers 0")
 
 
 def cpu_batches(records: list[Record], positions: list[int], maker: ViewMaker, batch_size: int,
@@ -109,7 +139,10 @@ def cpu_batches(records: list[Record], positions: list[int], maker: ViewMaker, b
         # killed) is an error after this long, not a wait forever
         timeout=LOADER_TIMEOUT_S if num_workers else 0,
     )
-    yield from loader
+    try:
+        yield from loader
+    except _HandOverError as e:
+        raise _hand_over_failed(e) from None
 
 
 def tensor_batches(records: list[Record], positions: list[int], maker: ViewMaker,

@@ -19,7 +19,12 @@ import h5py
 import pytest
 
 from skincache.cache import CacheError, FeatureCache
-from tests.test_hostile import _cli, cache_copy  # noqa: F401  (a fixture, used by name)
+from tests.test_hostile import (  # noqa: F401  (cache_copy: a fixture, used by name)
+    SKINCACHE,
+    _cli,
+    _limit_file_size,
+    cache_copy,
+)
 
 PY = sys.executable
 
@@ -148,3 +153,24 @@ def test_the_csv_readers_refuse_a_fifo_without_opening_it_for_reading(tmp_path):
     for read in (read_csv_header, read_csv_rows):
         with pytest.raises(InputFileError, match="not a regular file"):
             read(fifo)
+
+
+# --------------------------------------------------------------------------- ulimit -f
+
+
+def test_a_small_file_size_limit_is_one_line_not_worker_tracebacks_and_a_hang(demo_root,
+                                                                              tmp_path):
+    """Hang 4: under `ulimit -f 40` the decode workers cannot put a batch in shared memory;
+    the worker's failure reaches the main process as one line (nothing lost), never eight
+    worker tracebacks and a wait, and the same command without the limit then finishes."""
+    args = [*SKINCACHE, "encode", "--data", str(demo_root), "--model", "skincache-tiny",
+            "--pretrained", "", "--device", "cpu", "--quiet", "--views", "1",
+            "--batch-size", "8", "--workers", "2", "--cache-dir", str(tmp_path / "c")]
+    env = {**os.environ, "COLUMNS": "5000"}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env,
+                          preexec_fn=_limit_file_size(40 << 10))
+    line = _one_error_line(proc, "file size limit", "nothing is lost")
+    assert "run the same command again" in line
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(list((tmp_path / "c").glob("*.h5"))) == 1
