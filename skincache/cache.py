@@ -31,7 +31,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from skincache._io import atomic_write
+from skincache._io import atomic_write, read_json_file
 from skincache.errors import DiskError, SkincacheError
 
 #: 2: a sha256 per dataset (`checksums` attr) and over the attributes (`header_sha256`).
@@ -934,20 +934,51 @@ class PartialCache:
     def manifest_path(self) -> Path:
         return self.folder / "manifest.json"
 
+    def manifest(self) -> dict | None:
+        """The manifest on disk; None when there is none, or (with a warning) when it is not
+        a JSON object: the folder is then started afresh."""
+        if not self.manifest_path.exists():
+            return None
+        try:
+            old = read_json_file(self.manifest_path, max_bytes=1 << 20,
+                                 what="partial-cache manifest")
+        except SkincacheError as e:
+            old = str(e)
+        if not isinstance(old, dict):
+            warnings.warn(f"{self.manifest_path}: not a valid manifest ({str(old)[:80]}); "
+                          "starting the partial folder afresh", CacheWarning, stacklevel=2)
+            return None
+        return old
+
     def start(self, manifest: dict) -> dict:
         """Open for resume if the manifest matches `manifest["key"]`, else start afresh.
 
         Returns the manifest in force (an existing one keeps its chunk and batch sizes so
-        the resumed numbers equal an uninterrupted run's)."""
-        if self.manifest_path.exists():
-            old = json.loads(self.manifest_path.read_text())
-            if old.get("key") == manifest["key"] and old.get("n_records") == manifest["n_records"]:
-                return old
+        the resumed numbers equal an uninterrupted run's; `forced` is kept once set, so an
+        interrupted `--force` rebuild is continued by any rerun)."""
+        old = self.manifest()
+        if old is not None and old.get("key") == manifest["key"] \
+                and old.get("n_records") == manifest["n_records"]:
+            if manifest.get("forced") and not old.get("forced"):
+                old["forced"] = True
+                self._write_manifest(old)
+            return old
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
-        atomic_write(self.manifest_path, lambda f: f.write(json.dumps(manifest).encode()))
+        self._write_manifest(manifest)
         return manifest
+
+    def _write_manifest(self, manifest: dict) -> None:
+        atomic_write(self.manifest_path, lambda f: f.write(json.dumps(manifest).encode()))
+
+    def forced_rebuild_pending(self, key: str) -> bool:
+        """Whether this folder is an interrupted `--force` rebuild of `key` (so a rerun
+        without --force continues it rather than reporting the old cache up to date)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CacheWarning)  # said again when it is started
+            old = self.manifest()
+        return bool(old and old.get("forced") and old.get("key") == key)
 
     def chunk_path(self, i: int) -> Path:
         return self.folder / f"chunk_{i:06d}.npz"
@@ -966,15 +997,43 @@ class PartialCache:
         with np.load(self.chunk_path(i), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
+    def keep_chunk(self, i: int, fields: tuple[str, ...]) -> bool:
+        """Whether chunk `i` is committed and sound (a zip of plain arrays holding `fields`).
+        A damaged one (truncated, object arrays, edited) is removed with a warning, so it is
+        encoded again; never unpickled."""
+        path = self.chunk_path(i)
+        if not path.exists():
+            return False
+        try:
+            arrays = self.read_chunk(i)
+            if any(f not in arrays for f in fields):
+                raise ValueError(f"no {next(f for f in fields if f not in arrays)!r} array")
+            return True
+        except Exception as e:  # zipfile, numpy and OS errors alike: the file is not usable
+            warnings.warn(f"{path}: damaged chunk ({type(e).__name__}: {_first_line(e)[:80]});"
+                          " discarded, it is encoded again", CacheWarning, stacklevel=2)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return False
+
     def write_array(self, name: str, **arrays: np.ndarray) -> None:
         atomic_write(self.folder / f"{name}.npz", lambda f: np.savez(f, **arrays))
 
     def read_array(self, name: str) -> dict[str, np.ndarray] | None:
+        """`<name>.npz`'s arrays; None when absent or (with a warning, the file removed)
+        damaged, so it is written again."""
         p = self.folder / f"{name}.npz"
         if not p.exists():
             return None
-        with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except Exception as e:
+            warnings.warn(f"{p}: damaged ({type(e).__name__}); discarded, it is written again",
+                          CacheWarning, stacklevel=2)
+            with contextlib.suppress(OSError):
+                p.unlink()
+            return None
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -133,6 +133,8 @@ def encode_dataset(
     cache_dir = Path(cache_dir)
     name = cache_name(dataset.name, spec.slug, policy.k, key)
     final = cache_dir / f"{name}.h5"
+    # an interrupted --force rebuild is continued by any rerun, --force or not
+    force = force or PartialCache(cache_dir / f"{name}.partial").forced_rebuild_pending(key)
     if final.exists() and not force:
         # under torchrun every rank sees the finished cache; only rank 0 sweeps its leftovers
         swept = _sweep_leftovers(cache_dir, name) if os.environ.get("RANK", "0") == "0" else None
@@ -252,16 +254,16 @@ def _start_partial(dataset: Dataset, encoder: ImageEncoder, partial: PartialCach
                    template_sets: list[str]) -> dict:
     """Rank 0, under the lock: start or resume the partial folder, write the text features,
     and list the chunks still missing (every rank gets this plan)."""
-    if force:
-        partial.remove()
     records = dataset.records
+    # a --force rebuild resumes its own partial folder like any run (chunks depend only on
+    # the key, and each is checked before it is kept); the manifest records it was forced
     manifest = partial.start({
         "key": key, "n_records": len(records), "batch_size": batch_size,
-        "chunk_size": batch_size * chunk_batches, "started": now_iso(),
+        "chunk_size": batch_size * chunk_batches, "started": now_iso(), "forced": force,
     })
     chunk_size = manifest["chunk_size"]
     n_chunks = math.ceil(len(records) / chunk_size)
-    missing = [i for i in range(n_chunks) if not partial.has_chunk(i)]
+    missing = [i for i in range(n_chunks) if not partial.keep_chunk(i, CHUNK_FIELDS)]
     if partial.read_array("text") is None:
         partial.write_array("text", **{s: encoder.text_features(dataset.classes, s)
                                        for s in template_sets})
@@ -301,6 +303,11 @@ def _run_chunks(encoder: ImageEncoder, records: list[Record], chunks: list[int],
             chunk = next(todo, -1)
     if acc:
         raise RuntimeError("internal: loader ended inside a chunk")
+
+
+#: the arrays every committed chunk holds (`_commit` writes them, `_assemble` reads them)
+CHUNK_FIELDS = ("index", "features", "views", "sha1", "failed_index", "failed_sha1",
+                "failed_reason")
 
 
 def _commit(partial: PartialCache, chunk: int, batches: list[Batch], feats: list[np.ndarray],

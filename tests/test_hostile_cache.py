@@ -7,6 +7,7 @@ the suite); no test times anything."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -16,11 +17,16 @@ import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
-from skincache.cache import CacheError, FeatureCache
+from skincache.cache import CacheError, CacheWarning, FeatureCache, PartialCache
+from skincache.encode import encode_dataset
+from skincache.views import ViewPolicy
 from tests.test_hostile import (  # noqa: F401  (cache_copy: a fixture, used by name)
+    FAST,
     SKINCACHE,
+    TINY,
     _cli,
     _limit_file_size,
     cache_copy,
@@ -174,3 +180,104 @@ def test_a_small_file_size_limit_is_one_line_not_worker_tracebacks_and_a_hang(de
     done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert len(list((tmp_path / "c").glob("*.h5"))) == 1
+
+
+# --------------------------------------------------------------------------- .partial/ and --force
+
+
+OPTS = {**FAST, "batch_size": 8}
+POLICY = ViewPolicy(k=1)
+
+
+class _Killed(BaseException):
+    """Stands for a kill: not an Exception, so nothing on the way catches it."""
+
+
+def _interrupted(dataset, cache_dir: Path, monkeypatch, after: int, **kw) -> list[int]:
+    """An encode killed once `after` chunks are committed; returns the chunks written."""
+    real = PartialCache.write_chunk
+    written: list[int] = []
+
+    def write(self, i, **arrays):
+        if len(written) == after:
+            raise _Killed
+        written.append(i)
+        return real(self, i, **arrays)
+
+    monkeypatch.setattr(PartialCache, "write_chunk", write)
+    with pytest.raises(_Killed):
+        encode_dataset(dataset, TINY, policy=POLICY, cache_dir=cache_dir, **OPTS, **kw)
+    monkeypatch.setattr(PartialCache, "write_chunk", real)
+    return written
+
+
+def _counting(monkeypatch) -> list[int]:
+    real = PartialCache.write_chunk
+    written: list[int] = []
+
+    def write(self, i, **arrays):
+        written.append(i)
+        return real(self, i, **arrays)
+
+    monkeypatch.setattr(PartialCache, "write_chunk", write)
+    return written
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_damaged_chunks_are_discarded_and_encoded_again_never_unpickled(demo_dataset, tmp_path,
+                                                                        monkeypatch):
+    """Case 5: a truncated chunk and an object-array (pickle) chunk: one warning each, both
+    re-encoded, the payload never run, and the cache complete."""
+    _interrupted(demo_dataset, tmp_path, monkeypatch, after=3)
+    part = next(tmp_path.glob("*.partial"))
+    c0 = part / "chunk_000000.npz"
+    c0.write_bytes(c0.read_bytes()[:100])
+    marker = tmp_path / "unpickled"
+    np.savez(part / "chunk_000001.npz", index=np.array([_Payload(marker)], dtype=object))
+    written = _counting(monkeypatch)
+    with pytest.warns(CacheWarning, match="damaged chunk") as seen:
+        res = encode_dataset(demo_dataset, TINY, policy=POLICY, cache_dir=tmp_path, **OPTS)
+    assert sum("damaged chunk" in str(w.message) for w in seen) == 2
+    assert not marker.exists()
+    assert 0 in written and 1 in written and 2 not in written  # chunk 2 was kept
+    fc = FeatureCache.open(res.path, load=True)
+    assert sum(len(s) for s in fc.splits.values()) + len(fc.failed) == len(demo_dataset.records)
+
+
+def test_an_invalid_manifest_starts_the_partial_folder_afresh(demo_dataset, tmp_path,
+                                                              monkeypatch):
+    _interrupted(demo_dataset, tmp_path, monkeypatch, after=2)
+    (next(tmp_path.glob("*.partial")) / "manifest.json").write_text("{not json")
+    written = _counting(monkeypatch)
+    with pytest.warns(CacheWarning, match="starting the partial folder afresh"):
+        res = encode_dataset(demo_dataset, TINY, policy=POLICY, cache_dir=tmp_path, **OPTS)
+    assert res.status == "built" and 0 in written
+    FeatureCache.open(res.path).verify()
+
+
+@pytest.mark.parametrize("rerun_force", [False, True])
+def test_an_interrupted_force_rebuild_resumes_with_or_without_force(demo_dataset, tmp_path,
+                                                                    monkeypatch, rerun_force):
+    """Case 6, the README's promise: an interrupted `--force` is continued by the same command
+    (with --force again, or without it: not "up to date" with the partial folder deleted)."""
+    first = encode_dataset(demo_dataset, TINY, policy=POLICY, cache_dir=tmp_path, **OPTS)
+    done = _interrupted(demo_dataset, tmp_path, monkeypatch, after=3, force=True)
+    part = next(tmp_path.glob("*.partial"))
+    assert json.loads((part / "manifest.json").read_text())["forced"] is True
+    written = _counting(monkeypatch)
+    res = encode_dataset(demo_dataset, TINY, policy=POLICY, cache_dir=tmp_path, **OPTS,
+                         force=rerun_force)
+    assert res.status == "resumed"
+    assert written and not set(written) & set(done)  # the forced run's chunks were kept
+    assert not part.exists() and res.path == first.path
+    FeatureCache.open(res.path).verify()
+    # finished: a plain rerun is up to date again
+    assert encode_dataset(demo_dataset, TINY, policy=POLICY, cache_dir=tmp_path,
+                          **OPTS).status == "exists"
