@@ -89,9 +89,13 @@ class EncodeResult:
 
 
 def encode_key(dataset: Dataset, spec: ModelSpec, policy: ViewPolicy, precision: str,
-               template_sets: list[str], fingerprint: str | None = None) -> str:
-    """The cache key; pass `fingerprint` when it is already known (it stats every file)."""
-    return cache_key({
+               template_sets: list[str], fingerprint: str | None = None,
+               follow_symlinks: bool = False) -> str:
+    """The cache key; pass `fingerprint` when it is already known (it stats every file).
+    `follow_symlinks` changes which images are read, so it is part of the key when set
+    (and absent otherwise, so the keys of existing caches stay as they were)."""
+    extra = {"follow_symlinks": True} if follow_symlinks else {}
+    return cache_key({**extra,
         "schema": SCHEMA_VERSION,
         "model": spec.identity(),
         "precision": precision,
@@ -118,6 +122,7 @@ def encode_dataset(
     force: bool = False,
     wait: bool = False,
     progress: bool = True,
+    follow_symlinks: bool = False,
 ) -> EncodeResult:
     """Encode `dataset` with the model `spec` into `cache_dir/<name>.h5` (see the module doc).
 
@@ -129,7 +134,8 @@ def encode_dataset(
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     fingerprint = dataset.fingerprint()
-    key = encode_key(dataset, spec, policy, precision, template_sets, fingerprint)
+    key = encode_key(dataset, spec, policy, precision, template_sets, fingerprint,
+                     follow_symlinks)
     cache_dir = Path(cache_dir)
     name = cache_name(dataset.name, spec.slug, policy.k, key)
     final = cache_dir / f"{name}.h5"
@@ -146,7 +152,8 @@ def encode_dataset(
     try:
         result = _encode_run(ctx, dataset, spec, policy, ctx.device, precision, fingerprint, key,
                              final, cache_dir, name, force, wait, batch_size, chunk_batches,
-                             num_workers, loader, template_sets, progress)
+                             num_workers, loader, template_sets, progress,
+                             None if follow_symlinks else _folder_of(dataset))
     finally:
         ctx.close()
     result.seconds = time.perf_counter() - t0
@@ -157,7 +164,7 @@ def _encode_run(ctx: DistContext, dataset: Dataset, spec: ModelSpec, policy: Vie
                 dev: torch.device, precision: str, fingerprint: str, key: str, final: Path,
                 cache_dir: Path, name: str, force: bool, wait: bool, batch_size: int,
                 chunk_batches: int, num_workers: int | None, loader: str,
-                template_sets: list[str], progress: bool) -> EncodeResult:
+                template_sets: list[str], progress: bool, root: str | None) -> EncodeResult:
     """The encode itself, on one process or as one rank of a torchrun job.
 
     Sharding: rank 0 takes the lock and starts (or resumes) the `.partial/` folder; the chunks
@@ -192,7 +199,7 @@ def _encode_run(ctx: DistContext, dataset: Dataset, spec: ModelSpec, policy: Vie
                     enabled=progress and ctx.main) as advance, \
                     _share_cores(dev, workers if route(loader, dev) == "pillow" else 0):
                 _run_chunks(encoder, dataset.records, mine, partial, chunk_size,
-                            plan["batch_size"], workers, loader, advance)
+                            plan["batch_size"], workers, loader, advance, root)
             ctx.barrier()  # every rank's chunks are committed
 
             def finish() -> EncodeResult:
@@ -220,6 +227,12 @@ def _encode_run(ctx: DistContext, dataset: Dataset, spec: ModelSpec, policy: Vie
             if de is not None:  # (an unreadable checkpoint elsewhere keeps its own message)
                 raise de from None
             raise
+
+
+def _folder_of(dataset: Dataset) -> str:
+    """The dataset folder symlinks may not lead out of (a CSV source's own folder)."""
+    root = Path(dataset.root)
+    return str(root.parent if root.is_file() else root)
 
 
 def _sweep_leftovers(cache_dir: Path, name: str) -> Path | None:
@@ -274,7 +287,8 @@ def _start_partial(dataset: Dataset, encoder: ImageEncoder, partial: PartialCach
 
 def _run_chunks(encoder: ImageEncoder, records: list[Record], chunks: list[int],
                 partial: PartialCache, chunk_size: int, batch_size: int,
-                num_workers: int | None, loader: str, advance) -> None:
+                num_workers: int | None, loader: str, advance, root: str | None = None
+                ) -> None:
     """Model loop over `chunks` (in order, in one loader pass); commits one chunk file per
     chunk (batches never straddle two chunks)."""
     if not chunks:
@@ -291,7 +305,7 @@ def _run_chunks(encoder: ImageEncoder, records: list[Record], chunks: list[int],
     seen = 0
     # every chunk but the dataset's last holds a multiple of batch_size records, so batches
     # never straddle two chunks and are the very batches a one-process run makes
-    for batch in encoder.batches(records, positions, batch_size, num_workers, loader):
+    for batch in encoder.batches(records, positions, batch_size, num_workers, loader, root):
         acc.append(batch)
         if len(batch.index):
             feats.append(encoder.features(batch.pixels))

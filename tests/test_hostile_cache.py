@@ -281,3 +281,29 @@ def test_an_interrupted_force_rebuild_resumes_with_or_without_force(demo_dataset
     # finished: a plain rerun is up to date again
     assert encode_dataset(demo_dataset, TINY, policy=POLICY, cache_dir=tmp_path,
                           **OPTS).status == "exists"
+
+
+# --------------------------------------------------------------------------- symlinks out
+
+
+def test_a_symlink_out_of_the_dataset_folder_is_refused_unless_followed(demo_root, tmp_path):
+    """Case 7: an image in the dataset folder that is a symlink to a file outside it is a
+    failure in /failed naming the link (a link can make a dataset read any file); with
+    `follow_symlinks` (`encode --follow-symlinks`) it is read."""
+    from skincache.data import load_dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    image = sorted(p for p in data.rglob("*.jpg"))[0]
+    outside = tmp_path / "elsewhere.jpg"
+    shutil.move(image, outside)
+    image.symlink_to(outside)
+    ds = load_dataset(data)
+    refused = encode_dataset(ds, TINY, policy=POLICY, cache_dir=tmp_path / "c", **OPTS)
+    reasons = [r["reason"] for r in FeatureCache.open(refused.path).failed]
+    assert len(reasons) == 1 and reasons[0].startswith("symlink:")
+    assert str(image) in reasons[0] and "--follow-symlinks" in reasons[0]
+    followed = encode_dataset(ds, TINY, policy=POLICY, cache_dir=tmp_path / "c", **OPTS,
+                              follow_symlinks=True)
+    assert followed.path != refused.path  # a different key: different images read
+    assert FeatureCache.open(followed.path).failed == []
