@@ -594,8 +594,7 @@ class FeatureCache:
 
 
 #: what h5py raises on a damaged file (its errors map HDF5's error stack onto these)
-_H5PY_ERRORS = (KeyError, OSError, ValueError, TypeError, RuntimeError, IndexError,
-                AttributeError, struct.error)
+_H5PY_ERRORS = (KeyError, OSError, ValueError, TypeError, RuntimeError, IndexError)
 
 
 def _first_line(e: BaseException) -> str:
@@ -986,9 +985,6 @@ class PartialCache:
     def n_chunks(self) -> int:
         """How many chunk files are committed (for messages)."""
         return len(list(self.folder.glob("chunk_*.npz")))
-
-    def has_chunk(self, i: int) -> bool:
-        return self.chunk_path(i).exists()
 
     def write_chunk(self, i: int, **arrays: np.ndarray) -> None:
         atomic_write(self.chunk_path(i), lambda f: np.savez(f, **arrays))
