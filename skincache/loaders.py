@@ -66,7 +66,7 @@ def read_record(record: Record, root: str | None = None) -> tuple[bytes | None, 
     """(bytes or None, sha1, failure reason) for one record's image, never raising; with
     `root`, an image reached by a symlink out of that folder is a failure naming the link."""
     target = link_out_of(record.source, root)
-    if target is not None:
+    if target is not None and os.path.isfile(target):  # (a device or FIFO: refused below)
         return None, "", (f"symlink: {record.source} is a link to {target}, outside the "
                           "dataset folder; pass --follow-symlinks to read it")
     try:
