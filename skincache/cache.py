@@ -19,8 +19,10 @@ import hashlib
 import io
 import json
 import math
+import mmap
 import os
 import shutil
+import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from skincache._io import atomic_write
+from skincache._io import atomic_write, read_json_file
 from skincache.errors import DiskError, SkincacheError
 
 #: 2: a sha256 per dataset (`checksums` attr) and over the attributes (`header_sha256`).
@@ -315,19 +317,26 @@ class FeatureCache:
     @staticmethod
     @contextlib.contextmanager
     def _file(path: Path) -> Iterator[h5py.File]:
-        """The HDF5 file, with a damaged structure (truncated, overwritten) as one line."""
+        """The HDF5 file, with a damaged structure (truncated, overwritten) as one line.
+
+        The one place h5py's errors are turned into ours: every read of a cache (open, the
+        `visititems` walk, lazy split reads, verify) runs inside it, and a damaged object
+        header or B-tree surfaces from h5py as OSError, RuntimeError, KeyError or ValueError
+        depending on where it is met."""
         try:
             f = h5py.File(path, "r")
-        except OSError as e:
-            raise CacheError(f"{path}: not a readable HDF5 file ({e})") from None
+        except (OSError, RuntimeError, ValueError) as e:
+            raise CacheError(f"{path}: not a readable HDF5 file ({_first_line(e)}); "
+                             "re-encode it with `skincache encode ... --force`") from None
         try:
             with f:
+                _refuse_damaged_heaps(path, f)
                 yield f
-        except (KeyError, OSError, ValueError, TypeError) as e:
-            if isinstance(e, CacheError):
+        except _H5PY_ERRORS as e:
+            if isinstance(e, SkincacheError):
                 raise
             raise CacheError(f"{path}: damaged cache file ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}); re-encode it with "
+                             f"{_first_line(e)}); re-encode it with "
                              "`skincache encode ... --force`") from None
 
     @contextlib.contextmanager
@@ -584,6 +593,14 @@ class FeatureCache:
         }
 
 
+#: what h5py raises on a damaged file (its errors map HDF5's error stack onto these)
+_H5PY_ERRORS = (KeyError, OSError, ValueError, TypeError, RuntimeError, IndexError)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def _decode_attr(v):
     if isinstance(v, bytes):
         return v.decode()
@@ -593,7 +610,90 @@ def _decode_attr(v):
 
 
 def _strs(ds) -> np.ndarray:
+    """A string dataset's values as h5py decodes them (the writer's own, just-written file)."""
     return np.array(ds.asstr()[()], dtype=object) if len(ds) else np.array([], dtype=object)
+
+
+#: how a variable-length string element is stored: length, heap collection address, index
+_VLEN_REF = struct.Struct("<IQI")
+_GCOL_HEAD = struct.Struct("<4sB3sQ")  # signature, version, reserved, collection size
+_GCOL_OBJ = struct.Struct("<HH4xQ")  # heap object index, reference count, size
+#: (inode, size, mtime) -> the damaged heap collections found in that file (usually none)
+_HEAPS_SEEN: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _damaged_heaps(path: Path) -> list[int]:
+    """File offsets of the global heap collections (where HDF5 keeps every variable-length
+    string: our attributes and string columns) that HDF5's own reader would loop on for ever
+    or run past: it steps from object to object by each object's stored size, and a zeroed
+    block leaves a size of 0. Found by scanning the file for collection signatures and
+    walking each as HDF5 does, with bounds; done once per file version (a plain scan, about
+    1 GB/s), before h5py reads any string."""
+    st = os.stat(path)
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    if stamp in _HEAPS_SEEN:
+        return _HEAPS_SEEN[stamp]
+    bad: list[int] = []
+    with open(path, "rb") as fh:
+        if st.st_size:
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                at = mm.find(b"GCOL")
+                while at >= 0:
+                    if _heap_is_damaged(mm, at):
+                        bad.append(at)
+                    at = mm.find(b"GCOL", at + 4)
+    _HEAPS_SEEN[stamp] = bad
+    return bad
+
+
+def _heap_is_damaged(mm: mmap.mmap, at: int) -> bool:
+    """Whether the collection at `at` would trap HDF5's walk (False for the rare float16 run
+    that merely spells "GCOL": HDF5 refuses those by their version or reserved bytes)."""
+    if at + _GCOL_HEAD.size > len(mm):
+        return False
+    _sig, version, reserved, total = _GCOL_HEAD.unpack_from(mm, at)
+    if version != 1 or reserved != b"\0\0\0":
+        return False
+    if not _GCOL_HEAD.size < total <= len(mm) - at:
+        return True
+    pos = _GCOL_HEAD.size
+    while pos + _GCOL_OBJ.size <= total:
+        index, _refs, size = _GCOL_OBJ.unpack_from(mm, at + pos)
+        need = size if index == 0 else _GCOL_OBJ.size + (size + 7) // 8 * 8
+        if need <= 0 or pos + need > total:
+            return True
+        pos += need
+    return False
+
+
+def _refuse_damaged_heaps(path: Path, f: h5py.File) -> None:
+    """One CacheError naming the string dataset whose heap is damaged (found from the
+    datasets' raw storage, read here), or the attributes when no dataset's is."""
+    bad = _damaged_heaps(path)
+    if not bad:
+        return
+    names: list[tuple[str, int, int]] = []
+
+    def strings(name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset) and h5py.check_string_dtype(obj.dtype) is not None \
+                and obj.id.get_offset() is not None:
+            names.append((name, obj.id.get_offset(), obj.id.get_storage_size()))
+
+    f.visititems(strings)
+    with open(path, "rb") as fh:
+        for name, offset, size in sorted(names):
+            fh.seek(offset)
+            raw = fh.read(min(size, 1 << 26))
+            raw = raw[:len(raw) // _VLEN_REF.size * _VLEN_REF.size]
+            if any(addr in bad for _n, addr, _i in _VLEN_REF.iter_unpack(raw)):
+                raise _heap_error(path, name, f"its string heap at byte {bad[0]:,}")
+    raise CacheError(f"{path}: the attributes are damaged (their string heap at byte "
+                     f"{bad[0]:,}); re-encode it with `skincache encode ... --force`")
+
+
+def _heap_error(path: Path, name: str, why: str) -> CacheError:
+    return CacheError(f"{path}: dataset {name} is damaged ({why}); re-encode it with "
+                      "`skincache encode ... --force`")
 
 
 def _digest(value) -> str:
@@ -833,20 +933,51 @@ class PartialCache:
     def manifest_path(self) -> Path:
         return self.folder / "manifest.json"
 
+    def manifest(self) -> dict | None:
+        """The manifest on disk; None when there is none, or (with a warning) when it is not
+        a JSON object: the folder is then started afresh."""
+        if not self.manifest_path.exists():
+            return None
+        try:
+            old = read_json_file(self.manifest_path, max_bytes=1 << 20,
+                                 what="partial-cache manifest")
+        except SkincacheError as e:
+            old = str(e)
+        if not isinstance(old, dict):
+            warnings.warn(f"{self.manifest_path}: not a valid manifest ({str(old)[:80]}); "
+                          "starting the partial folder afresh", CacheWarning, stacklevel=2)
+            return None
+        return old
+
     def start(self, manifest: dict) -> dict:
         """Open for resume if the manifest matches `manifest["key"]`, else start afresh.
 
         Returns the manifest in force (an existing one keeps its chunk and batch sizes so
-        the resumed numbers equal an uninterrupted run's)."""
-        if self.manifest_path.exists():
-            old = json.loads(self.manifest_path.read_text())
-            if old.get("key") == manifest["key"] and old.get("n_records") == manifest["n_records"]:
-                return old
+        the resumed numbers equal an uninterrupted run's; `forced` is kept once set, so an
+        interrupted `--force` rebuild is continued by any rerun)."""
+        old = self.manifest()
+        if old is not None and old.get("key") == manifest["key"] \
+                and old.get("n_records") == manifest["n_records"]:
+            if manifest.get("forced") and not old.get("forced"):
+                old["forced"] = True
+                self._write_manifest(old)
+            return old
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
-        atomic_write(self.manifest_path, lambda f: f.write(json.dumps(manifest).encode()))
+        self._write_manifest(manifest)
         return manifest
+
+    def _write_manifest(self, manifest: dict) -> None:
+        atomic_write(self.manifest_path, lambda f: f.write(json.dumps(manifest).encode()))
+
+    def forced_rebuild_pending(self, key: str) -> bool:
+        """Whether this folder is an interrupted `--force` rebuild of `key` (so a rerun
+        without --force continues it rather than reporting the old cache up to date)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CacheWarning)  # said again when it is started
+            old = self.manifest()
+        return bool(old and old.get("forced") and old.get("key") == key)
 
     def chunk_path(self, i: int) -> Path:
         return self.folder / f"chunk_{i:06d}.npz"
@@ -855,9 +986,6 @@ class PartialCache:
         """How many chunk files are committed (for messages)."""
         return len(list(self.folder.glob("chunk_*.npz")))
 
-    def has_chunk(self, i: int) -> bool:
-        return self.chunk_path(i).exists()
-
     def write_chunk(self, i: int, **arrays: np.ndarray) -> None:
         atomic_write(self.chunk_path(i), lambda f: np.savez(f, **arrays))
 
@@ -865,15 +993,43 @@ class PartialCache:
         with np.load(self.chunk_path(i), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
+    def keep_chunk(self, i: int, fields: tuple[str, ...]) -> bool:
+        """Whether chunk `i` is committed and sound (a zip of plain arrays holding `fields`).
+        A damaged one (truncated, object arrays, edited) is removed with a warning, so it is
+        encoded again; never unpickled."""
+        path = self.chunk_path(i)
+        if not path.exists():
+            return False
+        try:
+            arrays = self.read_chunk(i)
+            if any(f not in arrays for f in fields):
+                raise ValueError(f"no {next(f for f in fields if f not in arrays)!r} array")
+            return True
+        except Exception as e:  # zipfile, numpy and OS errors alike: the file is not usable
+            warnings.warn(f"{path}: damaged chunk ({type(e).__name__}: {_first_line(e)[:80]});"
+                          " discarded, it is encoded again", CacheWarning, stacklevel=2)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return False
+
     def write_array(self, name: str, **arrays: np.ndarray) -> None:
         atomic_write(self.folder / f"{name}.npz", lambda f: np.savez(f, **arrays))
 
     def read_array(self, name: str) -> dict[str, np.ndarray] | None:
+        """`<name>.npz`'s arrays; None when absent or (with a warning, the file removed)
+        damaged, so it is written again."""
         p = self.folder / f"{name}.npz"
         if not p.exists():
             return None
-        with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except Exception as e:
+            warnings.warn(f"{p}: damaged ({type(e).__name__}); discarded, it is written again",
+                          CacheWarning, stacklevel=2)
+            with contextlib.suppress(OSError):
+                p.unlink()
+            return None
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -157,6 +157,9 @@ def encode(
     force: Annotated[bool, typer.Option(help="Rebuild even if the cache exists.")] = False,
     wait: Annotated[bool, typer.Option(help="Wait for another run on the same cache instead of "
                                             "stopping.")] = False,
+    follow_symlinks: Annotated[bool, typer.Option(
+        help="Read images reached by a symlink out of the dataset folder (refused and "
+             "recorded in /failed by default).")] = False,
     limit: Limit = None,
     quiet: Quiet = False,
 ) -> None:
@@ -185,7 +188,7 @@ def encode(
         result = encode_dataset(
             ds, spec, policy=ViewPolicy(k=views, seed=view_seed), cache_dir=cache_dir,
             device=device, precision=precision, batch_size=batch_size, num_workers=workers,
-            force=force, wait=wait, progress=not quiet,
+            force=force, wait=wait, progress=not quiet, follow_symlinks=follow_symlinks,
         )
     _render.encode_result(result)
     if result.status != "exists":

@@ -89,9 +89,13 @@ class EncodeResult:
 
 
 def encode_key(dataset: Dataset, spec: ModelSpec, policy: ViewPolicy, precision: str,
-               template_sets: list[str], fingerprint: str | None = None) -> str:
-    """The cache key; pass `fingerprint` when it is already known (it stats every file)."""
-    return cache_key({
+               template_sets: list[str], fingerprint: str | None = None,
+               follow_symlinks: bool = False) -> str:
+    """The cache key; pass `fingerprint` when it is already known (it stats every file).
+    `follow_symlinks` changes which images are read, so it is part of the key when set
+    (and absent otherwise, so the keys of existing caches stay as they were)."""
+    extra = {"follow_symlinks": True} if follow_symlinks else {}
+    return cache_key({**extra,
         "schema": SCHEMA_VERSION,
         "model": spec.identity(),
         "precision": precision,
@@ -118,6 +122,7 @@ def encode_dataset(
     force: bool = False,
     wait: bool = False,
     progress: bool = True,
+    follow_symlinks: bool = False,
 ) -> EncodeResult:
     """Encode `dataset` with the model `spec` into `cache_dir/<name>.h5` (see the module doc).
 
@@ -129,10 +134,13 @@ def encode_dataset(
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     fingerprint = dataset.fingerprint()
-    key = encode_key(dataset, spec, policy, precision, template_sets, fingerprint)
+    key = encode_key(dataset, spec, policy, precision, template_sets, fingerprint,
+                     follow_symlinks)
     cache_dir = Path(cache_dir)
     name = cache_name(dataset.name, spec.slug, policy.k, key)
     final = cache_dir / f"{name}.h5"
+    # an interrupted --force rebuild is continued by any rerun, --force or not
+    force = force or PartialCache(cache_dir / f"{name}.partial").forced_rebuild_pending(key)
     if final.exists() and not force:
         # under torchrun every rank sees the finished cache; only rank 0 sweeps its leftovers
         swept = _sweep_leftovers(cache_dir, name) if os.environ.get("RANK", "0") == "0" else None
@@ -144,7 +152,8 @@ def encode_dataset(
     try:
         result = _encode_run(ctx, dataset, spec, policy, ctx.device, precision, fingerprint, key,
                              final, cache_dir, name, force, wait, batch_size, chunk_batches,
-                             num_workers, loader, template_sets, progress)
+                             num_workers, loader, template_sets, progress,
+                             None if follow_symlinks else _folder_of(dataset))
     finally:
         ctx.close()
     result.seconds = time.perf_counter() - t0
@@ -155,7 +164,7 @@ def _encode_run(ctx: DistContext, dataset: Dataset, spec: ModelSpec, policy: Vie
                 dev: torch.device, precision: str, fingerprint: str, key: str, final: Path,
                 cache_dir: Path, name: str, force: bool, wait: bool, batch_size: int,
                 chunk_batches: int, num_workers: int | None, loader: str,
-                template_sets: list[str], progress: bool) -> EncodeResult:
+                template_sets: list[str], progress: bool, root: str | None) -> EncodeResult:
     """The encode itself, on one process or as one rank of a torchrun job.
 
     Sharding: rank 0 takes the lock and starts (or resumes) the `.partial/` folder; the chunks
@@ -190,7 +199,7 @@ def _encode_run(ctx: DistContext, dataset: Dataset, spec: ModelSpec, policy: Vie
                     enabled=progress and ctx.main) as advance, \
                     _share_cores(dev, workers if route(loader, dev) == "pillow" else 0):
                 _run_chunks(encoder, dataset.records, mine, partial, chunk_size,
-                            plan["batch_size"], workers, loader, advance)
+                            plan["batch_size"], workers, loader, advance, root)
             ctx.barrier()  # every rank's chunks are committed
 
             def finish() -> EncodeResult:
@@ -218,6 +227,12 @@ def _encode_run(ctx: DistContext, dataset: Dataset, spec: ModelSpec, policy: Vie
             if de is not None:  # (an unreadable checkpoint elsewhere keeps its own message)
                 raise de from None
             raise
+
+
+def _folder_of(dataset: Dataset) -> str:
+    """The dataset folder symlinks may not lead out of (a CSV source's own folder)."""
+    root = Path(dataset.root)
+    return str(root.parent if root.is_file() else root)
 
 
 def _sweep_leftovers(cache_dir: Path, name: str) -> Path | None:
@@ -252,16 +267,16 @@ def _start_partial(dataset: Dataset, encoder: ImageEncoder, partial: PartialCach
                    template_sets: list[str]) -> dict:
     """Rank 0, under the lock: start or resume the partial folder, write the text features,
     and list the chunks still missing (every rank gets this plan)."""
-    if force:
-        partial.remove()
     records = dataset.records
+    # a --force rebuild resumes its own partial folder like any run (chunks depend only on
+    # the key, and each is checked before it is kept); the manifest records it was forced
     manifest = partial.start({
         "key": key, "n_records": len(records), "batch_size": batch_size,
-        "chunk_size": batch_size * chunk_batches, "started": now_iso(),
+        "chunk_size": batch_size * chunk_batches, "started": now_iso(), "forced": force,
     })
     chunk_size = manifest["chunk_size"]
     n_chunks = math.ceil(len(records) / chunk_size)
-    missing = [i for i in range(n_chunks) if not partial.has_chunk(i)]
+    missing = [i for i in range(n_chunks) if not partial.keep_chunk(i, CHUNK_FIELDS)]
     if partial.read_array("text") is None:
         partial.write_array("text", **{s: encoder.text_features(dataset.classes, s)
                                        for s in template_sets})
@@ -272,7 +287,8 @@ def _start_partial(dataset: Dataset, encoder: ImageEncoder, partial: PartialCach
 
 def _run_chunks(encoder: ImageEncoder, records: list[Record], chunks: list[int],
                 partial: PartialCache, chunk_size: int, batch_size: int,
-                num_workers: int | None, loader: str, advance) -> None:
+                num_workers: int | None, loader: str, advance, root: str | None = None
+                ) -> None:
     """Model loop over `chunks` (in order, in one loader pass); commits one chunk file per
     chunk (batches never straddle two chunks)."""
     if not chunks:
@@ -289,7 +305,7 @@ def _run_chunks(encoder: ImageEncoder, records: list[Record], chunks: list[int],
     seen = 0
     # every chunk but the dataset's last holds a multiple of batch_size records, so batches
     # never straddle two chunks and are the very batches a one-process run makes
-    for batch in encoder.batches(records, positions, batch_size, num_workers, loader):
+    for batch in encoder.batches(records, positions, batch_size, num_workers, loader, root):
         acc.append(batch)
         if len(batch.index):
             feats.append(encoder.features(batch.pixels))
@@ -301,6 +317,11 @@ def _run_chunks(encoder: ImageEncoder, records: list[Record], chunks: list[int],
             chunk = next(todo, -1)
     if acc:
         raise RuntimeError("internal: loader ended inside a chunk")
+
+
+#: the arrays every committed chunk holds (`_commit` writes them, `_assemble` reads them)
+CHUNK_FIELDS = ("index", "features", "views", "sha1", "failed_index", "failed_sha1",
+                "failed_reason")
 
 
 def _commit(partial: PartialCache, chunk: int, batches: list[Batch], feats: list[np.ndarray],

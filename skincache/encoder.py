@@ -55,10 +55,13 @@ class ImageEncoder:
         return f.cpu().numpy().reshape(len(classes), len(prompts[0]), -1)
 
     def batches(self, records: list[Record], positions: list[int], batch_size: int,
-                num_workers: int | None = None, loader: str = "auto") -> Iterator[Batch]:
-        """The device's own loader: nvjpeg on CUDA, Pillow workers elsewhere."""
+                num_workers: int | None = None, loader: str = "auto",
+                root: str | None = None) -> Iterator[Batch]:
+        """The device's own loader: nvjpeg on CUDA, Pillow workers elsewhere. With `root`,
+        images reached by a symlink out of that folder are failures (`loaders.link_out_of`)."""
         if route(loader, self.device) == "tensor":
-            return tensor_batches(records, positions, self.maker, batch_size, self.device)
+            return tensor_batches(records, positions, self.maker, batch_size, self.device,
+                                  root=root)
         workers = default_workers() if num_workers is None else num_workers
         return cpu_batches(records, positions, self.maker, batch_size, workers,
-                           pin_memory=self.device.type == "cuda")
+                           pin_memory=self.device.type == "cuda", root=root)

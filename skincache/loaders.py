@@ -12,7 +12,9 @@ Whatever one image does is recorded in the batch's `failed` with the reason; the
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -22,8 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from skincache.cache import make_disk_error
 from skincache.data import Record, read_image_bytes
-from skincache.errors import InputFileError, UsageError
+from skincache.errors import DiskError, InputFileError, UsageError
 from skincache.views import DecodeError, ViewMaker, decode_image, probe_size
 
 #: Seconds a decode worker may take for one batch before the run stops with an error.
@@ -44,8 +47,28 @@ class Batch:
         return len(self.index) + len(self.failed)
 
 
-def read_record(record: Record) -> tuple[bytes | None, str, str]:
-    """(bytes or None, sha1, failure reason) for one record's image, never raising."""
+def link_out_of(source: str, root: str | None) -> str | None:
+    """Where `source` really is when it lies in the dataset folder `root` but a symlink takes
+    it outside (refused unless `encode --follow-symlinks`: a link can make a dataset read any
+    file on the machine); None otherwise. A path the metadata itself names outside the folder
+    is not a link out and is read as named."""
+    if root is None or "::" in source:
+        return None
+    top = os.path.realpath(root)
+    inside = os.path.abspath(source)
+    if not (inside == top or inside.startswith(os.path.join(top, ""))):
+        return None
+    real = os.path.realpath(inside)
+    return None if real.startswith(os.path.join(top, "")) else real
+
+
+def read_record(record: Record, root: str | None = None) -> tuple[bytes | None, str, str]:
+    """(bytes or None, sha1, failure reason) for one record's image, never raising; with
+    `root`, an image reached by a symlink out of that folder is a failure naming the link."""
+    target = link_out_of(record.source, root)
+    if target is not None and os.path.isfile(target):  # (a device or FIFO: refused below)
+        return None, "", (f"symlink: {record.source} is a link to {target}, outside the "
+                          "dataset folder; pass --follow-symlinks to read it")
     try:
         data = read_image_bytes(record.source)
     except FileNotFoundError:
@@ -59,11 +82,12 @@ def read_record(record: Record) -> tuple[bytes | None, str, str]:
     return data, hashlib.sha1(data).hexdigest(), ""
 
 
-def load_views(record: Record, maker: ViewMaker) -> tuple[str, np.ndarray | None, str]:
+def load_views(record: Record, maker: ViewMaker, root: str | None = None
+               ) -> tuple[str, np.ndarray | None, str]:
     """(sha1, uint8 views or None, failure reason) for one record, never raising: whatever
     one image does (even MemoryError inside a decode worker) is recorded for that image and
     the run goes on."""
-    data, sha1, reason = read_record(record)
+    data, sha1, reason = read_record(record, root)
     if data is None:
         return sha1, None, reason
     try:
@@ -76,16 +100,22 @@ def load_views(record: Record, maker: ViewMaker) -> tuple[str, np.ndarray | None
 
 
 class _ViewDataset(torch.utils.data.Dataset):
-    def __init__(self, records: list[Record], positions: list[int], maker: ViewMaker):
-        self.records, self.positions, self.maker = records, positions, maker
+    def __init__(self, records: list[Record], positions: list[int], maker: ViewMaker,
+                 root: str | None = None):
+        self.records, self.positions, self.maker, self.root = records, positions, maker, root
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def __getitem__(self, i: int):
         pos = self.positions[i]
-        sha1, views, reason = load_views(self.records[pos], self.maker)
+        sha1, views, reason = load_views(self.records[pos], self.maker, self.root)
         return pos, sha1, views, reason
+
+
+class _HandOverError(RuntimeError):
+    """A decode worker could not put a batch in shared memory (raised in the worker, so the
+    DataLoader hands it to the main process instead of losing the batch)."""
 
 
 def _collate(items) -> Batch:
@@ -95,26 +125,53 @@ def _collate(items) -> Batch:
         pixels = torch.from_numpy(np.stack([v for _, _, v in ok]))
     else:
         pixels = torch.empty(0, dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is not None:
+        # Moved into shared memory here, where a failure is an exception the DataLoader
+        # forwards. Left to its queue's feeder thread, a failure there (a file size limit,
+        # /dev/shm full: "unable to resize file </torch_...>") prints a traceback in every
+        # worker and the batch never arrives, so the main process waits for it.
+        try:
+            pixels.share_memory_()
+        except RuntimeError as e:
+            raise _HandOverError(f"{e} ({pixels.numel():,} bytes)") from None
     return Batch([p for p, _, _ in ok], pixels, [s for _, s, _ in ok], failed)
 
 
+def _hand_over_failed(e: BaseException) -> DiskError:
+    """The one line for a batch a worker could not hand over (the DataLoader wraps the
+    worker's exception with its traceback: only its last line is the worker's message)."""
+    last = str(e).strip().splitlines()[-1].split(": ", 1)[-1]
+    if "File too large" in last or "(27)" in last:
+        return make_disk_error(errno.EFBIG, "file size limit reached (ulimit -f): decode "
+                               "workers cannot hand a batch over in shared memory "
+                               f"({last}); raise the limit (ulimit -f unlimited) or pass "
+                               "--workers 0")
+    return make_disk_error(errno.ENOSPC, f"shared memory (/dev/shm) full: decode workers "
+                           f"cannot hand a batch over ({last}); free /dev/shm, or pass "
+                           "--workers 0")
+
+
 def cpu_batches(records: list[Record], positions: list[int], maker: ViewMaker, batch_size: int,
-                num_workers: int, pin_memory: bool = False) -> Iterator[Batch]:
+                num_workers: int, pin_memory: bool = False, root: str | None = None
+                ) -> Iterator[Batch]:
     """Pillow route: worker processes decode (draft mode) and cut views; uint8 batches."""
     loader = torch.utils.data.DataLoader(
-        _ViewDataset(records, positions, maker), batch_size=batch_size, shuffle=False,
+        _ViewDataset(records, positions, maker, root), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None, persistent_workers=False,
         # a batch lost between a worker and this process (shared memory full, a worker
         # killed) is an error after this long, not a wait forever
         timeout=LOADER_TIMEOUT_S if num_workers else 0,
     )
-    yield from loader
+    try:
+        yield from loader
+    except _HandOverError as e:
+        raise _hand_over_failed(e) from None
 
 
 def tensor_batches(records: list[Record], positions: list[int], maker: ViewMaker,
                    batch_size: int, device: torch.device, io_threads: int = 8,
-                   prefetch: int = 2) -> Iterator[Batch]:
+                   prefetch: int = 2, root: str | None = None) -> Iterator[Batch]:
     """nvjpeg route (also runs on the CPU with torchvision's decoder, which is how it is tested).
 
     A producer thread reads and decodes batch i+1 (on its own CUDA stream) while the caller
@@ -128,7 +185,7 @@ def tensor_batches(records: list[Record], positions: list[int], maker: ViewMaker
 
     def make_batch(chunk: list[int], pool: ThreadPoolExecutor) -> Batch:
         # hashing ~1 GB/s of JPEGs in the I/O pool, not serially in this thread
-        raw = list(pool.map(lambda pos: read_record(records[pos]), chunk))
+        raw = list(pool.map(lambda pos: read_record(records[pos], root), chunk))
         index, views, sha1s, failed = [], [], [], []
         jpeg_pos, jpeg_data = [], []
         fallback = []

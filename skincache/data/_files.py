@@ -9,8 +9,12 @@ from __future__ import annotations
 import csv
 import os
 import re
+import stat
 from collections.abc import Iterable
 from pathlib import Path
+from typing import IO
+
+from skincache.errors import InputFileError
 
 IMAGE_EXTS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -70,13 +74,31 @@ def index_files(root: Path | str, exts: frozenset[str] = JPEG_EXTS) -> dict[str,
     return found
 
 
+def open_regular(path: Path, mode: str = "rb", **kw) -> IO:
+    """`open(path, mode)` for reading, refusing at once anything but a regular file: opened
+    non-blocking and checked with fstat on the descriptor (as `_io.read_regular` does), so a
+    FIFO named like a metadata CSV is one InputFileError line, not a read that waits for ever.
+    For files read a row at a time, which `read_regular` (whole file in memory) does not do."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputFileError(f"{path} is not a regular file (a FIFO, socket, device or "
+                                 "folder); refusing to read it; replace it with the real file")
+        os.set_blocking(fd, True)
+        return open(fd, mode, **kw)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_csv_header(path: Path) -> list[str]:
-    """The first row of a CSV, stripped; [] for an empty or unreadable file.
+    """The first row of a CSV, stripped; [] for an empty or unreadable file; a FIFO or device
+    in its place is an InputFileError (it would block the read for ever).
 
     Only the first line is decoded (bad bytes replaced): a non-UTF-8 byte further down is
     reported by `read_csv_rows`, naming the file, not turned into "unrecognised header"."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             first = f.readline(1 << 16).decode("utf-8-sig", errors="replace")
         row = next(csv.reader([first]), [])
     except (OSError, csv.Error):
@@ -96,7 +118,7 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]
 
     line = 1
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open_regular(path, "r", newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f, strict=True)
             header = [c.strip() for c in next(reader, [])]
             rows: list[tuple[int, dict[str, str]]] = []
