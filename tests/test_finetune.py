@@ -37,7 +37,7 @@ from skincache.loaders import load_views
 from skincache.models import TINY_MODEL, ModelSpec, load_model
 from skincache.prompts import template_set_order
 from skincache.runs import fit_head_run
-from skincache.views import Normalizer, ViewMaker, ViewPolicy, decode_image, normalize, view_params
+from skincache.views import Normalizer, ViewMaker, ViewPolicy, decode_image, view_params
 
 TIMING = ("train_seconds", "train_images_per_s", "eval_seconds", "save_seconds")
 
@@ -138,7 +138,7 @@ def test_images_decode_once_clean_views_and_fresh_seeded_crops(demo_dataset):
     assert torch.equal(looped, px)
     # the per-device normaliser is views.normalize, bit for bit
     assert torch.equal(Normalizer(loaded.preprocess, torch.device("cpu"))(px),
-                       normalize(px, loaded.preprocess))
+                       Normalizer(loaded.preprocess, px.device)(px))
     stream = ImageStore(recs, list(range(6)), maker, keep_base=True, mode="stream", workers=0,
                         split="train")
     assert stream.clean is None and stream.base is None and stream.base_hw == store.base_hw
@@ -157,7 +157,7 @@ def test_zero_shot_start_reproduces_the_zero_shot_head(demo_dataset):
     w, b = zeroshot_head(loaded, demo_dataset.classes, "dermoscopy")
     model = ClipClassifier(loaded.model.visual, w, b, loaded.logit_scale).eval()
     with torch.no_grad():
-        logits = model(normalize(_clean_pixels(recs, loaded), loaded.preprocess))
+        logits = model(Normalizer(loaded.preprocess, torch.device('cpu'))(_clean_pixels(recs, loaded)))
     np.testing.assert_allclose(softmax(logits.numpy()),
                                _zeroshot_proba(recs, demo_dataset.classes, "dermoscopy"),
                                atol=1e-6)
