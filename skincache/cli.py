@@ -95,6 +95,9 @@ SplitFile = Annotated[Path | None, typer.Option(
     "--split-file", help="A published split: a CSV with an image id and a split column, or a "
     "list of test ids (one per line, or a CSV's id/filename column); images it does not list "
     "are split train/val by --split-seed.")]
+DropLesionMates = Annotated[bool, typer.Option(
+    "--drop-lesion-mates", help="Leave out every train/val image of a lesion that has an image "
+    "in test (a published split's leak-free version).")]
 Limit = Annotated[int | None, typer.Option(help="Quick trial on about N images: a seeded, "
                                                 "class-stratified, lesion-grouped subset.")]
 
@@ -154,9 +157,7 @@ def encode(
                                                        "test split (e.g. the ISIC 2018 test "
                                                        "set); give two --split-ratios.")] = None,
     split_file: SplitFile = None,
-    drop_lesion_mates: Annotated[bool, typer.Option(
-        "--drop-lesion-mates", help="Leave out every train/val image of a lesion that has an "
-        "image in test (a published split's leak-free version).")] = False,
+    drop_lesion_mates: DropLesionMates = False,
     cache_dir: CacheDir = Path("cache"),
     force: Annotated[bool, typer.Option(help="Rebuild even if the cache exists.")] = False,
     wait: Annotated[bool, typer.Option(help="Wait for another run on the same cache instead of "
@@ -284,6 +285,7 @@ def audit(
     split_seed: Annotated[int, typer.Option(help="As for encode.")] = 0,
     test_data: Annotated[str | None, typer.Option(help="As for encode.")] = None,
     split_file: SplitFile = None,
+    drop_lesion_mates: DropLesionMates = False,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the byte-identical image "
                                                             "check (reads every file).")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as "
@@ -308,7 +310,8 @@ def audit(
             check_file("--cache", cache)
         if data is not None:
             ds = load_dataset(data, split_ratios=_ratios(split_ratios), seed=split_seed,
-                              test=test_data, split_file=split_file)
+                              test=test_data, split_file=split_file,
+                              drop_lesion_mates=drop_lesion_mates)
             _render.split_origin(ds.split_origin)
             with progress_bar(len(ds), "hash images", enabled=not (quiet or no_hash)) as adv:
                 rep = audit_dataset(ds, hash_images=not no_hash, progress=adv).to_dict()

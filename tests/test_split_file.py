@@ -232,6 +232,11 @@ def test_cli_audit_and_encode_with_a_split_file_on_demo(demo_root: Path, tmp_pat
     leak = json.loads(out.read_text())["test_leakage"]
     assert (leak["test_images"], leak["test_images_affected"],
             leak["mates_outside_test"]) == (len(test), affected, mates)
+    _ok(["audit", "--data", str(demo_root), "--split-file", str(split), "--drop-lesion-mates",
+         "--no-hash", "--quiet", "--json", str(out)])
+    rep = json.loads(out.read_text())
+    assert rep["test_leakage"]["test_images_affected"] == 0 and rep["leak_free"]
+    assert rep["split_origin"]["lesion_mates_dropped"] == mates
 
     r = _ok(["encode", "--data", str(demo_root), "--split-file", str(split),
              "--drop-lesion-mates", "--model", "skincache-tiny", "--pretrained", "",
