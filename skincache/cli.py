@@ -91,7 +91,7 @@ def _clear_errors():
 
 PRETRAINED_HELP = ("open_clip pretrained tag; default: openai where the model has it, none "
                    "for a model without tags such as skincache-tiny ('' = random init).")
-SplitFile = Annotated[Path | None, typer.Option(
+SplitFileOption = Annotated[Path | None, typer.Option(
     "--split-file", help="A published split: a CSV with an image id and a split column, or a "
     "list of test ids (one per line, or a CSV's id/filename column); images it does not list "
     "are split train/val by --split-seed.")]
@@ -156,7 +156,7 @@ def encode(
     test_data: Annotated[str | None, typer.Option(help="A second source used whole as the "
                                                        "test split (e.g. the ISIC 2018 test "
                                                        "set); give two --split-ratios.")] = None,
-    split_file: SplitFile = None,
+    split_file: SplitFileOption = None,
     drop_lesion_mates: DropLesionMates = False,
     cache_dir: CacheDir = Path("cache"),
     force: Annotated[bool, typer.Option(help="Rebuild even if the cache exists.")] = False,
@@ -284,7 +284,7 @@ def audit(
                                               )] = "0.72,0.19,0.09",
     split_seed: Annotated[int, typer.Option(help="As for encode.")] = 0,
     test_data: Annotated[str | None, typer.Option(help="As for encode.")] = None,
-    split_file: SplitFile = None,
+    split_file: SplitFileOption = None,
     drop_lesion_mates: DropLesionMates = False,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the byte-identical image "
                                                             "check (reads every file).")] = False,

@@ -34,8 +34,8 @@ from ._record import SPLITS, DataError, Dataset, Record
 from .splits import assign_splits, check_ratios, lesion_mates_of_test
 
 #: header names taken as the image id column, in order of preference
-ID_COLUMNS = ("image_id", "image", "filename", "file_name", "file", "isic_id", "id", "name",
-              "path")
+ID_COLUMNS = ("image_id", "image", "filename", "file_name", "file", "isic_id", "id", "ids",
+              "name", "path")
 #: header names taken as the split column
 SPLIT_COLUMNS = ("split", "set", "subset", "partition")
 MAX_SPLIT_FILE_BYTES = 64 << 20
