@@ -300,9 +300,9 @@ def audit(
     if data is None and cache is None:
         _render.err.print("[bold red]error:[/] give --data (a dataset), --cache (a cache) or both")
         raise typer.Exit(1)
-    if split_file is not None and data is None:
-        _render.err.print("[bold red]error:[/] --split-file needs --data (the dataset the file "
-                          "splits)")
+    if (split_file is not None or drop_lesion_mates) and data is None:
+        flag = "--split-file" if split_file is not None else "--drop-lesion-mates"
+        _render.err.print(f"[bold red]error:[/] {flag} needs --data (the dataset it splits)")
         raise typer.Exit(1)
     rep: dict = {}
     with _clear_errors():

@@ -262,6 +262,8 @@ def test_cli_split_file_errors_are_one_line(demo_root: Path, tmp_path: Path) -> 
     r = runner.invoke(app, ["audit", "--cache", str(tmp_path / "x.h5"), "--split-file",
                             str(split)])
     assert r.exit_code == 1 and "--split-file needs --data" in r.output
+    r = runner.invoke(app, ["audit", "--cache", str(tmp_path / "x.h5"), "--drop-lesion-mates"])
+    assert r.exit_code == 1 and "--drop-lesion-mates needs --data" in r.output
 
 
 # --------------------------------------------------------------------------- the real data
