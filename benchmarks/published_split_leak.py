@@ -19,7 +19,7 @@ swing by several points between near-identical training sets).
 Balanced accuracy and accuracy on all test images and on the 613 affected / 890 unaffected
 ones.
 
-    python benchmarks/published_split_leak.py [--data ../shared/data] [--seed 0] [--controls 3]
+    python benchmarks/published_split_leak.py [--data ../shared/data] [--seed 0] [--controls 5]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(__file__).parents[1] / ".." / "shared"
                     / "data")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--controls", type=int, default=3)
+    ap.add_argument("--controls", type=int, default=5)
     args = ap.parse_args()
     z = np.load(args.data / "features" / "ham10000-effnetlite0.npz")
     ds = load_dataset(args.data / "ham10000",
