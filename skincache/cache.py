@@ -1037,7 +1037,7 @@ class PartialCache:
 
 #: CacheHeader fields stored as JSON text in the HDF5 attributes.
 _JSON_FIELDS = ("preprocess", "views", "classes", "class_names", "template_sets", "chunking",
-                "versions")
+                "versions", "split_origin")
 
 
 @dataclass
@@ -1070,6 +1070,9 @@ class CacheHeader:
     device: str = ""
     features_normalized: bool = False
     chunking: dict = field(default_factory=dict)
+    #: where the splits came from when not the seed or the source (`Dataset.split_origin`:
+    #: a split file and its sha256, how many lesion mates --drop-lesion-mates left out)
+    split_origin: dict = field(default_factory=dict)
 
     def to_attrs(self) -> dict:
         """The attributes as `write_cache` takes them (JSON-valued ones encoded)."""

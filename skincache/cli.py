@@ -91,6 +91,13 @@ def _clear_errors():
 
 PRETRAINED_HELP = ("open_clip pretrained tag; default: openai where the model has it, none "
                    "for a model without tags such as skincache-tiny ('' = random init).")
+SplitFileOption = Annotated[Path | None, typer.Option(
+    "--split-file", help="A published split: a CSV with an image id and a split column, or a "
+    "list of test ids (one per line, or a CSV's id/filename column); images it does not list "
+    "are split train/val by --split-seed.")]
+DropLesionMates = Annotated[bool, typer.Option(
+    "--drop-lesion-mates", help="Leave out every train/val image of a lesion that has an image "
+    "in test (a published split's leak-free version).")]
 Limit = Annotated[int | None, typer.Option(help="Quick trial on about N images: a seeded, "
                                                 "class-stratified, lesion-grouped subset.")]
 
@@ -153,6 +160,8 @@ def encode(
     test_data: Annotated[str | None, typer.Option(help="A second source used whole as the "
                                                        "test split (e.g. the ISIC 2018 test "
                                                        "set); give two --split-ratios.")] = None,
+    split_file: SplitFileOption = None,
+    drop_lesion_mates: DropLesionMates = False,
     cache_dir: CacheDir = Path("cache"),
     force: Annotated[bool, typer.Option(help="Rebuild even if the cache exists.")] = False,
     wait: Annotated[bool, typer.Option(help="Wait for another run on the same cache instead of "
@@ -176,8 +185,10 @@ def encode(
         _check_min("--views", views, 0)
         _check_min("--batch-size", batch_size, 1)
         ds = limit_dataset(load_dataset(data, split_ratios=_ratios(split_ratios),
-                                        seed=split_seed, test=test_data), limit, split_seed)
+                                        seed=split_seed, test=test_data, split_file=split_file,
+                                        drop_lesion_mates=drop_lesion_mates), limit, split_seed)
         ds.validate()
+        _render.split_origin(ds.split_origin)
         # torch and open_clip load from here on: every cheap check is done
         from skincache.encode import encode_dataset
         from skincache.models import ModelSpec, resolve_pretrained
@@ -282,6 +293,8 @@ def audit(
                                               )] = "0.72,0.19,0.09",
     split_seed: Annotated[int, typer.Option(help="As for encode.")] = 0,
     test_data: Annotated[str | None, typer.Option(help="As for encode.")] = None,
+    split_file: SplitFileOption = None,
+    drop_lesion_mates: DropLesionMates = False,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the byte-identical image "
                                                             "check (reads every file).")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as "
@@ -296,13 +309,19 @@ def audit(
     if data is None and cache is None:
         _render.err.print("[bold red]error:[/] give --data (a dataset), --cache (a cache) or both")
         raise typer.Exit(1)
+    if (split_file is not None or drop_lesion_mates) and data is None:
+        flag = "--split-file" if split_file is not None else "--drop-lesion-mates"
+        _render.err.print(f"[bold red]error:[/] {flag} needs --data (the dataset it splits)")
+        raise typer.Exit(1)
     rep: dict = {}
     with _clear_errors():
         if cache is not None:
             check_file("--cache", cache)
         if data is not None:
             ds = load_dataset(data, split_ratios=_ratios(split_ratios), seed=split_seed,
-                              test=test_data)
+                              test=test_data, split_file=split_file,
+                              drop_lesion_mates=drop_lesion_mates)
+            _render.split_origin(ds.split_origin)
             with progress_bar(len(ds), "hash images", enabled=not (quiet or no_hash)) as adv:
                 rep = audit_dataset(ds, hash_images=not no_hash, progress=adv).to_dict()
             _render.audit_report(rep, ds.classes)

@@ -388,6 +388,7 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
         dataset_kind=dataset.kind,
         dataset_root=str(dataset.root),
         dataset_fingerprint=fingerprint,
+        split_origin=dict(dataset.split_origin),
         classes=list(dataset.classes),
         class_names=[display_name(c) for c in dataset.classes],
         template_sets={k: TEMPLATE_SETS[k] for k in template_sets},

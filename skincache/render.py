@@ -108,6 +108,35 @@ def audit_report(rep: dict, classes: list[str]) -> None:
         items = rep.get(key) or []
         if items:
             out.print(f"[yellow]{len(items)} {label}[/]")
+    leak = rep.get("test_leakage")
+    if leak:
+        style = "red" if leak["test_images_affected"] else "green"
+        where = ", ".join(f"{s} {n:,}" for s, n in leak["mates_by_split"].items())
+        out.print(f"[{style}]{leak['test_images_affected']:,} of {leak['test_images']:,} test "
+                  f"images have an image of the same lesion outside test[/]"
+                  + (f" ({leak['test_lesions_affected']:,} lesions; "
+                     f"{leak['mates_outside_test']:,} such images: {where}; "
+                     "encode --drop-lesion-mates leaves them out)"
+                     if leak["test_images_affected"] else ""), highlight=False)
+
+
+def split_origin(origin: dict) -> None:
+    """One line on where the splits came from, when a split file or --drop-lesion-mates
+    chose them (nothing otherwise)."""
+    if not origin:
+        return
+    parts = []
+    if origin.get("file"):
+        listed = ", ".join(f"{s} {n:,}" for s, n in origin["listed"].items())
+        parts.append(f"splits from {origin['file']} ({listed})")
+        if origin["split_by_seed"]:
+            parts.append(f"{origin['split_by_seed']:,} unlisted images split train/val by "
+                         f"seed {origin['split_seed']}")
+    if "lesion_mates_dropped" in origin:
+        parts.append(f"--drop-lesion-mates left out {origin['lesion_mates_dropped']:,} "
+                     f"train/val images of {origin['lesions_with_mates_dropped']:,} lesions "
+                     "that have an image in test")
+    out.print("; ".join(parts), highlight=False, soft_wrap=True)
 
 
 def _sample(items: list[dict], cols: tuple[str, ...], title: str, limit: int = 10) -> None:

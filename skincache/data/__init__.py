@@ -23,6 +23,8 @@ _EXPORTS: dict[str, str] = {
     "detect_kind": "sources", "load_dataset": "sources", "read_image_bytes": "sources",
     "list_sources": "sources", "register_source": "sources",
     "DEFAULT_RATIOS": "splits", "assign_splits": "splits", "limit_dataset": "splits",
+    "SplitFile": "_split_file", "read_split_file": "_split_file",
+    "apply_split_file": "_split_file", "drop_test_lesion_mates": "_split_file",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -44,6 +44,10 @@ class Dataset:
     expected, non-existent path as `source`) so the encoder can report each one as "listed in
     metadata but missing" rather than the dataset shrinking silently. `declared_splits` are the
     splits a split assignment promised (train/val[/test]): each must end up non-empty.
+    `split_origin` says where the splits came from when not from the seed or the source
+    (`encode --split-file`: the file and its sha256; `--drop-lesion-mates`: how many images
+    were left out); it is part of the fingerprint, hence of the cache key, and the cache
+    records it.
     """
 
     name: str
@@ -53,6 +57,7 @@ class Dataset:
     kind: str = ""
     missing: list[str] = field(default_factory=list)
     declared_splits: list[str] = field(default_factory=list)
+    split_origin: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -147,6 +152,9 @@ class Dataset:
             h.update(
                 json.dumps([r.image_id, r.source, r.label, r.split, r.group, stats[path]]).encode()
             )
+        if self.split_origin:  # where the file lives is not part of what it says
+            h.update(json.dumps({k: v for k, v in self.split_origin.items() if k != "file"},
+                                sort_keys=True).encode())
         return h.hexdigest()
 
 

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._record import Dataset
+from ._record import Dataset, Record
 from .sources import read_image_bytes
+from .splits import lesion_mates_of_test
 
 NO_SPLIT = "-"  # how a record without a split is reported
 
@@ -61,6 +62,36 @@ class Unreadable:
 
 
 @dataclass
+class LesionLeak:
+    """How much of the test split is a test on training lesions: test images whose lesion
+    has an image in train/val ("affected"), and those train/val images ("mates")."""
+
+    test_images: int
+    test_images_affected: int
+    test_lesions_affected: int
+    mates_outside_test: int
+    mates_by_split: dict[str, int]
+
+
+def lesion_leak(records: list[Record]) -> LesionLeak | None:
+    """The lesion leak into test (None when there is no test split). An image-level split such
+    as the DermFM-Zero HAM10000 one is the case this measures: 613 of its 1,503 test images."""
+    test = [r for r in records if r.split == "test"]
+    if not test:
+        return None
+    mates = [records[i] for i in lesion_mates_of_test(records)]
+    groups = {r.group for r in mates}
+    by_split = Counter(r.split or NO_SPLIT for r in mates)
+    return LesionLeak(
+        test_images=len(test),
+        test_images_affected=sum(r.group in groups for r in test),
+        test_lesions_affected=len(groups),
+        mates_outside_test=len(mates),
+        mates_by_split=dict(sorted(by_split.items())),
+    )
+
+
+@dataclass
 class AuditReport:
     """Everything `audit_dataset` found; `to_dict()` gives plain JSON-able data."""
 
@@ -75,6 +106,8 @@ class AuditReport:
     repeated_image_ids: list[RepeatedId] = field(default_factory=list)
     unreadable: list[Unreadable] = field(default_factory=list)
     hashed: bool = False
+    test_leakage: LesionLeak | None = None
+    split_origin: dict = field(default_factory=dict)
 
     @property
     def cross_split_duplicates(self) -> list[DuplicateImages]:
@@ -166,4 +199,6 @@ def audit_dataset(
         repeated_image_ids=repeated,
         unreadable=unreadable,
         hashed=hash_images,
+        test_leakage=lesion_leak(ds.records),
+        split_origin=dict(ds.split_origin),
     )

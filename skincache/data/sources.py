@@ -39,6 +39,7 @@ from ._registry import (
     register_source,
 )
 from ._registry import help_text as sources_help
+from ._split_file import apply_split_file, drop_test_lesion_mates, read_split_file
 from .parquet import load_parquet, read_parquet_image, split_source
 from .splits import DEFAULT_RATIOS, assign_splits, check_ratios
 
@@ -91,6 +92,8 @@ def load_dataset(
     seed: int = 0,
     kind: str | None = None,
     test: str | Path | None = None,
+    split_file: str | Path | None = None,
+    drop_lesion_mates: bool = False,
 ) -> Dataset:
     """Load any registered source and give every record a split.
 
@@ -100,18 +103,30 @@ def load_dataset(
     stratified by class and grouped by lesion (`assign_splits`). Record order is the source's
     order. `test` names a second source used whole as the test split (e.g. the ISIC 2018 Task 3
     test set); then `split_ratios` should have two entries (train, val).
+
+    `split_file` (a published split, `_split_file.py`) replaces the source's and the seeded
+    split: the test split is exactly the file's, and what the file does not list is split
+    train/val by seed. `drop_lesion_mates` then leaves out every
+    train/val image of a lesion that has an image in test (the split's leak-free version).
     """
     chosen, path = parse_spec(spec, kind)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder; {expected_text()}")
+    if split_file is not None and test is not None:
+        raise DataError("--split-file and --test-data both choose the test images; give one "
+                        "of them")
     ds = get_source(chosen or detect_kind(path)).load(path)
-    if any(r.split is None for r in ds.records):
+    if split_file is not None:
+        ds = apply_split_file(ds, read_split_file(split_file), split_ratios, seed)
+    elif any(r.split is None for r in ds.records):
         ds.records = assign_splits(ds.records, split_ratios, seed)
         ds.declared_splits = check_ratios(split_ratios)
     if test is not None:
         from .combine import with_test_set
 
         ds = with_test_set(ds, load_dataset(test, split_ratios=split_ratios, seed=seed))
+    if drop_lesion_mates:
+        ds = drop_test_lesion_mates(ds)
     return ds
 
 

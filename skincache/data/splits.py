@@ -136,3 +136,12 @@ def limit_dataset(ds: Dataset, n: int | None, seed: int = 0) -> Dataset:
     ids = {r.image_id for r in records}
     return replace(ds, name=f"{ds.name}-limit{n}", records=records,
                    missing=[m for m in ds.missing if m in ids])
+
+
+def lesion_mates_of_test(records: Sequence[Record]) -> list[int]:
+    """Indices of the records outside test whose lesion (group) has an image in test: the
+    images that make a test score partly a score on training lesions. Records without a group
+    are their own lesion and never count."""
+    test_groups = {r.group for r in records if r.split == "test" and r.group is not None}
+    return [i for i, r in enumerate(records)
+            if r.split != "test" and r.group is not None and r.group in test_groups]
