@@ -136,7 +136,7 @@ def test_images_decode_once_clean_views_and_fresh_seeded_crops(demo_dataset):
     idx = torch.tensor(order)
     looped = cut_crops(list(store.base), idx, *(c[idx] for c in c1), (64, 64))
     assert torch.equal(looped, px)
-    # the per-device normaliser is views.normalize, bit for bit
+    # the per-device normaliser is views.Normalizer, bit for bit
     assert torch.equal(Normalizer(loaded.preprocess, torch.device("cpu"))(px),
                        Normalizer(loaded.preprocess, px.device)(px))
     stream = ImageStore(recs, list(range(6)), maker, keep_base=True, mode="stream", workers=0,
@@ -157,7 +157,8 @@ def test_zero_shot_start_reproduces_the_zero_shot_head(demo_dataset):
     w, b = zeroshot_head(loaded, demo_dataset.classes, "dermoscopy")
     model = ClipClassifier(loaded.model.visual, w, b, loaded.logit_scale).eval()
     with torch.no_grad():
-        logits = model(Normalizer(loaded.preprocess, torch.device('cpu'))(_clean_pixels(recs, loaded)))
+        px = _clean_pixels(recs, loaded)
+        logits = model(Normalizer(loaded.preprocess, px.device)(px))
     np.testing.assert_allclose(softmax(logits.numpy()),
                                _zeroshot_proba(recs, demo_dataset.classes, "dermoscopy"),
                                atol=1e-6)
