@@ -23,7 +23,7 @@ PKG = Path(__file__).resolve().parents[1] / "skincache"
 LAYERS: list[set[str]] = [
     {"errors"},
     {"_io"},
-    {"device", "distributed", "_options", "_sanity", "metrics", "data"},
+    {"device", "distributed", "_options", "_sanity", "metrics", "data", "run_record"},
     {"models", "cache", "heads", "prompts"},
     {"views", "plots", "_progress"},
     {"loaders"},

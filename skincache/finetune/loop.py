@@ -11,7 +11,6 @@ interleaves one permutation) and DDP averages the gradients: the same steps as o
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from skincache.finetune.report import quick_scores, train_timing
 from skincache.heads._math import warmup_cosine
 from skincache.heads.base import balanced_class_weights, softmax
 from skincache.models import ModelSpec, load_model
+from skincache.run_record import RunRecord, check_run_name, read_run, write_run
 from skincache.views import Normalizer, ViewMaker, ViewPolicy
 
 WISE_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -106,6 +106,7 @@ class FinetuneRun:
         def pick() -> str:
             root = Path(cfg.runs_dir)
             if cfg.name:
+                check_run_name(cfg.name)
                 if (root / cfg.name / "run.json").exists():
                     raise ExistsError(f"{root / cfg.name} already holds a run; pass --resume "
                                       f"{root / cfg.name} to continue it, or another --name")
@@ -132,7 +133,7 @@ class FinetuneRun:
         if "train" not in self.ds.splits:
             raise UsageError(f"{cfg.data}: no training split (splits: {self.ds.splits})")
         if cfg.resume:
-            saved = json.loads((self.run_dir / "run.json").read_text())["dataset"]
+            saved = read_run(self.run_dir).extra["dataset"]
             if saved["fingerprint"] != self.fingerprint:
                 raise UsageError(f"{cfg.data}: the data changed since {self.run_dir} started "
                                  "(ids, labels, splits or files differ); a resumed run must "
@@ -456,6 +457,7 @@ class FinetuneRun:
     def _write_run_json(self, status: str, result: FinetuneResult | None = None) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         meta_path = self.run_dir / "run.json"
-        old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        write_json(meta_path, report.run_meta(self._facts(), status, old, result))
+        old = read_run(meta_path).to_dict() if meta_path.is_file() else {}
+        write_run(meta_path, RunRecord.from_dict(report.run_meta(self._facts(), status, old,
+                                                                 result), meta_path))
         write_json(self.run_dir / "failed.json", [f.__dict__ for f in self.failed])
