@@ -62,7 +62,7 @@ class RunRecord:
     splits, the fine-tuning config...), so reading and writing back loses nothing."""
 
     kind: str
-    model: RunModel
+    model: RunModel | None  # None only in a fine-tuning record written before its model loaded
     classes: list[str]
     created: str = ""
     format_version: int = RUN_FORMAT_VERSION  # as read; written: always the current one
@@ -83,7 +83,9 @@ class RunRecord:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "format_version": RUN_FORMAT_VERSION,
-                               "model": self.model.to_dict(), "classes": list(self.classes)}
+                               "classes": list(self.classes)}
+        if self.model is not None:
+            out["model"] = self.model.to_dict()
         if self.kind == "head":
             out.update(head=self.head, params=self.params, cache=self.cache,
                        cache_key=self.cache_key, encoding_key=self.encoding_key,
@@ -130,8 +132,10 @@ def _get(d: dict, where: str, key: str, kind: type, *, required: bool, none_ok: 
     return v
 
 
-def _model(d: dict, where: str) -> RunModel:
+def _model(d: dict, where: str) -> RunModel | None:
     m = d.get("model")
+    if m is None and d.get("kind") == "finetune":
+        return None
     if isinstance(m, str):  # format 1 head runs: name here, pretrained beside it
         pre = _get(d, where, "pretrained", str, required=False, none_ok=True, default="")
         return RunModel(m, pre or "")

@@ -357,7 +357,7 @@ class LoadedRun:
         rec = self.record
         if cache.encoding_key != rec.encoding_key:
             raise RunError(
-                f"run {self.path} was fit on features of {rec.model.name} (cache "
+                f"run {self.path} was fit on features of {rec.model and rec.model.name} (cache "
                 f"{rec.cache}, encoding {str(rec.encoding_key)[:12]}); cache "
                 f"{cache.path} holds features of {cache.attrs['model']} encoded differently "
                 f"(encoding {cache.encoding_key[:12]}: other weights, preprocessing, precision "

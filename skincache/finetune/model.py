@@ -114,7 +114,7 @@ def fitted_head(path: str | Path, logit_scale: float, n_classes: int, dim: int,
             if saved and list(saved) != list(classes):
                 raise InputFileError(f"{meta_path}: the head was fit on classes {saved}, this "
                                  f"dataset has {classes}")
-            if model and meta.model.name != model:
+            if model and meta.model and meta.model.name != model:
                 raise InputFileError(f"{meta_path}: the head was fit on {meta.model.name} "
                                      f"features; this run fine-tunes {model}")
             break

@@ -509,15 +509,15 @@ def load_head(directory: str | Path) -> Head:
     if not arrays_path.is_file():
         raise NotFoundError(f"{arrays_path}: the head's arrays are missing")
     blob = read_regular(arrays_path, max_bytes=MAX_ARRAYS_BYTES, what="head arrays")
-    want = config.get("arrays_sha256")
-    if want is not None and hashlib.sha256(blob).hexdigest() != want:
-        raise _bad(arrays_path, "does not match the sha256 head.json recorded when the head was "
-                   "saved (edited, or another run's file); restore it or fit the head again")
     try:
         arrays = load_safetensors(blob)
     except Exception as e:  # SafetensorError: random bytes, a pickle, truncation
         msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise _bad(arrays_path, f"not a valid safetensors file ({msg})") from None
+    want = config.get("arrays_sha256")  # absent in heads saved before it was recorded
+    if want is not None and hashlib.sha256(blob).hexdigest() != want:
+        raise _bad(arrays_path, "does not match the sha256 head.json recorded when the head was "
+                   "saved (edited, or another run's file); restore it or fit the head again")
     del blob
     missing = set(cls._fitted_arrays) - set(arrays)
     if missing:
