@@ -536,8 +536,9 @@ def _write_out(option: str, path: Path, write) -> None:
         except OSError as e:
             de = disk_error(e, path, "writing", f"{option}: the results are printed above; "
                             "free space or choose another file")
-            if de is None:
-                raise
+            if de is None:  # not the disk: a path the OS refuses (/proc, a name too long)
+                raise UsageError(f"{option} {path}: cannot be written ({e.strerror or e}); "
+                                 "the results are printed above") from None
             raise de from None
 
 

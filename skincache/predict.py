@@ -39,14 +39,19 @@ class Prediction:
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files as given (even unreadable ones, to report them), folders searched recursively."""
+    """Files as given (even unreadable ones, to report them), folders searched recursively.
+    A path the OS refuses to look at (too long, no permission) is kept as a file: it gets its
+    own error line while the other images are predicted."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTS)
-        else:
-            out.append(p)
+        try:
+            if p.is_dir():
+                out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTS)
+                continue
+        except OSError:
+            pass
+        out.append(p)
     return out
 
 

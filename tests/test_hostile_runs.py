@@ -327,3 +327,45 @@ def test_cli_sweep_over_run_folder_edits_and_path_options(demo_cache, demo_root,
             problems.append(f"{label}: rc {r.returncode}\n{(r.stdout + r.stderr)[-1500:]}")
     assert not problems, "\n\n".join(problems)
     assert not (tmp_path / "x").exists() and not Path("/abs").exists()
+
+
+@pytest.mark.parametrize("code,says", [(errno.ENOSPC, "disk full writing"),
+                                       (errno.EROFS, "read-only file system writing")])
+def test_predict_out_and_audit_json_on_a_full_or_read_only_disk(knn_run, demo_cache,
+                                                               demo_root, tmp_path,
+                                                               monkeypatch, code, says):
+    """The results are printed first; the failed write is one DiskError line, status 1."""
+    from typer.testing import CliRunner
+
+    import skincache._io as io_mod
+    from skincache.cli import app
+
+    def refused(path, write, **kw):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(io_mod, "atomic_write", refused)
+    image = next(p for p in demo_root.rglob("*.jpg"))
+    runner = CliRunner()
+    for args, out in ((["predict", str(knn_run), str(image), "--device", "cpu", "--out"],
+                       tmp_path / "p.csv"),
+                      (["audit", "--cache", str(demo_cache), "--json"], tmp_path / "a.json")):
+        r = runner.invoke(app, [*args, str(out)])
+        errors = [x for x in r.output.splitlines() if x.startswith("error:")]
+        assert r.exit_code == 1 and len(errors) == 1, r.output
+        assert says in errors[0] and str(out) in " ".join(r.output.split())
+        assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_predict_reports_each_failed_image_and_exits_1(knn_run, demo_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from skincache.cli import app
+
+    image = str(next(p for p in demo_root.rglob("*.jpg")))
+    too_long = str(tmp_path / ("x" * 5000 + ".jpg"))  # the OS refuses to even stat it
+    r = CliRunner().invoke(app, ["predict", str(knn_run), image, too_long, "/no/such.jpg",
+                                 "--device", "cpu"])
+    assert r.exit_code == 1 and "3 images: 1 predicted, 2 failed" in r.output, r.output
+    assert "/no/such.jpg: missing" in r.output and image in r.output
+    r = CliRunner().invoke(app, ["predict", str(knn_run), image, "--device", "cpu"])
+    assert r.exit_code == 0, r.output
