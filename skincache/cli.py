@@ -458,9 +458,11 @@ def evaluate(
     _render.per_class_table(ev.report, f"per class ({ev.name})")
     _warn_meaningless(ev.cache_attrs, {ev.name: ev.report}, "the head",
                       "fit another head (skincache fit-head)")
-    if ev.status == "unchanged":
+    if ev.status in ("unchanged", "completed"):
+        added = ("; the missing predictions or plots were added" if ev.status == "completed"
+                 else "")
         _render.out.print(f"same numbers as the stored {run / 'metrics' / ev.name}.json; "
-                          "nothing rewritten (run.json records this evaluation)")
+                          f"nothing rewritten{added} (run.json records this evaluation)")
     else:
         plots = f", plots/{ev.name}_*.png" if any(f.suffix == ".png" for f in ev.files) else ""
         _render.out.print(f"written under {run}: metrics/{ev.name}.json, "

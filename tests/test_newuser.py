@@ -129,7 +129,7 @@ def test_evaluate_on_another_cache_keeps_the_runs_results(demo_cache, tmp_path):
     evals = json.loads((run / "run.json").read_text())["evaluations"]
     assert [(e["name"], e["by"], e["status"]) for e in evals] == [
         ("val", "fit-head", "written"), ("test", "fit-head", "written"),
-        (name, "evaluate", "written"), ("test", "evaluate", "unchanged"),
+        (name, "evaluate", "written"), ("test", "evaluate", "completed"),  # plots added
         ("test-2", "evaluate", "written")]
     assert evals[2]["cache_key"] != evals[1]["cache_key"]
     assert evals[2]["dataset"] == ds.name and evals[2]["cache"] == str(other.resolve())
