@@ -317,6 +317,7 @@ def audit(
     with _clear_errors():
         if cache is not None:
             check_file("--cache", cache)
+        _check_out_file("--json", json_out)
         if data is not None:
             ds = load_dataset(data, split_ratios=_ratios(split_ratios), seed=split_seed,
                               test=test_data, split_file=split_file,
@@ -339,7 +340,7 @@ def audit(
     if json_out:
         from skincache._io import write_json
 
-        write_json(json_out, rep)
+        _write_out("--json", json_out, lambda p: write_json(p, rep))
         _render.out.print(f"report written to {json_out}")
 
 
@@ -498,9 +499,11 @@ def evaluate(
     _render.per_class_table(ev.report, f"per class ({ev.name})")
     _warn_meaningless(ev.cache_attrs, {ev.name: ev.report}, "the head",
                       "fit another head (skincache fit-head)")
-    if ev.status == "unchanged":
+    if ev.status in ("unchanged", "completed"):
+        added = ("; the missing predictions or plots were added" if ev.status == "completed"
+                 else "")
         _render.out.print(f"same numbers as the stored {run / 'metrics' / ev.name}.json; "
-                          "nothing rewritten (run.json records this evaluation)")
+                          f"nothing rewritten{added} (run.json records this evaluation)")
     else:
         plots = f", plots/{ev.name}_*.png" if any(f.suffix == ".png" for f in ev.files) else ""
         _render.out.print(f"written under {run}: metrics/{ev.name}.json, "
@@ -532,6 +535,7 @@ def predict(
         _check_min("--neighbors", neighbors, 0)
         if out is not None and out.suffix.lower() not in (".csv", ".json"):
             raise UsageError(f"--out {out}: give a .csv or .json file name")
+        _check_out_file("--out", out)
         from skincache.predict import predict_images, write_predictions
 
         preds = predict_images(run, list(images), device=device, neighbors=neighbors)
@@ -546,14 +550,39 @@ def predict(
     if n_ok:
         _warn(random_init_warning(cache_attrs(_run_cache(run)), "these predictions"))
     if out:
-        write_predictions(preds, out)
+        _write_out("--out", out, lambda p: write_predictions(preds, p))
         _render.out.print(f"written to {out}")
-    if not n_ok:
+    if n_ok < len(preds):  # any image that failed is a failure of the call (said above)
         raise typer.Exit(1)
 
 
 def _run_cache(run: Path) -> Path:
-    return Path(json.loads((run / "run.json").read_text())["cache"])
+    from skincache.run_record import read_run
+
+    return Path(str(read_run(run).cache))
+
+
+def _check_out_file(option: str, path: Path | None) -> None:
+    """An output file option that names a folder is one line, before any work."""
+    if path is not None and path.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; give a file name")
+
+
+def _write_out(option: str, path: Path, write) -> None:
+    """`write(path)` for an output file option: a full or read-only disk is one DiskError
+    line naming the file (the results were printed above, so nothing is lost)."""
+    from skincache.cache import disk_error
+
+    with _clear_errors():
+        try:
+            write(path)
+        except OSError as e:
+            de = disk_error(e, path, "writing", f"{option}: the results are printed above; "
+                            "free space or choose another file")
+            if de is None:  # not the disk: a path the OS refuses (/proc, a name too long)
+                raise UsageError(f"{option} {path}: cannot be written ({e.strerror or e}); "
+                                 "the results are printed above") from None
+            raise de from None
 
 
 def _run_config(run: Path) -> dict:

@@ -18,6 +18,7 @@ from skincache.data import Record
 from skincache.data._files import IMAGE_EXTS
 from skincache.device import resolve_device, resolve_precision
 from skincache.encoder import ImageEncoder
+from skincache.errors import UsageError
 from skincache.heads import create_head
 from skincache.models import ModelSpec, load_model
 from skincache.runs import RunError, load_run
@@ -38,14 +39,19 @@ class Prediction:
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files as given (even unreadable ones, to report them), folders searched recursively."""
+    """Files as given (even unreadable ones, to report them), folders searched recursively.
+    A path the OS refuses to look at (too long, no permission) is kept as a file: it gets its
+    own error line while the other images are predicted."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTS)
-        else:
-            out.append(p)
+        try:
+            if p.is_dir():
+                out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTS)
+                continue
+        except OSError:
+            pass
+        out.append(p)
     return out
 
 
@@ -58,7 +64,13 @@ def predict_images(
     neighbors: int = 5,
     batch_size: int = 32,
 ) -> list[Prediction]:
-    """Class probabilities and nearest training cases for each image (or a per-file error)."""
+    """Class probabilities and nearest training cases for each image (or a per-file error).
+    No image at all (an empty folder) is a UsageError before the model loads."""
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise UsageError(f"no images in {' '.join(str(i) for i in inputs)} (looked for "
+                         f"{', '.join(sorted(IMAGE_EXTS))} files); name image files or "
+                         "folders that hold them")
     loaded_run = load_run(run)
     fc = loaded_run.open_cache(cache)
     a = fc.attrs
@@ -71,7 +83,6 @@ def predict_images(
                        f"({a['weights_sha256'][:12]}); predictions would not match the head")
     encoder = ImageEncoder(model, ViewPolicy(k=0), dev, a.get("precision") or
                            resolve_precision("auto", dev))
-    paths = expand_inputs(inputs)
     records = [Record(image_id=p.stem, source=str(p), label="") for p in paths]
     results = {i: Prediction(str(p)) for i, p in enumerate(paths)}
     feats: dict[int, np.ndarray] = {}

@@ -16,8 +16,10 @@ a head fit on one model's features is meaningless on another's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,9 +27,16 @@ from typing import Any
 
 import numpy as np
 
-from skincache._io import __version__, now_iso, write_json
-from skincache.cache import CacheError, FeatureCache, check_writable_dir
-from skincache.errors import SkincacheError, UsageError
+from skincache._io import __version__, now_iso, read_json_file, read_regular, write_json
+from skincache.cache import (
+    CacheBusyError,
+    CacheError,
+    CacheLock,
+    FeatureCache,
+    check_writable_dir,
+    disk_error,
+)
+from skincache.errors import NotFoundError, SkincacheError, UsageError
 from skincache.heads import Head, create_head, get_head_class, load_head
 from skincache.metrics import (
     calibration_bins,
@@ -37,6 +46,7 @@ from skincache.metrics import (
 )
 from skincache.plots import write_report_plots
 from skincache.prompts import ALL_TEMPLATES, template_set_order
+from skincache.run_record import RunModel, RunRecord, check_run_name, read_run, write_run
 
 DEFAULT_RUNS_DIR = Path("runs")
 
@@ -155,12 +165,24 @@ def write_split_outputs(run: Path, name: str, report: dict, image_ids: list[str]
                         labels: np.ndarray, proba: np.ndarray, classes: list[str],
                         label: str | None) -> None:
     """The one writer of a split's outputs in a run folder, for head runs and fine-tuning runs
-    alike: metrics/<name>.json (the metrics report), predictions/<name>.csv and, given a plot
-    label (the subtitle), plots/<name>_*.png."""
-    write_json(run / "metrics" / f"{name}.json", report)
+    alike: predictions/<name>.csv, given a plot label (the subtitle) plots/<name>_*.png, and
+    metrics/<name>.json LAST: the metrics file marks the split complete, so a run killed
+    mid-split has no metrics for it and the rerun writes the split again, whole."""
     write_predictions_csv(run / "predictions" / f"{name}.csv", image_ids, labels, proba, classes)
     if label is not None:
         write_report_plots(report, run / "plots", prefix=f"{name}_", label=label)
+    write_json(run / "metrics" / f"{name}.json", report)
+
+
+def split_complete(run: Path, name: str, report: dict, plots: bool) -> bool:
+    """Whether every output of split `name` is there (a folder written before the metrics
+    file came last can hold metrics without predictions or plots): the predictions CSV and,
+    with `plots`, the three confusion / class-wise plots plus the reliability plot when the
+    report has calibration bins (what `write_report_plots` writes)."""
+    if not (run / "predictions" / f"{name}.csv").is_file():
+        return False
+    expected = 3 + bool(report.get("calibration"))
+    return not plots or len(list((run / "plots").glob(f"{name}_*.png"))) >= expected
 
 
 def _write_split(run: Path, cache: FeatureCache, split: str, report: dict, proba: np.ndarray,
@@ -210,17 +232,37 @@ def fit_head_run(
         raise RunError(f"{fc.path}: no {' or '.join(eval_splits)} split to score a head on "
                        f"(the cache has {list(fc.splits)}); encode data with a validation or "
                        "test split")
+    if name is not None:
+        check_run_name(name)
     check_writable_dir(Path(runs_dir), "--runs-dir")  # before the fit, not after it
     run = Path(runs_dir) / (name or default_run_name(head))
-    if (run / "run.json").exists():
-        raise RunError(f"{run}: a run with this name exists; choose another --name")
+    with run_lock(run):
+        if (run / "run.json").exists():
+            raise RunError(f"{run}: a run with this name exists; choose another --name")
+        return _fit_into(run, fc, head, params, template_set=template_set, seed=seed,
+                         eval_splits=eval_splits, n_bootstrap=n_bootstrap, plots=plots, tta=tta,
+                         shots=shots)
+
+
+def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | None, *,
+              template_set: str, seed: int, eval_splits: tuple[str, ...], n_bootstrap: int,
+              plots: bool, tta: bool, shots: int | None) -> RunResult:
+    """`fit_head_run`'s work once the run folder is locked: fit, save, score, record (run.json
+    last: a folder without it is no run, and the same command fits it again)."""
     model = make_head(head, params, seed)
     inputs = fit_inputs(fc, template_set=template_set, shots=shots, seed=seed)
     t0 = time.perf_counter()
     model.fit(**inputs)
     fit_s = time.perf_counter() - t0
 
-    model.save(run / "head")
+    try:
+        model.save(run / "head")
+    except OSError as e:
+        de = disk_error(e, run / "head", "writing the head to",
+                        "free space (or choose another --runs-dir) and run again")
+        if de is None:
+            raise
+        raise de from None
     result = RunResult(run, head, model.get_params(), fit_s)
     for split in eval_splits:
         if split in fc.splits:
@@ -228,31 +270,42 @@ def fit_head_run(
                                           tta=tta)
             _write_split(run, fc, split, report, proba, plots)
             result.metrics[split] = report
-    write_json(run / "run.json", {
-        "kind": "head",
-        "head": head,
-        "params": {k: _jsonable(v) for k, v in model.get_params().items()},
-        "cache": str(fc.path.resolve()),
-        "cache_key": fc.key,
-        "encoding_key": fc.encoding_key,
-        "model": fc.attrs["model"],
-        "pretrained": fc.attrs.get("pretrained", ""),
-        "classes": fc.classes,
-        "template_set": template_set,
-        "seed": seed,
-        "tta": tta,
-        "shots": shots,
-        "train_images": int(len(inputs["y"])),
-        "posthoc": {"logit_adjust": float(model.logit_adjust_),
-                    "temperature": float(model.temperature_)},
-        "fit_seconds": fit_s,
-        "splits": {s: len(fc.splits[s]) for s in fc.splits},
-        "evaluations": [evaluation_entry(fc, s, s, r, "fit-head") for s, r in
-                        result.metrics.items()],
-        "created": now_iso(),
-        "skincache_version": __version__,
-    })
+    write_run(run, RunRecord(
+        kind="head", head=head,
+        params={k: _jsonable(v) for k, v in model.get_params().items()},
+        cache=str(fc.path.resolve()), cache_key=fc.key, encoding_key=fc.encoding_key,
+        model=RunModel(str(fc.attrs["model"]), str(fc.attrs.get("pretrained") or "")),
+        classes=list(fc.classes), template_set=template_set, seed=seed, tta=tta, shots=shots,
+        evaluations=[evaluation_entry(fc, s, s, r, "fit-head") for s, r in
+                     result.metrics.items()],
+        created=now_iso(),
+        extra={"train_images": int(len(inputs["y"])),
+               "posthoc": {"logit_adjust": float(model.logit_adjust_),
+                           "temperature": float(model.temperature_)},
+               "fit_seconds": fit_s, "splits": {s: len(fc.splits[s]) for s in fc.splits},
+               "skincache_version": __version__}))
     return result
+
+
+@contextlib.contextmanager
+def run_lock(run: Path) -> Iterator[None]:
+    """Hold the run folder's `.lock` (the cache's flock: freed by the kernel when the holder
+    dies) while a command writes the folder: two `fit-head --name same` or two `evaluate`s
+    of one run never interleave, and the second says who holds it."""
+    lock = CacheLock(run / ".lock")
+    try:
+        lock.acquire(wait=False)
+    except CacheBusyError:
+        holder = ""
+        with contextlib.suppress(SkincacheError):
+            holder = read_regular(lock.path, max_bytes=64, what="lock").decode(errors="replace")
+        raise RunError(f"{run}: another skincache process (pid {holder.strip() or '?'}) is "
+                       "writing this run folder; wait for it to finish, or choose another "
+                       "--name") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def fit_heads(
@@ -267,6 +320,8 @@ def fit_heads(
     reading the cache once."""
     from skincache.heads import list_heads
 
+    if name is not None:
+        check_run_name(name)
     fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
     names = heads or [h for h in list_heads() if fc.text or not get_head_class(h).needs_text]
     return [fit_head_run(fc, h, None, name=f"{name}-{h}" if name else None, **kwargs)
@@ -292,37 +347,39 @@ def _jsonable(v: Any) -> Any:
 @dataclass
 class LoadedRun:
     path: Path
-    config: dict
+    record: RunRecord
     head: Head
 
     def check_cache(self, cache: FeatureCache) -> None:
         """Refuse a cache whose features mean something else (another model, weights,
         preprocessing, precision or class list). Another dataset encoded the same way is
         fine: that is external validation."""
-        if cache.encoding_key != self.config["encoding_key"]:
+        rec = self.record
+        if cache.encoding_key != rec.encoding_key:
             raise RunError(
-                f"run {self.path} was fit on features of {self.config['model']} (cache "
-                f"{self.config['cache']}, encoding {self.config['encoding_key'][:12]}); cache "
+                f"run {self.path} was fit on features of {rec.model and rec.model.name} (cache "
+                f"{rec.cache}, encoding {str(rec.encoding_key)[:12]}); cache "
                 f"{cache.path} holds features of {cache.attrs['model']} encoded differently "
                 f"(encoding {cache.encoding_key[:12]}: other weights, preprocessing, precision "
                 "or classes). A head fit on one model's features is meaningless on another's."
             )
 
     def open_cache(self, cache: str | Path | None = None) -> FeatureCache:
-        fc = FeatureCache.open(cache or self.config["cache"])
+        fc = FeatureCache.open(cache or self.record.cache)
         self.check_cache(fc)
         return fc
 
 
 def load_run(path: str | Path) -> LoadedRun:
+    """A head run's validated record and its head (checked as `load_head` checks it)."""
     p = Path(path)
-    cfg_path = p / "run.json"
-    if not cfg_path.is_file():
-        raise RunError(f"{p}: not a run folder (no run.json)")
-    config = json.loads(cfg_path.read_text())
-    if config.get("kind") != "head":
-        raise RunError(f"{p}: a '{config.get('kind')}' run, not a head run")
-    return LoadedRun(p, config, load_head(p / "head"))
+    try:
+        record = read_run(p)
+    except NotFoundError:
+        raise RunError(f"{p}: not a run folder (no run.json)") from None
+    if record.kind != "head":
+        raise RunError(f"{p}: a '{record.kind}' run, not a head run")
+    return LoadedRun(p, record, load_head(p / "head"))
 
 
 @dataclass
@@ -333,7 +390,7 @@ class Evaluation:
     report: dict
     name: str
     split: str
-    status: str  # "written" or "unchanged"
+    status: str  # "written", "unchanged" or "completed" (same numbers, missing files added)
     files: list[Path]
     cache_attrs: dict = field(default_factory=dict)  # of the cache evaluated on
 
@@ -341,7 +398,7 @@ class Evaluation:
 def evaluation_name(run: LoadedRun, cache: FeatureCache, split: str) -> str:
     """`<split>` on the run's own cache; `<dataset>__<split>` on another one (external
     validation), so that its results never take the place of the run's own."""
-    if cache.key == run.config.get("cache_key"):
+    if cache.key == run.record.cache_key:
         return split
     dataset = "".join(c if c.isalnum() or c in "-_." else "-"
                       for c in str(cache.attrs.get("dataset") or cache.path.stem))
@@ -364,37 +421,44 @@ def evaluate(run: str | Path, split: str = "test", *, cache: str | Path | None =
     `evaluations`. `tta`: None follows the run (a head fit with `--tta` is evaluated with it,
     so its numbers compare with the run's own)."""
     loaded = load_run(run)
-    tta = bool(loaded.config.get("tta", False)) if tta is None else tta
+    with run_lock(loaded.path):
+        return _evaluate_locked(loaded, split, cache=cache, n_bootstrap=n_bootstrap,
+                                plots=plots, tta=tta)
+
+
+def _evaluate_locked(loaded: LoadedRun, split: str, *, cache: str | Path | None,
+                     n_bootstrap: int, plots: bool, tta: bool | None) -> Evaluation:
+    """`evaluate` with the run folder locked: score, write the split as one unit (or complete
+    what an earlier, killed evaluation left missing), record the evaluation."""
+    tta = loaded.record.tta if tta is None else tta
     fc = loaded.open_cache(cache)
     if split not in fc.splits:
         raise RunError(f"cache {fc.path} has no split '{split}' (it has: "
                        f"{', '.join(fc.splits)}); choose one with --split")
     report, proba = evaluate_head(loaded.head, fc, split, n_bootstrap=n_bootstrap,
-                                  seed=int(loaded.config.get("seed", 0)), tta=tta)
+                                  seed=loaded.record.seed, tta=tta)
     base = evaluation_name(loaded, fc, split)
     name, i, status = base, 1, "written"
     while (loaded.path / "metrics" / f"{name}.json").exists():
-        old = json.loads((loaded.path / "metrics" / f"{name}.json").read_text())
+        old = read_json_file(loaded.path / "metrics" / f"{name}.json", what="metrics file")
         if _same_numbers(old, report):
             status = "unchanged"
             break
         i += 1
         name = f"{base}-{i}"
-    if status == "written":
+    if status == "unchanged" and not split_complete(loaded.path, name, report, plots):
+        # the same numbers with files missing (fit with --no-plots, or a folder an older
+        # version left incomplete when killed): write them, which replaces no other numbers
+        status = "completed"
+    if status != "unchanged":
         _write_split(loaded.path, fc, split, report, proba, plots, name=name)
-    elif plots and not list((loaded.path / "plots").glob(f"{name}_*.png")):
-        # the same numbers, fit with --no-plots: add the plots, which replaces nothing
-        write_report_plots(report, loaded.path / "plots", prefix=f"{name}_",
-                           label=plot_label(loaded.path, fc, split, report["n_samples"]))
     files = [loaded.path / "metrics" / f"{name}.json",
              loaded.path / "predictions" / f"{name}.csv"]
     if plots:
         files += sorted((loaded.path / "plots").glob(f"{name}_*.png"))
-    meta_path = loaded.path / "run.json"
-    meta = json.loads(meta_path.read_text())
-    meta.setdefault("evaluations", []).append(
-        evaluation_entry(fc, split, name, report, "evaluate", status))
-    write_json(meta_path, meta)
+    record = read_run(loaded.path)  # as it is now, under the lock
+    record.evaluations.append(evaluation_entry(fc, split, name, report, "evaluate", status))
+    write_run(loaded.path, record)
     return Evaluation(report, name, split, status, files, dict(fc.attrs))
 
 

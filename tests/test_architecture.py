@@ -23,7 +23,7 @@ PKG = Path(__file__).resolve().parents[1] / "skincache"
 LAYERS: list[set[str]] = [
     {"errors", "defaults"},
     {"_io"},
-    {"device", "distributed", "_head_params", "_sanity", "metrics", "data"},
+    {"device", "distributed", "_head_params", "_sanity", "metrics", "data", "run_record"},
     {"models", "cache", "heads", "prompts"},
     {"views", "plots", "_progress", "_options"},
     {"loaders"},

@@ -204,7 +204,8 @@ def test_head_init_from_a_fit_head_run_keeps_its_predictions(tmp_path):
     with pytest.raises(ValueError, match="features"):
         fitted_head(tmp_path / "logreg", scale, 7, 128, list("abcdefg"))
     (tmp_path / "logreg" / "run.json").write_text(json.dumps(
-        {"kind": "head", "model": "ViT-B-32", "classes": [str(i) for i in range(7)]}))
+        {"kind": "head", "model": "ViT-B-32", "classes": [str(i) for i in range(7)],
+         "head": "logreg", "cache": "c.h5", "cache_key": "k", "encoding_key": "e"}))
     with pytest.raises(ValueError, match="fit on ViT-B-32 features"):
         fitted_head(tmp_path / "logreg", scale, 7, 64, [str(i) for i in range(7)], TINY_MODEL)
     with pytest.raises(ValueError, match="classes"):

@@ -129,7 +129,7 @@ def test_evaluate_on_another_cache_keeps_the_runs_results(demo_cache, tmp_path):
     evals = json.loads((run / "run.json").read_text())["evaluations"]
     assert [(e["name"], e["by"], e["status"]) for e in evals] == [
         ("val", "fit-head", "written"), ("test", "fit-head", "written"),
-        (name, "evaluate", "written"), ("test", "evaluate", "unchanged"),
+        (name, "evaluate", "written"), ("test", "evaluate", "completed"),  # plots added
         ("test-2", "evaluate", "written")]
     assert evals[2]["cache_key"] != evals[1]["cache_key"]
     assert evals[2]["dataset"] == ds.name and evals[2]["cache"] == str(other.resolve())
@@ -267,13 +267,14 @@ def test_predict_a_folder_gives_one_line_per_image(demo_cache, demo_root, tmp_pa
         (folder / src.name).write_bytes(src.read_bytes())
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     r = runner.invoke(app, ["predict", str(runs / "k"), str(folder), "--device", "cpu"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 1, r.output  # one image failed: the others are printed, status 1
     lines = r.output.splitlines()
     preds = [line for line in lines if line.startswith(str(folder)) and ": " not in line]
     assert len(preds) == 4 and all(re.search(r"  \w+ [01]\.\d{3}$", p) for p in preds)
     assert any("broken.jpg: " in line for line in lines)
     assert "5 images: 4 predicted, 1 failed" in r.output
     assert "similar:" not in r.output and "┃" not in r.output  # no tables by default
+    (folder / "broken.jpg").unlink()
     r = _ok(["predict", str(runs / "k"), str(folder), "--device", "cpu", "--top-k", "3"])
     top3 = [line for line in r.output.splitlines() if line.startswith(str(folder))
             and ": " not in line]

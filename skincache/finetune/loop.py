@@ -11,7 +11,6 @@ interleaves one permutation) and DDP averages the gradients: the same steps as o
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -51,6 +50,7 @@ from skincache.finetune.report import quick_scores, train_timing
 from skincache.heads._math import warmup_cosine
 from skincache.heads.base import balanced_class_weights, softmax
 from skincache.models import LoadedModel, ModelSpec, load_model
+from skincache.run_record import RunRecord, check_run_name, read_run, write_run
 from skincache.views import Normalizer, ViewMaker, ViewPolicy
 
 WISE_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -124,6 +124,7 @@ def pick_run_dir(cfg: FinetuneConfig, ctx: state.DistContext) -> Path:
     def pick() -> str:
         root = Path(cfg.runs_dir)
         if cfg.name:
+            check_run_name(cfg.name)
             if (root / cfg.name / "run.json").exists():
                 raise ExistsError(f"{root / cfg.name} already holds a run; pass --resume "
                                   f"{root / cfg.name} to continue it, or another --name")
@@ -149,7 +150,7 @@ def load_data(cfg: FinetuneConfig, run_dir: Path) -> RunData:
     if "train" not in ds.splits:
         raise UsageError(f"{cfg.data}: no training split (splits: {ds.splits})")
     if cfg.resume:
-        saved = json.loads((run_dir / "run.json").read_text())["dataset"]
+        saved = read_run(run_dir / "run.json").extra["dataset"]
         if saved["fingerprint"] != fingerprint:
             raise UsageError(f"{cfg.data}: the data changed since {run_dir} started "
                              "(ids, labels, splits or files differ); a resumed run must "
@@ -510,6 +511,7 @@ class FinetuneRun:
     def _write_run_json(self, status: str, result: FinetuneResult | None = None) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         meta_path = self.run_dir / "run.json"
-        old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        write_json(meta_path, report.run_meta(self._facts(), status, old, result))
+        old = read_run(meta_path).to_dict() if meta_path.is_file() else {}
+        write_run(meta_path, RunRecord.from_dict(report.run_meta(self._facts(), status, old,
+                                                                 result), meta_path))
         write_json(self.run_dir / "failed.json", [f.__dict__ for f in self.images.failed])

@@ -12,7 +12,6 @@ name into a prototype, once, before training.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from skincache.errors import InputFileError, NotFoundError
 from skincache.heads import Head, get_head_class, list_heads, load_head, zeroshot_prototypes
 from skincache.models import LoadedModel
 from skincache.prompts import class_prompts, template_set_order
+from skincache.run_record import read_run
 
 
 class ClipClassifier(nn.Module):
@@ -109,14 +109,14 @@ def fitted_head(path: str | Path, logit_scale: float, n_classes: int, dim: int,
     d = head_dir(path)
     for meta_path in (d / "run.json", d.parent / "run.json"):
         if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            saved = meta.get("classes")
-            if saved is not None and list(saved) != list(classes):
+            meta = read_run(meta_path)
+            saved = meta.classes
+            if saved and list(saved) != list(classes):
                 raise InputFileError(f"{meta_path}: the head was fit on classes {saved}, this "
                                  f"dataset has {classes}")
-            if model and meta.get("model") and meta["model"] != model:
-                raise InputFileError(f"{meta_path}: the head was fit on {meta['model']} features; "
-                                 f"this run fine-tunes {model}")
+            if model and meta.model and meta.model.name != model:
+                raise InputFileError(f"{meta_path}: the head was fit on {meta.model.name} "
+                                     f"features; this run fine-tunes {model}")
             break
     head = load_head(d)
     if head.n_features_in_ != dim or head.n_classes_ != n_classes:

@@ -18,6 +18,7 @@ from skincache.finetune.config import FinetuneConfig, FinetuneResult
 from skincache.heads.base import balanced_accuracy, softmax
 from skincache.metrics import classification_report
 from skincache.models import LoadedModel, ModelSpec
+from skincache.run_record import read_run
 from skincache.runs import write_split_outputs
 
 
@@ -182,7 +183,7 @@ def train_timing(history: list[dict[str, Any]]) -> dict[str, float]:
 
 def finished_result(run_dir: Path, cfg):
     """A complete run read back from its folder (resuming it again trains nothing)."""
-    meta = json.loads((run_dir / "run.json").read_text())
+    meta = read_run(run_dir).to_dict()
     hist = json.loads((run_dir / "history.json").read_text())
     metrics = {p.stem: json.loads(p.read_text())
                for p in sorted((run_dir / "metrics").glob("*.json")) if p.stem != "wise_curve"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 from skincache.errors import NotFoundError, UsageError
 from skincache.finetune.config import RESUME_MUTABLE, FinetuneConfig, FinetuneResult
+from skincache.run_record import read_run
 
 
 def run_finetune(config: FinetuneConfig, *, progress: bool = True,
@@ -52,7 +52,7 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True,
 
 def _status(run_dir: Path) -> str | None:
     meta = run_dir / "run.json"
-    return json.loads(meta.read_text()).get("status") if meta.is_file() else None
+    return read_run(meta).status if meta.is_file() else None
 
 
 def _resolve_resume(config: FinetuneConfig) -> FinetuneConfig:
@@ -63,10 +63,10 @@ def _resolve_resume(config: FinetuneConfig) -> FinetuneConfig:
     meta_path = Path(config.resume) / "run.json"
     if not meta_path.is_file():
         raise NotFoundError(f"--resume {config.resume}: no run.json there (not a run folder)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("kind") != "finetune":
-        raise UsageError(f"{meta_path}: kind is {meta.get('kind')!r}, not a fine-tuning run")
-    saved = FinetuneConfig.from_dict(meta["config"])
+    meta = read_run(meta_path)
+    if meta.kind != "finetune":
+        raise UsageError(f"{meta_path}: kind is {meta.kind!r}, not a fine-tuning run")
+    saved = FinetuneConfig.from_dict(meta.extra["config"])
     keep = {k: getattr(config, k) for k in RESUME_MUTABLE}
     return dataclasses.replace(saved, **keep)
 

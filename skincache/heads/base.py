@@ -7,17 +7,19 @@ that needs an extra it was not given says so by name instead of failing somewher
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as dump_safetensors
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError
 
-from .._io import atomic_write_text
+from .._io import atomic_write, atomic_write_text, read_json_file, read_regular
 from ..errors import InputFileError, NotFoundError, UsageError
 from . import _posthoc
 from ._math import (  # noqa: F401  (re-exported: heads import them from here)
@@ -387,7 +389,10 @@ class Head(ClassifierMixin, BaseEstimator):
         out.mkdir(parents=True, exist_ok=True)
         post_arrays, post_scalars = self._posthoc_state()
         arrays = {**self._state_arrays(), **post_arrays}
-        save_file(arrays, str(out / ARRAYS_FILE))
+        # serialised in memory, then written atomically: a full disk is an OSError naming the
+        # file (one line in the CLI), never safetensors' own error or half a file
+        blob = dump_safetensors(arrays)
+        atomic_write(out / ARRAYS_FILE, lambda f: f.write(blob))
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -399,6 +404,8 @@ class Head(ClassifierMixin, BaseEstimator):
             "fitted": self._state_scalars(),
             "posthoc": post_scalars,
             "arrays": sorted(arrays),
+            # checked on load: another run's same-shape arrays, or edited ones, are refused
+            "arrays_sha256": hashlib.sha256(blob).hexdigest(),
         }
         atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         return out
@@ -410,8 +417,17 @@ MAX_CLASSES = 100_000
 MAX_FEATURES = 65_536
 MAX_INT_PARAM = 1_000_000
 MAX_CONFIG_BYTES = 10 * 1024 * 1024
+MAX_ARRAYS_BYTES = 16 << 30
+#: |weight| above this is no fitted value (1e308 overflows the first matmul); post-hoc bounds
+#: far outside what `_posthoc` fits (tau <= 2 on its grid, temperature in [0.05, 20]).
+MAX_ABS_WEIGHT = 1e12
+MAX_LOGIT_ADJUST = 1e3
+TEMPERATURE_RANGE = (1e-3, 1e3)
+#: the dtypes `save` writes (features and weights as float, neighbour labels and rows as int)
+SAVED_DTYPES = frozenset({np.dtype(t) for t in ("float16", "float32", "float64", "int32",
+                                                "int64")})
 _CONFIG_KEYS = {"format", "format_version", "name", "class", "params", "n_classes",
-                "n_features_in", "fitted", "arrays", "posthoc"}
+                "n_features_in", "fitted", "arrays", "posthoc", "arrays_sha256"}
 
 
 def _bad(path: Path, problem: str) -> InputFileError:
@@ -421,15 +437,7 @@ def _bad(path: Path, problem: str) -> InputFileError:
 def _read_config(cfg_path: Path) -> dict[str, Any]:
     """`head.json`, checked against its schema: every key known, every type and bound right,
     so that a hand-made file cannot make `load_head` allocate or call anything unexpected."""
-    try:
-        size = cfg_path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise _bad(cfg_path, f"{size:,} bytes; a head config is a few KB")
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise _bad(cfg_path, "not UTF-8 text (not a head config)") from None
-    except json.JSONDecodeError as e:
-        raise _bad(cfg_path, f"not valid JSON ({e.msg}, line {e.lineno})") from None
+    config = read_json_file(cfg_path, max_bytes=MAX_CONFIG_BYTES, what="head config")
     if not isinstance(config, dict):
         raise _bad(cfg_path, "not a JSON object (not a head config)")
     if config.get("format") != FORMAT:
@@ -447,7 +455,8 @@ def _read_config(cfg_path: Path) -> dict[str, Any]:
         v = config.get(key)
         if not _is_int(v) or not lo <= v <= hi:
             raise _bad(cfg_path, f"{key} must be an integer in [{lo}, {hi}], got {v!r}")
-    for key, kind in (("name", str), ("params", dict), ("fitted", dict), ("arrays", list)):
+    for key, kind in (("name", str), ("params", dict), ("fitted", dict), ("arrays", list),
+                      ("arrays_sha256", str)):
         if key in config and not isinstance(config[key], kind):
             raise _bad(cfg_path, f"{key} must be a JSON {kind.__name__}, got "
                        f"{type(config[key]).__name__}")
@@ -499,14 +508,21 @@ def load_head(directory: str | Path) -> Head:
     arrays_path = d / ARRAYS_FILE
     if not arrays_path.is_file():
         raise NotFoundError(f"{arrays_path}: the head's arrays are missing")
+    blob = read_regular(arrays_path, max_bytes=MAX_ARRAYS_BYTES, what="head arrays")
     try:
-        arrays = load_file(str(arrays_path))
-    except Exception as e:  # SafetensorError, OSError: random bytes, a pickle, truncation
+        arrays = load_safetensors(blob)
+    except Exception as e:  # SafetensorError: random bytes, a pickle, truncation
         msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise _bad(arrays_path, f"not a valid safetensors file ({msg})") from None
+    want = config.get("arrays_sha256")  # absent in heads saved before it was recorded
+    if want is not None and hashlib.sha256(blob).hexdigest() != want:
+        raise _bad(arrays_path, "does not match the sha256 head.json recorded when the head was "
+                   "saved (edited, or another run's file); restore it or fit the head again")
+    del blob
     missing = set(cls._fitted_arrays) - set(arrays)
     if missing:
         raise _bad(arrays_path, f"missing arrays {sorted(missing)}")
+    _check_arrays(arrays_path, cls, arrays, config.get("arrays"))
     n_classes, n_features = int(config["n_classes"]), int(config["n_features_in"])
     if arrays and not any(a.shape and a.shape[-1] == n_features for a in arrays.values()):
         raise _bad(cfg_path, f"n_features_in = {n_features} matches no saved array "
@@ -527,8 +543,8 @@ def load_head(directory: str | Path) -> Head:
         head.temperature_ = float(post.get("temperature_", 1.0))
     except (TypeError, ValueError):
         raise _bad(cfg_path, "posthoc values must be numbers") from None
-    if not (np.isfinite(head.logit_adjust_) and np.isfinite(head.temperature_)
-            and head.temperature_ > 0):
+    lo, hi = TEMPERATURE_RANGE
+    if not (abs(head.logit_adjust_) <= MAX_LOGIT_ADJUST and lo <= head.temperature_ <= hi):
         raise _bad(cfg_path, f"posthoc out of range: {post}")
     try:
         head._restore(arrays, fitted)
@@ -536,6 +552,34 @@ def load_head(directory: str | Path) -> Head:
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise _bad(d, f"the saved arrays do not fit the head's configuration ({msg})") from None
     return head
+
+
+def _check_arrays(path: Path, cls: type[Head], arrays: dict[str, np.ndarray],
+                  declared: Any) -> None:
+    """Only the arrays the head declares, of a dtype `save` writes, finite and in range.
+
+    An array named like an attribute (`predict_proba`, `temperature_`) would be set on the
+    head by `_restore` and replace a method or a post-hoc value; a NaN, inf or 1e308 weight
+    gives NaN probabilities that look like results."""
+    names = set(arrays)
+    if declared is not None and names != set(declared):
+        raise _bad(path, f"holds arrays {sorted(names)}, head.json declares {sorted(declared)}")
+    own = set(cls._fitted_arrays) | set(cls._posthoc_arrays)
+    reserved = (set(cls._param_names()) | set(cls._fitted_scalars) | set(cls._posthoc_scalars)
+                | {"n_classes_", "classes_", "n_features_in_", "module_"})
+    stray = sorted(n for n in names - own if not n.startswith("module.")
+                   and (hasattr(cls, n) or n in reserved or not n.isidentifier()))
+    if stray or (cls._fitted_arrays and names - own):
+        raise _bad(path, f"arrays {stray or sorted(names - own)} are not arrays a "
+                   f"'{cls.name}' head saves")
+    for k, a in arrays.items():
+        if a.dtype not in SAVED_DTYPES:
+            raise _bad(path, f"array {k} is {a.dtype}; a saved head holds only "
+                       f"{sorted(str(t) for t in SAVED_DTYPES)}")
+        if a.dtype.kind == "f" and a.size and not (
+                np.isfinite(a).all() and np.abs(a).max() <= MAX_ABS_WEIGHT):
+            raise _bad(path, f"array {k} holds NaN, inf or values beyond "
+                       f"{MAX_ABS_WEIGHT:.0e}; not a fitted head (restore it or fit again)")
 
 
 def _json_scalar(v: Any) -> Any:
