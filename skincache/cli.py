@@ -396,7 +396,9 @@ def fit_head(
     split = "test" if "test" in results[0].metrics else "val"
     if len(results) == 1:
         r = results[0]
-        _render.metrics_table(r.metrics, f"{r.head}: fit in {r.fit_seconds:.2f} s → {r.path}")
+        shown = {("val (fit)" if s == "val" and r.trains_on_val else s): m  # trained on val
+                 for s, m in r.metrics.items()}
+        _render.metrics_table(shown, f"{r.head}: fit in {r.fit_seconds:.2f} s → {r.path}")
         if split in r.metrics:
             _render.per_class_table(r.metrics[split], f"per class ({split})")
     else:
