@@ -133,7 +133,8 @@ def test_dermfm_fits_train_only_as_their_script_and_merges_val_on_request(proble
 # ----------------------------------------------------------------------------- clip-benchmark-lp
 
 
-def test_clip_benchmark_chooses_wd_on_val_then_refits_on_train_and_val(problem, monkeypatch):
+def test_clip_benchmark_chooses_wd_on_val_then_refits_on_train_and_val(problem, monkeypatch,
+                                                                       tmp_path):
     calls: list[tuple[np.ndarray, float]] = []
     train = CLIPBenchmarkLinearProbeHead._train
 
@@ -154,15 +155,7 @@ def test_clip_benchmark_chooses_wd_on_val_then_refits_on_train_and_val(problem, 
     assert final_wd == head.weight_decay_
     assert len(final_X) == n + n_val
     np.testing.assert_allclose(final_X[n:], l2_normalize(problem["X_val"]))
-    assert head.trains_on_val and load_head_roundtrip(head).trains_on_val
-
-
-def load_head_roundtrip(head, tmp=None):
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        head.save(d)
-        return load_head(d)
+    assert head.trains_on_val and load_head(head.save(tmp_path / "h")).trains_on_val
 
 
 def test_clip_benchmark_without_val_uses_no_weight_decay_and_train_only(problem):
@@ -208,6 +201,19 @@ def test_bench_heads_marks_the_train_val_protocol_and_picks_another(demo_cache, 
     assert not rows["dermfm-lp-trainval"].get("chosen_by_val")
     assert rows["logreg"].get("chosen_by_val")
     assert "(fit)" in (tmp_path / "b" / "results.md").read_text()
+
+
+def test_fit_head_labels_val_of_a_train_val_protocol_as_fit(demo_cache, tmp_path):
+    r = runner.invoke(app, ["fit-head", "--cache", str(demo_cache), "--head", "dermfm-lp",
+                            "-p", "merge_val=true", "--runs-dir", str(tmp_path),
+                            "--bootstrap", "0", "--no-plots", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "val (fit)" in r.output
+    r = runner.invoke(app, ["fit-head", "--cache", str(demo_cache), "--head", "dermfm-lp",
+                            "--runs-dir", str(tmp_path), "--bootstrap", "0", "--no-plots",
+                            "--quiet", "--name", "train-only"])
+    assert r.exit_code == 0, r.output
+    assert "val (fit)" not in r.output and "val" in r.output
 
 
 # ----------------------------------------------------------------------------- real features
