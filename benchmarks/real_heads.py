@@ -180,7 +180,7 @@ def sklearn_balanced_baseline(fc: FeatureCache) -> dict:
 def clip_benchmark_probe(fc: FeatureCache, seed: int = 0) -> dict:
     """CLIP_benchmark's linear-probe protocol: the `clip-benchmark-lp` head (AdamW, cosine
     schedule, weight decay chosen on val accuracy, then a refit on train+val)."""
-    row = run_head(fc, "baseline: CLIP_benchmark linear probe", "clip-benchmark-lp",
+    row = run_head(fc, "baseline: CLIP_benchmark linear probe (val: fit)", "clip-benchmark-lp",
                    {"seed": seed})[0]
     return {**row, "note": "val is part of its final training set"}
 
