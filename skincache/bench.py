@@ -49,6 +49,10 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("tip-adapter", "tip-adapter", {}),
     ("tip-adapter-f", "tip-adapter-f", {}),
     ("zs-linear", "zs-linear", {}),
+    # published protocols, unchanged (README "Published protocols"): beside their tables
+    ("dermfm-lp", "dermfm-lp", {}),
+    ("dermfm-lp-trainval", "dermfm-lp", {"merge_val": True}),
+    ("clip-benchmark-lp", "clip-benchmark-lp", {}),
 ]
 
 #: The run key of the selection score: the primary metric on val (`val_balanced_accuracy`).
@@ -191,6 +195,7 @@ def _fit_and_score(fc, evald, val, full: dict, key: dict, names: list[str], tta:
                    ) -> list[dict]:
     """Fit one head (variant x seed x shots) and score it: the clean-view run, then the TTA
     run when asked (the same fit)."""
+    from skincache.heads._protocols import trains_on_val
     from skincache.metrics import classification_report
     from skincache.runs import fit_inputs, make_head
 
@@ -211,6 +216,7 @@ def _fit_and_score(fc, evald, val, full: dict, key: dict, names: list[str], tta:
         val_score = (get_metric(PRIMARY).score(val.labels, probas["val"][with_tta])
                      if val is not None else None)
         runs.append({**key, "variant": name, "fit_seconds": fit_s, VAL_KEY: val_score,
+                     "trains_on_val": trains_on_val(head),
                      **{m.name: report[m.name] for m in metrics()},
                      "per_class_recall": {c: v["recall"] for c, v in report["per_class"].items()},
                      "tta": with_tta and evald.n_views > 0})
@@ -248,7 +254,9 @@ def n_fits(seeds: int, variants: list[str] | None = None, shots: list[int] | Non
 
 def aggregate(runs: list[dict]) -> list[dict]:
     """Mean and std over seeds per (variant, shots), in the order they first appear; the row
-    with the best mean val balanced accuracy (`PRIMARY`, per shots) is marked `chosen_by_val`.
+    with the best mean val balanced accuracy (`PRIMARY`, per shots) is marked `chosen_by_val`,
+    among the rows whose head kept val out of its training rows (`trains_on_val` rows are
+    marked and never chosen: their val score is a training score).
     A metric a run predates (registered since) aggregates to None."""
     order = list(dict.fromkeys((r["variant"], r.get("shots")) for r in runs))
     rows = []
@@ -256,13 +264,16 @@ def aggregate(runs: list[dict]) -> list[dict]:
         rs = [r for r in runs if r["variant"] == v and r.get("shots") == k]
         row: dict[str, Any] = {"variant": v, "head": rs[0]["head"], "shots": k,
                                "n_seeds": len(rs)}
+        if any(r.get("trains_on_val") for r in rs):
+            row["trains_on_val"] = True
         for m in _aggregated():
             vals = np.array([np.nan if r.get(m) is None else r[m] for r in rs], dtype=float)
             row[f"{m}_mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
             row[f"{m}_std"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else None
         rows.append(row)
     for k in dict.fromkeys(r["shots"] for r in rows):
-        group = [r for r in rows if r["shots"] == k and r[f"{VAL_KEY}_mean"] is not None]
+        group = [r for r in rows if r["shots"] == k and r[f"{VAL_KEY}_mean"] is not None
+                 and not r.get("trains_on_val")]
         if group:
             best = max if get_metric(PRIMARY).higher_is_better else min
             best(group, key=lambda r: r[f"{VAL_KEY}_mean"])["chosen_by_val"] = True
@@ -271,7 +282,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 def format_cell(row: dict, m: str, pct: bool = True) -> str:
     """`mean ± std` of metric `m` (or `val_<metric>`) in its registered format, percent or a
-    fraction (just the mean for a single run); `pct=False`: seconds."""
+    fraction (just the mean for a single run); `pct=False`: seconds. The val score of a head
+    that trained on val reads "(fit)" after it: not a validation score."""
     mean, std = row[f"{m}_mean"], row[f"{m}_std"]
     if mean is None:
         return "n/a"
@@ -280,7 +292,8 @@ def format_cell(row: dict, m: str, pct: bool = True) -> str:
     percent = get_metric(m.removeprefix("val_")).fmt == "percent"
     scale, digits = (100, 1) if percent else (1, 3)
     cell = f"{scale * mean:.{digits}f}"
-    return cell + (f" ± {scale * std:.{digits}f}" if row["n_seeds"] > 1 else "")
+    cell += f" ± {scale * std:.{digits}f}" if row["n_seeds"] > 1 else ""
+    return cell + (" (fit)" if m == VAL_KEY and row.get("trains_on_val") else "")
 
 
 def markdown_table(rows: list[dict]) -> str:

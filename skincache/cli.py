@@ -434,8 +434,10 @@ def fit_head(
     setting = _setting(tta and n_views > 0, shots)
     if len(results) == 1:
         r = results[0]
-        _render.metrics_table(r.metrics, f"{r.head}{setting}: fit in {r.fit_seconds:.2f} s → "
-                                         f"{r.path}")
+        shown = {("val (fit)" if s == "val" and r.trains_on_val else s): m  # trained on val
+                 for s, m in r.metrics.items()}
+        _render.metrics_table(shown, f"{r.head}{setting}: fit in {r.fit_seconds:.2f} s → "
+                                     f"{r.path}")
         if split in r.metrics:
             _render.per_class_table(r.metrics[split], f"per class ({split})")
     else:

@@ -218,13 +218,18 @@ def heads_table(results: list, split: str, picked: int | None = None, setting: s
         if m is None:
             continue
         name = f"{r.head} *" if i == picked else r.head
+        val = _cell(r.metrics.get("val"), primary, with_ci=False)
         t.add_row(name, f"{r.fit_seconds:.2f}",
-                  _cell(r.metrics.get("val"), primary, with_ci=False),
+                  val + (" (fit)" if getattr(r, "trains_on_val", False) else ""),
                   *(_cell(m, metric) for metric in shown))
     _show(t)
     if picked is not None:
         out.print(f"* {results[picked].head}: val's pick (best val balanced accuracy); choose "
                   "heads on val, never on test", highlight=False, soft_wrap=True)
+    if any(getattr(r, "trains_on_val", False) for r in results):
+        out.print("(fit): the head trained on val (a published protocol's train+val refit); "
+                  "its val score is not a validation score and val never picks it",
+                  highlight=False, soft_wrap=True)
     for r in results:  # full paths, for evaluate / predict
         out.print(f"{r.head}: {r.path}", highlight=False, soft_wrap=True)
 

@@ -38,6 +38,7 @@ from skincache.cache import (
 )
 from skincache.errors import NotFoundError, SkincacheError, UsageError
 from skincache.heads import Head, create_head, get_head_class, load_head
+from skincache.heads._protocols import trains_on_val
 from skincache.metrics import (
     calibration_bins,
     classification_report,
@@ -62,6 +63,9 @@ class RunResult:
     params: dict[str, Any]
     fit_seconds: float
     metrics: dict[str, dict] = field(default_factory=dict)  # split -> classification_report
+    #: the head fit on the val rows too (a published protocol's train+val refit): its val
+    #: metrics are a training score, shown as "val (fit)" and never val's pick
+    trains_on_val: bool = False
 
 
 def text_features(cache: FeatureCache, template_set: str = ALL_TEMPLATES) -> np.ndarray | None:
@@ -263,7 +267,8 @@ def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | N
         if de is None:
             raise
         raise de from None
-    result = RunResult(run, head, model.get_params(), fit_s)
+    result = RunResult(run, head, model.get_params(), fit_s,
+                       trains_on_val=trains_on_val(model))
     for split in eval_splits:
         if split in fc.splits:
             report, proba = evaluate_head(model, fc, split, n_bootstrap=n_bootstrap, seed=seed,
@@ -330,9 +335,11 @@ def fit_heads(
 
 def chosen_by_val(results: list[RunResult]) -> int | None:
     """Index of the run with the best validation balanced accuracy (ties: the first), or None
-    without a val split: the only fair way to pick a head."""
+    without a val split: the only fair way to pick a head. A head that trained on val is
+    never picked (its val score is a training score)."""
     scored = [(r.metrics["val"]["balanced_accuracy"], -i) for i, r in enumerate(results)
-              if "val" in r.metrics and r.metrics["val"]["balanced_accuracy"] is not None]
+              if "val" in r.metrics and r.metrics["val"]["balanced_accuracy"] is not None
+              and not r.trains_on_val]
     return -max(scored)[1] if scored else None
 
 

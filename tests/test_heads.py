@@ -24,6 +24,7 @@ from skincache.heads.base import balanced_accuracy, l2_normalize
 
 ALL_HEADS = [
     "zeroshot", "logreg", "linear", "mlp", "knn", "tip-adapter", "tip-adapter-f", "zs-linear",
+    "dermfm-lp", "clip-benchmark-lp",
 ]
 TEXT_HEADS = ["zeroshot", "tip-adapter", "tip-adapter-f", "zs-linear"]
 STOCHASTIC_HEADS = ["linear", "mlp", "tip-adapter-f", "zs-linear"]
@@ -34,6 +35,7 @@ FAST = {
     "mlp": {"epochs": 15, "hidden": 64},
     "tip-adapter-f": {"epochs": 3, "samples_per_epoch": 256},
     "zs-linear": {"epochs": 15},
+    "clip-benchmark-lp": {"epochs": 3},
 }
 
 C, D, K, TEMPLATES = 4, 32, 3, 5

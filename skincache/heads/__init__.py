@@ -13,6 +13,8 @@ from __future__ import annotations
 
 # Importing the modules registers the heads, in this order.
 from . import (  # noqa: F401
+    clip_benchmark_lp,
+    dermfm_lp,
     knn,
     linear,
     logreg,
@@ -26,6 +28,8 @@ from ._describe import HeadSpec, ParamSpec, describe_head, describe_heads, parse
 from ._progress import progress_hook
 from ._registry import HEADS, create_head, get_head_class, list_heads, register_head
 from .base import DEFAULT_LOGIT_SCALE, FitData, Head, balanced_accuracy, load_head
+from .clip_benchmark_lp import CLIPBenchmarkLinearProbeHead
+from .dermfm_lp import DermFMLinearProbeHead
 from .knn import KNNHead
 from .linear import LinearHead
 from .logreg import LogRegHead
@@ -36,7 +40,9 @@ from .zeroshot import ZeroShotHead, zeroshot_prototypes
 from .zs_linear import ZSLinearHead
 
 __all__ = [
+    "CLIPBenchmarkLinearProbeHead",
     "DEFAULT_LOGIT_SCALE",
+    "DermFMLinearProbeHead",
     "HEADS",
     "FitData",
     "HeadSpec",

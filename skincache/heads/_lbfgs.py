@@ -48,6 +48,10 @@ class RowBlocks:
             offset += len(part)
 
 
+#: the regularisers `logreg_path` knows (see its docstring)
+PENALTIES = ("squared", "norm")
+
+
 @dataclass
 class PathPoint:
     C: float
@@ -67,13 +71,19 @@ def logreg_path(
     max_iter: int = 100,
     tol: float = 1e-6,
     init: tuple[np.ndarray, np.ndarray] | None = None,
+    penalty: str = "squared",
 ) -> Iterator[PathPoint]:
     """Fit the multinomial L2 logistic regression at each C in `Cs`, in the order given, each
     warm-started from the previous solution (or `init`). Yields one `PathPoint` per C.
 
     max_iter bounds the function evaluations per C (the L-BFGS line search included);
     tol is the gradient tolerance (max-abs of the gradient of the sample-averaged loss).
+    penalty: "squared" (scikit-learn's objective above) or "norm": the sample-averaged
+    cross-entropy plus ||W||_F / (2 C), the Frobenius norm itself, not its square (the
+    objective of DermFM-Zero's torch logistic regression, which `dermfm-lp` reproduces).
     """
+    if penalty not in PENALTIES:
+        raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
     dev = torch.device(device)
     yt = torch.as_tensor(np.asarray(y, dtype=np.int64), device=dev)
     streamed = isinstance(X, RowBlocks)
@@ -106,15 +116,15 @@ def logreg_path(
         b = torch.as_tensor(init[1], dtype=torch.float32, device=dev).clone()
         b = b + W @ mu  # into the centred parameterisation
     for C in Cs:
-        W, b, evals = _solve(batches, yt, w, total, float(C), W, b, max_iter, tol)
+        W, b, evals = _solve(batches, yt, w, total, float(C), W, b, max_iter, tol, penalty)
         yield PathPoint(float(C), W.cpu().numpy().copy(), (b - W @ mu).cpu().numpy().copy(),
                         evals)
 
 
 def _solve(batches: Callable[[], Iterator[tuple[int, torch.Tensor]]], y: torch.Tensor,
            w: torch.Tensor, total: float, C: float,
-           W0: torch.Tensor, b0: torch.Tensor, max_iter: int, tol: float
-           ) -> tuple[torch.Tensor, torch.Tensor, int]:
+           W0: torch.Tensor, b0: torch.Tensor, max_iter: int, tol: float,
+           penalty: str = "squared") -> tuple[torch.Tensor, torch.Tensor, int]:
     """One L-BFGS solve at C from (W0, b0) on centred features given as row blocks (one
     block in memory; several when streamed: the loss and its gradient are sums over rows, so
     summing them block by block gives L-BFGS the exact full-batch values); (W, b,
@@ -124,7 +134,12 @@ def _solve(batches: Callable[[], Iterator[tuple[int, torch.Tensor]]], y: torch.T
     opt = torch.optim.LBFGS([Wp, bp], lr=1.0, max_iter=max_iter, max_eval=max_iter,
                             history_size=100, line_search_fn="strong_wolfe",
                             tolerance_grad=tol, tolerance_change=1e-12)
-    penalty = 1.0 / (2.0 * C * total)
+    if penalty == "squared":  # ||W||^2 / (2 C), divided by the weight total like the loss
+        def regulariser(W: torch.Tensor) -> torch.Tensor:
+            return (W * W).sum() / (2.0 * C * total)
+    else:  # "norm": ||W||_F / (2 C) beside the mean loss (DermFM-Zero's objective)
+        def regulariser(W: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.vector_norm(W) / (2.0 * C)
     evals = 0
 
     def closure() -> torch.Tensor:
@@ -135,7 +150,7 @@ def _solve(batches: Callable[[], Iterator[tuple[int, torch.Tensor]]], y: torch.T
         if len(parts) == 1:  # in memory: one graph, as before
             _, Xc = parts[0]
             ce = F.cross_entropy(Xc @ Wp.T + bp, y, reduction="none")
-            loss = (ce * w).sum() / total + penalty * (Wp * Wp).sum()
+            loss = (ce * w).sum() / total + regulariser(Wp)
             loss.backward()
             return loss
         value = 0.0
@@ -145,7 +160,7 @@ def _solve(batches: Callable[[], Iterator[tuple[int, torch.Tensor]]], y: torch.T
             part = (ce * w[start:stop]).sum() / total
             part.backward()
             value += float(part.detach())
-        reg = penalty * (Wp * Wp).sum()
+        reg = regulariser(Wp)
         reg.backward()
         return torch.tensor(value + float(reg.detach()))
 
