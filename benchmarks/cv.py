@@ -97,7 +97,7 @@ def main() -> None:
         load_after = os.getloadavg()
         cv = json.loads((Path(tmp) / "runs" / "logreg-cv" / "cv.json").read_text())
     load = [list(load_before), list(load_after)]
-    Console().print(table(cv, wall, cpu, load))
+    Console(width=140).print(table(cv, wall, cpu, load))
     print(f"folds: {[round(100 * f['metrics']['balanced_accuracy'], 1) for f in cv['folds']]} "
           f"bal. acc %; chosen C per fold: {[f['selection'].get('C_') for f in cv['folds']]}; "
           f"CV part {cv['seconds']:.1f} s (of {wall:.1f} s)")

@@ -116,13 +116,14 @@ def cv_bench_table(rows: list[dict[str, Any]], title: str) -> None:
 
     primary = get_metric(PRIMARY)
     t = Table(title=title, title_justify="left",
-              caption="mean ± 95% Student t interval over folds", caption_justify="left")
+              caption="mean ± 95% Student t interval over folds; CV's pick: the best mean "
+                      "over the held-out folds (test never chooses)", caption_justify="left")
     for col in ("variant", "folds", f"inner val {primary.heading}",
                 *(m.heading for m in table_metrics()), f"refit test {primary.heading}",
                 "fit s"):
         t.add_column(col, justify="left" if col == "variant" else "right")
     for r in rows:
-        name = r["variant"] + (" ← val's pick" if r.get("chosen_by_val") else "")
+        name = r["variant"] + (" ← CV's pick" if r.get("chosen_by_val") else "")
         t.add_row(name, str(r["n_folds"]), _mean_ci(primary, r[f"{VAL_KEY}_mean"], None),
                   *(_mean_ci(m, r[f"{m.name}_mean"], r[f"{m.name}_ci95"])
                     for m in table_metrics()),

@@ -183,6 +183,8 @@ def test_bench_heads_cv_cli_one_json_per_fold_and_resume(synth, tmp_path):
         assert row["balanced_accuracy_ci95"] == pytest.approx(
             float(ci95_half_width(vals.std(), 3)))
         assert row["refit_balanced_accuracy"] is not None
+    best = max(rows, key=lambda row: row["balanced_accuracy_mean"])
+    assert [row["variant"] for row in rows if row.get("chosen_by_val")] == [best["variant"]]
     assert "±" in r.output
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "8 fit(s) kept" in again.output

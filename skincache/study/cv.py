@@ -414,11 +414,18 @@ def _bench_fit(fc: FeatureCache, pool: Pool, fold: Fold, base: dict[str, Any], k
 
 
 def cv_rows(runs: list[dict]) -> list[dict]:
-    """bench-heads' aggregate over the fold runs of each variant (mean, std, `n_seeds` = the
-    number of folds, the inner-val pick marked), plus `<metric>_ci95` (Student t over folds)
-    and `refit_<metric>` (the refit's test score)."""
+    """bench-heads' aggregate over the fold runs of each variant (mean, std, `n_folds`), plus
+    `<metric>_ci95` (Student t over folds) and `refit_<metric>` (the refit's test score). The
+    variant marked `chosen_by_val` is the best mean over the held-out folds (the CV score; the
+    inner-val score each head maximised is biased upward by that very selection)."""
     rows = aggregate([r for r in runs if r["fold"] >= 0])
     refits = {r["variant"]: r for r in runs if r["fold"] < 0}
+    for row in rows:
+        row.pop("chosen_by_val", None)
+    scored = [r for r in rows if r[f"{PRIMARY}_mean"] is not None]
+    if scored:
+        best = max if get_metric(PRIMARY).higher_is_better else min
+        best(scored, key=lambda r: r[f"{PRIMARY}_mean"])["chosen_by_val"] = True
     for row in rows:
         for m in metrics():
             std = row[f"{m.name}_std"]
