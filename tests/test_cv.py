@@ -209,3 +209,18 @@ def test_real_features_fit_head_logreg_cv5(tmp_path):
     assert data["mean"]["balanced_accuracy"] > 0.4
     assert data["ci95"]["balanced_accuracy"] < 0.1
     assert data["refit"]["n_samples"] == len(fc.split("test"))
+
+
+def test_cv_on_the_demo_cache_with_text_heads(demo_cache, tmp_path):
+    """Text heads get the cache's prompt embeddings in every fold (the synthetic cache has
+    none); the refit is scored on the demo's test split."""
+    res = cv.bench_cv(demo_cache, k=3, variants=["zeroshot", "tip-adapter"],
+                      out_dir=tmp_path / "b")
+    assert [r["variant"] for r in res.rows] == ["zeroshot", "tip-adapter"]
+    assert len(res.runs) == 2 * 4
+    assert all(r["refit_balanced_accuracy"] is not None for r in res.rows)
+    fc = FeatureCache.open(demo_cache)
+    n_pool = len(fc.split("train")) + len(fc.split("val"))
+    assert all(sum(r["n_held_out"] for r in res.runs
+                   if r["variant"] == v and r["fold"] >= 0) == n_pool
+               for v in ("zeroshot", "tip-adapter"))
