@@ -326,7 +326,7 @@ def plot_folds(result: CVResult, path: Path, title: str = "") -> Path:
         if result.refit and result.refit.get(m.name) is not None:
             ax.scatter([x + 0.5], [100 * result.refit[m.name]], marker="x", color="C3",
                        zorder=3, label="refit on train+val, test" if x == 0 else None)
-    ax.set_xticks(range(len(shown)), [m.heading for m in shown])
+    ax.set_xticks(np.arange(len(shown)) + 0.2, [m.heading for m in shown])
     ax.set_ylabel("% (per fold)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, frameon=False, loc="lower right")
