@@ -396,6 +396,9 @@ def fit_head(
     runs_dir: RunsDir = Path("runs"),
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
+    cv: Annotated[int | None, typer.Option("--cv", help="Also K-fold lesion-grouped "
+                                           "cross-validation over train+val (selection redone "
+                                           "in each fold; cv.json in the run folder).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Fit a head on the cache's train split in seconds; metrics, predictions and plots."""
@@ -406,6 +409,7 @@ def fit_head(
         raw = _params(param or [])
         check_file("--cache", cache)
         _check_min("--shots", shots, 1)
+        _check_cv(cv, shots, tta)
         check_templates(templates)
         if head == "all":
             if raw:
@@ -445,6 +449,31 @@ def fit_head(
     _warn(random_init_warning(fc.attrs))
     for r in results:
         _warn(one_class_warning(r.metrics, r.head))
+    if cv:
+        _fit_head_cv(fc, results, params, cv, templates, seed, bootstrap, not no_plots)
+
+
+def _check_cv(cv: int | None, shots, tta: bool) -> None:
+    """--cv K: at least 2 folds, and not with --shots / --tta (folds use every image, clean
+    view)."""
+    _check_min("--cv", cv, 2)
+    if cv and (shots or tta):
+        raise UsageError("--cv does not combine with --shots or --tta: cross-validation uses "
+                         "every train+val image and the clean view; drop one of them")
+
+
+def _fit_head_cv(fc, results: list, params: dict, k: int, templates: str, seed: int,
+                 bootstrap: int, plots: bool) -> None:
+    """fit-head --cv: cross-validate each fitted head, write cv.json into its run folder and
+    print its table."""
+    from skincache.render_study import cv_table
+    from skincache.study.cv import CV_JSON, cross_validate_runs
+
+    with _clear_errors():
+        done = cross_validate_runs(fc, results, params, k=k, seed=seed,
+                                   template_set=templates, n_bootstrap=bootstrap, plots=plots)
+    for r, res in zip(results, done, strict=True):
+        cv_table(res, f" → {r.path / CV_JSON}")
 
 
 @app.command()
@@ -613,6 +642,10 @@ def bench_heads_cmd(
                    ] = False,
     out_dir: Annotated[Path | None, typer.Option(help="Output folder (default: "
                                                       "runs/bench-<time>).")] = None,
+    cv: Annotated[int | None, typer.Option("--cv", help="K-fold lesion-grouped "
+                                           "cross-validation over train+val instead: every "
+                                           "variant x K folds (+ a refit scored on test), "
+                                           "mean ± 95% CI over folds.")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Every head variant x seeds on one cache: val beside test, mean ± std, fit time.
@@ -639,7 +672,10 @@ def bench_heads_cmd(
         )
 
         check_variants(chosen)  # before any bar is drawn (and before torch loads)
+        _check_cv(cv, ks, tta)
         out_dir = check_out_dir(out_dir or default_out_dir())
+        if cv:
+            return _bench_cv(cache, cv, chosen, templates, out_dir, quiet)
         set_interrupt_hint(f"the finished runs are kept in {out_dir}/runs; resume with: "
                            + _bench_command(cache, seeds, variants, split, templates, shots,
                                             tta, out_dir, quiet))
@@ -658,6 +694,28 @@ def bench_heads_cmd(
     _render.out.print(f"results: {res.out_dir}/results.{{json,csv,md}}, one JSON per run in "
                       f"{res.out_dir}/runs/{extra}{kept}", highlight=False, soft_wrap=True)
     _warn(random_init_warning(cache_attrs(cache)))
+
+
+def _bench_cv(cache: Path, k: int, chosen: list[str] | None, templates: str, out_dir: Path,
+              quiet: bool) -> None:
+    """bench-heads --cv: every variant x K folds (and the refit) into out_dir, then the
+    table of mean ± CI over folds. A rerun into the same --out-dir keeps the finished fits."""
+    from skincache._progress import progress_bar
+    from skincache.render_study import cv_bench_table
+    from skincache.study.cv import bench_cv, n_cv_fits
+
+    set_interrupt_hint(f"the finished fold runs are kept in {out_dir}/runs; rerun the same "
+                       f"command with --out-dir {out_dir} to resume")
+    with _clear_errors(), progress_bar(n_cv_fits(k, chosen), "cross-validate heads",
+                                       unit="fit", enabled=not quiet) as advance:
+        res = bench_cv(cache, k=k, variants=chosen, template_set=templates, out_dir=out_dir,
+                       progress=advance)
+    set_interrupt_hint("")
+    cv_bench_table(res.rows, f"heads on {cache.name}: {k}-fold lesion-grouped CV over "
+                             "train+val (refit scored on test)")
+    kept = f" ({res.reused} fit(s) kept from the earlier run)" if res.reused else ""
+    _render.out.print(f"results: {res.out_dir}/cv_results.json, one JSON per fold run in "
+                      f"{res.out_dir}/runs/{kept}", highlight=False, soft_wrap=True)
 
 
 def _bench_command(cache: Path, seeds: int, variants: str | None, split: str | None,

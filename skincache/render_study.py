@@ -75,3 +75,58 @@ def compare_table(result: dict[str, Any]) -> None:
         _notes(f"{c['a']} vs {c['b']}", c["notes"])
     if result.get("plot"):
         out.print(f"plot: {result['plot']}", highlight=False, soft_wrap=True)
+
+
+def _mean_ci(m: Any, mean: float | None, half: float | None) -> str:
+    """`71.3 ± 2.1` (percent metrics) or `0.042 ± 0.010` (fractions): mean ± 95% t half-width."""
+    if mean is None:
+        return "n/a"
+    scale, digits = (100, 1) if m.fmt == "percent" else (1, 3)
+    return f"{scale * mean:.{digits}f}" + ("" if half is None else f" ± {scale * half:.{digits}f}")
+
+
+def cv_table(result: Any, path: str = "") -> None:
+    """fit-head --cv: one row per table metric, a column per fold, the mean ± 95% t CI over
+    folds, and the refit's test score."""
+    from skincache.metrics import table_metrics
+
+    t = Table(title=f"{result.head}: {result.k}-fold lesion-grouped CV over train+val "
+                    f"({result.n_pool:,} images, {result.seconds:.1f} s){path}",
+              title_justify="left",
+              caption="mean ± 95% Student t interval over folds; refit: selection on an inner "
+                      "val of train+val, scored once on test", caption_justify="left")
+    t.add_column("metric")
+    for f in result.folds:
+        t.add_column(f"fold {f.fold + 1}", justify="right")
+    t.add_column("mean ± CI", justify="right")
+    t.add_column("refit → test", justify="right")
+    for m in table_metrics():
+        refit = None if result.refit is None else result.refit.get(m.name)
+        t.add_row(m.heading, *(_mean_ci(m, f.metrics.get(m.name), None) for f in result.folds),
+                  _mean_ci(m, result.mean.get(m.name), result.ci95.get(m.name)),
+                  _mean_ci(m, refit, None))
+    _show(t)
+
+
+def cv_bench_table(rows: list[dict[str, Any]], title: str) -> None:
+    """bench-heads --cv: one row per variant, mean ± 95% t CI over folds per table metric,
+    the inner-val score that picks a variant, and the refit's test score (primary metric)."""
+    from skincache.bench import VAL_KEY
+    from skincache.metrics import PRIMARY, get_metric, table_metrics
+
+    primary = get_metric(PRIMARY)
+    t = Table(title=title, title_justify="left",
+              caption="mean ± 95% Student t interval over folds; CV's pick: the best mean "
+                      "over the held-out folds (test never chooses)", caption_justify="left")
+    for col in ("variant", "folds", f"inner val {primary.heading}",
+                *(m.heading for m in table_metrics()), f"refit test {primary.heading}",
+                "fit s"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        name = r["variant"] + (" ← CV's pick" if r.get("chosen_by_val") else "")
+        t.add_row(name, str(r["n_folds"]), _mean_ci(primary, r[f"{VAL_KEY}_mean"], None),
+                  *(_mean_ci(m, r[f"{m.name}_mean"], r[f"{m.name}_ci95"])
+                    for m in table_metrics()),
+                  _mean_ci(primary, r.get(f"refit_{PRIMARY}"), None),
+                  f"{r['fit_seconds_mean']:.2f}")
+    _show(t)

@@ -177,6 +177,9 @@ TYPOS = [
     (["bench-heads", "--cache", "{cache}", "--templates", "derm"], "--templates 'derm'"),
     (["bench-heads", "--cache", "{cache}", "--variants", "mpl"], "unknown variants mpl"),
     (["bench-heads", "--cache", "{cache}", "--shots", "0"], "--shots must be positive"),
+    (["fit-head", "--cache", "{cache}", "--cv", "1"], "--cv 1: must be >= 2"),
+    (["fit-head", "--cache", "{cache}", "--cv", "3", "--tta"], "does not combine"),
+    (["bench-heads", "--cache", "{cache}", "--cv", "3", "--shots", "2"], "does not combine"),
 ]
 
 
