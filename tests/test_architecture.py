@@ -184,7 +184,7 @@ def test_imports_are_read_wherever_they_stand(tmp_path):
 
 @pytest.mark.parametrize("module", ["cache", "heads", "metrics", "data"])
 def test_low_layers_know_neither_torch_models_nor_open_clip(module):
-    """`cache.py` is HDF5 + numpy; heads work on arrays and never import open_clip."""
+    """`cache/` is HDF5 + numpy; heads work on arrays and never import open_clip."""
     files = [PKG / f"{module}.py"] if (PKG / f"{module}.py").exists() else \
         sorted((PKG / module).rglob("*.py"))
     for f in files:
