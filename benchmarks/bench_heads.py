@@ -22,7 +22,7 @@ import numpy as np
 from rich.console import Console
 
 from skincache.bench import bench_heads, n_fits
-from skincache.cache import SplitArrays, write_cache
+from skincache.cache import CacheHeader, SplitArrays, write_cache
 from skincache.data import HAM10000_CLASSES, synthetic_features
 from skincache.render import bench_table
 
@@ -41,13 +41,13 @@ def synthetic_cache(path: Path, seed: int = 0) -> Path:
         "val": split(p["X_val"], p["y_val"], np.repeat(p["X_val"][:, None], k, 1), "va"),
         "test": split(p["X_test"], p["y_test"], np.repeat(p["X_test"][:, None], k, 1), "te"),
     }
-    attrs = {"key": f"synthetic-{seed}", "model": "synthetic-D512", "logit_scale": 100.0,
-             "weights_sha256": "", "embed_dim": d, "precision": "fp32",
-             "classes": json.dumps(HAM10000_CLASSES), "class_names": json.dumps(HAM10000_CLASSES),
-             "preprocess": "{}", "views": json.dumps({"k": k}), "dataset": "synthetic",
-             "dataset_kind": "synthetic", "dataset_root": "", "dataset_fingerprint": "",
-             "created": "", "versions": "{}"}
-    write_cache(path, attrs, splits, {"synthetic": p["text"]}, {})
+    header = CacheHeader(
+        key=f"synthetic-{seed}", model="synthetic-D512", logit_scale=100.0, weights_sha256="",
+        embed_dim=d, precision="fp32", classes=list(HAM10000_CLASSES),
+        class_names=list(HAM10000_CLASSES), preprocess={}, views={"k": k},
+        dataset="synthetic", dataset_kind="synthetic", dataset_root="",
+        dataset_fingerprint="", versions={})
+    write_cache(path, header, splits, {"synthetic": p["text"]}, {})
     return path
 
 

@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from skincache.cache import (
+    CacheHeader,
     CacheWarning,
     FeatureCache,
     SplitArrays,
@@ -42,7 +43,7 @@ SPLITS = {"train": 7205, "val": 1904, "test": 906}
 
 
 def make_cache(k: int, dim: int, seed: int = 0) -> tuple:
-    """(attrs, splits, text, failed) of a HAM10000-shaped cache, ready for `write_cache`."""
+    """(header, splits, text, failed) of a HAM10000-shaped cache, ready for `write_cache`."""
     rng = np.random.default_rng(seed)
     splits = {}
     for name, n in SPLITS.items():
@@ -57,20 +58,15 @@ def make_cache(k: int, dim: int, seed: int = 0) -> tuple:
                   ("age", "sex", "localization", "dx_type")},
         )
     classes = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
-    attrs = {
-        "key": "0" * 64, "model": "ViT-B-32", "pretrained": "openai", "checkpoint": "",
-        "checkpoint_sha256": "", "weights_sha256": "1" * 64, "embed_dim": dim,
-        "logit_scale": 100.0, "precision": "bf16", "device": "cuda",
-        "preprocess": json.dumps({"size": [224, 224]}), "views": json.dumps({"k": k}),
-        "features_normalized": False, "dataset": "ham10000", "dataset_kind": "ham10000",
-        "dataset_root": "/data", "dataset_fingerprint": "2" * 64,
-        "classes": json.dumps(classes), "class_names": json.dumps(classes),
-        "template_sets": json.dumps({}), "chunking": json.dumps({}), "created": "now",
-        "versions": json.dumps({}),
-    }
+    header = CacheHeader(
+        key="0" * 64, model="ViT-B-32", pretrained="openai", weights_sha256="1" * 64,
+        embed_dim=dim, logit_scale=100.0, precision="bf16", device="cuda",
+        preprocess={"size": [224, 224]}, views={"k": k}, dataset="ham10000",
+        dataset_kind="ham10000", dataset_root="/data", dataset_fingerprint="2" * 64,
+        classes=classes, class_names=classes, created="now", versions={})
     text = {s: rng.standard_normal((7, 8, dim)).astype(np.float32)
             for s in ("clip", "dermoscopy", "context")}
-    return attrs, splits, text, {"image_id": [], "source": [], "split": [], "reason": []}
+    return header, splits, text, {"image_id": [], "source": [], "split": [], "reason": []}
 
 
 def best(fn, repeats: int) -> float:

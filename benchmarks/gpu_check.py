@@ -575,7 +575,7 @@ def step_bad_inputs(chk: Check, state: dict) -> None:
             + (f" ({', '.join(differ)})" if differ else ""), "identical",
             "met" if not differ else "MISSED", reasons_differ=differ)
     # nothing decoded silently wrong: what both keep looks alike, in pixels and in features
-    pp = PreprocessSpec.from_json(ca.attrs["preprocess"])
+    pp = PreprocessSpec.from_json(json.dumps(ca.header.preprocess))
     maker = ViewMaker(pp, ViewPolicy(k=0))
     recs, pos = ds.records, list(range(len(ds.records)))
     pa = _pixels(tensor_batches(recs, pos, maker, 8, chk.device))

@@ -53,7 +53,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from skincache.cache import FeatureCache, SplitArrays, write_cache
+from skincache.cache import CacheHeader, FeatureCache, SplitArrays, write_cache
 from skincache.data import Record
 from skincache.data.classes import HAM10000_CLASSES
 from skincache.data.splits import assign_splits
@@ -129,15 +129,13 @@ def build_cache(npz: Path, out: Path, external: bool = False) -> Path:
             features=d["features"][m], views=d["views"][m], labels=labels[m],
             image_id=list(d["image_id"][m]), group_id=list(groups[m]),
             sha1=[""] * int(m.sum()), meta={c: list(d[c][m]) for c in META})
-    attrs = {"key": npz.stem, "model": "efficientnet-lite (ImageNet)",
-             "pretrained": "imagenet", "logit_scale": 100.0, "weights_sha256": "",
-             "embed_dim": int(d["features"].shape[1]), "precision": "fp16",
-             "classes": json.dumps(HAM10000_CLASSES),
-             "class_names": json.dumps(HAM10000_CLASSES), "preprocess": "{}",
-             "views": json.dumps({"k": int(d["views"].shape[1])}), "dataset": "ham10000-real",
-             "dataset_kind": "ham10000", "dataset_root": str(npz), "dataset_fingerprint": "",
-             "created": "", "versions": "{}"}
-    write_cache(out, attrs, splits, {}, {})
+    header = CacheHeader(
+        key=npz.stem, model="efficientnet-lite (ImageNet)", pretrained="imagenet",
+        logit_scale=100.0, weights_sha256="", embed_dim=int(d["features"].shape[1]),
+        precision="fp16", classes=list(HAM10000_CLASSES), class_names=list(HAM10000_CLASSES),
+        preprocess={}, views={"k": int(d["views"].shape[1])}, dataset="ham10000-real",
+        dataset_kind="ham10000", dataset_root=str(npz), dataset_fingerprint="", versions={})
+    write_cache(out, header, splits, {}, {})
     return out
 
 

@@ -80,7 +80,7 @@ def make_split(n: int, k: int, dim: int, centres: np.ndarray, rng: np.random.Gen
 
 
 def write_synthetic(path: Path, n: int, k: int, dim: int, seed: int = 0) -> dict:
-    from skincache.cache import write_cache
+    from skincache.cache import CacheHeader, write_cache
 
     rng = np.random.default_rng(seed)
     centres = (rng.standard_normal((len(CLASSES), dim)) * 0.35).astype(np.float32)
@@ -88,20 +88,15 @@ def write_synthetic(path: Path, n: int, k: int, dim: int, seed: int = 0) -> dict
     splits = {"train": make_split(n, k, dim, centres, rng),
               "val": make_split(m, k, dim, centres, rng),
               "test": make_split(m, k, dim, centres, rng)}
-    attrs = {
-        "key": f"{n:064d}"[-64:], "model": "synthetic", "pretrained": "", "checkpoint": "",
-        "checkpoint_sha256": "", "weights_sha256": "1" * 64, "embed_dim": dim,
-        "logit_scale": 100.0, "precision": "fp32", "device": "cpu",
-        "preprocess": json.dumps({}), "views": json.dumps({"k": k}),
-        "features_normalized": False, "dataset": f"scale-{n}", "dataset_kind": "synthetic",
-        "dataset_root": "", "dataset_fingerprint": "2" * 64,
-        "classes": json.dumps(CLASSES), "class_names": json.dumps(CLASSES),
-        "template_sets": json.dumps(["synthetic"]), "chunking": json.dumps({}),
-        "created": "now", "versions": json.dumps({}),
-    }
+    header = CacheHeader(
+        key=f"{n:064d}"[-64:], model="synthetic", weights_sha256="1" * 64, embed_dim=dim,
+        logit_scale=100.0, precision="fp32", device="cpu", preprocess={}, views={"k": k},
+        dataset=f"scale-{n}", dataset_kind="synthetic", dataset_root="",
+        dataset_fingerprint="2" * 64, classes=list(CLASSES), class_names=list(CLASSES),
+        template_sets={"synthetic": []}, created="now", versions={})
     text = {"synthetic": centres[:, None, :].repeat(2, axis=1)}
     t0 = time.perf_counter()
-    write_cache(path, attrs, splits, text, {})
+    write_cache(path, header, splits, text, {})
     return {"write_s": time.perf_counter() - t0, "file_mb": path.stat().st_size / 2**20,
             "n_val": m}
 

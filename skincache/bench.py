@@ -320,7 +320,7 @@ def _write_tables(out: Path, rows: list[dict], fc, split: str, *, shots_title: b
     where it exists the other files are the ones it describes (each file is written
     atomically; a kill in between leaves no results.json, and the rerun writes them all)."""
     run_id = uuid.uuid4().hex[:12]
-    meta = {"cache": str(fc.path), "cache_key": fc.key, "model": fc.attrs["model"],
+    meta = {"cache": str(fc.path), "cache_key": fc.key, "model": fc.header.model,
             "split": split, "tta": tta, "views": fc.split(split).n_views, "run_id": run_id,
             "created": now_iso()}
     buf = io.StringIO(newline="")
@@ -331,13 +331,13 @@ def _write_tables(out: Path, rows: list[dict], fc, split: str, *, shots_title: b
     atomic_write_text(out / "results.csv", buf.getvalue())
     setting = " with TTA" if tta and meta["views"] else ""
     atomic_write_text(out / "results.md",
-        f"Heads on `{fc.path.name}` ({fc.attrs['model']}), scored on `{split}`{setting}; "
+        f"Heads on `{fc.path.name}` ({fc.header.model}), scored on `{split}`{setting}; "
         f"mean ± std over seeds (run id `{run_id}`, as in results.json).\n\n"
         + markdown_table(rows))
     if shots_title:
         from skincache.plots import plot_shots
 
         plot_shots(rows, out / "shots.png",
-                   title=f"{fc.attrs['model']} · {fc.attrs.get('dataset', '')} · {split}"
+                   title=f"{fc.header.model} · {fc.header.dataset} · {split}"
                          f"{setting} · run {run_id}")
     write_json(out / "results.json", {**meta, "rows": rows})

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skincache._disk import check_writable_dir, disk_error, make_disk_error
 from skincache._io import __version__, now_iso, versions
 from skincache._progress import progress_bar
 from skincache.cache import (
@@ -34,10 +35,7 @@ from skincache.cache import (
     SplitArrays,
     cache_key,
     cache_name,
-    check_writable_dir,
-    disk_error,
     estimate_cache_bytes,
-    make_disk_error,
     write_cache,
 )
 from skincache.data import Dataset, Record
@@ -407,7 +405,7 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
     if free < need:
         raise make_disk_error(errno.ENOSPC, f"disk full: assembling {final} needs about "
                               f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB are free")
-    write_cache(final, header.to_attrs(), splits, text, failed)
+    write_cache(final, header, splits, text, failed)
     reasons = Counter(r.split(":")[0] for r in failed["reason"])
     return EncodeResult(final, "built", n_images=len(index), n_failed=len(f_index),
                         failed_reasons=dict(reasons),

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from skincache.cache import make_disk_error
+from skincache._disk import make_disk_error
 from skincache.data import Record, read_image_bytes
 from skincache.errors import DiskError, InputFileError, UsageError
 from skincache.views import DecodeError, ViewMaker, decode_image, probe_size

@@ -73,15 +73,15 @@ def predict_images(
                          "folders that hold them")
     loaded_run = load_run(run)
     fc = loaded_run.open_cache(cache)
-    a = fc.attrs
-    spec = ModelSpec(a["model"], a.get("pretrained") or None, a.get("checkpoint") or None)
+    header = fc.header
+    spec = ModelSpec(*header.model_spec())
     dev = resolve_device(device)
     model = load_model(spec, dev)
-    if model.weights_sha256 != a["weights_sha256"]:
+    if model.weights_sha256 != header.weights_sha256:
         raise RunError(f"the weights loaded for {spec.name} (sha256 {model.weights_sha256[:12]}) "
                        f"differ from those cache {fc.path} was encoded with "
-                       f"({a['weights_sha256'][:12]}); predictions would not match the head")
-    encoder = ImageEncoder(model, ViewPolicy(k=0), dev, a.get("precision") or
+                       f"({header.weights_sha256[:12]}); predictions would not match the head")
+    encoder = ImageEncoder(model, ViewPolicy(k=0), dev, header.precision or
                            resolve_precision("auto", dev))
     records = [Record(image_id=p.stem, source=str(p), label="") for p in paths]
     results = {i: Prediction(str(p)) for i, p in enumerate(paths)}

@@ -27,14 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from skincache._disk import check_writable_dir, disk_error
 from skincache._io import __version__, now_iso, read_json_file, read_regular, write_json
 from skincache.cache import (
     CacheBusyError,
     CacheError,
     CacheLock,
     FeatureCache,
-    check_writable_dir,
-    disk_error,
 )
 from skincache.errors import NotFoundError, SkincacheError, UsageError
 from skincache.heads import Head, create_head, get_head_class, load_head
@@ -161,7 +160,8 @@ def model_label(attrs: dict) -> str:
 def plot_label(run: Path, cache: FeatureCache, split: str, n: int) -> str:
     """The subtitle of a run's plots: run, model, dataset and split, so that a figure shared
     on its own still says what it shows."""
-    return (f"{run.name} · {model_label(cache.attrs)} · {cache.attrs.get('dataset', '?')} "
+    h = cache.header
+    return (f"{run.name} · {model_label(vars(h))} · {h.dataset or '?'} "
             f"{split} split (n={n:,})")
 
 
@@ -201,7 +201,7 @@ def _write_split(run: Path, cache: FeatureCache, split: str, report: dict, proba
 def evaluation_entry(cache: FeatureCache, split: str, name: str, report: dict, by: str,
                      status: str = "written") -> dict:
     """One line of run.json's `evaluations`: which cache and split, under which file name."""
-    return {"name": name, "split": split, "dataset": cache.attrs.get("dataset", ""),
+    return {"name": name, "split": split, "dataset": cache.header.dataset,
             "cache": str(cache.path.resolve()), "cache_key": cache.key,
             "n_samples": report["n_samples"],
             "balanced_accuracy": report.get("balanced_accuracy"), "by": by,
@@ -279,7 +279,7 @@ def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | N
         kind="head", head=head,
         params={k: _jsonable(v) for k, v in model.get_params().items()},
         cache=str(fc.path.resolve()), cache_key=fc.key, encoding_key=fc.encoding_key,
-        model=RunModel(str(fc.attrs["model"]), str(fc.attrs.get("pretrained") or "")),
+        model=RunModel(fc.header.model, fc.header.pretrained or ""),
         classes=list(fc.classes), template_set=template_set, seed=seed, tta=tta, shots=shots,
         evaluations=[evaluation_entry(fc, s, s, r, "fit-head") for s, r in
                      result.metrics.items()],
@@ -366,7 +366,7 @@ class LoadedRun:
             raise RunError(
                 f"run {self.path} was fit on features of {rec.model and rec.model.name} (cache "
                 f"{rec.cache}, encoding {str(rec.encoding_key)[:12]}); cache "
-                f"{cache.path} holds features of {cache.attrs['model']} encoded differently "
+                f"{cache.path} holds features of {cache.header.model} encoded differently "
                 f"(encoding {cache.encoding_key[:12]}: other weights, preprocessing, precision "
                 "or classes). A head fit on one model's features is meaningless on another's."
             )
@@ -408,7 +408,7 @@ def evaluation_name(run: LoadedRun, cache: FeatureCache, split: str) -> str:
     if cache.key == run.record.cache_key:
         return split
     dataset = "".join(c if c.isalnum() or c in "-_." else "-"
-                      for c in str(cache.attrs.get("dataset") or cache.path.stem))
+                      for c in cache.header.dataset or cache.path.stem)
     return f"{dataset}__{split}"
 
 

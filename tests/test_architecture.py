@@ -1,8 +1,9 @@
 """The package's import rule, checked on the source (ast, nothing imported): every arrow points
 down the layers below and nothing forms a cycle. README "Architecture" states the same rule.
 
-- Outside a package (`data/`, `heads/`, `finetune/`, `study/`) a module sees another module
-  or package as one node; an import must go to a node on a strictly lower layer of `LAYERS`.
+- Outside a package (`data/`, `heads/`, `finetune/`, `study/`, `cache/`) a module sees
+  another module or package as one node; an import must go to a node on a strictly lower
+  layer of `LAYERS`.
 - Inside a package the submodules import each other without a cycle, and never the package's
   own `__init__` (that is the package's public face, for the modules above it).
 - `skincache/__init__.py` is the top: it re-exports lazily, by name, and imports only `_io`.
@@ -22,7 +23,7 @@ PKG = Path(__file__).resolve().parents[1] / "skincache"
 #: layer is an arrow back up.
 LAYERS: list[set[str]] = [
     {"errors", "defaults"},
-    {"_io"},
+    {"_io", "_disk"},
     {"device", "distributed", "_head_params", "_sanity", "metrics", "data", "run_record"},
     {"models", "cache", "heads", "prompts"},
     {"views", "plots", "_progress", "_options"},
@@ -35,7 +36,7 @@ LAYERS: list[set[str]] = [
     {"render_study"},
     {"cli"},
 ]
-PACKAGES = {"data", "heads", "finetune", "study"}
+PACKAGES = {"data", "heads", "finetune", "study", "cache"}
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 
@@ -183,7 +184,7 @@ def test_imports_are_read_wherever_they_stand(tmp_path):
 
 @pytest.mark.parametrize("module", ["cache", "heads", "metrics", "data"])
 def test_low_layers_know_neither_torch_models_nor_open_clip(module):
-    """`cache.py` is HDF5 + numpy; heads work on arrays and never import open_clip."""
+    """`cache/` is HDF5 + numpy; heads work on arrays and never import open_clip."""
     files = [PKG / f"{module}.py"] if (PKG / f"{module}.py").exists() else \
         sorted((PKG / module).rglob("*.py"))
     for f in files:

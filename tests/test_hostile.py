@@ -34,8 +34,8 @@ from skincache.cache import (
     CacheLock,
     CacheWarning,
     FeatureCache,
-    _header_digest,
 )
+from skincache.cache.digest import _header_digest
 from skincache.data import DataError, Record, load_dataset, read_image_bytes
 from skincache.encode import encode_dataset
 from skincache.errors import DiskError, InputFileError
@@ -354,15 +354,20 @@ def test_disk_full_before_assembly_is_found_before_hdf5_starts(demo_dataset, tmp
 def test_a_failing_cache_write_removes_its_tmp_file_and_says_disk_full(tmp_path, monkeypatch):
     """Case 8: ENOSPC while the .h5 bytes go to disk: a DiskError naming the file, the
     half-written .h5.tmp removed, nothing under the final name."""
-    from skincache import cache as cache_mod
+    from skincache.cache import CacheHeader
+    from skincache.cache import writer as writer_mod
 
     def full(fh, view, block=1 << 24):
         fh.write(view[:100])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache_mod, "_write_view", full)
+    monkeypatch.setattr(writer_mod, "_write_view", full)
+    header = CacheHeader(key="k", model="m", weights_sha256="w", embed_dim=2, logit_scale=1.0,
+                         precision="fp32", preprocess={}, views={}, dataset="d",
+                         dataset_kind="csv", dataset_root="r", dataset_fingerprint="f",
+                         classes=["a", "b"], class_names=["a", "b"], versions={})
     with pytest.raises(DiskError, match=r"disk full writing .*x\.h5\.tmp"):
-        cache_mod.write_cache(tmp_path / "x.h5", {}, {}, {}, {})
+        writer_mod.write_cache(tmp_path / "x.h5", header, {}, {}, {})
     assert list(tmp_path.iterdir()) == []
 
 

@@ -33,7 +33,7 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True,
     if cfg.resume and _status(Path(cfg.resume)) == "complete":
         return finished_result(Path(cfg.resume), cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes; before any data loads
-        from skincache.cache import check_writable_dir
+        from skincache._disk import check_writable_dir
 
         check_writable_dir(Path(cfg.runs_dir), "--runs-dir")
     device = resolve_device(cfg.device)

@@ -18,8 +18,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from skincache._disk import disk_error
 from skincache._io import atomic_write
-from skincache.cache import disk_error
 from skincache.distributed import DistContext, on_main  # noqa: F401  (re-exported)
 from skincache.errors import DiskError, InputFileError, NotFoundError
 

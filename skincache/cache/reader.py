@@ -1,127 +1,46 @@
-"""The HDF5 feature cache: its schema, its key, crash-safe writing and a strict reader.
+"""Reading a cache: `FeatureCache.open` checks the header (against `CacheHeader`'s schema and
+its checksum) and every split's shapes without reading feature data; `SplitData` reads each
+column on demand, verified against its sha256 as it arrives. Damaged files (truncated,
+overwritten, a looping string heap) are one `CacheError` line, never a hang or a traceback.
 
-Knows HDF5 and numpy only (no torch, no open_clip), so heads and reports can read a cache
-without loading a model.
-
-Writing is two-phase. While encoding, each chunk of images is committed as its own small
-`.npz` file inside `<name>.partial/` (written to a temporary name, fsynced, then renamed), so a
-run killed at any instant loses at most the chunk in flight and the next run resumes after the
-last committed chunk. When every chunk is there, the HDF5 file is assembled as `<name>.h5.tmp`
-and renamed to `<name>.h5`: a reader never sees half a cache under the final name.
-"""
+HDF5 and numpy only (no torch, no open_clip), so heads and reports read a cache without
+loading a model."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import errno
-import hashlib
-import io
+import functools
 import json
 import math
 import mmap
 import os
-import shutil
 import struct
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from skincache._io import atomic_write, read_json_file
-from skincache.errors import DiskError, SkincacheError
-
-#: 2: a sha256 per dataset (`checksums` attr) and over the attributes (`header_sha256`).
-SCHEMA_VERSION = 2
-#: Caches written before checksums: still read, with a `CacheWarning`.
-OLDEST_READABLE_SCHEMA = 1
-#: errno values that mean "the disk said no" rather than a bug: one line, nothing lost.
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
-                         errno.EPERM})
-FEATURE_DTYPE = np.float16
-_STR = h5py.string_dtype()
-
-
-class CacheError(SkincacheError, RuntimeError):
-    """A cache that cannot be used as asked; the message names the file and the reason."""
-
-
-class CacheBusyError(CacheError):
-    """Another process holds the cache's lock."""
-
-
-def check_writable_dir(folder: Path, option: str) -> None:
-    """Create `folder` if needed and make sure files can be written in it, before any work
-    is done: a read-only folder is one line naming it, not a traceback after the run."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".skincache-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        de = disk_error(e, folder, "writing in", f"{option} must be a folder skincache can write")
-        if de is not None:
-            raise de from None
-        raise make_disk_error(e.errno or 0, f"{folder}: cannot write here "
-                              f"({e.strerror or e}); {option} must be a writable folder"
-                              ) from None
-
-
-class CacheWarning(UserWarning):
-    """A cache that is still read but deserves a word (an old schema without checksums)."""
-
-
-def disk_error(e: OSError, path: str | Path, action: str, after: str = "") -> DiskError | None:
-    """A one-line `DiskError` for an OSError the disk caused (full, read-only, no permission),
-    naming `path` and what was being done; None for any other OSError. h5py reports a failed
-    write with the errno only in its message, so the text is checked too."""
-    text = str(e)
-    code = e.errno
-    if code is None:
-        for c, marks in ((errno.ENOSPC, ("errno = 28", "No space left")),
-                         (errno.EFBIG, ("errno = 27", "File too large")),
-                         (errno.EDQUOT, ("errno = 122", "quota exceeded")),
-                         (errno.EROFS, ("errno = 30", "Read-only file system")),
-                         (errno.EACCES, ("errno = 13", "Permission denied"))):
-            if any(m in text for m in marks):
-                code = c
-                break
-    if code not in DISK_ERRNOS:
-        return None
-    what = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
-            errno.EFBIG: "file size limit reached (disk full for this process)",
-            errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-            errno.EPERM: "permission denied"}[code]
-    return make_disk_error(code, f"{what} {action} {path}{'; ' + after if after else ''}")
-
-
-def make_disk_error(code: int, message: str) -> DiskError:
-    """A DiskError whose str() is `message` alone (OSError(errno, msg) would print
-    "[Errno 28] ..."), with `.errno` still set for callers that check it."""
-    err = DiskError(message)
-    err.errno = code
-    return err
-
-
-def cache_key(parts: dict) -> str:
-    """sha256 of the canonical JSON of everything that changes the cached numbers."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def cache_name(dataset: str, model_slug: str, k: int, key: str) -> str:
-    return f"{dataset}__{model_slug}__k{k}__{key[:12]}"
-
-
-# --------------------------------------------------------------------------- reading
-
-
-#: rows per block when streaming a dataset (hashing, batches): about 32 MB of float16 at D=512
-def _block_rows(row_bytes: int, target: int = 32 << 20) -> int:
-    return max(1, target // max(1, row_bytes))
+from skincache.cache.digest import (
+    _block_rows,
+    _decode_attr,
+    _digest,
+    _digest_start,
+    _digest_update,
+    _header_digest,
+    _row_blocks,
+    _strs,
+)
+from skincache.cache.schema import (
+    OLDEST_READABLE_SCHEMA,
+    SCHEMA_VERSION,
+    CacheError,
+    CacheHeader,
+    CacheWarning,
+    first_line,
+)
+from skincache.errors import SkincacheError
 
 
 class _SplitSource:
@@ -224,15 +143,6 @@ class SplitData:
             return self._source.n
         return len(self._get("labels"))
 
-    def nbytes32(self, views: bool = True) -> int:
-        """Bytes of the float32 features (and views) in memory: what `features`/`views` cost."""
-        if self._source is not None:
-            n, d, k = self._source.n, self._source.dim, self._source.k
-        else:
-            n, d = self._get("features").shape
-            k = self.n_views
-        return n * d * 4 * (1 + (k if views else 0))
-
     def batches(self, rows: int | None = None, what: str = "features"
                 ) -> Iterator[tuple[int, np.ndarray]]:
         """(start row, float32 block) over `features` or `views`, streamed from the file in
@@ -271,7 +181,13 @@ class FeatureCache:
     """A complete cache. `open` checks the header and every split's shapes but reads no
     feature data: splits read on demand (`split(name).features`, `.batches()`), each dataset
     verified against its sha256 when first read. `load()` (or `open(path, load=True)`) reads
-    everything into memory at once, as small caches may prefer."""
+    everything into memory at once, as small caches may prefer.
+
+    `header` is the typed view of the attributes (what callers read); `attrs` holds them as
+    stored (JSON ones as text), for the checksum and the encoding key. `header_type` is the
+    schema the reader checks and builds `header` from (a subclass may extend it)."""
+
+    header_type: type[CacheHeader] = CacheHeader
 
     def __init__(self, path: Path, attrs: dict, splits: dict[str, SplitData],
                  text: dict[str, np.ndarray], failed: list[dict]):
@@ -289,9 +205,7 @@ class FeatureCache:
         """Open and check a cache; refuses partial, foreign or newer-schema files. Split data is
         read lazily unless `load`."""
         path = Path(path)
-        if path.name.endswith(".partial") or path.suffix == ".tmp" or (
-            path.is_dir() and path.name.endswith(".partial")
-        ):
+        if path.name.endswith(".partial") or path.suffix == ".tmp":
             raise CacheError(f"{path}: a partial cache (an encode run that has not finished); "
                              "run the same `skincache encode` again to resume it")
         if path.is_dir():
@@ -326,7 +240,7 @@ class FeatureCache:
         try:
             f = h5py.File(path, "r")
         except (OSError, RuntimeError, ValueError) as e:
-            raise CacheError(f"{path}: not a readable HDF5 file ({_first_line(e)}); "
+            raise CacheError(f"{path}: not a readable HDF5 file ({first_line(e)}); "
                              "re-encode it with `skincache encode ... --force`") from None
         try:
             with f:
@@ -336,7 +250,7 @@ class FeatureCache:
             if isinstance(e, SkincacheError):
                 raise
             raise CacheError(f"{path}: damaged cache file ({type(e).__name__}: "
-                             f"{_first_line(e)}); re-encode it with "
+                             f"{first_line(e)}); re-encode it with "
                              "`skincache encode ... --force`") from None
 
     @contextlib.contextmanager
@@ -462,7 +376,7 @@ class FeatureCache:
                           "`skincache encode ... --force` to add them", CacheWarning,
                           stacklevel=4)
         attrs = {k: _decode_attr(v) for k, v in raw.items()}
-        classes, split_order = _check_attrs(path, attrs, f)
+        classes, split_order = _check_attrs(path, attrs, f, cls.header_type)
         fc = cls(path, attrs, {}, {}, [])
         fc._sums = sums
         fc._header = _decode_attr(raw.get("header_sha256", "")) if checked else ""
@@ -527,31 +441,29 @@ class FeatureCache:
         """What the features mean, without which images they are of: model weights,
         preprocessing, precision, class list. Two caches with the same encoding key can share
         a head (fit on one dataset, evaluate on another: external validation)."""
-        a = self.attrs
-        return cache_key({"weights": a["weights_sha256"], "preprocess": a["preprocess"],
-                          "precision": a["precision"], "classes": a["classes"]})
+        return self.header_type.encoding_key_of(self.attrs)
 
     @property
     def classes(self) -> list[str]:
-        return json.loads(self.attrs["classes"])
+        return self.header.classes
 
     @property
     def class_names(self) -> list[str]:
-        return json.loads(self.attrs["class_names"])
+        return self.header.class_names
 
     @property
     def logit_scale(self) -> float:
-        return float(self.attrs["logit_scale"])
+        return float(self.header.logit_scale)
 
     def split(self, name: str) -> SplitData:
         if name not in self.splits:
             raise CacheError(f"{self.path}: no split '{name}' (has {list(self.splits)})")
         return self.splits[name]
 
-    @property
+    @functools.cached_property
     def header(self) -> CacheHeader:
-        """The attributes encode wrote, typed (`CacheHeader`)."""
-        return CacheHeader.from_attrs(self.attrs)
+        """The attributes encode wrote, typed (`header_type`), decoded once."""
+        return self.header_type.from_attrs(self.attrs)
 
     def summary(self) -> dict:
         """What `skincache info` shows: provenance, shapes, class counts, failures. Verifies
@@ -593,25 +505,9 @@ class FeatureCache:
         }
 
 
+
 #: what h5py raises on a damaged file (its errors map HDF5's error stack onto these)
 _H5PY_ERRORS = (KeyError, OSError, ValueError, TypeError, RuntimeError, IndexError)
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def _decode_attr(v):
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def _strs(ds) -> np.ndarray:
-    """A string dataset's values as h5py decodes them (the writer's own, just-written file)."""
-    return np.array(ds.asstr()[()], dtype=object) if len(ds) else np.array([], dtype=object)
 
 
 #: how a variable-length string element is stored: length, heap collection address, index
@@ -696,65 +592,6 @@ def _heap_error(path: Path, name: str, why: str) -> CacheError:
                       "`skincache encode ... --force`")
 
 
-def _digest(value) -> str:
-    """sha256 of a dataset's values as stored: dtype, shape and raw bytes for numbers;
-    length-prefixed UTF-8 for strings (what h5py gives back is re-encoded the same way)."""
-    h = hashlib.sha256()
-    a = np.asarray(value)
-    if a.dtype.kind in "OUS":
-        items = [x.decode() if isinstance(x, bytes) else str(x) for x in a.reshape(-1)]
-        data = [x.encode("utf-8") for x in items]
-        h.update(f"str{a.shape}".encode())
-        h.update(np.array([len(b) for b in data], dtype="<u8").tobytes())
-        h.update(b"".join(data))
-    else:
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.reshape(-1).view(np.uint8))
-    return h.hexdigest()
-
-
-def dataset_digest(value) -> str:
-    """The sha256 `write_cache` stores for each dataset and `FeatureCache.open` verifies
-    (public so the checksum benchmark times exactly it)."""
-    return _digest(value)
-
-
-def _digest_start(a: np.ndarray, shape: tuple | None = None):
-    """A streaming `_digest` of a numeric array: the header now, rows via `_digest_update`
-    (row blocks of a C-contiguous array are its byte stream, so the digest is the same)."""
-    h = hashlib.sha256()
-    dt = a.dtype.newbyteorder("<")
-    h.update(f"{dt.str}{tuple(a.shape if shape is None else shape)}".encode())
-    return h
-
-
-def _digest_update(h, block: np.ndarray) -> None:
-    b = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<"))
-    h.update(b.reshape(-1).view(np.uint8))
-
-
-def _row_blocks(ds, rows: int | None = None) -> Iterator[tuple[int, int]]:
-    n = ds.shape[0] if ds.ndim else 0
-    if not ds.ndim:
-        yield 0, 0
-        return
-    step = rows or _block_rows(int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
-    for start in range(0, n, step):
-        yield start, min(n, start + step)
-    if n == 0:
-        yield 0, 0
-
-
-def _header_digest(raw: dict) -> str:
-    """sha256 of every attribute but `header_sha256` itself and `created` (a timestamp that
-    says nothing about the numbers: two identical runs get identical checksums), as
-    canonical JSON."""
-    canon = {k: _decode_attr(v) for k, v in raw.items() if k not in ("header_sha256",
-                                                                      "created")}
-    return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _verify_header(path: Path, raw: dict) -> None:
     want = _decode_attr(raw.get("header_sha256", ""))
     if not want:
@@ -766,17 +603,12 @@ def _verify_header(path: Path, raw: dict) -> None:
                          "`skincache encode ... --force`")
 
 
-_REQUIRED_ATTRS = ("key", "model", "weights_sha256", "embed_dim", "logit_scale", "precision",
-                   "preprocess", "views", "classes", "class_names", "split_order", "created",
-                   "versions", "dataset", "dataset_kind", "dataset_root", "dataset_fingerprint",
-                   "feature_dtype")
-_JSON_ATTRS = ("preprocess", "views", "versions", "template_sets", "chunking")
-
-
-def _check_attrs(path: Path, attrs: dict, f: h5py.File) -> tuple[list[str], list[str]]:
+def _check_attrs(path: Path, attrs: dict, f: h5py.File, schema: type[CacheHeader]
+                 ) -> tuple[list[str], list[str]]:
     """Refuse, with one line, attributes that make no sense whatever their checksum says
-    (old caches have none): (classes, split order) when they are sound."""
-    missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
+    (old caches have none): (classes, split order) when they are sound. What is required
+    and what is JSON is `schema`'s field metadata."""
+    missing = [k for k in schema.required_attrs() if k not in attrs]
     if missing:
         raise CacheError(f"{path}: attribute {missing[0]!r} is missing; re-encode it")
 
@@ -807,7 +639,7 @@ def _check_attrs(path: Path, attrs: dict, f: h5py.File) -> tuple[list[str], list
     if absent:
         raise CacheError(f"{path}: attribute 'split_order' names split '{absent[0]}', which "
                          f"the file does not hold (has {sorted(have)}); re-encode it")
-    for name in _JSON_ATTRS:
+    for name in schema.json_attrs():
         if name in attrs:
             as_json(name)
     try:
@@ -824,367 +656,3 @@ def _check_attrs(path: Path, attrs: dict, f: h5py.File) -> tuple[list[str], list
                          "re-encode it")
     return classes, order
 
-
-# --------------------------------------------------------------------------- writing
-
-
-#: fds of the cache locks this process holds; a forked child closes its copies at once.
-_HELD_LOCK_FDS: set[int] = set()
-
-
-def _drop_inherited_locks() -> None:
-    """In a forked child (a DataLoader decode worker): close the inherited lock fds. An flock
-    belongs to the open file description, which fork shares, so without this the workers of a
-    SIGKILLed encode would hold its lock for seconds after it died. (O_CLOEXEC only covers
-    exec; fork keeps every fd.)"""
-    for fd in list(_HELD_LOCK_FDS):
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _HELD_LOCK_FDS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_drop_inherited_locks)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class CacheLock:
-    """An exclusive advisory lock on `<name>.lock`: two encodes of one key never interleave.
-
-    flock is released by the kernel when the holder dies, so a SIGKILLed run leaves no stale
-    lock behind; the fd is O_CLOEXEC and closed in forked children, so decode workers never
-    hold it."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self, wait: bool = False) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as e:
-            de = disk_error(e, self.path, "creating the lock file")
-            if de is not None:
-                raise de from None
-            raise
-        import fcntl  # POSIX only: imported where used, so `import skincache.cache` works
-        # anywhere (reading caches needs no lock)
-
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if holder.isdigit() and not _pid_alive(int(holder)):
-                raise CacheBusyError(
-                    f"{self.path}: locked, but its holder (pid {holder}) has exited; a process "
-                    "it started is still finishing: run again in a few seconds (or pass --wait)"
-                ) from None
-            raise CacheBusyError(
-                f"{self.path}: another skincache process (pid {holder}) is writing this cache; "
-                "wait for it to finish (or pass --wait)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
-        _HELD_LOCK_FDS.add(fd)
-
-    def try_acquire(self) -> bool:
-        """Take the lock if nobody holds it; False (and nothing held) otherwise."""
-        try:
-            self.acquire(wait=False)
-        except CacheBusyError:
-            return False
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            _HELD_LOCK_FDS.discard(self._fd)
-            import fcntl
-
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> CacheLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-class PartialCache:
-    """The `<name>.partial/` folder of committed chunks for a cache being written."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.folder / "manifest.json"
-
-    def manifest(self) -> dict | None:
-        """The manifest on disk; None when there is none, or (with a warning) when it is not
-        a JSON object: the folder is then started afresh."""
-        if not self.manifest_path.exists():
-            return None
-        try:
-            old = read_json_file(self.manifest_path, max_bytes=1 << 20,
-                                 what="partial-cache manifest")
-        except SkincacheError as e:
-            old = str(e)
-        if not isinstance(old, dict):
-            warnings.warn(f"{self.manifest_path}: not a valid manifest ({str(old)[:80]}); "
-                          "starting the partial folder afresh", CacheWarning, stacklevel=2)
-            return None
-        return old
-
-    def start(self, manifest: dict) -> dict:
-        """Open for resume if the manifest matches `manifest["key"]`, else start afresh.
-
-        Returns the manifest in force (an existing one keeps its chunk and batch sizes so
-        the resumed numbers equal an uninterrupted run's; `forced` is kept once set, so an
-        interrupted `--force` rebuild is continued by any rerun)."""
-        old = self.manifest()
-        if old is not None and old.get("key") == manifest["key"] \
-                and old.get("n_records") == manifest["n_records"]:
-            if manifest.get("forced") and not old.get("forced"):
-                old["forced"] = True
-                self._write_manifest(old)
-            return old
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True)
-        self._write_manifest(manifest)
-        return manifest
-
-    def _write_manifest(self, manifest: dict) -> None:
-        atomic_write(self.manifest_path, lambda f: f.write(json.dumps(manifest).encode()))
-
-    def forced_rebuild_pending(self, key: str) -> bool:
-        """Whether this folder is an interrupted `--force` rebuild of `key` (so a rerun
-        without --force continues it rather than reporting the old cache up to date)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", CacheWarning)  # said again when it is started
-            old = self.manifest()
-        return bool(old and old.get("forced") and old.get("key") == key)
-
-    def chunk_path(self, i: int) -> Path:
-        return self.folder / f"chunk_{i:06d}.npz"
-
-    def n_chunks(self) -> int:
-        """How many chunk files are committed (for messages)."""
-        return len(list(self.folder.glob("chunk_*.npz")))
-
-    def write_chunk(self, i: int, **arrays: np.ndarray) -> None:
-        atomic_write(self.chunk_path(i), lambda f: np.savez(f, **arrays))
-
-    def read_chunk(self, i: int) -> dict[str, np.ndarray]:
-        with np.load(self.chunk_path(i), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-
-    def keep_chunk(self, i: int, fields: tuple[str, ...]) -> bool:
-        """Whether chunk `i` is committed and sound (a zip of plain arrays holding `fields`).
-        A damaged one (truncated, object arrays, edited) is removed with a warning, so it is
-        encoded again; never unpickled."""
-        path = self.chunk_path(i)
-        if not path.exists():
-            return False
-        try:
-            arrays = self.read_chunk(i)
-            if any(f not in arrays for f in fields):
-                raise ValueError(f"no {next(f for f in fields if f not in arrays)!r} array")
-            return True
-        except Exception as e:  # zipfile, numpy and OS errors alike: the file is not usable
-            warnings.warn(f"{path}: damaged chunk ({type(e).__name__}: {_first_line(e)[:80]});"
-                          " discarded, it is encoded again", CacheWarning, stacklevel=2)
-            with contextlib.suppress(OSError):
-                path.unlink()
-            return False
-
-    def write_array(self, name: str, **arrays: np.ndarray) -> None:
-        atomic_write(self.folder / f"{name}.npz", lambda f: np.savez(f, **arrays))
-
-    def read_array(self, name: str) -> dict[str, np.ndarray] | None:
-        """`<name>.npz`'s arrays; None when absent or (with a warning, the file removed)
-        damaged, so it is written again."""
-        p = self.folder / f"{name}.npz"
-        if not p.exists():
-            return None
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except Exception as e:
-            warnings.warn(f"{p}: damaged ({type(e).__name__}); discarded, it is written again",
-                          CacheWarning, stacklevel=2)
-            with contextlib.suppress(OSError):
-                p.unlink()
-            return None
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-#: CacheHeader fields stored as JSON text in the HDF5 attributes.
-_JSON_FIELDS = ("preprocess", "views", "classes", "class_names", "template_sets", "chunking",
-                "versions", "split_origin")
-
-
-@dataclass
-class CacheHeader:
-    """The root attributes `encode` writes and `summary` reads back: their names live here,
-    once. JSON-valued attributes are held decoded. (`write_cache` adds the format, schema,
-    split order, checksums and completeness flag itself.)"""
-
-    key: str
-    model: str
-    weights_sha256: str
-    embed_dim: int
-    logit_scale: float
-    precision: str
-    preprocess: dict
-    views: dict
-    dataset: str
-    dataset_kind: str
-    dataset_root: str
-    dataset_fingerprint: str
-    classes: list
-    class_names: list
-    template_sets: dict
-    versions: dict
-    created: str = ""
-    skincache_version: str = ""
-    pretrained: str = ""
-    checkpoint: str = ""
-    checkpoint_sha256: str = ""
-    device: str = ""
-    features_normalized: bool = False
-    chunking: dict = field(default_factory=dict)
-    #: where the splits came from when not the seed or the source (`Dataset.split_origin`:
-    #: a split file and its sha256, how many lesion mates --drop-lesion-mates left out)
-    split_origin: dict = field(default_factory=dict)
-
-    def to_attrs(self) -> dict:
-        """The attributes as `write_cache` takes them (JSON-valued ones encoded)."""
-        return {f.name: json.dumps(getattr(self, f.name)) if f.name in _JSON_FIELDS
-                else getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_attrs(cls, attrs: dict) -> CacheHeader:
-        """From a cache's (checked) attributes; ones an older cache lacks take the defaults."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: json.loads(v) if k in _JSON_FIELDS and isinstance(v, str) else v
-                  for k, v in attrs.items() if k in known}
-        for name in ("preprocess", "views", "template_sets", "versions"):
-            values.setdefault(name, {})
-        for name in ("dataset", "dataset_kind", "dataset_root", "dataset_fingerprint"):
-            values.setdefault(name, "")
-        values.setdefault("class_names", values.get("classes", []))
-        return cls(**values)
-
-
-@dataclass
-class SplitArrays:
-    """What the writer needs for one split, in row order."""
-
-    features: np.ndarray
-    views: np.ndarray
-    labels: np.ndarray
-    image_id: list[str]
-    group_id: list[str]
-    sha1: list[str]
-    meta: dict[str, list[str]]
-
-
-def write_cache(path: Path, attrs: dict, splits: dict[str, SplitArrays],
-                text: dict[str, np.ndarray], failed: dict[str, list[str]]) -> None:
-    """Write a complete cache atomically (tmp file, fsync, rename), with a sha256 of every
-    dataset and of the attributes, checked by `FeatureCache.open`.
-
-    HDF5 builds the file in memory and plain Python writes it out: HDF5 writing straight to a
-    disk that fills up fails in many places at once (a flood of errors from every handle's
-    destructor, and a segfault was seen), while a plain write fails once, cleanly. The cost is
-    one copy of the cache in memory (the arrays already are). On any failure the `.h5.tmp` is
-    removed; OSErrors the disk caused become a one-line `DiskError`."""
-    tmp = path.with_name(path.name + ".tmp")
-    image = io.BytesIO()
-    _write_h5(image, attrs, splits, text, failed)
-    try:
-        atomic_write(tmp, lambda fh: _write_view(fh, image.getbuffer()))
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        de = disk_error(e, tmp, "writing")
-        if de is not None:
-            raise de from None
-        raise
-
-
-def _write_view(fh, view: memoryview, block: int = 1 << 24) -> None:
-    for start in range(0, len(view), block):
-        fh.write(view[start:start + block])
-
-
-def _write_h5(target, attrs: dict, splits: dict[str, SplitArrays],
-              text: dict[str, np.ndarray], failed: dict[str, list[str]]) -> None:
-    sums: dict[str, str] = {}
-    with h5py.File(target, "w") as f:
-        def put(name: str, data, dtype=None) -> None:
-            ds = f.create_dataset(name, data=data, dtype=dtype)
-            sums[name] = _digest(_strs(ds) if dtype is _STR else data)
-
-        for k, v in attrs.items():
-            f.attrs[k] = v
-        f.attrs["format"] = "skincache-features"
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["feature_dtype"] = np.dtype(FEATURE_DTYPE).name
-        f.attrs["split_order"] = json.dumps(list(splits))
-        f.attrs["complete"] = False
-        f.create_group("splits")
-        for name, s in splits.items():
-            base = f"splits/{name}"
-            f.create_group(base)
-            put(f"{base}/features", s.features.astype(FEATURE_DTYPE))
-            put(f"{base}/views", s.views.astype(FEATURE_DTYPE))
-            put(f"{base}/labels", s.labels.astype(np.int16))
-            put(f"{base}/image_id", s.image_id, _STR)
-            put(f"{base}/group_id", s.group_id, _STR)
-            put(f"{base}/sha1", s.sha1, _STR)
-            f.create_group(f"{base}/meta")
-            for col, values in s.meta.items():
-                put(f"{base}/meta/{col}", values, _STR)
-        f.create_group("text")
-        for name, arr in text.items():
-            put(f"text/{name}", arr.astype(np.float32))
-        f.create_group("failed")
-        for col, values in failed.items():
-            put(f"failed/{col}", values, _STR)
-        f.attrs["checksums"] = json.dumps(sums, sort_keys=True)
-        f.attrs["complete"] = True
-        f.attrs["header_sha256"] = _header_digest(dict(f.attrs))
-
-
-def estimate_cache_bytes(splits: dict[str, SplitArrays], text: dict[str, np.ndarray],
-                         failed: dict[str, list[str]]) -> int:
-    """A generous estimate of the `.h5` size, to refuse assembly on a disk that cannot hold
-    it (HDF5 on a full disk fails in many places at once)."""
-    n = 0
-    for s in splits.values():
-        n += (s.features.size + s.views.size) * np.dtype(FEATURE_DTYPE).itemsize
-        n += s.labels.size * 2
-        for col in (s.image_id, s.group_id, s.sha1, *s.meta.values()):
-            n += sum(len(x) for x in col) + 16 * len(col)
-    n += sum(a.size * 4 for a in text.values())
-    n += sum(sum(len(x) for x in col) + 16 * len(col) for col in failed.values())
-    return int(n * 1.2) + (256 << 10)
