@@ -391,7 +391,7 @@ def bench_cv(cache: FeatureCache | str | Path, *, k: int = 5, variants: list[str
             progress(1)
     rows = cv_rows(runs)
     write_json(out / "cv_results.json", {"cache": str(fc.path), "cache_key": fc.key,
-                                         "model": fc.attrs["model"], "k": k, "seed": seed,
+                                         "model": fc.header.model, "k": k, "seed": seed,
                                          "protocol": protocol(k), "rows": rows,
                                          "created": now_iso()})
     return BenchCVResult(out, rows, runs, sum(d is not None for d in found))
@@ -449,7 +449,7 @@ def cross_validate_runs(fc: FeatureCache, results: list, params: dict[str, Any] 
         write_json(r.path / CV_JSON, res.to_json())
         if plots:
             plot_folds(res, r.path / CV_PLOT,
-                       title=f"{r.path.name} · {fc.attrs.get('model', '?')} · "
+                       title=f"{r.path.name} · {fc.header.model} · "
                              f"{k}-fold lesion-grouped CV over train+val")
         out.append(res)
     return out
