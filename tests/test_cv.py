@@ -13,7 +13,7 @@ import pytest
 from conftest import SHARED_DATA
 from typer.testing import CliRunner
 
-from skincache.cache import FeatureCache, SplitArrays, write_cache
+from skincache.cache import CacheHeader, FeatureCache, SplitArrays, write_cache
 from skincache.cli import app
 from skincache.metrics import ci95_half_width, metrics
 from skincache.study import cv
@@ -48,13 +48,12 @@ def _synthetic_cache(path: Path, n: int = 360, d: int = 16, seed: int = 0) -> Pa
         splits[name] = SplitArrays(features=x[m], views=views[m], labels=y[m],
                                    image_id=[f"img{i}" for i in np.flatnonzero(m)],
                                    group_id=list(g[m]), sha1=[""] * int(m.sum()), meta={})
-    attrs = {"key": f"synthetic-{seed}", "model": "synthetic", "pretrained": "none",
-             "logit_scale": 100.0, "weights_sha256": "", "embed_dim": d, "precision": "fp16",
-             "classes": json.dumps(CLASSES), "class_names": json.dumps(CLASSES),
-             "preprocess": "{}", "views": json.dumps({"k": 2}), "dataset": "synthetic",
-             "dataset_kind": "synthetic", "dataset_root": "", "dataset_fingerprint": "",
-             "created": "", "versions": "{}"}
-    write_cache(path, attrs, splits, {}, {})
+    header = CacheHeader(
+        key=f"synthetic-{seed}", model="synthetic", pretrained="none", logit_scale=100.0,
+        weights_sha256="", embed_dim=d, precision="fp16", classes=list(CLASSES),
+        class_names=list(CLASSES), preprocess={}, views={"k": 2}, dataset="synthetic",
+        dataset_kind="synthetic", dataset_root="", dataset_fingerprint="", versions={})
+    write_cache(path, header, splits, {}, {})
     return path
 
 
