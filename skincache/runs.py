@@ -39,6 +39,7 @@ from skincache.cache import (
 from skincache.errors import NotFoundError, SkincacheError, UsageError
 from skincache.heads import Head, create_head, get_head_class, load_head
 from skincache.heads._protocols import trains_on_val
+from skincache.heads.knn import build_neighbor_index, write_neighbor_index
 from skincache.metrics import (
     calibration_bins,
     classification_report,
@@ -140,8 +141,8 @@ def evaluate_head(head: Head, cache: FeatureCache, split: str, *, n_bootstrap: i
     report["ece_uncalibrated"] = expected_calibration_error(data.labels, raw)
     report["calibration_uncalibrated"] = calibration_bins(data.labels, raw)
     report["posthoc"] = {"tta": bool(tta and data.views.shape[1] > 0),
-                         "logit_adjust": float(getattr(head, "logit_adjust_", 0.0)),
-                         "temperature": float(getattr(head, "temperature_", 1.0))}
+                         "logit_adjust": float(head.logit_adjust_),
+                         "temperature": float(head.temperature_)}
     return report, proba
 
 
@@ -261,6 +262,9 @@ def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | N
 
     try:
         model.save(run / "head")
+        # the neighbour index `predict` searches for similar training cases, built once here
+        write_neighbor_index(run / "head", fc.key,
+                             build_neighbor_index(fc.split("train").features16))
     except OSError as e:
         de = disk_error(e, run / "head", "writing the head to",
                         "free space (or choose another --runs-dir) and run again")

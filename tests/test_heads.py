@@ -466,3 +466,39 @@ def test_zs_linear_anchor_holds_weights_near_prototypes(separable):
                                create_head("zeroshot").fit(separable["X"], separable["y"],
                                                            text=separable["text"]).weights_,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["linear", "knn", "zeroshot"])
+def test_an_unfitted_head_refuses_every_use(name, tmp_path, separable):
+    """check_is_fitted, not a default temperature: predict, predict_proba, linear_form and
+    save all raise scikit-learn's NotFittedError as skincache's own error (one CLI line)."""
+    from sklearn.exceptions import NotFittedError
+
+    from skincache.errors import SkincacheError
+    from skincache.heads import HeadNotFittedError
+
+    head = create_head(name)
+    X = separable["X"][:4]
+    for use in (lambda: head.predict(X), lambda: head.predict_proba(X),
+                lambda: head.predict_proba_pair(X), lambda: head.linear_form(),
+                lambda: head.save(tmp_path / name)):
+        with pytest.raises(HeadNotFittedError, match="not fitted") as info:
+            use()
+        assert isinstance(info.value, NotFittedError) and isinstance(info.value, SkincacheError)
+    assert not (tmp_path / name).exists()
+
+
+def test_fit_sets_the_posthoc_attributes_only_once_chosen(separable, monkeypatch):
+    """A `_fit` that raises leaves no temperature or logit adjustment behind."""
+    from skincache.heads import LinearHead
+
+    head = create_head("linear", epochs=1)
+
+    def boom(self, data):
+        assert not hasattr(self, "temperature_") and not hasattr(self, "logit_adjust_")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(LinearHead, "_fit", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        head.fit(separable["X"], separable["y"])
+    assert not hasattr(head, "temperature_")
