@@ -3,7 +3,8 @@
 ```
 runs/<name>/
   run.json                 kind, head name + params, cache path + key, template set, timings
-  head/                    head.json + head.safetensors (loading never unpickles)
+  head/                    head.json + head.safetensors (loading never unpickles), the
+                           neighbour index `predict` searches (neighbors-<cache key>.faiss)
   metrics/<split>.json     classification_report: balanced accuracy first, CIs, per class
   predictions/<split>.csv  image_id, true, predicted, p_<class>...
   plots/<split>_*.png      confusion matrix (counts, row-normalised), class-wise bars, reliability
