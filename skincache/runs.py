@@ -28,7 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from skincache._io import __version__, now_iso, read_json_file, read_regular, write_json
+from skincache._io import (
+    __version__,
+    file_safe,
+    now_iso,
+    plain_json,
+    read_json_file,
+    read_regular,
+    write_json,
+)
+from skincache._sanity import model_label as _model_label
 from skincache.cache import (
     CacheBusyError,
     CacheError,
@@ -48,7 +57,7 @@ from skincache.metrics import (
     write_predictions_csv,
 )
 from skincache.plots import write_report_plots
-from skincache.prompts import ALL_TEMPLATES, template_set_order
+from skincache.prompts import ALL_TEMPLATES, side_by_side
 from skincache.run_record import RunModel, RunRecord, check_run_name, read_run, write_run
 
 DEFAULT_RUNS_DIR = Path("runs")
@@ -74,13 +83,10 @@ def text_features(cache: FeatureCache, template_set: str = ALL_TEMPLATES) -> np.
     """[C, T, D] prompt embeddings: one template set, or all sets side by side (`all`)."""
     if not cache.text:
         return None
-    if template_set == ALL_TEMPLATES:
-        return np.concatenate([cache.text[k] for k in template_set_order(template_set, cache.text)],
-                              axis=1)
-    if template_set not in cache.text:
+    if template_set != ALL_TEMPLATES and template_set not in cache.text:
         raise CacheError(f"{cache.path}: no template set '{template_set}' "
                          f"(has {sorted(cache.text)} or '{ALL_TEMPLATES}')")
-    return cache.text[template_set]
+    return side_by_side(template_set, cache.text.__getitem__, cache.text)
 
 
 def few_shot_indices(y: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
@@ -142,22 +148,18 @@ def evaluate_head(head: Head, cache: FeatureCache, split: str, *, n_bootstrap: i
     report["ece_uncalibrated"] = expected_calibration_error(data.labels, raw)
     report["calibration_uncalibrated"] = calibration_bins(data.labels, raw)
     report["posthoc"] = {"tta": bool(tta and data.views.shape[1] > 0),
-                         "logit_adjust": float(head.logit_adjust_),
-                         "temperature": float(head.temperature_)}
+                         # a Head is checked fitted by predict_proba_pair above; any other
+                         # object with that method applied no post-hoc step
+                         "logit_adjust": float(getattr(head, "logit_adjust_", 0.0)),
+                         "temperature": float(getattr(head, "temperature_", 1.0))}
     return report, proba
 
 
 def model_label(attrs: dict) -> str:
-    """The model as a reader of a plot needs it: architecture and weights."""
-    if attrs.get("checkpoint"):
-        weights = Path(str(attrs["checkpoint"])).name
-    elif attrs.get("pretrained"):
-        weights = str(attrs["pretrained"])
-    elif str(attrs.get("model", "")).startswith("hf-hub:"):
-        weights = ""
-    else:
-        weights = "random init"
-    return f"{attrs.get('model', '?')}" + (f" ({weights})" if weights else "")
+    """The model of a cache's (or run's) attributes as a reader of a plot needs it:
+    architecture and weights (`_sanity.model_label`)."""
+    return _model_label(str(attrs.get("model", "?")), attrs.get("pretrained"),
+                        attrs.get("checkpoint"))
 
 
 def plot_label(run: Path, cache: FeatureCache, split: str, n: int) -> str:
@@ -282,7 +284,7 @@ def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | N
             result.metrics[split] = report
     write_run(run, RunRecord(
         kind="head", head=head,
-        params={k: _jsonable(v) for k, v in model.get_params().items()},
+        params={k: plain_json(v) for k, v in model.get_params().items()},
         cache=str(fc.path.resolve()), cache_key=fc.key, encoding_key=fc.encoding_key,
         model=RunModel(str(fc.attrs["model"]), str(fc.attrs.get("pretrained") or "")),
         classes=list(fc.classes), template_set=template_set, seed=seed, tta=tta, shots=shots,
@@ -348,14 +350,6 @@ def chosen_by_val(results: list[RunResult]) -> int | None:
     return -max(scored)[1] if scored else None
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return list(v)
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
 @dataclass
 class LoadedRun:
     path: Path
@@ -412,8 +406,7 @@ def evaluation_name(run: LoadedRun, cache: FeatureCache, split: str) -> str:
     validation), so that its results never take the place of the run's own."""
     if cache.key == run.record.cache_key:
         return split
-    dataset = "".join(c if c.isalnum() or c in "-_." else "-"
-                      for c in str(cache.attrs.get("dataset") or cache.path.stem))
+    dataset = file_safe(str(cache.attrs.get("dataset") or cache.path.stem))
     return f"{dataset}__{split}"
 
 

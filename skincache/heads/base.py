@@ -20,7 +20,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
-from .._io import atomic_write, atomic_write_text, read_json_file, read_regular
+from .._io import atomic_write, atomic_write_text, plain_json, read_json_file, read_regular
 from ..errors import InputFileError, NotFoundError, SkincacheError, UsageError
 from . import _posthoc
 from ._math import (  # noqa: F401  (re-exported: heads import them from here)
@@ -391,7 +391,7 @@ class Head(ClassifierMixin, BaseEstimator):
         return {k: np.ascontiguousarray(getattr(self, k)) for k in self._fitted_arrays}
 
     def _state_scalars(self) -> dict[str, Any]:
-        return {k: _json_scalar(getattr(self, k)) for k in self._fitted_scalars}
+        return {k: plain_json(getattr(self, k)) for k in self._fitted_scalars}
 
     def _posthoc_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return ({k: np.ascontiguousarray(getattr(self, k)) for k in self._posthoc_arrays},
@@ -420,7 +420,7 @@ class Head(ClassifierMixin, BaseEstimator):
             "format_version": FORMAT_VERSION,
             "name": self.name,
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
-            "params": {k: _json_param(v) for k, v in self.get_params().items()},
+            "params": {k: plain_json(v) for k, v in self.get_params().items()},
             "n_classes": int(self.n_classes_),
             "n_features_in": int(self.n_features_in_),
             "fitted": self._state_scalars(),
@@ -602,18 +602,3 @@ def _check_arrays(path: Path, cls: type[Head], arrays: dict[str, np.ndarray],
                 np.isfinite(a).all() and np.abs(a).max() <= MAX_ABS_WEIGHT):
             raise _bad(path, f"array {k} holds NaN, inf or values beyond "
                        f"{MAX_ABS_WEIGHT:.0e}; not a fitted head (restore it or fit again)")
-
-
-def _json_scalar(v: Any) -> Any:
-    """Plain JSON: numpy scalars become Python ones, NaN/inf become null."""
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not np.isfinite(v):
-        return None
-    return v
-
-
-def _json_param(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return [_json_param(x) for x in v]
-    return _json_scalar(v)
