@@ -502,3 +502,19 @@ def test_fit_sets_the_posthoc_attributes_only_once_chosen(separable, monkeypatch
     with pytest.raises(RuntimeError, match="boom"):
         head.fit(separable["X"], separable["y"])
     assert not hasattr(head, "temperature_")
+
+
+def test_head_config_is_every_torch_heads_train_config(separable):
+    from skincache.heads import _torch as T
+    from skincache.heads.base import check_fit_inputs
+
+    data = check_fit_inputs(separable["X"], separable["y"], X_val=separable["X_val"],
+                            y_val=separable["y_val"])
+    head = create_head("zs-linear", epochs=3, batch_size=7, lr=0.5, patience=None, seed=4)
+    head.log_prior_ = np.zeros(data.n_classes, np.float32)  # what fit sets before _fit
+    cfg = T.head_config(head, data, eval_init=True)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.patience, cfg.seed, cfg.name) == (
+        3, 7, 0.5, None, 4, "zs-linear")
+    assert cfg.eval_init and callable(cfg.val_score)
+    no_val = check_fit_inputs(separable["X"], separable["y"])
+    assert T.head_config(head, no_val).val_score is None
