@@ -414,18 +414,23 @@ def test_knn_balanced_votes():
 
 
 def test_tip_adapter_cache_values():
+    from skincache.heads.tip_adapter import cache_values
+
     rng = np.random.default_rng(0)
     X, text = rng.standard_normal((12, 8)), rng.standard_normal((3, 2, 8))
+
+    def values_of(head):
+        return cache_values(head.key_labels_, head.n_classes_, head.balance_cache)
+
     balanced_y = np.repeat([0, 1, 2], 4)
     head = create_head("tip-adapter").fit(X, balanced_y, text=text)
     # a balanced cache gives exactly the paper's one-hot values
-    np.testing.assert_array_equal(head._values(torch.device("cpu")).numpy(),
-                                  np.eye(3)[balanced_y])
+    np.testing.assert_array_equal(values_of(head).numpy(), np.eye(3)[balanced_y])
     skewed_y = np.array([0] * 8 + [1] * 3 + [2])
-    values = create_head("tip-adapter").fit(X, skewed_y, text=text)._values(torch.device("cpu"))
+    values = values_of(create_head("tip-adapter").fit(X, skewed_y, text=text))
     np.testing.assert_allclose(values.sum(dim=0).numpy(), [4.0, 4.0, 4.0], rtol=1e-6)
     raw = create_head("tip-adapter", balance_cache=False).fit(X, skewed_y, text=text)
-    np.testing.assert_array_equal(raw._values(torch.device("cpu")).numpy(), np.eye(3)[skewed_y])
+    np.testing.assert_array_equal(values_of(raw).numpy(), np.eye(3)[skewed_y])
 
 
 def test_tip_adapter_keys_and_fallback(separable):
