@@ -335,8 +335,7 @@ class Head(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities [N, C] (float64, rows sum to 1), after the logit adjustment and
         the temperature chosen on validation."""
-        raw = self._raw_proba(X)
-        return self._posthoc(raw, self.temperature_)
+        return self._posthoc(self._raw_proba(X), self.temperature_)
 
     def predict_proba_uncalibrated(self, X: np.ndarray) -> np.ndarray:
         """As `predict_proba` without the temperature (T = 1): the "before" of calibration."""
