@@ -10,6 +10,7 @@ per query): approximate, with recall against exact search measured in `benchmark
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +98,12 @@ def build_neighbor_index(train_X: np.ndarray) -> faiss.Index:
 
 def write_neighbor_index(directory: str | Path, cache_key: str, index: faiss.Index) -> Path:
     """Write `index` atomically in faiss's own format (never a pickle), so `predict` searches
-    it instead of indexing the training set again on every call."""
+    it instead of indexing the training set again on every call. The temp name holds the
+    pid: two first `predict`s of an older run may both write it."""
     path = neighbor_index_path(directory, cache_key)
     blob = faiss.serialize_index(index)
-    return atomic_write(path, lambda f: f.write(blob.tobytes()))
+    return atomic_write(path, lambda f: f.write(blob.tobytes()),
+                        tmp=path.with_name(f"{path.name}.{os.getpid()}.tmp"))
 
 
 def read_neighbor_index(directory: str | Path, cache_key: str, n: int, d: int
