@@ -52,19 +52,28 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Atomic JSON write (indent 2). NaN/inf are written as null, never as invalid JSON."""
-    return atomic_write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
+    return atomic_write_text(path, json.dumps(plain_json(obj), indent=2, allow_nan=False) + "\n")
 
 
-def _finite(obj: Any) -> Any:
+def plain_json(obj: Any) -> Any:
+    """`obj` as plain JSON values, the one coercion every writer uses (run.json, head.json,
+    metrics): numpy scalars become Python ones, tuples lists, NaN/inf null (valid JSON, and
+    a missing number reads as missing), dicts and lists converted all the way down."""
     if isinstance(obj, float):
         return obj if obj == obj and abs(obj) != float("inf") else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: plain_json(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
+        return [plain_json(v) for v in obj]
     if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return _finite(obj.item())
+        return plain_json(obj.item())
     return obj
+
+
+def file_safe(text: str) -> str:
+    """`text` with every character but letters, digits and `-_.` turned into '-': safe as
+    a file or folder name (cache names, evaluation names) and still readable."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
 
 
 def read_regular(path: str | Path, *, max_bytes: int = 64 << 20, what: str = "file") -> bytes:

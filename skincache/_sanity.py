@@ -8,18 +8,42 @@ metric reports only (no torch)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 #: A head that gives one class to at least this share of a split is flagged.
 ONE_CLASS_SHARE = 0.95
 
 
+#: the weights label of a model with no pretrained tag, checkpoint or hub weights
+RANDOM_INIT = "random init"
+
+
+def weights_label(model: str, pretrained: str | None = None,
+                  checkpoint: str | Path | None = None) -> str:
+    """Which weights a model had, in the one wording every plot, table and warning uses: the
+    checkpoint's file name, else the pretrained tag, "" for an `hf-hub:` model (its name says
+    it), else "random init"."""
+    if checkpoint:
+        return Path(str(checkpoint)).name
+    if pretrained:
+        return str(pretrained)
+    return "" if str(model).startswith("hf-hub:") else RANDOM_INIT
+
+
+def model_label(model: str, pretrained: str | None = None,
+                checkpoint: str | Path | None = None) -> str:
+    """`ViT-B-32 (openai)`: architecture and weights, as a reader of a plot needs them."""
+    weights = weights_label(model, pretrained, checkpoint)
+    return f"{model}" + (f" ({weights})" if weights else "")
+
+
 def is_random_init(attrs: Mapping[str, Any]) -> bool:
     """True for a cache (or run) whose model had no pretrained tag, checkpoint or hub
     weights: its features are those of random weights."""
-    model = str(attrs.get("model", ""))
-    return not (attrs.get("pretrained") or attrs.get("checkpoint")
-                or attrs.get("checkpoint_sha256") or model.startswith("hf-hub:"))
+    return not attrs.get("checkpoint_sha256") and weights_label(
+        str(attrs.get("model", "")), attrs.get("pretrained"), attrs.get("checkpoint")
+    ) == RANDOM_INIT
 
 
 def random_init_warning(attrs: Mapping[str, Any], what: str = "these numbers") -> str | None:

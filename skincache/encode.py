@@ -148,22 +148,26 @@ def encode_dataset(
     t0 = time.perf_counter()
     ctx = DistContext.from_env(dev)  # a world of one without torchrun
     try:
-        result = _encode_run(ctx, dataset, spec, policy, ctx.device, precision, fingerprint, key,
-                             final, cache_dir, name, force, wait, batch_size, chunk_batches,
-                             num_workers, loader, template_sets, progress,
-                             None if follow_symlinks else _folder_of(dataset))
+        result = _encode_run(
+            ctx, dataset, spec=spec, policy=policy, dev=ctx.device, precision=precision,
+            fingerprint=fingerprint, key=key, final=final, cache_dir=cache_dir, name=name,
+            force=force, wait=wait, batch_size=batch_size, chunk_batches=chunk_batches,
+            num_workers=num_workers, loader=loader, template_sets=template_sets,
+            progress=progress, root=None if follow_symlinks else _folder_of(dataset))
     finally:
         ctx.close()
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _encode_run(ctx: DistContext, dataset: Dataset, spec: ModelSpec, policy: ViewPolicy,
+def _encode_run(ctx: DistContext, dataset: Dataset, *, spec: ModelSpec, policy: ViewPolicy,
                 dev: torch.device, precision: str, fingerprint: str, key: str, final: Path,
                 cache_dir: Path, name: str, force: bool, wait: bool, batch_size: int,
                 chunk_batches: int, num_workers: int | None, loader: str,
                 template_sets: list[str], progress: bool, root: str | None) -> EncodeResult:
-    """The encode itself, on one process or as one rank of a torchrun job.
+    """The encode itself, on one process or as one rank of a torchrun job. Everything after
+    the dataset is keyword-only: seventeen settings of like types (three bools, three ints)
+    are never matched by position.
 
     Sharding: rank 0 takes the lock and starts (or resumes) the `.partial/` folder; the chunks
     still missing are dealt round-robin to the ranks, each rank commits its own chunk files

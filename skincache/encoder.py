@@ -21,6 +21,18 @@ from skincache.prompts import class_prompts
 from skincache.views import Normalizer, ViewMaker, ViewPolicy
 
 
+@torch.no_grad()
+def encode_class_prompts(loaded: LoadedModel, classes: list[str], template_set: str,
+                         device: torch.device | str) -> np.ndarray:
+    """float32 [C, T, D] embeddings (fp32, not normalised) of one template set's prompts for
+    every class, in one batch through the text tower: the one prompt encoder, so the cache's
+    text (`encode`) and the fine-tune's zero-shot start are the same numbers."""
+    prompts = class_prompts(classes, template_set)
+    flat = [p for per_class in prompts for p in per_class]
+    f = loaded.encode_text(flat, device)
+    return f.cpu().numpy().reshape(len(classes), len(prompts[0]), -1)
+
+
 class ImageEncoder:
     """The loaded model plus the view recipe and device: pixels in, features out.
 
@@ -46,13 +58,9 @@ class ImageEncoder:
             f = self.loaded.model.encode_image(x)
         return f.float().reshape(n, v, -1).cpu().numpy()
 
-    @torch.no_grad()
     def text_features(self, classes: list[str], template_set: str) -> np.ndarray:
         """float32 [C, T, D] prompt embeddings (fp32, not normalised)."""
-        prompts = class_prompts(classes, template_set)
-        flat = [p for per_class in prompts for p in per_class]
-        f = self.loaded.encode_text(flat, self.device)
-        return f.cpu().numpy().reshape(len(classes), len(prompts[0]), -1)
+        return encode_class_prompts(self.loaded, classes, template_set, self.device)
 
     def batches(self, records: list[Record], positions: list[int], batch_size: int,
                 num_workers: int | None = None, loader: str = "auto",

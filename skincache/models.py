@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from skincache._io import file_safe
 from skincache.defaults import TINY_MODEL
 from skincache.errors import ModelError, NotFoundError, UsageError
 
@@ -126,8 +127,7 @@ class ModelSpec:
         tag = self.pretrained or (Path(self.checkpoint).stem if self.checkpoint else "")
         if not tag and self.name == TINY_MODEL:
             tag = f"seed{TINY_SEED}"
-        out = f"{base}-{tag}" if tag else base
-        return "".join(c if c.isalnum() or c in "-_." else "-" for c in out)
+        return file_safe(f"{base}-{tag}" if tag else base)
 
     def identity(self) -> dict:
         """What identifies the weights without loading them (part of the cache key).

@@ -8,18 +8,26 @@ which is what a clinician asks next: "what did similar lesions turn out to be?".
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from skincache._io import atomic_write_text, write_json
+from skincache.cache import FeatureCache
 from skincache.data import Record
 from skincache.data._files import IMAGE_EXTS
 from skincache.device import resolve_device, resolve_precision
 from skincache.encoder import ImageEncoder
 from skincache.errors import UsageError
-from skincache.heads import create_head
+from skincache.heads.knn import (
+    build_neighbor_index,
+    read_neighbor_index,
+    search_ip,
+    write_neighbor_index,
+)
 from skincache.models import ModelSpec, load_model
 from skincache.runs import RunError, load_run
 from skincache.views import ViewPolicy
@@ -53,6 +61,22 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
             pass
         out.append(p)
     return out
+
+
+def neighbor_index(run: Path, fc: FeatureCache) -> faiss.Index:
+    """The index of `fc`'s train split that `fit-head` saved beside the head; for a run
+    written before it did (or another cache given with --cache) it is built once and saved
+    there, so later calls only read it. A run folder that cannot be written to still
+    predicts, with the index built in memory."""
+    train = fc.split("train")
+    head_dir = run / "head"
+    index = read_neighbor_index(head_dir, fc.key, len(train), train.features16.shape[1])
+    if index is not None:
+        return index
+    index = build_neighbor_index(train.features16)
+    with contextlib.suppress(OSError):
+        write_neighbor_index(head_dir, fc.key, index)
+    return index
 
 
 def predict_images(
@@ -97,10 +121,8 @@ def predict_images(
         X = np.stack([feats[i] for i in ok])
         proba = loaded_run.head.predict_proba(X)
         train = fc.split("train")
-        knn = create_head("knn", k=max(1, neighbors)).fit(train.features, train.labels,
-                                                          n_classes=len(fc.classes))
-        sims, rows = knn.kneighbors(X, k=min(neighbors, len(train))) if neighbors else (
-            np.zeros((len(ok), 0)), np.zeros((len(ok), 0), dtype=int))
+        sims, rows = search_ip(neighbor_index(loaded_run.path, fc), X, neighbors) if neighbors \
+            else (np.zeros((len(ok), 0)), np.zeros((len(ok), 0), dtype=int))
         for j, i in enumerate(ok):
             r = results[i]
             r.probabilities = {c: float(p) for c, p in zip(fc.classes, proba[j], strict=True)}

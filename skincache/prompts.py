@@ -6,6 +6,10 @@ re-encoding: plain CLIP templates, dermoscopy templates, and clinical-context se
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
 from skincache.data.classes import display_name
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
@@ -42,6 +46,16 @@ def class_prompts(classes: list[str], template_set: str) -> list[list[str]]:
 
 #: The name that means every template set, side by side.
 ALL_TEMPLATES = "all"
+
+
+def side_by_side(template_set: str, features: Callable[[str], np.ndarray],
+                 available: Iterable[str] | None = None) -> np.ndarray:
+    """[C, T, D] prompt embeddings for `template_set`: `features(s)` ([C, T_s, D]) of each
+    set it names, in `template_set_order`, side by side along the template axis. The cache's
+    text (`runs.text_features`) and freshly encoded prompts (fine-tuning) are put together
+    here, so a zero-shot head sees the same columns either way."""
+    parts = [features(s) for s in template_set_order(template_set, available)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
 def template_set_order(template_set: str, available=None) -> list[str]:

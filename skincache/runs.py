@@ -3,7 +3,8 @@
 ```
 runs/<name>/
   run.json                 kind, head name + params, cache path + key, template set, timings
-  head/                    head.json + head.safetensors (loading never unpickles)
+  head/                    head.json + head.safetensors (loading never unpickles), the
+                           neighbour index `predict` searches (neighbors-<cache key>.faiss)
   metrics/<split>.json     classification_report: balanced accuracy first, CIs, per class
   predictions/<split>.csv  image_id, true, predicted, p_<class>...
   plots/<split>_*.png      confusion matrix (counts, row-normalised), class-wise bars, reliability
@@ -28,7 +29,16 @@ from typing import Any
 import numpy as np
 
 from skincache._disk import check_writable_dir, disk_error
-from skincache._io import __version__, now_iso, read_json_file, read_regular, write_json
+from skincache._io import (
+    __version__,
+    file_safe,
+    now_iso,
+    plain_json,
+    read_json_file,
+    read_regular,
+    write_json,
+)
+from skincache._sanity import model_label as _model_label
 from skincache.cache import (
     CacheBusyError,
     CacheError,
@@ -38,6 +48,7 @@ from skincache.cache import (
 from skincache.errors import NotFoundError, SkincacheError, UsageError
 from skincache.heads import Head, create_head, get_head_class, load_head
 from skincache.heads._protocols import trains_on_val
+from skincache.heads.knn import build_neighbor_index, write_neighbor_index
 from skincache.metrics import (
     calibration_bins,
     classification_report,
@@ -45,7 +56,7 @@ from skincache.metrics import (
     write_predictions_csv,
 )
 from skincache.plots import write_report_plots
-from skincache.prompts import ALL_TEMPLATES, template_set_order
+from skincache.prompts import ALL_TEMPLATES, side_by_side
 from skincache.run_record import RunModel, RunRecord, check_run_name, read_run, write_run
 
 DEFAULT_RUNS_DIR = Path("runs")
@@ -71,13 +82,10 @@ def text_features(cache: FeatureCache, template_set: str = ALL_TEMPLATES) -> np.
     """[C, T, D] prompt embeddings: one template set, or all sets side by side (`all`)."""
     if not cache.text:
         return None
-    if template_set == ALL_TEMPLATES:
-        return np.concatenate([cache.text[k] for k in template_set_order(template_set, cache.text)],
-                              axis=1)
-    if template_set not in cache.text:
+    if template_set != ALL_TEMPLATES and template_set not in cache.text:
         raise CacheError(f"{cache.path}: no template set '{template_set}' "
                          f"(has {sorted(cache.text)} or '{ALL_TEMPLATES}')")
-    return cache.text[template_set]
+    return side_by_side(template_set, cache.text.__getitem__, cache.text)
 
 
 def few_shot_indices(y: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
@@ -139,22 +147,18 @@ def evaluate_head(head: Head, cache: FeatureCache, split: str, *, n_bootstrap: i
     report["ece_uncalibrated"] = expected_calibration_error(data.labels, raw)
     report["calibration_uncalibrated"] = calibration_bins(data.labels, raw)
     report["posthoc"] = {"tta": bool(tta and data.views.shape[1] > 0),
+                         # a Head is checked fitted by predict_proba_pair above; any other
+                         # object with that method applied no post-hoc step
                          "logit_adjust": float(getattr(head, "logit_adjust_", 0.0)),
                          "temperature": float(getattr(head, "temperature_", 1.0))}
     return report, proba
 
 
 def model_label(attrs: dict) -> str:
-    """The model as a reader of a plot needs it: architecture and weights."""
-    if attrs.get("checkpoint"):
-        weights = Path(str(attrs["checkpoint"])).name
-    elif attrs.get("pretrained"):
-        weights = str(attrs["pretrained"])
-    elif str(attrs.get("model", "")).startswith("hf-hub:"):
-        weights = ""
-    else:
-        weights = "random init"
-    return f"{attrs.get('model', '?')}" + (f" ({weights})" if weights else "")
+    """The model of a cache's (or run's) attributes as a reader of a plot needs it:
+    architecture and weights (`_sanity.model_label`)."""
+    return _model_label(str(attrs.get("model", "?")), attrs.get("pretrained"),
+                        attrs.get("checkpoint"))
 
 
 def plot_label(run: Path, cache: FeatureCache, split: str, n: int) -> str:
@@ -261,6 +265,9 @@ def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | N
 
     try:
         model.save(run / "head")
+        # the neighbour index `predict` searches for similar training cases, built once here
+        write_neighbor_index(run / "head", fc.key,
+                             build_neighbor_index(fc.split("train").features16))
     except OSError as e:
         de = disk_error(e, run / "head", "writing the head to",
                         "free space (or choose another --runs-dir) and run again")
@@ -277,7 +284,7 @@ def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | N
             result.metrics[split] = report
     write_run(run, RunRecord(
         kind="head", head=head,
-        params={k: _jsonable(v) for k, v in model.get_params().items()},
+        params={k: plain_json(v) for k, v in model.get_params().items()},
         cache=str(fc.path.resolve()), cache_key=fc.key, encoding_key=fc.encoding_key,
         model=RunModel(fc.header.model, fc.header.pretrained or ""),
         classes=list(fc.classes), template_set=template_set, seed=seed, tta=tta, shots=shots,
@@ -343,14 +350,6 @@ def chosen_by_val(results: list[RunResult]) -> int | None:
     return -max(scored)[1] if scored else None
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return list(v)
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
 @dataclass
 class LoadedRun:
     path: Path
@@ -407,8 +406,7 @@ def evaluation_name(run: LoadedRun, cache: FeatureCache, split: str) -> str:
     validation), so that its results never take the place of the run's own."""
     if cache.key == run.record.cache_key:
         return split
-    dataset = "".join(c if c.isalnum() or c in "-_." else "-"
-                      for c in cache.header.dataset or cache.path.stem)
+    dataset = file_safe(str(cache.header.dataset or cache.path.stem))
     return f"{dataset}__{split}"
 
 

@@ -414,18 +414,23 @@ def test_knn_balanced_votes():
 
 
 def test_tip_adapter_cache_values():
+    from skincache.heads.tip_adapter import cache_values
+
     rng = np.random.default_rng(0)
     X, text = rng.standard_normal((12, 8)), rng.standard_normal((3, 2, 8))
+
+    def values_of(head):
+        return cache_values(head.key_labels_, head.n_classes_, head.balance_cache)
+
     balanced_y = np.repeat([0, 1, 2], 4)
     head = create_head("tip-adapter").fit(X, balanced_y, text=text)
     # a balanced cache gives exactly the paper's one-hot values
-    np.testing.assert_array_equal(head._values(torch.device("cpu")).numpy(),
-                                  np.eye(3)[balanced_y])
+    np.testing.assert_array_equal(values_of(head).numpy(), np.eye(3)[balanced_y])
     skewed_y = np.array([0] * 8 + [1] * 3 + [2])
-    values = create_head("tip-adapter").fit(X, skewed_y, text=text)._values(torch.device("cpu"))
+    values = values_of(create_head("tip-adapter").fit(X, skewed_y, text=text))
     np.testing.assert_allclose(values.sum(dim=0).numpy(), [4.0, 4.0, 4.0], rtol=1e-6)
     raw = create_head("tip-adapter", balance_cache=False).fit(X, skewed_y, text=text)
-    np.testing.assert_array_equal(raw._values(torch.device("cpu")).numpy(), np.eye(3)[skewed_y])
+    np.testing.assert_array_equal(values_of(raw).numpy(), np.eye(3)[skewed_y])
 
 
 def test_tip_adapter_keys_and_fallback(separable):
@@ -466,3 +471,55 @@ def test_zs_linear_anchor_holds_weights_near_prototypes(separable):
                                create_head("zeroshot").fit(separable["X"], separable["y"],
                                                            text=separable["text"]).weights_,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["linear", "knn", "zeroshot"])
+def test_an_unfitted_head_refuses_every_use(name, tmp_path, separable):
+    """check_is_fitted, not a default temperature: predict, predict_proba, linear_form and
+    save all raise scikit-learn's NotFittedError as skincache's own error (one CLI line)."""
+    from sklearn.exceptions import NotFittedError
+
+    from skincache.errors import SkincacheError
+    from skincache.heads import HeadNotFittedError
+
+    head = create_head(name)
+    X = separable["X"][:4]
+    for use in (lambda: head.predict(X), lambda: head.predict_proba(X),
+                lambda: head.predict_proba_pair(X), lambda: head.linear_form(),
+                lambda: head.save(tmp_path / name)):
+        with pytest.raises(HeadNotFittedError, match="not fitted") as info:
+            use()
+        assert isinstance(info.value, NotFittedError) and isinstance(info.value, SkincacheError)
+    assert not (tmp_path / name).exists()
+
+
+def test_fit_sets_the_posthoc_attributes_only_once_chosen(separable, monkeypatch):
+    """A `_fit` that raises leaves no temperature or logit adjustment behind."""
+    from skincache.heads import LinearHead
+
+    head = create_head("linear", epochs=1)
+
+    def boom(self, data):
+        assert not hasattr(self, "temperature_") and not hasattr(self, "logit_adjust_")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(LinearHead, "_fit", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        head.fit(separable["X"], separable["y"])
+    assert not hasattr(head, "temperature_")
+
+
+def test_head_config_is_every_torch_heads_train_config(separable):
+    from skincache.heads import _torch as T
+    from skincache.heads.base import check_fit_inputs
+
+    data = check_fit_inputs(separable["X"], separable["y"], X_val=separable["X_val"],
+                            y_val=separable["y_val"])
+    head = create_head("zs-linear", epochs=3, batch_size=7, lr=0.5, patience=None, seed=4)
+    head.log_prior_ = np.zeros(data.n_classes, np.float32)  # what fit sets before _fit
+    cfg = T.head_config(head, data, eval_init=True)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.patience, cfg.seed, cfg.name) == (
+        3, 7, 0.5, None, 4, "zs-linear")
+    assert cfg.eval_init and callable(cfg.val_score)
+    no_val = check_fit_inputs(separable["X"], separable["y"])
+    assert T.head_config(head, no_val).val_score is None

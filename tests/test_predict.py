@@ -39,3 +39,57 @@ def test_predict_uses_the_encode_path_and_reports_bad_files(demo_cache, tmp_path
         assert p.predicted == fc.classes[int(expected[j].argmax())]
     out = write_predictions(preds, tmp_path / "p.json")
     assert len(json.loads(out.read_text())) == 6
+
+
+def test_predict_searches_the_saved_neighbor_index_and_fits_no_knn_head(demo_cache, tmp_path,
+                                                                       monkeypatch):
+    import skincache.heads.knn as knn_mod
+    from skincache.heads import KNNHead
+    from skincache.heads.knn import neighbor_index_path
+
+    fit_head_run(demo_cache, "zeroshot", runs_dir=tmp_path, name="zs", n_bootstrap=0,
+                 plots=False)
+    fc = FeatureCache.open(demo_cache)
+    saved = neighbor_index_path(tmp_path / "zs" / "head", fc.key)
+    assert saved.is_file()  # written with the run at fit time
+
+    def refuse(*a, **k):
+        raise AssertionError("predict fitted a kNN head / rebuilt the index")
+
+    monkeypatch.setattr(KNNHead, "fit", refuse)
+    monkeypatch.setattr(knn_mod, "build_ip_index", refuse)
+    reads = []
+    real_read = knn_mod.read_neighbor_index
+
+    def spy(*a, **k):
+        reads.append(a)
+        return real_read(*a, **k)
+
+    import skincache.predict as predict_mod
+    monkeypatch.setattr(predict_mod, "read_neighbor_index", spy)
+    train = fc.split("train")
+    src = {r.image_id: r.source for r in load_dataset(fc.attrs["dataset_root"]).records}
+    preds = predict_images(tmp_path / "zs", [src[train.image_id[0]]], neighbors=2)
+    assert reads and preds[0].neighbors[0]["image_id"] == train.image_id[0]
+
+
+def test_predict_on_an_old_run_builds_the_neighbor_index_once(demo_cache, tmp_path,
+                                                              monkeypatch):
+    import skincache.heads.knn as knn_mod
+    from skincache.heads.knn import neighbor_index_path
+
+    fit_head_run(demo_cache, "zeroshot", runs_dir=tmp_path, name="old", n_bootstrap=0,
+                 plots=False)
+    fc = FeatureCache.open(demo_cache)
+    saved = neighbor_index_path(tmp_path / "old" / "head", fc.key)
+    saved.unlink()  # a run folder written before the index was saved with it
+    builds = []
+    real_build = knn_mod.build_ip_index
+    monkeypatch.setattr(knn_mod, "build_ip_index",
+                        lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    src = {r.image_id: r.source for r in load_dataset(fc.attrs["dataset_root"]).records}
+    img = src[fc.split("train").image_id[1]]
+    first = predict_images(tmp_path / "old", [img], neighbors=3)
+    second = predict_images(tmp_path / "old", [img], neighbors=3)
+    assert len(builds) == 1 and saved.is_file()
+    assert first[0].neighbors == second[0].neighbors

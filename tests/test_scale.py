@@ -33,19 +33,24 @@ def small_cache(tmp_path_factory) -> Path:
 
 
 def _count_reads(monkeypatch) -> list[str]:
+    """Names of the HDF5 datasets whose values are read, one entry per read (h5py's public
+    `Dataset.read_direct` / `Dataset.__getitem__`, whichever path the reader takes; a
+    shape or dtype lookup reads no values and is not counted)."""
+    import h5py
+
     seen: list[str] = []
-    real_read, real_iter = FeatureCache._read_dataset, FeatureCache._iter_dataset
+    real_direct, real_getitem = h5py.Dataset.read_direct, h5py.Dataset.__getitem__
 
-    def read(self, name):
-        seen.append(name)
-        return real_read(self, name)
+    def read_direct(self, *args, **kwargs):
+        seen.append(self.name.lstrip("/"))
+        return real_direct(self, *args, **kwargs)
 
-    def it(self, name, rows=None):
-        seen.append(name)
-        return real_iter(self, name, rows)
+    def getitem(self, *args, **kwargs):
+        seen.append(self.name.lstrip("/"))
+        return real_getitem(self, *args, **kwargs)
 
-    monkeypatch.setattr(FeatureCache, "_read_dataset", read)
-    monkeypatch.setattr(FeatureCache, "_iter_dataset", it)
+    monkeypatch.setattr(h5py.Dataset, "read_direct", read_direct)
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", getitem)
     return seen
 
 

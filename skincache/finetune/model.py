@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skincache.encoder import encode_class_prompts
 from skincache.errors import InputFileError, NotFoundError
 from skincache.heads import Head, get_head_class, list_heads, load_head, zeroshot_prototypes
 from skincache.models import LoadedModel
-from skincache.prompts import class_prompts, template_set_order
+from skincache.prompts import side_by_side
 from skincache.run_record import read_run
 
 
@@ -58,15 +59,9 @@ def text_features(loaded: LoadedModel, classes: list[str], template_set: str) ->
     """[C, T, D] prompt embeddings of every class, computed as `encode` computes the cache's
     text (one batch per template set) and, for "all", the sets side by side in sorted order as
     `fit-head --templates all` reads them: the zero-shot start is the zero-shot head's."""
-    sets = template_set_order(template_set)
     device = next(loaded.model.parameters()).device
-    out = []
-    for s in sets:
-        prompts = class_prompts(classes, s)
-        flat = [p for per_class in prompts for p in per_class]
-        f = loaded.encode_text(flat, device).cpu().numpy()
-        out.append(f.reshape(len(classes), len(prompts[0]), -1))
-    return np.concatenate(out, axis=1)
+    return side_by_side(template_set,
+                        lambda s: encode_class_prompts(loaded, classes, s, device))
 
 
 def zeroshot_head(loaded: LoadedModel, classes: list[str], template_set: str

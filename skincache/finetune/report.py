@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from skincache._io import now_iso, versions, write_json
+from skincache._sanity import model_label
 from skincache.data import Dataset
 from skincache.finetune.config import FinetuneConfig, FinetuneResult
 from skincache.heads.base import balanced_accuracy, softmax
@@ -55,9 +56,7 @@ def write_outputs(run_dir: Path, result, stores: dict, probas: dict[str, np.ndar
 
 def run_label(run_dir: Path, cfg) -> str:
     """Run, model and dataset for plot subtitles: `<run> · ViT-B-32 (openai) · HAM10000`."""
-    weights = (Path(cfg.checkpoint).name if cfg.checkpoint else cfg.pretrained
-               or ("" if str(cfg.model).startswith("hf-hub:") else "random init"))
-    model = f"{cfg.model}" + (f" ({weights})" if weights else "")
+    model = model_label(str(cfg.model), cfg.pretrained, cfg.checkpoint)
     source = str(cfg.data)
     kind, _, rest = source.partition(":")
     data = Path(rest if rest and kind.isalnum() else source).name or source

@@ -27,7 +27,14 @@ from . import (  # noqa: F401
 from ._describe import HeadSpec, ParamSpec, describe_head, describe_heads, parse_params
 from ._progress import progress_hook
 from ._registry import HEADS, create_head, get_head_class, list_heads, register_head
-from .base import DEFAULT_LOGIT_SCALE, FitData, Head, balanced_accuracy, load_head
+from .base import (
+    DEFAULT_LOGIT_SCALE,
+    FitData,
+    Head,
+    HeadNotFittedError,
+    balanced_accuracy,
+    load_head,
+)
 from .clip_benchmark_lp import CLIPBenchmarkLinearProbeHead
 from .dermfm_lp import DermFMLinearProbeHead
 from .knn import KNNHead
@@ -48,6 +55,7 @@ __all__ = [
     "HeadSpec",
     "ParamSpec",
     "Head",
+    "HeadNotFittedError",
     "KNNHead",
     "LinearHead",
     "LogRegHead",

@@ -118,7 +118,7 @@ class FeedForwardHead(Head):
             self._fit_streamed(data, dev)
             return
         views = self._prep(data.views.reshape(n * k, d)).reshape(n, k, d)
-        cfg = self._config(data)
+        cfg = T.head_config(self, data)
         with T.seeded(self.seed, dev):
             module = self._build(d, data.n_classes).to(dev)
             res = T.train(
@@ -129,14 +129,6 @@ class FeedForwardHead(Head):
                 y_val=data.y_val if data.has_val else None,
             )
         self._finish(module, res)
-
-    def _config(self, data: FitData) -> T.TrainConfig:
-        return T.TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-            weight_decay=self.weight_decay, seed=self.seed, balance=self.balance,
-            use_views=self.use_views, patience=self.patience,
-            val_score=self._val_score(data) if data.has_val else None, name=self.name,
-        )
 
     def _fit_streamed(self, data: FitData, dev: torch.device) -> None:
         """The same loop over batches gathered from the (float16) arrays: memory is the
@@ -151,7 +143,7 @@ class FeedForwardHead(Head):
 
             res = T.train(
                 module, rows, T.to_tensor(data.y, dev, torch.long), torch.empty(0),
-                data.n_classes, self._config(data),
+                data.n_classes, T.head_config(self, data),
                 y_val=data.y_val if data.has_val else None,
                 predict_val=predict_val if data.has_val else None,
             )

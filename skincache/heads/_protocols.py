@@ -13,7 +13,28 @@ from typing import Any
 
 import numpy as np
 
-from .base import FitData
+from .base import FitData, Head, l2_normalize, softmax
+
+
+class ProbeHead(Head):
+    """A published protocol's linear probe: `softmax(features @ coef_.T + intercept_)` over
+    the features as given, or L2-normalised with `normalize` (then it has a linear form, and
+    fine-tuning can start from it). Subclasses fit `coef_` / `intercept_` in `_fit`."""
+
+    _fitted_arrays = ("coef_", "intercept_")
+    normalize: bool = False
+
+    def _features(self, X: np.ndarray) -> np.ndarray:
+        return l2_normalize(X) if self.normalize else np.asarray(X, dtype=np.float32)
+
+    def _predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return softmax(self._features(X) @ self.coef_.T + self.intercept_)
+
+    def _linear_form(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Linear in L2-normalised features only when it normalises (else None: raw features)."""
+        if not self.normalize:
+            return None
+        return np.asarray(self.coef_, np.float64), np.asarray(self.intercept_, np.float64)
 
 
 def trains_on_val(head: Any) -> bool:

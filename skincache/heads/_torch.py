@@ -23,6 +23,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,6 +140,19 @@ class TrainConfig:
             raise UsageError(f"balance must be one of {BALANCE_MODES}, got {self.balance!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise UsageError("epochs and batch_size must be positive")
+
+
+def head_config(head: Any, data: Any, **extra: Any) -> TrainConfig:
+    """The TrainConfig of a torch head, from the parameters every one of them has (epochs,
+    batch_size, lr, weight_decay, seed, balance, use_views, patience) and its validation
+    score (after its logit adjustment, so early stopping and the final head agree); `extra`:
+    the fields one head sets on top (eval_init, samples_per_epoch)."""
+    return TrainConfig(
+        epochs=head.epochs, batch_size=head.batch_size, lr=head.lr,
+        weight_decay=head.weight_decay, seed=head.seed, balance=head.balance,
+        use_views=head.use_views, patience=head.patience,
+        val_score=head._val_score(data) if data.has_val else None, name=head.name, **extra,
+    )
 
 
 @dataclass

@@ -18,9 +18,10 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as dump_safetensors
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
 
-from .._io import atomic_write, atomic_write_text, read_json_file, read_regular
-from ..errors import InputFileError, NotFoundError, UsageError
+from .._io import atomic_write, atomic_write_text, plain_json, read_json_file, read_regular
+from ..errors import InputFileError, NotFoundError, SkincacheError, UsageError
 from . import _posthoc
 from ._math import (  # noqa: F401  (re-exported: heads import them from here)
     balanced_accuracy,
@@ -39,6 +40,16 @@ FORMAT = "skincache.head"
 FORMAT_VERSION = 1
 CONFIG_FILE = "head.json"
 ARRAYS_FILE = "head.safetensors"
+
+
+class HeadNotFittedError(SkincacheError, NotFittedError):
+    """A head used (predict, linear_form, save) before `fit` or `load_head`: scikit-learn's
+    NotFittedError, so `except NotFittedError` works, and skincache's, so the CLI prints one
+    line instead of a traceback."""
+
+
+#: what `fit` (and `load_head`) sets on every head: present together or not at all
+FITTED_STATE = ("n_classes_", "n_features_in_", "log_prior_", "logit_adjust_", "temperature_")
 
 
 def tta_mean(clean: np.ndarray, views: np.ndarray) -> np.ndarray:
@@ -251,7 +262,6 @@ class Head(ClassifierMixin, BaseEstimator):
         self.classes_ = np.arange(data.n_classes)
         self.n_features_in_ = data.n_features
         self.log_prior_ = _posthoc.log_prior(data.y, data.n_classes).astype(np.float32)
-        self.logit_adjust_, self.temperature_ = 0.0, 1.0
         self._fit(data)
         self._fit_posthoc(data)
         return self
@@ -263,19 +273,23 @@ class Head(ClassifierMixin, BaseEstimator):
         return _posthoc.val_scorer(self.logit_adjust, data.y_val, self.log_prior_)
 
     def _fit_posthoc(self, data: FitData) -> None:
-        """Choose tau (logit adjustment) and then T (temperature) on the validation split."""
+        """Choose tau (logit adjustment) and then T (temperature) on the validation split.
+        Both are set here and only here, once chosen (T = 1: no calibration asked for, or no
+        validation split to fit it on), so a head whose `_fit` raised is not half fitted."""
         fixed = _posthoc.check_logit_adjust(self.logit_adjust)
         if not data.has_val:
-            self.logit_adjust_ = _posthoc.TAU_WITHOUT_VAL if fixed is None else fixed
+            self.logit_adjust_ = float(_posthoc.TAU_WITHOUT_VAL if fixed is None else fixed)
+            self.temperature_ = 1.0
             return
         assert data.X_val is not None and data.y_val is not None
         scores = _posthoc.as_scores(self._predict_proba(data.X_val))
         if fixed is None:
             fixed = _posthoc.choose_tau(scores, data.y_val, self.log_prior_)[0]
-        self.logit_adjust_ = float(fixed)
+        tau = float(fixed)
+        temperature = 1.0
         if self.calibrate:
-            adjusted = scores - self.logit_adjust_ * self.log_prior_
-            self.temperature_ = _posthoc.fit_temperature(adjusted, data.y_val)
+            temperature = _posthoc.fit_temperature(scores - tau * self.log_prior_, data.y_val)
+        self.logit_adjust_, self.temperature_ = tau, float(temperature)
 
     def _fit(self, data: FitData) -> None:
         raise NotImplementedError
@@ -286,13 +300,13 @@ class Head(ClassifierMixin, BaseEstimator):
         the head's own logits before them), for heads linear in the features; None for the
         others. Fine-tuning starts from it (`--head-init RUN`), so a new linear head only
         implements `_linear_form` and fine-tuning needs no edit."""
+        self._check_fitted()
         raw = self._linear_form()
         if raw is None or not posthoc:
             return raw
         A, c = raw
-        tau = float(getattr(self, "logit_adjust_", 0.0))
-        t = float(getattr(self, "temperature_", 1.0))
-        log_prior = np.asarray(getattr(self, "log_prior_", np.zeros(len(c))), np.float64)
+        tau, t = float(self.logit_adjust_), float(self.temperature_)
+        log_prior = np.asarray(self.log_prior_, np.float64)
         return A / t, (c - tau * log_prior) / t
 
     def _linear_form(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -301,9 +315,17 @@ class Head(ClassifierMixin, BaseEstimator):
 
     # -- prediction
 
+    def _check_fitted(self) -> None:
+        """scikit-learn's `check_is_fitted` on the state `fit` sets, raised as skincache's
+        `HeadNotFittedError` (one line in the CLI): never a default standing in for it."""
+        try:
+            check_is_fitted(self, list(FITTED_STATE))
+        except NotFittedError:
+            raise HeadNotFittedError(f"head {self.name!r} is not fitted yet; call fit (or "
+                                     "load_head) first") from None
+
     def _check_X(self, X: Any) -> np.ndarray:
-        if not hasattr(self, "n_classes_"):
-            raise NotFittedError(f"head {self.name!r} is not fitted yet; call fit first")
+        self._check_fitted()
         X = _as_features("X", X, 2)
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features, the head was fit on "
@@ -313,7 +335,7 @@ class Head(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities [N, C] (float64, rows sum to 1), after the logit adjustment and
         the temperature chosen on validation."""
-        return self._posthoc(self._raw_proba(X), getattr(self, "temperature_", 1.0))
+        return self._posthoc(self._raw_proba(X), self.temperature_)
 
     def predict_proba_uncalibrated(self, X: np.ndarray) -> np.ndarray:
         """As `predict_proba` without the temperature (T = 1): the "before" of calibration."""
@@ -331,7 +353,7 @@ class Head(ClassifierMixin, BaseEstimator):
         views [N, K, D], over the views too: each the TTA mean). What an evaluation reports
         twice (metrics after calibration, ECE before) costs one forward pass."""
         raw = self._raw_proba(X)
-        t = getattr(self, "temperature_", 1.0)
+        t = self.temperature_
         cal, unc = self._posthoc(raw, t), self._posthoc(raw, 1.0)
         if views is None or views.ndim != 3 or views.shape[1] == 0 or len(X) == 0:
             return cal, unc
@@ -348,7 +370,7 @@ class Head(ClassifierMixin, BaseEstimator):
         return self._predict_proba(X)
 
     def _posthoc(self, raw: np.ndarray, temperature: float) -> np.ndarray:
-        tau = getattr(self, "logit_adjust_", 0.0)
+        tau = self.logit_adjust_
         if len(raw) == 0 or (tau == 0.0 and temperature == 1.0):
             return raw
         scores = (_posthoc.as_scores(raw) - tau * self.log_prior_) / temperature
@@ -368,7 +390,7 @@ class Head(ClassifierMixin, BaseEstimator):
         return {k: np.ascontiguousarray(getattr(self, k)) for k in self._fitted_arrays}
 
     def _state_scalars(self) -> dict[str, Any]:
-        return {k: _json_scalar(getattr(self, k)) for k in self._fitted_scalars}
+        return {k: plain_json(getattr(self, k)) for k in self._fitted_scalars}
 
     def _posthoc_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return ({k: np.ascontiguousarray(getattr(self, k)) for k in self._posthoc_arrays},
@@ -383,8 +405,7 @@ class Head(ClassifierMixin, BaseEstimator):
     def save(self, directory: str | Path) -> Path:
         """Write `head.json` (name, params, class count, fitted scalars) and `head.safetensors`
         (fitted arrays) into `directory` (created if needed); returns the directory."""
-        if not hasattr(self, "n_classes_"):
-            raise NotFittedError(f"head {self.name!r} is not fitted; nothing to save")
+        self._check_fitted()
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         post_arrays, post_scalars = self._posthoc_state()
@@ -398,7 +419,7 @@ class Head(ClassifierMixin, BaseEstimator):
             "format_version": FORMAT_VERSION,
             "name": self.name,
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
-            "params": {k: _json_param(v) for k, v in self.get_params().items()},
+            "params": {k: plain_json(v) for k, v in self.get_params().items()},
             "n_classes": int(self.n_classes_),
             "n_features_in": int(self.n_features_in_),
             "fitted": self._state_scalars(),
@@ -580,18 +601,3 @@ def _check_arrays(path: Path, cls: type[Head], arrays: dict[str, np.ndarray],
                 np.isfinite(a).all() and np.abs(a).max() <= MAX_ABS_WEIGHT):
             raise _bad(path, f"array {k} holds NaN, inf or values beyond "
                        f"{MAX_ABS_WEIGHT:.0e}; not a fitted head (restore it or fit again)")
-
-
-def _json_scalar(v: Any) -> Any:
-    """Plain JSON: numpy scalars become Python ones, NaN/inf become null."""
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not np.isfinite(v):
-        return None
-    return v
-
-
-def _json_param(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return [_json_param(x) for x in v]
-    return _json_scalar(v)

@@ -26,9 +26,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import _progress
-from ._protocols import fit_rows, full_weights, seen_classes
+from ._protocols import ProbeHead, fit_rows, full_weights, seen_classes
 from ._registry import register_head
-from .base import FitData, Head, l2_normalize, softmax
+from .base import FitData
 
 #: CLIP_benchmark's weight-decay grid (`np.logspace(-6, 2, num=97)`) and its coarse points
 WD_GRID = tuple(float(w) for w in np.logspace(-6, 2, num=97))
@@ -42,7 +42,7 @@ def cosine_lr(base_lr: float, step: int, total: int) -> float:
 
 
 @register_head("clip-benchmark-lp")
-class CLIPBenchmarkLinearProbeHead(Head):
+class CLIPBenchmarkLinearProbeHead(ProbeHead):
     """CLIP_benchmark's linear probe: AdamW, weight decay swept on val, refit on train+val.
 
     Val picks the weight decay and is then merged into the training set: the final head has
@@ -53,7 +53,6 @@ class CLIPBenchmarkLinearProbeHead(Head):
     logit_adjust / calibrate: off (None / False), as published.
     """
 
-    _fitted_arrays = ("coef_", "intercept_")
     _fitted_scalars = ("weight_decay_", "merged_val_")
 
     def __init__(
@@ -80,9 +79,6 @@ class CLIPBenchmarkLinearProbeHead(Head):
     def trains_on_val(self) -> bool:
         """True once fit with val rows (CLIP_benchmark refits on train+val)."""
         return bool(getattr(self, "merged_val_", False))
-
-    def _features(self, X: np.ndarray) -> np.ndarray:
-        return l2_normalize(X) if self.normalize else np.asarray(X, dtype=np.float32)
 
     def _train(self, X: np.ndarray, y: np.ndarray, n_out: int, wd: float
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -153,10 +149,3 @@ class CLIPBenchmarkLinearProbeHead(Head):
         W, b = self._train(self._features(X), y, len(seen), self.weight_decay_)
         self.coef_, self.intercept_ = full_weights(seen, W, b, data.n_classes)
 
-    def _predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return softmax(self._features(X) @ self.coef_.T + self.intercept_)
-
-    def _linear_form(self) -> tuple[np.ndarray, np.ndarray] | None:
-        if not self.normalize:
-            return None
-        return np.asarray(self.coef_, np.float64), np.asarray(self.intercept_, np.float64)

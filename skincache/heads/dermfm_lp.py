@@ -30,9 +30,9 @@ import numpy as np
 
 from skincache.errors import UsageError
 
-from ._protocols import fit_rows, full_weights, seen_classes
+from ._protocols import ProbeHead, fit_rows, full_weights, seen_classes
 from ._registry import register_head
-from .base import FitData, Head, l2_normalize, softmax
+from .base import FitData
 
 OBJECTIVES = ("dermfm", "sklearn")
 
@@ -55,7 +55,7 @@ def torch_linear_init(n_features: int, n_classes: int, seed: int
 
 
 @register_head("dermfm-lp")
-class DermFMLinearProbeHead(Head):
+class DermFMLinearProbeHead(ProbeHead):
     """DermFM-Zero's published linear probe: L-BFGS logistic regression at C = D x classes / 100.
 
     Val is never used for selection (there is nothing to select: C is fixed). merge_val: False
@@ -68,7 +68,6 @@ class DermFMLinearProbeHead(Head):
     logit_adjust / calibrate: off (None / False), as published.
     """
 
-    _fitted_arrays = ("coef_", "intercept_")
     _fitted_scalars = ("C_",)
 
     def __init__(
@@ -99,9 +98,6 @@ class DermFMLinearProbeHead(Head):
     def trains_on_val(self) -> bool:
         return bool(self.merge_val)
 
-    def _features(self, X: np.ndarray) -> np.ndarray:
-        return l2_normalize(X) if self.normalize else np.asarray(X, dtype=np.float32)
-
     def _fit(self, data: FitData) -> None:
         from . import _lbfgs
         from ._torch import resolve_device
@@ -123,11 +119,3 @@ class DermFMLinearProbeHead(Head):
         self.coef_, self.intercept_ = full_weights(seen, point.coef, point.intercept,
                                                    data.n_classes)
 
-    def _predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return softmax(self._features(X) @ self.coef_.T + self.intercept_)
-
-    def _linear_form(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Linear in L2-normalised features only when it normalises (else None: raw features)."""
-        if not self.normalize:
-            return None
-        return np.asarray(self.coef_, np.float64), np.asarray(self.intercept_, np.float64)

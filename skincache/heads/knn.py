@@ -10,12 +10,15 @@ per query): approximate, with recall against exact search measured in `benchmark
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from skincache.errors import UsageError
+from skincache._io import atomic_write, read_regular
+from skincache.errors import SkincacheError, UsageError
 
 from ._registry import register_head
 from .base import FitData, Head, balanced_class_weights, l2_normalize
@@ -59,6 +62,64 @@ def unit_rows(X: np.ndarray, rows: int = 65536) -> np.ndarray:
     for i in range(0, len(X), rows):
         out[i:i + rows] = l2_normalize(X[i:i + rows])
     return out
+
+
+def search_ip(index: faiss.Index, X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities [N, k], key indices [N, k]) of the k keys most similar to the rows of X
+    (normalised here), k clamped to the keys. An IVF index that finds fewer than k keys pads
+    with its best one, so every row has k valid indices."""
+    k = min(int(k), index.ntotal)
+    sims, keys = index.search(np.ascontiguousarray(l2_normalize(X)), k)
+    if not isinstance(index, faiss.IndexFlat) and (keys < 0).any():
+        miss = keys < 0
+        keys = np.where(miss, keys[:, :1], keys)
+        sims = np.where(miss, sims[:, :1], sims)
+    return sims, keys
+
+
+# ------------------------------------------------------------- a run's saved neighbour index
+
+#: the neighbour index of a cache's train split, beside a saved head: `<prefix><key>.faiss`
+NEIGHBOR_INDEX_PREFIX = "neighbors-"
+MAX_INDEX_BYTES = 16 << 30
+
+
+def neighbor_index_path(directory: str | Path, cache_key: str) -> Path:
+    """Where the neighbour index of the cache with `cache_key` lives in a head folder: keyed
+    by the cache, because `predict --cache` may search another cache encoded the same way."""
+    return Path(directory) / f"{NEIGHBOR_INDEX_PREFIX}{cache_key[:32]}.faiss"
+
+
+def build_neighbor_index(train_X: np.ndarray) -> faiss.Index:
+    """The inner-product index over the normalised train features, exact up to
+    `IVF_THRESHOLD` keys, as a default `KNNHead` builds it: row i is training row i."""
+    return build_ip_index(unit_rows(train_X))
+
+
+def write_neighbor_index(directory: str | Path, cache_key: str, index: faiss.Index) -> Path:
+    """Write `index` atomically in faiss's own format (never a pickle), so `predict` searches
+    it instead of indexing the training set again on every call. The temp name holds the
+    pid: two first `predict`s of an older run may both write it."""
+    path = neighbor_index_path(directory, cache_key)
+    blob = faiss.serialize_index(index)
+    return atomic_write(path, lambda f: f.write(blob.tobytes()),
+                        tmp=path.with_name(f"{path.name}.{os.getpid()}.tmp"))
+
+
+def read_neighbor_index(directory: str | Path, cache_key: str, n: int, d: int
+                        ) -> faiss.Index | None:
+    """The saved index of cache `cache_key` if it is there and holds `n` keys of dimension
+    `d` (the train split it was built from); None otherwise (an older run, another cache, a
+    damaged file), and the caller builds it."""
+    path = neighbor_index_path(directory, cache_key)
+    if not path.is_file():
+        return None
+    try:
+        blob = read_regular(path, max_bytes=MAX_INDEX_BYTES, what="neighbour index")
+        index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+    except (SkincacheError, RuntimeError):
+        return None
+    return index if (index.ntotal, index.d) == (n, d) else None
 
 
 @register_head("knn")
@@ -137,13 +198,7 @@ class KNNHead(Head):
         self._build_index()
 
     def _search(self, X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = min(int(k), self.index_.ntotal)
-        sims, keys = self.index_.search(np.ascontiguousarray(l2_normalize(X)), k)
-        if self.approximate_ and (keys < 0).any():  # IVF found fewer than k: pad with the best
-            miss = keys < 0
-            keys = np.where(miss, keys[:, :1], keys)
-            sims = np.where(miss, sims[:, :1], sims)
-        return sims, keys
+        return search_ip(self.index_, X, k)
 
     def kneighbors(self, X: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(similarities [N, k] float32, training row indices [N, k] int64), most similar

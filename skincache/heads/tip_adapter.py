@@ -68,6 +68,22 @@ def search_alpha_beta(
     return best[1], best[2], best[0]
 
 
+def cache_values(key_labels: np.ndarray, n_classes: int, balance: bool,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """[N, C] cache values of keys labelled `key_labels`: one-hot labels (the paper's), or
+    with `balance` (the heads' `balance_cache`) scaled so that every class present has the
+    same total vote, N / (classes present)."""
+    labels = torch.as_tensor(key_labels, device=device)
+    values = torch.nn.functional.one_hot(labels, n_classes).float()
+    if balance:
+        counts = values.sum(dim=0)
+        present = counts > 0
+        scale = torch.zeros_like(counts)
+        scale[present] = (labels.numel() / present.sum()) / counts[present]
+        values = values * scale
+    return values
+
+
 def _grid(lo: float, hi: float, n: int) -> list[float]:
     return [float(v) for v in np.geomspace(lo, hi, int(n))]
 
@@ -114,16 +130,7 @@ class TipAdapterHead(Head):
         return torch.device("cpu")
 
     def _values(self, dev: torch.device) -> torch.Tensor:
-        """[N, C] cache values: one-hot labels, class-balanced when `balance_cache`."""
-        labels = torch.as_tensor(self.key_labels_, device=dev)
-        values = torch.nn.functional.one_hot(labels, self.n_classes_).float()
-        if self.balance_cache:
-            counts = values.sum(dim=0)
-            present = counts > 0
-            scale = torch.zeros_like(counts)
-            scale[present] = (labels.numel() / present.sum()) / counts[present]
-            values = values * scale
-        return values
+        return cache_values(self.key_labels_, self.n_classes_, self.balance_cache, dev)
 
     def _choose_alpha_beta(self, data: FitData) -> None:
         """Set alpha_/beta_ from the parameters, the validation search, or the defaults."""

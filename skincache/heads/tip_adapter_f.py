@@ -144,13 +144,8 @@ class TipAdapterFHead(TipAdapterHead):
                 (cache,) = affinity_logits(q, self._final_keys(module.keys), V, [beta])
                 return zs_val + alpha * cache
 
-        cfg = T.TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-            weight_decay=self.weight_decay, seed=self.seed, use_views=self.use_views,
-            balance=self.balance,
-            patience=self.patience, samples_per_epoch=self.samples_per_epoch, eval_init=True,
-            val_score=self._val_score(data) if data.has_val else None, name=self.name,
-        )
+        cfg = T.head_config(self, data, samples_per_epoch=self.samples_per_epoch,
+                            eval_init=True)
         with T.seeded(self.seed, dev):
             res = T.train(
                 module, X, y, views, data.n_classes, cfg, y_val=data.y_val if data.has_val

@@ -90,12 +90,7 @@ class ZSLinearHead(Head):
         w0 = torch.from_numpy(zeroshot_prototypes(data.text))
         n, k, d = data.views.shape
         views = l2_normalize(data.views.reshape(n * k, d)).reshape(n, k, d)
-        cfg = T.TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-            weight_decay=self.weight_decay, seed=self.seed, balance=self.balance,
-            use_views=self.use_views, patience=self.patience, eval_init=True,
-            val_score=self._val_score(data) if data.has_val else None, name=self.name,
-        )
+        cfg = T.head_config(self, data, eval_init=True)
         module = ScaledLinear(w0, self.logit_scale_).to(dev)
         anchor = float(self.anchor)
         penalty = (lambda: anchor * module.anchor_penalty()) if anchor > 0 else None
