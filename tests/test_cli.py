@@ -260,3 +260,27 @@ def test_only_the_cli_handler_prints_error_lines():
     printers = [str(p.relative_to(pkg)) for p in pkg.rglob("*.py")
                 if "error:[/]" in p.read_text() or "\"error:" in p.read_text()]
     assert printers == ["cli/__init__.py"], printers
+
+
+def test_the_cli_and_the_library_take_their_defaults_from_defaults_py():
+    """No module but defaults.py spells the shared constants; the CLI shows the same values."""
+    import inspect
+
+    import typer
+
+    from skincache import defaults
+    from skincache.cli import data, heads
+
+    repeated = [str(p.relative_to(CLI_DIR.parent)) for p in CLI_DIR.parent.rglob("*.py")
+                if p.name != "defaults.py" and any(
+                    s in p.read_text() for s in ("0.72", 'Path("runs")', 'Path("cache")',
+                                                 '= "runs"', '"regularization", "augmented"'))]
+    assert repeated == [], repeated
+    encode = typer.main.get_command(app).commands["encode"]
+    shown = {p.name: p.default for p in encode.params}
+    assert shown["split_ratios"] == defaults.SPLIT_RATIOS_TEXT
+    assert str(shown["cache_dir"]) == defaults.CACHE_DIR
+    assert str(inspect.signature(heads.fit_head).parameters["runs_dir"].default) == \
+        defaults.RUNS_DIR
+    assert str(inspect.signature(data.demo).parameters["cache_dir"].default) == \
+        defaults.CACHE_DIR

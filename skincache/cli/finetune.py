@@ -100,10 +100,8 @@ def finetune(
         _render.finetune_result(result)
         c = result.config
         warn_meaningless({"model": c.model, "pretrained": c.pretrained,
-                           "checkpoint": c.checkpoint}, result.metrics, "the fine-tuned model",
-                          "try more --epochs, another --lr or --balance loss")
-
-
+                          "checkpoint": c.checkpoint}, result.metrics, "the fine-tuned model",
+                         "try more --epochs, another --lr or --balance loss")
 
 
 def _resume_hint(run_dir: Path | None) -> None:

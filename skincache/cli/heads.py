@@ -136,7 +136,7 @@ def evaluate(
                           f"{run} on {ev.name}{setting(used_tta, ev.shots)}")
     _render.per_class_table(ev.report, f"per class ({ev.name})")
     warn_meaningless(ev.cache_attrs, {ev.name: ev.report}, "the head",
-                      "fit another head (skincache fit-head)")
+                     "fit another head (skincache fit-head)")
     if ev.status in ("unchanged", "completed"):
         added = ("; the missing predictions or plots were added" if ev.status == "completed"
                  else "")
