@@ -91,3 +91,12 @@ def cache_attrs(path) -> dict:
 
     with h5py.File(path, "r") as f:
         return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+
+
+def run_cache_attrs(run) -> dict:
+    """The attributes of the cache a run folder was fit on (run.json read by `read_run`)."""
+    from pathlib import Path
+
+    from skincache.run_record import read_run
+
+    return cache_attrs(Path(str(read_run(run).cache)))

@@ -21,6 +21,7 @@ import numpy as np
 
 from skincache._head_params import is_seeded
 from skincache._io import atomic_write_text, now_iso, read_json_file, write_json
+from skincache.defaults import RUNS_DIR
 from skincache.errors import InputFileError, UsageError
 from skincache.metrics import PRIMARY, get_metric, metrics, table_metrics
 from skincache.prompts import ALL_TEMPLATES
@@ -80,12 +81,13 @@ class BenchResult:
 def default_out_dir() -> Path:
     """runs/bench-<time>: where a bench goes unless told (the CLI names it in its Ctrl-C
     hint, so the rerun resumes into the same folder)."""
-    return Path("runs") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return Path(RUNS_DIR) / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_out_dir(out_dir: str | Path) -> Path:
-    """`out_dir` as a Path; UsageError when it names something other than a folder."""
-    out = Path(out_dir)
+def check_out_dir(out_dir: str | Path | None) -> Path:
+    """`out_dir` as a Path (None: `default_out_dir()`); UsageError when it names something
+    other than a folder."""
+    out = Path(out_dir) if out_dir is not None else default_out_dir()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out}: not a folder (a file is there); give a folder, "
                          "new or one an earlier bench-heads wrote (its finished runs are kept)")
@@ -100,7 +102,7 @@ def bench_heads(
     eval_split: str | None = None,
     template_set: str = ALL_TEMPLATES,
     out_dir: str | Path | None = None,
-    progress=None,
+    progress: bool = False,
     shots: list[int] | None = None,
     tta: bool = False,
 ) -> BenchResult:
@@ -108,7 +110,9 @@ def bench_heads(
     (test when the cache has one, else val) and write runs/*.json, results.json, results.csv,
     results.md. `shots`: repeat for K training images per class, each seed drawing its own
     subset (so every head runs `seeds` times) and plot balanced accuracy against K. `tta`:
-    also score each fit with test-time augmentation (rows `<variant>+tta`, no extra fit)."""
+    also score each fit with test-time augmentation (rows `<variant>+tta`, no extra fit).
+    `progress`: a bar counting the fits."""
+    from skincache._progress import progress_bar
     from skincache.cache import FeatureCache
     from skincache.runs import fit_inputs
 
@@ -123,21 +127,22 @@ def bench_heads(
         from skincache.heads import get_head_class
 
         chosen = [v for v in chosen if not get_head_class(v[1]).needs_text]
-    out = check_out_dir(out_dir or default_out_dir())
+    out = check_out_dir(out_dir)
     plan = _plan(chosen, seeds, shots, tta,
                  {"split": split, "cache_key": fc.key, "template_set": template_set}, out)
     found = [_finished_runs(paths, names, key) for key, names, paths in plan]  # refuse first
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "results.json").unlink(missing_ok=True)  # the tables' commit mark: written last
     runs: list[dict] = []
-    for (key, names, paths), done in zip(plan, found, strict=True):
-        if done is None:
-            done = _fit_and_score(fc, evald, val, full, key, names, tta)
-            for path, run in zip(paths, done, strict=True):
-                write_json(path, run)
-        runs += done
-        if progress:
-            progress(1)
+    with progress_bar(n_fits(seeds, variants, shots), "bench heads", unit="fit",
+                      enabled=progress) as advance:
+        for (key, names, paths), done in zip(plan, found, strict=True):
+            if done is None:
+                done = _fit_and_score(fc, evald, val, full, key, names, tta)
+                for path, run in zip(paths, done, strict=True):
+                    write_json(path, run)
+            runs += done
+            advance(1)
     rows = aggregate(runs)
     _write_tables(out, rows, fc, split, shots_title=bool(shots), tta=tta)
     reused = sum(done is not None for done in found)

@@ -40,6 +40,7 @@ from skincache.cache import (
 )
 from skincache.data import Dataset, Record
 from skincache.data.classes import display_name
+from skincache.defaults import CACHE_DIR, is_rank0
 from skincache.device import default_workers, resolve_device, resolve_precision
 from skincache.distributed import DistContext, on_main
 from skincache.encoder import ImageEncoder
@@ -49,7 +50,7 @@ from skincache.models import ModelSpec, load_model
 from skincache.prompts import TEMPLATE_SETS
 from skincache.views import ViewPolicy
 
-DEFAULT_CACHE_DIR = Path("cache")
+DEFAULT_CACHE_DIR = Path(CACHE_DIR)
 
 
 @contextlib.contextmanager
@@ -80,10 +81,18 @@ class EncodeResult:
     seconds: float = 0.0
     splits: dict[str, int] = field(default_factory=dict)
     stale_partial: Path | None = None  # a leftover partial folder removed beside the cache
+    spec: ModelSpec | None = None  # the model encoded with (set by `pipeline.encode_source`)
 
     @property
     def images_per_s(self) -> float:
         return (self.n_images + self.n_failed) / self.seconds if self.seconds else 0.0
+
+    def cache_summary(self) -> dict:
+        """The summary of the cache at `path`, as `skincache info` shows it (every dataset
+        verified)."""
+        from skincache.cache import FeatureCache
+
+        return FeatureCache.open(self.path).summary()
 
 
 def encode_key(dataset: Dataset, spec: ModelSpec, policy: ViewPolicy, precision: str,
@@ -141,7 +150,7 @@ def encode_dataset(
     force = force or PartialCache(cache_dir / f"{name}.partial").forced_rebuild_pending(key)
     if final.exists() and not force:
         # under torchrun every rank sees the finished cache; only rank 0 sweeps its leftovers
-        swept = _sweep_leftovers(cache_dir, name) if os.environ.get("RANK", "0") == "0" else None
+        swept = _sweep_leftovers(cache_dir, name) if is_rank0() else None
         return EncodeResult(final, "exists", stale_partial=swept)
     check_writable_dir(cache_dir, "--cache-dir")
 

@@ -9,9 +9,14 @@ split's float16 features are normalised into one float32 copy, never the whole c
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from skincache.cache import FeatureCache
+from skincache.defaults import SPLIT_RATIOS
 from skincache.errors import UsageError
 from skincache.heads.knn import IVF_THRESHOLD, build_ip_index, unit_rows
 
@@ -44,3 +49,46 @@ def near_duplicates(cache: FeatureCache, threshold: float = 0.95,
                 })
     pairs.sort(key=lambda p: -p["similarity"])
     return pairs
+
+
+@dataclass
+class Audit:
+    """What `audit` found: `report` is the JSON `skincache audit --json` writes (the dataset's
+    leak report, and `near_duplicates` when a cache was searched); the rest is for showing it."""
+
+    report: dict[str, Any] = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)  # of the dataset (empty: no --data)
+    split_origin: dict[str, Any] = field(default_factory=dict)
+    pairs: list[dict] | None = None  # None: no cache searched
+    threshold: float = 0.95
+    random_note: str | None = None  # the cache's model is random-initialised: pairs mean little
+
+
+def audit(data: str | None = None, cache: str | Path | None = None, *,
+          threshold: float = 0.95, per_image: int = 5,
+          split_ratios: tuple[float, ...] = SPLIT_RATIOS, split_seed: int = 0,
+          test: str | None = None, split_file: str | Path | None = None,
+          drop_lesion_mates: bool = False, hash_images: bool = True,
+          progress: bool = True) -> Audit:
+    """The split-leakage audit of a dataset (lesions in several splits, byte-identical
+    images) and/or of a cache (near-identical images across splits by feature), as one report:
+    the library builds the JSON so that `--json` and a caller get the same document."""
+    from skincache._progress import progress_bar
+    from skincache._sanity import random_init_warning
+    from skincache.data import audit_dataset, load_dataset
+
+    found = Audit(threshold=threshold)
+    if data is not None:
+        ds = load_dataset(data, split_ratios=split_ratios, seed=split_seed, test=test,
+                          split_file=split_file, drop_lesion_mates=drop_lesion_mates)
+        found.classes, found.split_origin = list(ds.classes), dict(ds.split_origin or {})
+        with progress_bar(len(ds), "hash images", enabled=progress and hash_images) as adv:
+            found.report = audit_dataset(ds, hash_images=hash_images, progress=adv).to_dict()
+    if cache is not None:
+        fc = FeatureCache.open(cache)
+        found.pairs = near_duplicates(fc, threshold, per_image)
+        found.random_note = random_init_warning(fc.attrs, "feature similarities, and so these "
+                                                          "near-duplicate pairs,")
+        found.report["near_duplicates"] = {"threshold": threshold, "pairs": found.pairs,
+                                           "random_init_model": bool(found.random_note)}
+    return found

@@ -45,6 +45,7 @@ from skincache.cache import (
     CacheLock,
     FeatureCache,
 )
+from skincache.defaults import RUNS_DIR
 from skincache.errors import NotFoundError, SkincacheError, UsageError
 from skincache.heads import Head, create_head, get_head_class, load_head
 from skincache.heads._protocols import trains_on_val
@@ -59,7 +60,7 @@ from skincache.plots import write_report_plots
 from skincache.prompts import ALL_TEMPLATES, side_by_side
 from skincache.run_record import RunModel, RunRecord, check_run_name, read_run, write_run
 
-DEFAULT_RUNS_DIR = Path("runs")
+DEFAULT_RUNS_DIR = Path(RUNS_DIR)
 
 
 class RunError(SkincacheError, RuntimeError):
@@ -351,6 +352,36 @@ def chosen_by_val(results: list[RunResult]) -> int | None:
 
 
 @dataclass
+class HeadFits:
+    """What `fit_from_cache` did, with what a caller shows beside the numbers."""
+
+    results: list[RunResult]
+    split: str  # the split the results are shown on: test, else val
+    n_views: int  # augmented views of that split (0: --tta had nothing to average)
+    picked: int | None  # of several heads, the one val chooses (`chosen_by_val`)
+    cache_attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def fit_from_cache(cache: str | Path, head: str, params: dict[str, Any] | None = None, *,
+                   name: str | None = None, progress: bool = True,
+                   **kwargs: Any) -> HeadFits:
+    """`skincache fit-head`: one head (`fit_head_run`) or, with `head="all"`, every head
+    (`fit_heads`) on a cache read once; `progress` shows the steps heads report (the C sweep,
+    epochs). `kwargs` pass to `fit_head_run`."""
+    from skincache._progress import head_progress
+
+    fc = FeatureCache.open(cache)  # read once, shared by every head
+    with head_progress(enabled=progress):
+        if head == "all":
+            results = fit_heads(fc, name=name, **kwargs)
+        else:
+            results = [fit_head_run(fc, head, params, name=name, **kwargs)]
+    split = "test" if "test" in results[0].metrics else "val"
+    return HeadFits(results, split, fc.split(split).n_views,
+                    chosen_by_val(results) if len(results) > 1 else None, dict(fc.attrs))
+
+
+@dataclass
 class LoadedRun:
     path: Path
     record: RunRecord
@@ -399,6 +430,8 @@ class Evaluation:
     status: str  # "written", "unchanged" or "completed" (same numbers, missing files added)
     files: list[Path]
     cache_attrs: dict = field(default_factory=dict)  # of the cache evaluated on
+    fit_tta: bool = False  # the run's own setting (run.json), for the CLI's title and warning
+    shots: int | None = None
 
 
 def evaluation_name(run: LoadedRun, cache: FeatureCache, split: str) -> str:
@@ -464,7 +497,8 @@ def _evaluate_locked(loaded: LoadedRun, split: str, *, cache: str | Path | None,
     record = read_run(loaded.path)  # as it is now, under the lock
     record.evaluations.append(evaluation_entry(fc, split, name, report, "evaluate", status))
     write_run(loaded.path, record)
-    return Evaluation(report, name, split, status, files, dict(fc.attrs))
+    return Evaluation(report, name, split, status, files, dict(fc.attrs),
+                      fit_tta=loaded.record.tta, shots=loaded.record.shots)
 
 
 def evaluate_run(run: str | Path, split: str = "test", *, cache: str | Path | None = None,

@@ -1,11 +1,12 @@
 """The package's import rule, checked on the source (ast, nothing imported): every arrow points
 down the layers below and nothing forms a cycle. README "Architecture" states the same rule.
 
-- Outside a package (`data/`, `heads/`, `finetune/`, `study/`, `cache/`) a module sees
+- Outside a package (`data/`, `heads/`, `finetune/`, `study/`, `cache/`, `cli/`) a module sees
   another module or package as one node; an import must go to a node on a strictly lower
   layer of `LAYERS`.
 - Inside a package the submodules import each other without a cycle, and never the package's
-  own `__init__` (that is the package's public face, for the modules above it).
+  own `__init__` (that is the package's public face, for the modules above it; a package's
+  `__main__`, what `python -m` runs, may import it).
 - `skincache/__init__.py` is the top: it re-exports lazily, by name, and imports only `_io`.
 Imports under `if TYPE_CHECKING:` and inside functions count: they are arrows too.
 """
@@ -24,19 +25,19 @@ PKG = Path(__file__).resolve().parents[1] / "skincache"
 LAYERS: list[set[str]] = [
     {"errors", "defaults"},
     {"_io", "_disk"},
-    {"device", "distributed", "_head_params", "_sanity", "metrics", "data", "run_record"},
-    {"models", "cache", "heads", "prompts"},
+    {"device", "distributed", "_head_params", "metrics", "data", "run_record"},
+    {"models", "cache", "heads", "prompts", "_sanity"},
     {"views", "plots", "_progress", "_options"},
     {"loaders"},
     {"encoder"},
     {"encode", "runs", "near_duplicates"},
-    {"predict", "bench", "finetune", "demo"},
+    {"predict", "bench", "finetune", "demo", "pipeline"},
     {"study"},
     {"render"},
     {"render_study"},
     {"cli"},
 ]
-PACKAGES = {"data", "heads", "finetune", "study", "cache"}
+PACKAGES = {"data", "heads", "finetune", "study", "cache", "cli"}
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 
@@ -102,8 +103,10 @@ def _upward(graph: dict[str, set[str]]) -> list[str]:
                 continue
             if dst == "skincache":
                 up.append(f"{mod} -> skincache (the package's __init__; import the module)")
-            elif src == dst:  # inside one package: never its own __init__
-                if src in PACKAGES and dep == f"skincache.{src}":
+            elif src == dst:  # inside one package: never its own __init__ (but `python -m`'s
+                # __main__ runs the package's face, which is what it is for)
+                if (src in PACKAGES and dep == f"skincache.{src}"
+                        and not mod.endswith(".__main__")):
                     up.append(f"{mod} -> {dep} (a submodule importing its package's __init__)")
             elif LEVEL[dst] >= LEVEL[src]:
                 up.append(f"{mod} (layer {LEVEL[src]}) -> {dep} (layer {LEVEL[dst]})")
@@ -153,7 +156,8 @@ def test_the_checks_catch_a_cycle_and_an_upward_arrow():
     assert _cycle({"a": {"b"}, "b": set()}) is None
     ok = {"skincache.cli": {"skincache.render", "skincache.heads.knn"},
           "skincache.heads.knn": {"skincache.heads._registry", "skincache.metrics"},
-          "skincache.heads._registry": set(), "skincache": {"skincache._io"}}
+          "skincache.heads._registry": set(), "skincache": {"skincache._io"},
+          "skincache.cli.__main__": {"skincache.cli"}}
     assert _upward(ok) == [] and _missing_layers(ok) == []
     bad = {
         "skincache.metrics": {"skincache.cli"},            # down the layers, pointing up

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from huggingface_hub import constants
 from typer.testing import CliRunner
@@ -158,3 +160,127 @@ def test_only_skincache_errors_become_one_line(tmp_path, monkeypatch):
         ValueError("shapes (3,4) and (5,6) not aligned"))))
     r = runner.invoke(app, ["info", str(cache)])
     assert isinstance(r.exception, ValueError) and "error:" not in r.output
+
+
+# ------------------------------------------------- each command calls one library function
+
+CLI_DIR = Path(__file__).resolve().parents[1] / "skincache" / "cli"
+
+#: What a command may call besides its one library function: option checks, rendering and
+#: the warnings it prints. Any other skincache callable it calls is library work.
+HELPER_MODULES = {
+    "skincache.render", "skincache.render_study",  # rendering
+    "skincache._options", "skincache._head_params",  # option checks before torch loads
+    "skincache._sanity",  # the warnings printed beside a result
+    "skincache.cli._common",  # the CLI's own option types, checks and warning lines
+    "skincache.errors", "skincache.defaults",
+}
+
+
+def _is_helper_call(name: str) -> bool:
+    """`check_*` refuses an option value; `write_*` writes the output file an option names
+    (rendering to a file); a CamelCase call builds the typed value of parsed options."""
+    return name.startswith(("check_", "write_")) or name[:1].isupper()
+
+
+def _library_calls(func: ast.FunctionDef, imported: dict[str, str]) -> set[str]:
+    """The skincache library callables `func`'s body calls (`module.name`), helpers aside."""
+    names = dict(imported)
+    for node in ast.walk(func):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("skincache"):
+            names.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+    found = set()
+    for stmt in func.body:
+        for node in ast.walk(stmt):
+            if not isinstance(node, ast.Call):
+                continue
+            root = node.func
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if not isinstance(root, ast.Name) or root.id not in names:
+                continue
+            target = names[root.id]
+            if target.rsplit(".", 1)[0] in HELPER_MODULES or target in HELPER_MODULES:
+                continue
+            called = node.func.attr if isinstance(node.func, ast.Attribute) else root.id
+            if isinstance(node.func, ast.Name) and _is_helper_call(called):
+                continue
+            found.add(ast.unparse(node.func) + f" ({target})")
+    return found
+
+
+def _commands(source: str) -> dict[str, set[str]]:
+    """Each public function of a CLI module -> the library callables it calls."""
+    tree = ast.parse(source)
+    imported = {a.asname or a.name: f"{n.module}.{a.name}" for n in tree.body
+                if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("skincache")
+                for a in n.names}
+    return {f.name: _library_calls(f, imported) for f in tree.body
+            if isinstance(f, ast.FunctionDef) and not f.name.startswith("_")}
+
+
+def test_each_command_calls_at_most_one_library_function():
+    """README: each command parses its options, calls one library function and renders."""
+    from skincache.cli import COMMANDS
+
+    seen = {}
+    for path in sorted(CLI_DIR.glob("*.py")):
+        if path.stem not in ("__init__", "__main__", "_common"):
+            seen.update(_commands(path.read_text()))
+    assert {f.__name__ for _, f in COMMANDS} <= set(seen)
+    heavy = {name: calls for name, calls in seen.items() if len(calls) > 1}
+    assert not heavy, f"commands doing library work: {heavy}"
+    assert seen["audit"] == {"run_audit (skincache.near_duplicates.audit)"}
+
+
+def test_the_one_call_check_catches_a_command_doing_library_work():
+    """The check fed a command that does the library's work itself (and a thin one)."""
+    bad = '''
+from skincache.render import metrics_table
+from skincache._options import check_file
+
+def fit(cache):
+    check_file("--cache", cache)
+    from skincache.cache import FeatureCache
+    from skincache.runs import chosen_by_val, fit_heads
+    fc = FeatureCache.open(cache)
+    results = fit_heads(fc)
+    metrics_table(results[chosen_by_val(results)].metrics, "t")
+'''
+    assert len(_commands(bad)["fit"]) == 3
+    thin = bad.replace("    fc = FeatureCache.open(cache)\n", "").replace(
+        "results[chosen_by_val(results)]", "results[0]").replace("fit_heads(fc)",
+                                                                 "fit_heads(cache)")
+    assert _commands(thin)["fit"] == {"fit_heads (skincache.runs.fit_heads)"}
+
+
+def test_only_the_cli_handler_prints_error_lines():
+    """The library raises; the one handler in skincache/cli prints `error:` (grep for it)."""
+    pkg = CLI_DIR.parent
+    printers = [str(p.relative_to(pkg)) for p in pkg.rglob("*.py")
+                if "error:[/]" in p.read_text() or "\"error:" in p.read_text()]
+    assert printers == ["cli/__init__.py"], printers
+
+
+def test_the_cli_and_the_library_take_their_defaults_from_defaults_py():
+    """No module but defaults.py spells the shared constants; the CLI shows the same values."""
+    import inspect
+
+    import typer
+
+    from skincache import defaults
+    from skincache.cli import data, heads
+
+    repeated = [str(p.relative_to(CLI_DIR.parent)) for p in CLI_DIR.parent.rglob("*.py")
+                if p.name != "defaults.py" and any(
+                    s in p.read_text() for s in ("0.72", 'Path("runs")', 'Path("cache")',
+                                                 '= "runs"', '"regularization", "augmented"'))]
+    assert repeated == [], repeated
+    encode = typer.main.get_command(app).commands["encode"]
+    shown = {p.name: p.default for p in encode.params}
+    assert shown["split_ratios"] == defaults.SPLIT_RATIOS_TEXT
+    assert str(shown["cache_dir"]) == defaults.CACHE_DIR
+    assert str(inspect.signature(heads.fit_head).parameters["runs_dir"].default) == \
+        defaults.RUNS_DIR
+    assert str(inspect.signature(data.demo).parameters["cache_dir"].default) == \
+        defaults.CACHE_DIR

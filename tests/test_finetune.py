@@ -580,7 +580,7 @@ def test_cli_options_and_the_config_agree_and_a_mismatch_is_named():
     from skincache.finetune.config import cli_mismatch, config_from_cli
 
     fields = [f.name for f in dataclasses.fields(FinetuneConfig)]
-    params = [p for p in inspect.signature(cli.finetune).parameters if p != "ctx"]
+    params = [p for p in inspect.signature(cli.finetune.finetune).parameters if p != "ctx"]
     assert cli_mismatch(fields, params) == []
     # a field added without a flag, a flag without a field, a stale table entry: each named
     assert "'new_knob'" in " ".join(cli_mismatch(fields + ["new_knob"], params))

@@ -15,9 +15,11 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
 
+from skincache.defaults import SPLIT_RATIOS
+
 from ._record import SPLITS, DataError, Dataset, Record
 
-DEFAULT_RATIOS: tuple[float, ...] = (0.72, 0.19, 0.09)
+DEFAULT_RATIOS: tuple[float, ...] = SPLIT_RATIOS
 
 
 def check_ratios(ratios: Sequence[float]) -> list[str]:

@@ -27,9 +27,9 @@ This module is the public API: the names below.
 
 from skincache.finetune.config import RESUME_MUTABLE, SETUPS, FinetuneConfig, FinetuneResult
 from skincache.finetune.model import ClipClassifier, random_head, zeroshot_head
-from skincache.finetune.run import run_finetune
+from skincache.finetune.run import finetune_from_cli, run_finetune
 from skincache.finetune.state import load_checkpoint, save_checkpoint
 
 __all__ = ["RESUME_MUTABLE", "SETUPS", "ClipClassifier", "FinetuneConfig", "FinetuneResult",
-           "load_checkpoint", "random_head", "run_finetune", "save_checkpoint",
+           "finetune_from_cli", "load_checkpoint", "random_head", "run_finetune", "save_checkpoint",
            "zeroshot_head"]

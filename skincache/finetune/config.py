@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from skincache.defaults import RUNS_DIR, SPLIT_RATIOS
 from skincache.device import PRECISIONS
 from skincache.errors import UsageError
 from skincache.prompts import TEMPLATE_SETS
@@ -75,10 +76,10 @@ class FinetuneConfig:
     deterministic: bool = True  # deterministic algorithms where the backend has them
     device: str = "auto"
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 elsewhere
-    split_ratios: tuple[float, ...] = (0.72, 0.19, 0.09)  # for sources without a split
+    split_ratios: tuple[float, ...] = SPLIT_RATIOS  # for sources without a split
     split_seed: int = 0
     limit: int | None = None  # quick trial: about this many images (seeded by split_seed)
-    runs_dir: str = "runs"
+    runs_dir: str = RUNS_DIR
     name: str | None = None  # default finetune-<setup>-<timestamp>
     resume: str | None = None  # a run folder: continue it from its last.pt
     workers: int | None = None  # decode processes per training process; None = cores/procs

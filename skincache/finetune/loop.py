@@ -26,7 +26,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
 from skincache._io import write_json
-from skincache._options import set_interrupt_hint
 from skincache._progress import progress_bar
 from skincache.data import Dataset, limit_dataset, load_dataset
 from skincache.device import autocast_dtype, default_workers, resolve_precision
@@ -252,9 +251,12 @@ class FinetuneRun:
     order, then the epoch loop over a `TrainState`."""
 
     def __init__(self, cfg: FinetuneConfig, ctx: state.DistContext, *, progress: bool,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None,
+                 on_resumable: Callable[[Path | None], None] | None = None):
         self.cfg, self.ctx, self.progress = cfg, ctx, progress
         self.log = log or (lambda line: None)
+        #: told the run folder once a Ctrl-C would leave it resumable, None once finished
+        self.on_resumable = on_resumable or (lambda run_dir: None)
         self.device = ctx.device
         self.precision = resolve_precision(cfg.precision, self.device)
         self.amp = autocast_dtype(self.precision)
@@ -275,8 +277,8 @@ class FinetuneRun:
         self.images = decode_images(cfg, ctx, self.data, self.net, progress=self.progress)
         self.timings["decode_s"] = self.images.seconds
         if self.images.failed:
-            self.log(f"[yellow]{len(self.images.failed)} image(s) could not be read and are "
-                     f"skipped[/] (listed in {self.run_dir / 'failed.json'})")
+            self.log(f"{len(self.images.failed)} image(s) could not be read and are "
+                     f"skipped (listed in {self.run_dir / 'failed.json'})")
         self.optim = build_optim(cfg, ctx, self.net.model, self.images.stores["train"],
                                  len(self.data.classes), self.precision, self.per_rank_batch)
         self.state = self._restore()
@@ -284,8 +286,7 @@ class FinetuneRun:
         if ctx.main:
             with state.disk_errors(self.run_dir):
                 self._write_run_json("running")
-            set_interrupt_hint(f"continue with `skincache finetune --resume {self.run_dir}` "
-                               "(from its last finished epoch)")
+            self.on_resumable(self.run_dir)
             if not resumed:
                 self.state.init_val = self._val_scores()
         self.state.init_val = ctx.broadcast(self.state.init_val)
@@ -295,7 +296,7 @@ class FinetuneRun:
         if ctx.main:
             with state.disk_errors(self.run_dir):
                 self._finish(result)
-            set_interrupt_hint("")  # finished: nothing left to resume
+            self.on_resumable(None)  # finished: nothing left to resume
         ctx.barrier()
         result.seconds = time.perf_counter() - t0
         return result
@@ -341,9 +342,9 @@ class FinetuneRun:
         self.optim.load_state_dicts(ckpt)
         state.set_rng_state(ckpt["rng"], self.device)
         if int(ckpt["world_size"]) != self.ctx.world:
-            self.log(f"[yellow]resuming a {ckpt['world_size']}-process run with "
+            self.log(f"resuming a {ckpt['world_size']}-process run with "
                      f"{self.ctx.world}: the global batch is the same, float sums may "
-                     "differ in the last digits[/]")
+                     "differ in the last digits")
         self.log(f"resuming {self.run_dir} after epoch {ckpt['epoch']}")
         return state.TrainState.from_checkpoint(ckpt)
 
@@ -417,11 +418,11 @@ class FinetuneRun:
             write_json(self.run_dir / "history.json", self.state.history_json())
         val = ("" if score is None else
                f"  val bal-acc {score:.4f} acc {row['val_accuracy']:.4f}"
-               + ("  [green]best[/]" if improved else ""))
+               + ("  best" if improved else ""))
         self.log(f"epoch {epoch}/{self.cfg.epochs}  loss {row['train_loss']:.4f}  "
                  f"train acc {row['train_accuracy']:.4f}{val}  "
                  f"{row['train_images_per_s']:,.0f} img/s"
-                 + ("  [yellow]early stop[/]" if self.state.stopped else ""))
+                 + ("  early stop" if self.state.stopped else ""))
 
     # ------------------------------------------------------------------ evaluation
 

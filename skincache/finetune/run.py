@@ -8,22 +8,47 @@ import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from skincache.defaults import is_rank0
 from skincache.errors import NotFoundError, UsageError
-from skincache.finetune.config import RESUME_MUTABLE, FinetuneConfig, FinetuneResult
+from skincache.finetune.config import (
+    RESUME_MUTABLE,
+    FinetuneConfig,
+    FinetuneResult,
+    config_from_cli,
+)
 from skincache.run_record import read_run
 
 
+def finetune_from_cli(params: dict[str, Any], *, progress: bool = True,
+                      on_resumable: Callable[[Path | None], None] | None = None
+                      ) -> FinetuneResult:
+    """`skincache finetune`: its parsed options (by name, as `config_from_cli` reads them) to
+    a finished run. The open_clip pretrained tag is resolved as for encode (openai where the
+    model has it); a resumed run keeps its own. `on_resumable` as for `run_finetune`."""
+    from skincache.models import resolve_pretrained
+
+    ckpt = str(params["checkpoint"]) if params.get("checkpoint") else None
+    pretrained = (None if params.get("resume")
+                  else resolve_pretrained(params["model"], params.get("pretrained"), ckpt))
+    return run_finetune(config_from_cli({**params, "pretrained": pretrained}),
+                        progress=progress, on_resumable=on_resumable)
+
+
 def run_finetune(config: FinetuneConfig, *, progress: bool = True,
-                 log: Callable[[str], None] | None = None) -> FinetuneResult:
+                 log: Callable[[str], None] | None = None,
+                 on_resumable: Callable[[Path | None], None] | None = None) -> FinetuneResult:
     """Fine-tune, evaluate and write `runs/<name>/` (see the package doc and the README).
 
     Under torchrun (WORLD_SIZE > 1 in the environment) every process calls this; they join one
     process group and only rank 0 writes. A finished run given to `resume` is read back, not
     trained again. `log` receives rank 0's one-line notes (each epoch, skipped images, a
-    resume); by default they go to the console when `progress` is on."""
+    resume); by default they go to the console when `progress` is on. `on_resumable(run_dir)`
+    is called on rank 0 once a stop would leave `run_dir` resumable (`--resume`), and with None
+    once the run is finished: the CLI's Ctrl-C hint, which the library does not set."""
     from skincache.device import resolve_device
     from skincache.finetune.loop import FinetuneRun
     from skincache.finetune.report import finished_result
@@ -32,7 +57,7 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True,
     cfg = _resolve_resume(config)
     if cfg.resume and _status(Path(cfg.resume)) == "complete":
         return finished_result(Path(cfg.resume), cfg)
-    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes; before any data loads
+    if is_rank0():  # only rank 0 writes; before any data loads
         from skincache._disk import check_writable_dir
 
         check_writable_dir(Path(cfg.runs_dir), "--runs-dir")
@@ -44,8 +69,10 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True,
             if log is None and show:
                 from skincache._progress import console
 
-                log = console.print
-            return FinetuneRun(cfg, ctx, progress=show, log=log if ctx.main else None).run()
+                def log(line: str) -> None:  # plain text: a path may hold "[...]"
+                    console.print(line, markup=False, highlight=False)
+            return FinetuneRun(cfg, ctx, progress=show, log=log if ctx.main else None,
+                               on_resumable=on_resumable).run()
     finally:
         ctx.close()
 

@@ -453,3 +453,10 @@ def cross_validate_runs(fc: FeatureCache, results: list, params: dict[str, Any] 
                              f"{k}-fold lesion-grouped CV over train+val")
         out.append(res)
     return out
+
+
+def cross_validate_cache(cache: str | Path, results: list, params: dict[str, Any] | None, *,
+                         k: int, **kwargs: Any) -> list[CVResult]:
+    """`cross_validate_runs` on the cache file fit-head fitted from (opened lazily again:
+    only the header and what the folds read)."""
+    return cross_validate_runs(FeatureCache.open(cache), results, params, k=k, **kwargs)

@@ -1,0 +1,177 @@
+"""Commands that study heads and runs: bench-heads (and --cv), score, compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from skincache import render as _render
+from skincache._options import check_file, set_interrupt_hint
+from skincache._sanity import cache_attrs, random_init_warning
+from skincache.cli._common import Quiet, check_cv, check_min, setting, warn, warn_no_views
+from skincache.errors import UsageError
+
+
+def bench_heads_cmd(
+    cache: Annotated[Path, typer.Option(help="A cache file (.h5).")],
+    seeds: Annotated[int, typer.Option(help="Seeds per seeded head (and per few-shot draw).")
+                     ] = 5,
+    variants: Annotated[str | None, typer.Option(help="Comma-separated subset of variants."
+                                                 )] = None,
+    split: Annotated[str | None, typer.Option(help="Split to score on (default: test, else "
+                                                   "val).")] = None,
+    templates: Annotated[str, typer.Option(help="Text template set, or 'all'.")] = "all",
+    shots: Annotated[str | None, typer.Option(help="Few-shot protocol: comma-separated K "
+                                                   "(images per class), e.g. 1,2,4,8,16.")
+                     ] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Also score every fit with test-time "
+                                                    "augmentation (rows <variant>+tta).")
+                   ] = False,
+    out_dir: Annotated[Path | None, typer.Option(help="Output folder (default: "
+                                                      "runs/bench-<time>).")] = None,
+    cv: Annotated[int | None, typer.Option("--cv", help="K-fold lesion-grouped "
+                                           "cross-validation over train+val instead: every "
+                                           "variant x K folds (+ a refit scored on test), "
+                                           "mean ± 95% CI over folds.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Every head variant x seeds on one cache: val beside test, mean ± std, fit time.
+
+    Rerun with the same --out-dir to resume: finished runs (runs/*.json of the same cache and
+    options) are kept, the rest are fitted, and the tables are written again from all of them."""
+    from skincache._options import check_templates
+
+    chosen = variants.split(",") if variants else None
+    check_file("--cache", cache)
+    check_min("--seeds", seeds, 1)
+    ks = [int(k) for k in shots.split(",")] if shots else None
+    if ks and min(ks) < 1:
+        raise UsageError(f"--shots must be positive integers, got {shots}")
+    check_templates(templates)
+    from skincache.bench import bench_heads, check_out_dir, check_variants
+
+    check_variants(chosen)  # before any bar is drawn (and before torch loads)
+    check_cv(cv, ks, tta)
+    out_dir = check_out_dir(out_dir)
+    if cv:
+        return _bench_cv(cache, cv, chosen, templates, out_dir, quiet)
+    set_interrupt_hint(f"the finished runs are kept in {out_dir}/runs; resume with: "
+                       + _bench_command(cache, seeds, variants, split, templates, shots,
+                                        tta, out_dir, quiet))
+    res = bench_heads(cache, seeds=seeds, variants=chosen, eval_split=split,
+                      template_set=templates, out_dir=out_dir, progress=not quiet, shots=ks,
+                      tta=tta)
+    set_interrupt_hint("")
+    warn_no_views(tta, res.n_views)
+    _render.bench_table(res.rows, f"heads on {cache.name}: chosen on val, scored on "
+                                  f"{res.runs[0]['split']}"
+                                  f"{setting(tta and res.n_views > 0, ks)}")
+    extra = f", few-shot plot {res.out_dir}/shots.png" if ks else ""
+    kept = f" ({res.reused} fit(s) kept from the earlier run)" if res.reused else ""
+    _render.out.print(f"results: {res.out_dir}/results.{{json,csv,md}}, one JSON per run in "
+                      f"{res.out_dir}/runs/{extra}{kept}", highlight=False, soft_wrap=True)
+    warn(random_init_warning(cache_attrs(cache)))
+
+
+def _bench_cv(cache: Path, k: int, chosen: list[str] | None, templates: str, out_dir: Path,
+              quiet: bool) -> None:
+    """bench-heads --cv: every variant x K folds (and the refit) into out_dir, then the
+    table of mean ± CI over folds. A rerun into the same --out-dir keeps the finished fits."""
+    from skincache._progress import progress_bar
+    from skincache.render_study import cv_bench_table
+    from skincache.study.cv import bench_cv, n_cv_fits
+
+    set_interrupt_hint(f"the finished fold runs are kept in {out_dir}/runs; rerun the same "
+                       f"command with --out-dir {out_dir} to resume")
+    with progress_bar(n_cv_fits(k, chosen), "cross-validate heads", unit="fit",
+                      enabled=not quiet) as advance:
+        res = bench_cv(cache, k=k, variants=chosen, template_set=templates, out_dir=out_dir,
+                       progress=advance)
+    set_interrupt_hint("")
+    cv_bench_table(res.rows, f"heads on {cache.name}: {k}-fold lesion-grouped CV over "
+                             "train+val (refit scored on test)")
+    kept = f" ({res.reused} fit(s) kept from the earlier run)" if res.reused else ""
+    _render.out.print(f"results: {res.out_dir}/cv_results.json, one JSON per fold run in "
+                      f"{res.out_dir}/runs/{kept}", highlight=False, soft_wrap=True)
+
+
+def _bench_command(cache: Path, seeds: int, variants: str | None, split: str | None,
+                   templates: str, shots: str | None, tta: bool, out_dir: Path,
+                   quiet: bool) -> str:
+    """The bench-heads command line that resumes this one (its options, and --out-dir)."""
+    import shlex
+
+    args = ["skincache", "bench-heads", "--cache", str(cache), "--seeds", str(seeds)]
+    for option, value in (("--variants", variants), ("--split", split),
+                          ("--templates", templates if templates != "all" else None),
+                          ("--shots", shots)):
+        if value is not None:
+            args += [option, value]
+    args += ["--tta"] * tta + ["--out-dir", str(out_dir)] + ["--quiet"] * quiet
+    return shlex.join(args)
+
+
+
+def score(
+    files: Annotated[list[Path], typer.Argument(help="Predictions CSV files: a run folder's "
+                                                     "predictions/<split>.csv, DermFM-Zero's, "
+                                                     "or any CSV with the column options.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the reports here.")
+                        ] = None,
+    plots: Annotated[Path | None, typer.Option(help="Write the run folder's plots here "
+                                                    "(<file stem>_*.png).")] = None,
+    true: Annotated[str | None, typer.Option("--true", help="Column of the true label.")
+                    ] = None,
+    pred: Annotated[str | None, typer.Option("--pred", help="Column of the predicted label.")
+                    ] = None,
+    proba: Annotated[str | None, typer.Option("--proba", help="Prefix of the probability "
+                                                              "columns (p_ -> p_akiec, ...).")
+                     ] = None,
+    id_col: Annotated[str | None, typer.Option("--id", help="Column of the image id.")] = None,
+    classes: Annotated[str | None, typer.Option(help="Class names in index order, for "
+                                                     "integer labels: akiec,bcc,...")] = None,
+    renormalize: Annotated[bool, typer.Option(help="Divide probability rows that do not sum "
+                                                   "to 1 by their sum (else refused).")
+                           ] = False,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Metrics, 95% CIs and plots of any predictions file, computed as for a run folder."""
+    from skincache.study import ColumnMap, score_files
+
+    names = None if classes is None else tuple(c.strip() for c in classes.split(","))
+    if names is not None and (len(names) < 2 or not all(names)):
+        raise UsageError(f"--classes {classes!r}: give two or more names, comma-separated")
+    reports = score_files(files, ColumnMap(id_col, true, pred, proba, names),
+                          renormalize=renormalize, n_bootstrap=bootstrap, seed=seed,
+                          plots_dir=plots, json_path=json_out)
+    from skincache import render_study
+
+    render_study.score_table(reports)
+
+
+def compare(
+    inputs: Annotated[list[Path], typer.Argument(help="Two or more run folders or predictions "
+                                                      "files; each is compared to the first.")],
+    split: Annotated[str, typer.Option(help="Split of the run folders (predictions/<split>"
+                                            ".csv).")] = "test",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")
+                        ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw the differences with their CIs here "
+                                                   "(PNG).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Paired bootstrap resamples.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Paired comparison on the shared images: differences with 95% CIs, McNemar's test."""
+    check_min("--bootstrap", bootstrap, 1)
+    from skincache.study import compare_inputs
+
+    result = compare_inputs(inputs, split=split, n_bootstrap=bootstrap, seed=seed,
+                            plot=plot, json_path=json_out)
+    from skincache import render_study
+
+    render_study.compare_table(result)
+
+
