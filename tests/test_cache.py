@@ -236,3 +236,19 @@ def test_the_package_re_exports_lazily_and_the_schema_needs_neither_numpy_nor_h5
         assert getattr(pkg, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = pkg.nope
+
+
+def test_a_file_that_is_no_hdf5_is_named_as_not_a_cache(tmp_path):
+    """A features .npz or a CSV handed as --cache is not "damaged": say what it is not."""
+    import numpy as np
+
+    from skincache.cache import CacheError, FeatureCache
+
+    npz = tmp_path / "features.npz"
+    np.savez(npz, x=np.zeros(3))
+    with pytest.raises(CacheError, match="not a skincache cache"):
+        FeatureCache.open(npz)
+    broken = tmp_path / "cut.h5"
+    broken.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)  # an HDF5 signature, then nothing
+    with pytest.raises(CacheError, match="not a readable HDF5 file"):
+        FeatureCache.open(broken)
