@@ -288,3 +288,20 @@ def test_bench_variants_name_registered_heads_and_their_parameters():
 
     for variant, head, params in bench.VARIANTS:
         assert set(params) <= {p.name for p in head_params()[head]}, variant
+
+
+def test_a_piped_usage_error_is_one_error_line(tmp_path):
+    """README: output sent to a file or a pipe is not wrapped, and a mistake is one `error:`
+    line: click's usage errors too (typer draws a multi-line panel for them otherwise)."""
+    import subprocess
+    import sys
+
+    for args, needle in ((["fit-head", "--hed", "x"], "No such option: --hed"),
+                         (["fit-head", "--tta", "true", "--cache", "x"], "unexpected extra"),
+                         (["fit-head"], "Missing option '--cache'")):
+        p = subprocess.run([sys.executable, "-m", "skincache.cli", *args], capture_output=True,
+                           text=True, timeout=120, cwd=tmp_path)
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode == 2, (args, p.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+        assert "fit-head --help" in lines[0]

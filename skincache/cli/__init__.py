@@ -101,10 +101,29 @@ for _name, _command in COMMANDS:
     app.command(_name)(_handled(_command))
 
 
+def _one_line_usage_error(e) -> None:
+    """A click usage error (an unknown option, a missing value) as one `error:` line, for
+    output that goes to a file or a pipe: typer's boxed panel is several lines there."""
+    import sys
+
+    if type(e).__name__ == "NoArgsIsHelpError":  # the help is printed already (as typer does)
+        return
+    ctx = getattr(e, "ctx", None)
+    where = f"; `{ctx.command_path} --help` lists the options" if ctx is not None else ""
+    print(f"error: {' '.join(e.format_message().split()).rstrip('.')}{where}", file=sys.stderr)
+
+
 def main() -> None:
     """The `skincache` entry point. Ctrl-C gets one line saying how to go on, not a silent
-    exit 130: encode resumes from its last committed chunk, finetune from its last epoch."""
+    exit 130: encode resumes from its last committed chunk, finetune from its last epoch.
+    Piped or redirected, a usage error is one line (`_one_line_usage_error`)."""
+    import sys
+
     set_interrupt_hint("")  # a library call earlier in this process may have left one
+    if not sys.stderr.isatty():
+        from typer import rich_utils
+
+        rich_utils.rich_format_error = _one_line_usage_error
     try:
         app(standalone_mode=True)
     except SystemExit as e:
