@@ -9,6 +9,7 @@ which is what a clinician asks next: "what did similar lesions turn out to be?".
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,18 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
     return out
 
 
+def _lexists(p: Path) -> bool:
+    """The path names something (a file, a dangling link, a FIFO: the loader says which);
+    a path the OS refuses to look at (too long) counts as there, for the loader's own line."""
+    try:
+        os.lstat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except (OSError, ValueError):
+        pass
+    return True
+
+
 def neighbor_index(run: Path, fc: FeatureCache) -> faiss.Index:
     """The index of `fc`'s train split that `fit-head` saved beside the head; for a run
     written before it did (or another cache given with --cache) it is built once and saved
@@ -95,7 +108,14 @@ def predict_images(
         raise UsageError(f"no images in {' '.join(str(i) for i in inputs)} (looked for "
                          f"{', '.join(sorted(IMAGE_EXTS))} files); name image files or "
                          "folders that hold them")
+    results = {i: Prediction(str(p)) for i, p in enumerate(paths)}
+    for i, p in enumerate(paths):  # said before the model loads (seconds), not after
+        if not _lexists(p):
+            results[i].error = f"missing: no file at {p}"
+    todo = [i for i in results if not results[i].error]
     loaded_run = load_run(run)
+    if not todo:
+        return [results[i] for i in range(len(paths))]
     fc = loaded_run.open_cache(cache)
     header = fc.header
     spec = ModelSpec(*header.model_spec())
@@ -108,9 +128,8 @@ def predict_images(
     encoder = ImageEncoder(model, ViewPolicy(k=0), dev, header.precision or
                            resolve_precision("auto", dev))
     records = [Record(image_id=p.stem, source=str(p), label="") for p in paths]
-    results = {i: Prediction(str(p)) for i, p in enumerate(paths)}
     feats: dict[int, np.ndarray] = {}
-    for batch in encoder.batches(records, list(range(len(records))), batch_size, num_workers=0):
+    for batch in encoder.batches(records, todo, batch_size, num_workers=0):
         for pos, _, reason in batch.failed:
             results[pos].error = reason
         if len(batch.index):

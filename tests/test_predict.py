@@ -93,3 +93,19 @@ def test_predict_on_an_old_run_builds_the_neighbor_index_once(demo_cache, tmp_pa
     second = predict_images(tmp_path / "old", [img], neighbors=3)
     assert len(builds) == 1 and saved.is_file()
     assert first[0].neighbors == second[0].neighbors
+
+
+def test_only_missing_files_are_said_without_loading_the_model(demo_cache, tmp_path,
+                                                               monkeypatch):
+    """A typo in an image path costs no model load: it is said before the image tower."""
+    import skincache.predict as predict_mod
+
+    fit_head_run(demo_cache, "knn", runs_dir=tmp_path, name="knn", n_bootstrap=0, plots=False)
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded for images that do not exist")
+
+    monkeypatch.setattr(predict_mod, "load_model", no_load)
+    preds = predict_images(tmp_path / "knn", [tmp_path / "nope.jpg", tmp_path / "gone.png"])
+    assert [p.ok for p in preds] == [False, False]
+    assert all("missing: no file" in p.error for p in preds)
