@@ -328,6 +328,14 @@ def test_compare_two_real_run_folders_and_score_their_predictions(demo_cache, tm
     for key in ("balanced_accuracy", "accuracy", "macro_f1", "auroc"):
         assert report[key] == pytest.approx(stored[key], abs=1e-6), key
         np.testing.assert_allclose(report["ci"][key], stored["ci"][key], atol=1e-6)
+    res = CliRunner().invoke(app, ["score", str(tmp_path / "knn"), "--split", "val",
+                                   "--bootstrap", "50", "--json", str(tmp_path / "s.json")])
+    assert res.exit_code == 0, res.output  # score takes a run folder too, as compare does
+    val = json.loads((tmp_path / "knn" / "metrics" / "val.json").read_text())
+    got = json.loads((tmp_path / "s.json").read_text())["reports"][0]
+    assert got["balanced_accuracy"] == pytest.approx(val["balanced_accuracy"], abs=1e-6)
+    res = CliRunner().invoke(app, ["score", str(tmp_path / "knn"), "--split", "tset"])
+    assert res.exit_code == 1 and "no predictions/tset.csv" in res.output
 
 
 def test_score_numbers_plots_of_files_with_the_same_name(tmp_path):

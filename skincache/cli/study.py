@@ -115,9 +115,12 @@ def _bench_command(cache: Path, seeds: int, variants: str | None, split: str | N
 
 
 def score(
-    files: Annotated[list[Path], typer.Argument(help="Predictions CSV files: a run folder's "
+    files: Annotated[list[Path], typer.Argument(help="Predictions CSV files (a run folder's "
                                                      "predictions/<split>.csv, DermFM-Zero's, "
-                                                     "or any CSV with the column options.")],
+                                                     "or any CSV with the column options) or "
+                                                     "run folders.")],
+    split: Annotated[str, typer.Option(help="Split of the run folders (predictions/<split>"
+                                            ".csv).")] = "test",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the reports here.")
                         ] = None,
     plots: Annotated[Path | None, typer.Option(help="Write the run folder's plots here "
@@ -146,7 +149,7 @@ def score(
         raise UsageError(f"--classes {classes!r}: give two or more names, comma-separated")
     reports = score_files(files, ColumnMap(id_col, true, pred, proba, names),
                           renormalize=renormalize, n_bootstrap=bootstrap, seed=seed,
-                          plots_dir=plots, json_path=json_out)
+                          plots_dir=plots, json_path=json_out, split=split)
     from skincache import render_study
 
     render_study.score_table(reports)

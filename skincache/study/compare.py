@@ -26,10 +26,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from skincache._io import write_json
-from skincache.errors import InputFileError, NotFoundError, UsageError
+from skincache.errors import InputFileError, UsageError
 from skincache.metrics import _percentile_ci, bootstrap_distribution, classification_report
 from skincache.plots import _save
-from skincache.study.predictions import Predictions, read_predictions
+from skincache.study.predictions import Predictions, predictions_path, read_predictions
 from skincache.study.score import model_proba
 
 __all__ = ["COMPARED", "align", "compare_inputs", "compare_pair", "load_input", "mcnemar",
@@ -50,17 +50,7 @@ def input_name(path: str | Path) -> str:
 
 def load_input(path: str | Path, split: str = "test") -> Predictions:
     """A run folder's `predictions/<split>.csv`, or a predictions file as it is."""
-    p = Path(path)
-    if not p.is_dir():
-        return read_predictions(p)
-    f = p / "predictions" / f"{split}.csv"
-    if not f.is_file():
-        folder = p / "predictions"
-        have = sorted(x.stem for x in folder.glob("*.csv")) if folder.is_dir() else []
-        raise NotFoundError(f"{p}: no predictions/{split}.csv (this folder has "
-                            f"{', '.join(have) if have else 'no predictions'}); choose "
-                            "--split, or give a predictions file")
-    return read_predictions(f)
+    return read_predictions(predictions_path(path, split))
 
 
 def _same_class_order(a: Predictions, b: Predictions, names: tuple[str, str]) -> Predictions:

@@ -29,7 +29,7 @@ from pathlib import Path, PureWindowsPath
 import numpy as np
 
 from skincache._io import read_regular
-from skincache.errors import InputFileError
+from skincache.errors import InputFileError, NotFoundError
 
 __all__ = ["DERMFM_CLASSES", "PREDICTIONS_VERSION", "ColumnMap", "Predictions",
            "read_predictions"]
@@ -295,6 +295,22 @@ def _ids(path: Path, rows: list[list[str]], lines: list[int], col: int | None,
                              f"than once: {shown}{' ...' if len(dups) > 3 else ''}; one row "
                              "per image")
     return ids, []
+
+
+def predictions_path(path: str | Path, split: str = "test") -> Path:
+    """A run folder's `predictions/<split>.csv`, or a predictions file as it is (score and
+    compare take either)."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    f = p / "predictions" / f"{split}.csv"
+    if not f.is_file():
+        folder = p / "predictions"
+        have = sorted(x.stem for x in folder.glob("*.csv")) if folder.is_dir() else []
+        raise NotFoundError(f"{p}: no predictions/{split}.csv (this folder has "
+                            f"{', '.join(have) if have else 'no predictions'}); choose "
+                            "--split, or give a predictions file")
+    return f
 
 
 def read_predictions(path: str | Path, columns: ColumnMap | None = None, *,

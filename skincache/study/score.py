@@ -19,7 +19,12 @@ from skincache._io import write_json
 from skincache.errors import UsageError
 from skincache.metrics import classification_report
 from skincache.plots import write_report_plots
-from skincache.study.predictions import ColumnMap, Predictions, read_predictions
+from skincache.study.predictions import (
+    ColumnMap,
+    Predictions,
+    predictions_path,
+    read_predictions,
+)
 
 __all__ = ["model_proba", "score_file", "score_files", "score_predictions"]
 
@@ -74,16 +79,18 @@ def _score_and_plot(pred: Predictions, n_bootstrap: int, seed: int,
 
 def score_files(paths: Sequence[str | Path], columns: ColumnMap | None = None, *,
                 renormalize: bool = False, n_bootstrap: int = 1000, seed: int = 0,
-                plots_dir: str | Path | None = None, json_path: str | Path | None = None
-                ) -> list[dict[str, Any]]:
-    """`score_file` for each path, in order (every file read before any is scored, so a bad
+                plots_dir: str | Path | None = None, json_path: str | Path | None = None,
+                split: str = "test") -> list[dict[str, Any]]:
+    """`score_file` for each path (a predictions file, or a run folder: its
+    `predictions/<split>.csv`), in order (every file read before any is scored, so a bad
     last file costs no bootstrap time; plots of files with the same name are numbered
     `1-test_*.png`, `2-test_*.png`); with `json_path`, {"reports": [...]} is written there."""
     if not paths:
         raise UsageError("score needs at least one predictions file")
     if n_bootstrap < 0:
         raise UsageError(f"--bootstrap {n_bootstrap}: must be >= 0 (0: no intervals)")
-    preds = [read_predictions(p, columns, renormalize=renormalize) for p in paths]
+    preds = [read_predictions(predictions_path(p, split), columns, renormalize=renormalize)
+             for p in paths]
     stems = [p.source_path.stem for p in preds]
     if len(set(stems)) < len(stems):  # test.csv of two runs: number them, never overwrite
         stems = [f"{i}-{s}" for i, s in enumerate(stems, 1)]
