@@ -134,18 +134,19 @@ def bench_heads(
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "results.json").unlink(missing_ok=True)  # the tables' commit mark: written last
     runs: list[dict] = []
-    with progress_bar(n_fits(seeds, variants, shots), "bench heads", unit="fit",
-                      enabled=progress) as advance:
+    reused = sum(done is not None for done in found)
+    todo = len(plan) - reused  # the bar counts fits made now, not runs kept from before
+    with progress_bar(todo, f"bench heads ({reused} kept)" if reused else "bench heads",
+                      unit="fit", enabled=progress) as advance:
         for (key, names, paths), done in zip(plan, found, strict=True):
             if done is None:
                 done = _fit_and_score(fc, evald, val, full, key, names, tta)
                 for path, run in zip(paths, done, strict=True):
                     write_json(path, run)
+                advance(1)
             runs += done
-            advance(1)
     rows = aggregate(runs)
     _write_tables(out, rows, fc, split, shots_title=bool(shots), tta=tta)
-    reused = sum(done is not None for done in found)
     return BenchResult(out, rows, runs, reused, evald.n_views)
 
 
