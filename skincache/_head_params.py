@@ -5,6 +5,14 @@ loads (importing any head pulls in torch: 3-9 s for a typo).
 The signatures stay the one source of truth: this module parses them (`ast`), it keeps no list
 of its own, and `tests/test_promises.py` checks that what it reads equals what `inspect` sees on
 the imported classes. `skincache.heads.parse_params` is this module's `parse_params`.
+
+The values a parameter accepts are declared next to it, as each head class's
+`param_constraints` literal (`{"C": ">0", "dropout": "[0,1)"}`), read here the same way, so
+`-p C=-1` is one error line before torch loads instead of NaN probabilities after the fit.
+The grammar: alternatives separated by "|", each a comparison (`>0`, `>=1`, `<=10`), an
+interval (`[0,1)`, `(0,1]`) or a bare word the value may equal (`auto`); None always passes
+(an optional parameter's "not set"), numbers must be finite, a tuple is checked element-wise.
+`Head.fit` checks the same rules through `param_violation` for Python users.
 """
 
 from __future__ import annotations
@@ -12,8 +20,11 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import math
+import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,18 +83,106 @@ def _init_params(cls: ast.ClassDef, constants: dict[str, Any]) -> tuple[ParamSpe
                            _default(d, constants)) for arg, d in pairs)
 
 
+def _class_constraints(cls: ast.ClassDef) -> dict[str, str]:
+    """The class body's `param_constraints = {...}` literal ({} without one)."""
+    for node in cls.body:
+        target = (node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1
+                  else node.target if isinstance(node, ast.AnnAssign) else None)
+        if isinstance(target, ast.Name) and target.id == "param_constraints" and node.value:
+            return ast.literal_eval(node.value)
+    return {}
+
+
 @functools.cache
-def head_params() -> dict[str, tuple[ParamSpec, ...]]:
-    """{head name: its parameters}, in the order `skincache.heads` registers them (its
-    modules, alphabetically)."""
-    out: dict[str, tuple[ParamSpec, ...]] = {}
+def _read_heads() -> dict[str, tuple[tuple[ParamSpec, ...], dict[str, str]]]:
+    out = {}
     for path in sorted(HEADS_DIR.glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         constants = _module_constants(tree)
         for node in tree.body:
             if isinstance(node, ast.ClassDef) and (name := _register_name(node)):
-                out[name] = _init_params(node, constants)
+                out[name] = (_init_params(node, constants), _class_constraints(node))
     return out
+
+
+def head_params() -> dict[str, tuple[ParamSpec, ...]]:
+    """{head name: its parameters}, in the order `skincache.heads` registers them (its
+    modules, alphabetically)."""
+    return {name: specs for name, (specs, _) in _read_heads().items()}
+
+
+#: every head's `logit_adjust` (`heads._posthoc.check_logit_adjust` says the same at fit time)
+SHARED_CONSTRAINTS = {"logit_adjust": "auto|>=0"}
+
+
+def head_constraints(name: str) -> dict[str, str]:
+    """{parameter: rule} for head `name`: its class's `param_constraints` as written in its
+    source, plus `SHARED_CONSTRAINTS` for the parameters it has."""
+    check_head(name)
+    specs, own = _read_heads()[name]
+    shared = {k: v for k, v in SHARED_CONSTRAINTS.items() if any(p.name == k for p in specs)}
+    return {**shared, **own}
+
+
+_COMPARE = re.compile(r"(>=|<=|>|<)\s*([-+0-9.eE]+|inf)")
+_INTERVAL = re.compile(r"([\[(])\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+|inf)\s*([\])])")
+
+
+def _alternative_ok(value: Any, alt: str) -> bool:
+    """Whether `value` satisfies one alternative of a rule (ValueError: not the grammar)."""
+    alt = alt.strip()
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if m := _COMPARE.fullmatch(alt):
+        op, bound = m.group(1), float(m.group(2))
+        return number and math.isfinite(value) and {
+            ">": value > bound, ">=": value >= bound, "<": value < bound,
+            "<=": value <= bound}[op]
+    if m := _INTERVAL.fullmatch(alt):
+        lo, hi = float(m.group(2)), float(m.group(3))
+        return (number and math.isfinite(value)
+                and (value >= lo if m.group(1) == "[" else value > lo)
+                and (value <= hi if m.group(4) == "]" else value < hi))
+    if re.fullmatch(r"[A-Za-z_][\w-]*", alt):
+        return value == alt
+    raise ValueError(f"not a parameter constraint: {alt!r}")
+
+
+def describe_rule(rule: str) -> str:
+    """">0" -> "> 0", "[0,1)" -> "in [0, 1)", "auto|>=0" -> "'auto' or >= 0"."""
+    parts = []
+    for alt in (a.strip() for a in rule.split("|")):
+        if m := _COMPARE.fullmatch(alt):
+            parts.append(f"{m.group(1)} {m.group(2)}")
+        elif m := _INTERVAL.fullmatch(alt):
+            parts.append(f"in {m.group(1)}{m.group(2)}, {m.group(3)}{m.group(4)}")
+        else:
+            parts.append(repr(alt))
+    return " or ".join(parts)
+
+
+def param_violation(key: str, value: Any, rule: str | None) -> str | None:
+    """"C must be > 0" when `value` breaks `rule`, else None: the one check behind both
+    `parse_params` (the CLI, before torch) and `Head.fit` (Python users)."""
+    if rule is None or value is None:
+        return None
+    values = value if isinstance(value, tuple | list) else (value,)
+    alts = rule.split("|")
+    if all(any(_alternative_ok(v, a) for a in alts) for v in values):
+        return None
+    return f"{key} must be {describe_rule(rule)}"
+
+
+def check_constraints(name: str, params: Mapping[str, Any], constraints: Mapping[str, str],
+                      shown: Mapping[str, str] | None = None, where: str = "-p ") -> None:
+    """UsageError for the first of `params` that breaks its rule in `constraints`, naming the
+    value (`shown[key]`, as typed, else its repr), what it must be, and `where` it was given
+    ("-p " on the command line, "MLPHead(" from Python)."""
+    for key, value in params.items():
+        if why := param_violation(key, value, constraints.get(key)):
+            raw = shown[key] if shown and key in shown else repr(value)
+            close = ")" if where.endswith("(") else ""
+            raise UsageError(f"{where}{key}={raw}{close}: {why} (skincache heads {name} lists "
+                             "the parameters)")
 
 
 def check_head(name: str) -> tuple[ParamSpec, ...]:
@@ -155,9 +254,11 @@ def convert(raw: str, t: Any) -> Any:
 
 def parse_params(name: str, items: dict[str, str]) -> dict[str, Any]:
     """`{"hidden": "256"}` -> `{"hidden": 256}` for head `name`, typed by its signature.
-    A wrong name or a value of the wrong type is a `UsageError` naming the valid choices."""
+    A wrong name, a value of the wrong type or one its `param_constraints` refuse is a
+    `UsageError` naming the valid choices."""
     by_name = {p.name: p for p in check_head(name)}
     out: dict[str, Any] = {}
+    shown: dict[str, str] = {}
     for key, raw in items.items():
         key = key.strip().replace("-", "_")
         if key not in by_name:
@@ -171,4 +272,6 @@ def parse_params(name: str, items: dict[str, str]) -> dict[str, Any]:
             raise UsageError(f"head '{name}': -p {key}={raw} is not of type {spec.type} "
                              f"(default: {spec.default!r}; `skincache heads {name}` lists "
                              "its parameters)") from None
+        shown[key] = str(raw)
+    check_constraints(name, out, head_constraints(name), shown)
     return out

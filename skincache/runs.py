@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -245,12 +246,27 @@ def fit_head_run(
         check_run_name(name)
     check_writable_dir(Path(runs_dir), "--runs-dir")  # before the fit, not after it
     run = Path(runs_dir) / (name or default_run_name(head))
+    created = not run.exists()
     with run_lock(run):
         if (run / "run.json").exists():
             raise RunError(f"{run}: a run with this name exists; choose another --name")
-        return _fit_into(run, fc, head, params, template_set=template_set, seed=seed,
-                         eval_splits=eval_splits, n_bootstrap=n_bootstrap, plots=plots, tta=tta,
-                         shots=shots)
+        try:
+            return _fit_into(run, fc, head, params, template_set=template_set, seed=seed,
+                             eval_splits=eval_splits, n_bootstrap=n_bootstrap, plots=plots,
+                             tta=tta, shots=shots)
+        except BaseException:
+            if created:
+                remove_unfinished_run(run)
+            raise
+
+
+def remove_unfinished_run(run: Path) -> None:
+    """Delete the folder a failed fit created (its lock, a half-written head), so a refusal
+    such as `-p epochs=0` leaves no empty `runs/<head>-<time>/` behind; a folder holding a
+    finished run.json is never touched. Called with the run's lock held: no other process is
+    writing it (unlinking the locked `.lock` is harmless, its descriptor stays valid)."""
+    if not (run / "run.json").exists():
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | None, *,

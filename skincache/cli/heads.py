@@ -56,8 +56,11 @@ def fit_head(
     """Fit a head on the cache's train split in seconds; metrics, predictions and plots."""
     from skincache._head_params import parse_params
     from skincache._options import check_templates
+    from skincache.run_record import check_run_name
 
     raw = params(param or [])
+    if name is not None:
+        check_run_name(name)  # torch-free: `--name ../x` is refused in milliseconds
     check_file("--cache", cache)
     check_min("--shots", shots, 1)
     check_cv(cv, shots, tta)

@@ -20,6 +20,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
+from .._head_params import check_constraints
 from .._io import atomic_write, atomic_write_text, plain_json, read_json_file, read_regular
 from ..errors import InputFileError, NotFoundError, SkincacheError, UsageError
 from . import _posthoc
@@ -212,6 +213,10 @@ class Head(ClassifierMixin, BaseEstimator):
     _streams: ClassVar[bool] = False
     #: heads whose method starts from the class prompt embeddings
     needs_text: ClassVar[bool] = False
+    #: {parameter: accepted values} in skincache/_head_params.py's grammar; each registered
+    #: head declares its own as a literal, which `-p` reads from the source before torch loads
+    #: and `fit` checks first (one `param_violation` behind both)
+    param_constraints: ClassVar[dict[str, str]] = {}
     _fitted_arrays: ClassVar[tuple[str, ...]] = ()
     _fitted_scalars: ClassVar[tuple[str, ...]] = ()
     #: written by every head (the post-hoc steps), on top of the subclass's own state
@@ -248,6 +253,8 @@ class Head(ClassifierMixin, BaseEstimator):
         (exp'ed) temperature, 100 when None. C is `n_classes` if given, else text.shape[0],
         else max(y)+1.
         """
+        check_constraints(self.name or type(self).__name__, self.get_params(),
+                          self.param_constraints, where=f"{type(self).__name__}(")
         if self.needs_text and text is None:
             raise UsageError(
                 f"head {self.name!r} needs the cache's text features (class prompt "

@@ -55,6 +55,10 @@ class CLIPBenchmarkLinearProbeHead(ProbeHead):
 
     _fitted_scalars = ("weight_decay_", "merged_val_")
 
+    #: the values each parameter accepts (skincache/_head_params.py's grammar, checked
+    #: by `-p` before torch loads and by `fit`)
+    param_constraints = {"lr": ">0", "epochs": ">=1", "batch_size": ">=1", "weight_decay": ">=0"}
+
     def __init__(
         self,
         lr: float = 0.1,

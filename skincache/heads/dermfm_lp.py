@@ -70,6 +70,10 @@ class DermFMLinearProbeHead(ProbeHead):
 
     _fitted_scalars = ("C_",)
 
+    #: the values each parameter accepts (skincache/_head_params.py's grammar, checked
+    #: by `-p` before torch loads and by `fit`)
+    param_constraints = {"C": ">0", "max_iter": ">=1", "tol": ">0"}
+
     def __init__(
         self,
         merge_val: bool = False,

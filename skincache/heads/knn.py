@@ -142,6 +142,11 @@ class KNNHead(Head):
     _fitted_arrays = ("keys_", "key_labels_", "key_rows_")
     _streams = True
 
+    #: the values each parameter accepts (skincache/_head_params.py's grammar, checked
+    #: by `-p` before torch loads and by `fit`)
+    param_constraints = {"k": ">=1", "temperature": ">0", "ivf_threshold": ">=1",
+                         "nprobe": ">=1"}
+
     def __init__(
         self,
         k: int = 20,

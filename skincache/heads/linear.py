@@ -31,6 +31,11 @@ class LinearHead(FeedForwardHead):
     cache arrays instead: the same weights, a fraction of the memory.
     """
 
+    #: the values each parameter accepts (skincache/_head_params.py's grammar, checked
+    #: by `-p` before torch loads and by `fit`)
+    param_constraints = {"epochs": ">=1", "batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
+                         "patience": ">=1", "std_shrink": "[0,1]"}
+
     def __init__(
         self,
         epochs: int = 30,

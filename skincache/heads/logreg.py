@@ -60,6 +60,11 @@ class LogRegHead(Head):
     _fitted_scalars = ("C_",)
     _streams = True
 
+    #: the values each parameter accepts (skincache/_head_params.py's grammar, checked
+    #: by `-p` before torch loads and by `fit`)
+    param_constraints = {"C": ">0", "c_range": ">0", "max_iter": ">=1", "sweep_max_iter": ">=1",
+                         "tol": ">0"}
+
     def __init__(
         self,
         C: float | None = None,

@@ -23,6 +23,12 @@ class MLPHead(FeedForwardHead):
     Lite1 HAM10000 val split 0.601 vs 0.594 with plain standardisation).
     """
 
+    #: the values each parameter accepts (skincache/_head_params.py's grammar, checked
+    #: by `-p` before torch loads and by `fit`)
+    param_constraints = {"hidden": ">=1", "depth": ">=0", "dropout": "[0,1)", "epochs": ">=1",
+                         "batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
+                         "patience": ">=1", "std_shrink": "[0,1]"}
+
     def __init__(
         self,
         hidden: int = 128,

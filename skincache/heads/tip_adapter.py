@@ -102,6 +102,11 @@ class TipAdapterHead(Head):
     _fitted_arrays = ("weights_", "keys_", "key_labels_")
     _fitted_scalars = ("alpha_", "beta_", "logit_scale_", "val_score_")
 
+    #: the values each parameter accepts (skincache/_head_params.py's grammar, checked
+    #: by `-p` before torch loads and by `fit`)
+    param_constraints = {"alpha": ">=0", "beta": ">0", "alpha_range": ">0", "n_alpha": ">=1",
+                         "beta_range": ">0", "n_beta": ">=1"}
+
     def __init__(
         self,
         alpha: float | None = None,

@@ -56,6 +56,13 @@ class TipAdapterFHead(TipAdapterHead):
         "init_alpha_", "init_beta_", "epochs_run_", "best_epoch_",
     )
 
+    #: the values each parameter accepts (skincache/_head_params.py's grammar, checked
+    #: by `-p` before torch loads and by `fit`)
+    param_constraints = {"alpha": ">=0", "beta": ">0", "alpha_range": ">0", "n_alpha": ">=1",
+                         "beta_range": ">0", "n_beta": ">=1", "epochs": ">=1",
+                         "batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
+                         "patience": ">=1", "samples_per_epoch": ">=1"}
+
     def __init__(
         self,
         alpha: float | None = None,

@@ -55,6 +55,11 @@ class ZSLinearHead(Head):
     needs_text = True
     _fitted_scalars = ("logit_scale_", "epochs_run_", "best_epoch_", "best_val_score_")
 
+    #: the values each parameter accepts (skincache/_head_params.py's grammar, checked
+    #: by `-p` before torch loads and by `fit`)
+    param_constraints = {"anchor": ">=0", "epochs": ">=1", "batch_size": ">=1", "lr": ">0",
+                         "weight_decay": ">=0", "patience": ">=1"}
+
     def __init__(
         self,
         anchor: float = 0.0,
