@@ -250,5 +250,6 @@ def test_a_file_that_is_no_hdf5_is_named_as_not_a_cache(tmp_path):
         FeatureCache.open(npz)
     broken = tmp_path / "cut.h5"
     broken.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)  # an HDF5 signature, then nothing
-    with pytest.raises(CacheError, match="not a readable HDF5 file"):
+    with pytest.raises(CacheError, match="not a readable HDF5 file") as e:
         FeatureCache.open(broken)
+    assert "not a skincache cache" not in str(e.value)  # damaged, not another kind of file

@@ -241,9 +241,9 @@ class FeatureCache:
             f = h5py.File(path, "r")
         except (OSError, RuntimeError, ValueError) as e:
             if path.is_file() and not h5py.is_hdf5(path):  # not a damaged cache: another file
-                raise CacheError(f"{path}: not a skincache cache (no HDF5 signature); a cache "
-                                 "is the .h5 file `skincache encode` writes into --cache-dir"
-                                 ) from None
+                raise CacheError(f"{path}: not a readable HDF5 file (no HDF5 signature), so "
+                                 "not a skincache cache: a cache is the .h5 file `skincache "
+                                 "encode` writes into --cache-dir") from None
             raise CacheError(f"{path}: not a readable HDF5 file ({first_line(e)}); "
                              "re-encode it with `skincache encode ... --force`") from None
         try:
