@@ -191,8 +191,9 @@ def _encode_run(ctx: DistContext, dataset: Dataset, *, spec: ModelSpec, policy: 
     with contextlib.ExitStack() as stack:
         try:
             def start() -> dict | None:
-                lock = stack.enter_context(CacheLock(cache_dir / f"{name}.lock"))
+                lock = CacheLock(cache_dir / f"{name}.lock")
                 lock.acquire(wait=wait)
+                stack.enter_context(lock)  # held already: released when the stack closes
                 if final.exists() and not force:  # another run finished it while we waited
                     return None
                 return _start_partial(dataset, encoder, partial, key, force, batch_size,

@@ -253,3 +253,16 @@ def test_a_file_that_is_no_hdf5_is_named_as_not_a_cache(tmp_path):
     with pytest.raises(CacheError, match="not a readable HDF5 file") as e:
         FeatureCache.open(broken)
     assert "not a skincache cache" not in str(e.value)  # damaged, not another kind of file
+
+
+def test_with_cache_lock_holds_the_lock(tmp_path):
+    """`with CacheLock(p):` takes the lock (a second holder is refused) and frees it after."""
+    from skincache.cache import CacheBusyError, CacheLock
+
+    path = tmp_path / "x.lock"
+    with CacheLock(path):
+        with pytest.raises(CacheBusyError):
+            CacheLock(path).acquire(wait=False)
+    other = CacheLock(path)
+    other.acquire(wait=False)  # free again after the block
+    other.release()

@@ -61,6 +61,8 @@ class CacheLock:
         self._fd: int | None = None
 
     def acquire(self, wait: bool = False) -> None:
+        if self._fd is not None:  # held by this object already (`with`, then acquire)
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -109,6 +111,11 @@ class CacheLock:
             self._fd = None
 
     def __enter__(self) -> CacheLock:
+        """`with CacheLock(path):` holds the lock (without waiting: a held lock is a
+        CacheBusyError naming the holder); a lock acquired before (`acquire(wait=True)`) is
+        kept as it is."""
+        if self._fd is None:
+            self.acquire(wait=False)
         return self
 
     def __exit__(self, *exc) -> None:
