@@ -17,6 +17,9 @@ from skincache.errors import UsageError
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Folder for feature caches.")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder for run folders.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+#: `--split` of score and compare: which predictions/<split>.csv of a run folder to read
+RunSplit = Annotated[str, typer.Option(help="Split of the run folders (predictions/<split>"
+                                            ".csv).")]
 
 PRETRAINED_HELP = ("open_clip pretrained tag; default: openai where the model has it, none "
                    "for a model without tags such as skincache-tiny ('' = random init).")

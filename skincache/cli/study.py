@@ -10,7 +10,7 @@ import typer
 from skincache import render as _render
 from skincache._options import check_file, set_interrupt_hint
 from skincache._sanity import cache_attrs, random_init_warning
-from skincache.cli._common import Quiet, check_cv, check_min, setting, warn, warn_no_views
+from skincache.cli._common import Quiet, RunSplit, check_cv, check_min, setting, warn, warn_no_views
 from skincache.errors import UsageError
 
 
@@ -119,8 +119,7 @@ def score(
                                                      "predictions/<split>.csv, DermFM-Zero's, "
                                                      "or any CSV with the column options) or "
                                                      "run folders.")],
-    split: Annotated[str, typer.Option(help="Split of the run folders (predictions/<split>"
-                                            ".csv).")] = "test",
+    split: RunSplit = "test",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the reports here.")
                         ] = None,
     plots: Annotated[Path | None, typer.Option(help="Write the run folder's plots here "
@@ -158,8 +157,7 @@ def score(
 def compare(
     inputs: Annotated[list[Path], typer.Argument(help="Two or more run folders or predictions "
                                                       "files; each is compared to the first.")],
-    split: Annotated[str, typer.Option(help="Split of the run folders (predictions/<split>"
-                                            ".csv).")] = "test",
+    split: RunSplit = "test",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")
                         ] = None,
     plot: Annotated[Path | None, typer.Option(help="Draw the differences with their CIs here "
