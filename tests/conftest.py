@@ -5,12 +5,58 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 #: the real data: $SKINCACHE_SHARED_DATA, else ../shared/data beside the repository
 SHARED_DATA = Path(os.environ.get("SKINCACHE_SHARED_DATA")
                    or REPO / ".." / "shared" / "data").resolve()
+
+
+SYNTHETIC_CLASSES = ("akiec", "bcc", "nv")
+
+
+def synthetic_cache(path: Path, n: int = 360, d: int = 16, seed: int = 0,
+                    cache_key: str | None = None
+                    ) -> Path:
+    """A cache written from arrays (no model): three separable-ish classes; lesions of 1-3
+    images (every 7th image has no lesion id), split train/val/test by lesion. The same `seed`
+    gives the same images, labels and splits whatever `d` is (two stand-in encoders of one
+    dataset); `cache_key` names the encoding (default `synthetic-<seed>`)."""
+    from skincache.cache import CacheHeader, SplitArrays, write_cache
+
+    rng = np.random.default_rng(seed)
+    labels, groups, lesion = [], [], 0
+    while len(labels) < n:
+        c = int(rng.choice(len(SYNTHETIC_CLASSES), p=[0.2, 0.3, 0.5]))
+        for _ in range(int(rng.integers(1, 4))):
+            labels.append(c)
+            groups.append("" if len(labels) % 7 == 0 else f"L{lesion}")
+        lesion += 1
+    y = np.array(labels[:n])
+    g = np.array(groups[:n])
+    # drawn after the labels, from their own stream: the labels do not depend on d
+    centres = np.random.default_rng([seed, d]).normal(size=(len(SYNTHETIC_CLASSES), d)) * 1.5
+    x = (centres[y] + rng.normal(size=(n, d))).astype(np.float16)
+    views = (x[:, None, :] + 0.1 * rng.normal(size=(n, 2, d))).astype(np.float16)
+    # split by lesion: last digit of the lesion number (no-lesion images by their row)
+    key = np.array([int(s[1:]) if s else i for i, s in enumerate(g)]) % 10
+    where = np.where(key < 6, "train", np.where(key < 8, "val", "test"))
+    splits = {}
+    for name in ("train", "val", "test"):
+        m = where == name
+        splits[name] = SplitArrays(features=x[m], views=views[m], labels=y[m],
+                                   image_id=[f"img{i}" for i in np.flatnonzero(m)],
+                                   group_id=list(g[m]), sha1=[""] * int(m.sum()), meta={})
+    header = CacheHeader(
+        key=cache_key or f"synthetic-{seed}-d{d}", model="synthetic", pretrained="none",
+        logit_scale=100.0,
+        weights_sha256="", embed_dim=d, precision="fp16", classes=list(SYNTHETIC_CLASSES),
+        class_names=list(SYNTHETIC_CLASSES), preprocess={}, views={"k": 2}, dataset="synthetic",
+        dataset_kind="synthetic", dataset_root="", dataset_fingerprint="", versions={})
+    write_cache(path, header, splits, {}, {})
+    return path
 
 
 def shared_data(sub: str) -> Path:

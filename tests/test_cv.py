@@ -10,56 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, synthetic_cache
 from typer.testing import CliRunner
 
-from skincache.cache import CacheHeader, FeatureCache, SplitArrays, write_cache
+from skincache.cache import FeatureCache
 from skincache.cli import app
 from skincache.metrics import ci95_half_width, metrics
 from skincache.study import cv
 
 runner = CliRunner()
-CLASSES = ["akiec", "bcc", "nv"]
 REAL_NPZ = SHARED_DATA / "features" / "ham10000-effnetlite0.npz"
-
-
-def _synthetic_cache(path: Path, n: int = 360, d: int = 16, seed: int = 0) -> Path:
-    """Three separable-ish classes; lesions of 1-3 images (every 7th image has no lesion id),
-    split train/val/test by lesion."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(len(CLASSES), d)) * 1.5
-    labels, groups, lesion = [], [], 0
-    while len(labels) < n:
-        c = int(rng.choice(len(CLASSES), p=[0.2, 0.3, 0.5]))
-        for _ in range(int(rng.integers(1, 4))):
-            labels.append(c)
-            groups.append("" if len(labels) % 7 == 0 else f"L{lesion}")
-        lesion += 1
-    y = np.array(labels[:n])
-    g = np.array(groups[:n])
-    x = (centres[y] + rng.normal(size=(n, d))).astype(np.float16)
-    views = (x[:, None, :] + 0.1 * rng.normal(size=(n, 2, d))).astype(np.float16)
-    # split by lesion: last digit of the lesion number (no-lesion images by their row)
-    key = np.array([int(s[1:]) if s else i for i, s in enumerate(g)]) % 10
-    where = np.where(key < 6, "train", np.where(key < 8, "val", "test"))
-    splits = {}
-    for name in ("train", "val", "test"):
-        m = where == name
-        splits[name] = SplitArrays(features=x[m], views=views[m], labels=y[m],
-                                   image_id=[f"img{i}" for i in np.flatnonzero(m)],
-                                   group_id=list(g[m]), sha1=[""] * int(m.sum()), meta={})
-    header = CacheHeader(
-        key=f"synthetic-{seed}", model="synthetic", pretrained="none", logit_scale=100.0,
-        weights_sha256="", embed_dim=d, precision="fp16", classes=list(CLASSES),
-        class_names=list(CLASSES), preprocess={}, views={"k": 2}, dataset="synthetic",
-        dataset_kind="synthetic", dataset_root="", dataset_fingerprint="", versions={})
-    write_cache(path, header, splits, {}, {})
-    return path
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
-    return _synthetic_cache(tmp_path_factory.mktemp("cv") / "synthetic.h5")
+    return synthetic_cache(tmp_path_factory.mktemp("cv") / "synthetic.h5")
 
 
 def test_folds_are_lesion_disjoint_and_never_hold_test_rows(synth):
