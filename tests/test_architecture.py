@@ -32,12 +32,12 @@ LAYERS: list[set[str]] = [
     {"encoder"},
     {"encode", "runs", "near_duplicates"},
     {"predict", "bench", "finetune", "demo", "pipeline"},
-    {"study"},
+    {"study", "report"},
     {"render"},
     {"render_study"},
     {"cli"},
 ]
-PACKAGES = {"data", "heads", "finetune", "study", "cache", "cli"}
+PACKAGES = {"data", "heads", "finetune", "study", "cache", "cli", "report"}
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 

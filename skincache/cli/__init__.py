@@ -14,7 +14,7 @@ import typer
 
 from skincache import render as _render
 from skincache._options import interrupt_hint, set_interrupt_hint
-from skincache.cli import data, finetune, heads, study
+from skincache.cli import data, finetune, heads, report, study
 from skincache.defaults import DISK_ERRNOS
 
 app = typer.Typer(
@@ -96,6 +96,7 @@ COMMANDS: list[tuple[str, Callable]] = [
     ("fit-head", heads.fit_head), ("heads", heads.heads), ("evaluate", heads.evaluate),
     ("predict", heads.predict), ("bench-heads", study.bench_heads_cmd),
     ("finetune", finetune.finetune), ("score", study.score), ("compare", study.compare),
+    ("report", report.report),
 ]
 for _name, _command in COMMANDS:
     app.command(_name)(_handled(_command))
