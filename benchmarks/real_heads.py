@@ -116,8 +116,10 @@ def split_rows(d, external: bool) -> np.ndarray:
     return split
 
 
-def build_cache(npz: Path, out: Path, external: bool = False) -> Path:
-    """Write the npz as a skincache cache, split by `split_rows`."""
+def build_cache(npz: Path, out: Path, external: bool = False,
+                dataset_root: str | None = None) -> Path:
+    """Write the npz as a skincache cache, split by `split_rows`. `dataset_root`: where the
+    images are (the report's thumbnails read them); default the npz itself."""
     d = np.load(npz)
     split = split_rows(d, external)
     labels = np.array([HAM10000_CLASSES.index(c) for c in d["dx"]])
@@ -134,7 +136,8 @@ def build_cache(npz: Path, out: Path, external: bool = False) -> Path:
         logit_scale=100.0, weights_sha256="", embed_dim=int(d["features"].shape[1]),
         precision="fp16", classes=list(HAM10000_CLASSES), class_names=list(HAM10000_CLASSES),
         preprocess={}, views={"k": int(d["views"].shape[1])}, dataset="ham10000-real",
-        dataset_kind="ham10000", dataset_root=str(npz), dataset_fingerprint="", versions={})
+        dataset_kind="ham10000", dataset_root=dataset_root or str(npz), dataset_fingerprint="",
+        versions={})
     write_cache(out, header, splits, {}, {})
     return out
 

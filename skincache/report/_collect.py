@@ -206,9 +206,10 @@ def _mark_val_picks(runs: list[RunEntry]) -> None:
 
 
 def _caches(study: Study) -> list[CacheEntry]:
-    paths = list(dict.fromkeys([r.record.cache for r in study.runs if r.record.cache]
-                               + [b.results["cache"] for b in study.benches
-                                  if isinstance(b.results.get("cache"), str)]))
+    named = [r.record.cache for r in study.runs if r.record.cache] + \
+        [b.results["cache"] for b in study.benches if isinstance(b.results.get("cache"), str)]
+    seen: set[Path] = set()
+    paths = [p for p in named if not (Path(p).resolve() in seen or seen.add(Path(p).resolve()))]
     out = []
     for p in paths:
         try:
