@@ -116,8 +116,18 @@ def demo(
 def models(
     filter_: Annotated[str, typer.Argument(metavar="[FILTER]", help="Keep architectures whose "
                                            "name or a tag contains this (any case).")] = "",
+    derm: Annotated[bool, typer.Option("--derm", help="The published dermatology encoders: "
+                                       "short names for --model, source, architecture, "
+                                       "license, whether each loads here.")] = False,
 ) -> None:
     """Model architectures open_clip can build here and their --pretrained tags."""
+    if derm:
+        if filter_:
+            raise UsageError("--derm lists every derm model; give no FILTER with it")
+        from skincache.models import derm_table
+
+        _render.derm_models_table(derm_table())
+        return
     from skincache.models import DEFAULT_PRETRAINED, list_architectures
 
     rows = list_architectures(filter_)
@@ -136,7 +146,8 @@ def models(
         _render.out.print(f"{name:<{width}}  {text}", highlight=False)
     _render.out.print(f"{len(rows)} architecture(s). Encode with --model NAME --pretrained TAG; "
                       "hf-hub:org/repo ids (BiomedCLIP, DermLIP) bring their own weights and "
-                      "are not listed.", highlight=False)
+                      "are not listed (`skincache models --derm`: the dermatology ones).",
+                      highlight=False)
 
 
 def info(
