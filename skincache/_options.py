@@ -61,8 +61,9 @@ def check_model(name: str) -> None:
     if not known or name in known:  # open_clip not found: let the import say so
         return
     short = derm_models.short_names()
-    close = difflib.get_close_matches(name.lower(), short, n=3, cutoff=0.6) or \
-        difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    by_lower = {c.lower(): c for c in [*known, *short]}
+    close = [by_lower[c] for c in difflib.get_close_matches(name.lower(), list(by_lower), n=3,
+                                                            cutoff=0.6)]
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise UsageError(f"unknown model {name!r}{hint}: `skincache models` lists the "
                      f"architectures and their pretrained tags; derm short names: "

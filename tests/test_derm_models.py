@@ -135,10 +135,12 @@ def _architectures() -> dict[str, derm_models.DermModel]:
 
 
 def test_registry_names_the_stock_architectures_it_relies_on():
-    assert set(_architectures()) == {"ViT-B-16", "ViT-L-14"}
+    assert set(_architectures()) == {"ViT-B-16", "ViT-L-14", "ViT-B-16-quickgelu",
+                                    "ViT-L-14-quickgelu"}
 
 
-@pytest.mark.parametrize("arch", ["ViT-B-16", "ViT-L-14"])
+@pytest.mark.parametrize("arch", ["ViT-B-16", "ViT-L-14", "ViT-B-16-quickgelu",
+                                  "ViT-L-14-quickgelu"])
 def test_each_registered_architecture_builds_records_preprocessing_and_encodes(
         arch, offline_hub):
     entry = _architectures()[arch]
@@ -152,6 +154,10 @@ def test_each_registered_architecture_builds_records_preprocessing_and_encodes(
     assert np.allclose(p.mean, entry.mean) and np.allclose(p.std, entry.std)
     assert p.interpolation == entry.interpolation
     assert loaded.embed_dim == 32
+    from open_clip.transformer import QuickGELU
+
+    quick = any(isinstance(m, QuickGELU) for m in loaded.model.modules())
+    assert quick == arch.endswith("-quickgelu")  # OpenAI weights were trained with QuickGELU
     tf = p.open_clip_transform()
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
@@ -191,7 +197,7 @@ def test_short_names_resolve_to_ids_and_tags():
     assert resolve_pretrained("clip-b16", None) == "openai"
     assert resolve_pretrained("clip-b16", "") is None  # random init stays possible
     assert resolve_pretrained("dermlip-b16", None) is None  # the hub id brings its weights
-    assert ModelSpec("clip-b16", "openai").slug == ModelSpec("ViT-B-16", "openai").slug
+    assert ModelSpec("clip-b16", "openai").name == "ViT-B-16-quickgelu"
 
 
 def test_monet_needs_a_checkpoint_file(tmp_path):
@@ -201,7 +207,7 @@ def test_monet_needs_a_checkpoint_file(tmp_path):
     ckpt = tmp_path / "monet.pt"
     ckpt.write_bytes(b"x")
     assert resolve_pretrained("monet", None, str(ckpt)) is None
-    assert ModelSpec("monet", None, str(ckpt)).name == "ViT-L-14"
+    assert ModelSpec("monet", None, str(ckpt)).name == "ViT-L-14-quickgelu"
 
 
 def test_gated_model_without_token_is_one_line(offline_hub, monkeypatch):

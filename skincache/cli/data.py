@@ -33,8 +33,9 @@ from skincache.errors import UsageError
 
 def encode(
     data: Annotated[str, typer.Option(help=sources_help())],
-    model: Annotated[str, typer.Option(help="open_clip architecture or hf-hub: id "
-                                            "(`skincache models` lists them).")] = "ViT-B-32",
+    model: Annotated[str, typer.Option(help="open_clip architecture, hf-hub: id or derm short "
+                                            "name (`skincache models [--derm]` lists them)."
+                                       )] = "ViT-B-32",
     pretrained: Annotated[str | None, typer.Option(help=PRETRAINED_HELP)] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Local weights file (loaded with "
                                                          "weights_only=True).")] = None,
