@@ -123,11 +123,7 @@ def models(
 ) -> None:
     """Model architectures open_clip can build here and their --pretrained tags."""
     if derm:
-        if filter_:
-            raise UsageError("--derm lists every derm model; give no FILTER with it")
-        from skincache.models import derm_table
-
-        _render.derm_models_table(derm_table())
+        _models_derm(filter_)
         return
     from skincache.models import DEFAULT_PRETRAINED, list_architectures
 
@@ -149,6 +145,15 @@ def models(
                       "hf-hub:org/repo ids (BiomedCLIP, DermLIP) bring their own weights and "
                       "are not listed (`skincache models --derm`: the dermatology ones).",
                       highlight=False)
+
+
+def _models_derm(filter_: str) -> None:
+    """models --derm: the derm encoder registry and whether each entry loads here."""
+    if filter_:
+        raise UsageError("--derm lists every derm model; give no FILTER with it")
+    from skincache.models import derm_table
+
+    _render.derm_models_table(derm_table())
 
 
 def info(
