@@ -324,6 +324,12 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
                 f"could not load {what}: {offline}, and the weights are not in the local "
                 "Hugging Face cache; run this once where the network is reachable and copy its "
                 "~/.cache/huggingface here, or pass --checkpoint FILE") from e
+        if is_hub and _refused_access(e):
+            repo = spec.name.removeprefix("hf-hub:")
+            raise ModelError(
+                f"could not load {what}: the Hugging Face Hub refused access (gated or "
+                f"private); accept its terms at https://huggingface.co/{repo}, then set "
+                "HF_TOKEN or run `huggingface-cli login`") from e
         raise ModelError(f"could not load {what}: {e}") from e
     if spec.checkpoint:
         load_checkpoint_file(model, spec)
@@ -340,6 +346,18 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
         logit_scale=float(model.logit_scale.exp().item()),
         weights_sha256=state_dict_sha256(model),
     )
+
+
+def _refused_access(e: BaseException) -> bool:
+    """The Hub answered 401/403 or named the repo gated, anywhere in the exception chain
+    (open_clip wraps huggingface_hub's errors in its own)."""
+    while e is not None:
+        text = f"{type(e).__name__} {e}"
+        if any(m in text for m in ("GatedRepoError", "401 Client Error", "403 Client Error",
+                                   "Unauthorized", "gated repo")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def checkpoint_problem(path: str | Path, e: BaseException) -> str:

@@ -221,6 +221,30 @@ def test_gated_model_without_token_is_one_line(offline_hub, monkeypatch):
     assert derm_models.load_problem(gated) == ""
 
 
+def test_hub_refusing_access_is_one_line_naming_the_token(monkeypatch):
+    """A 401 from the Hub (a gated repo, no token) is one line saying what to do, whatever
+    open_clip wraps it in."""
+    import open_clip
+
+    def refuse(*a, **k):
+        try:
+            raise OSError("401 Client Error: Unauthorized for url: https://huggingface.co/x\n"
+                          "Access to model x is restricted.")
+        except OSError as inner:
+            raise RuntimeError("Failed initial config/weights load from HF Hub x") from inner
+
+    monkeypatch.setattr(open_clip, "create_model", refuse)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import skincache.data.fetch as fetch
+
+    monkeypatch.setattr(fetch, "check_online", lambda *a, **k: None)  # "online"
+    with pytest.raises(ModelError) as info:
+        load_model(ModelSpec("dermfm-zero"))
+    msg = str(info.value)
+    assert "\n" not in msg and "HF_TOKEN" in msg and "redlessone/DermFM-Zero" in msg
+
+
 def test_models_derm_lists_every_entry():
     r = runner.invoke(app, ["models", "--derm"], env={"COLUMNS": "250"})
     assert r.exit_code == 0, r.output
