@@ -190,6 +190,30 @@ def test_panderm_needs_the_fork_in_one_line():
         assert "\n" not in msg and "Derm1M fork" in msg and "not built" in msg
 
 
+def test_registry_entries_are_consistent():
+    """Guards edits of derm_models.json: ids well formed, architectures and tags known to this
+    open_clip, short names lowercase, checkpoint entries say where the file comes from."""
+    import open_clip
+
+    from skincache.models import pretrained_tags
+
+    for e in derm_models.registry().values():
+        assert e.name == e.name.lower() and " " not in e.name, e.name
+        if e.is_hub:
+            assert e.repo_id.count("/") == 1 and e.pretrained is None, e.name
+        else:
+            assert e.model in open_clip.list_models(), e.name
+            if e.pretrained:
+                assert e.pretrained in pretrained_tags(e.model), e.name
+        assert e.weights in ("hub", "checkpoint") and (e.weights == "hub") == (
+            not e.checkpoint_note), e.name
+        assert len(e.mean) == len(e.std) == 3 and e.input_size > 0, e.name
+        assert e.verified, f"{e.name}: say what was checked"
+        assert derm_models.entry_for(e.name) is e
+        if e.is_hub:
+            assert derm_models.entry_for(e.model) is e
+
+
 def test_short_names_resolve_to_ids_and_tags():
     assert ModelSpec("dermlip-b16").name == "hf-hub:redlessone/DermLIP_ViT-B-16"
     assert ModelSpec("DermLIP-B16").name == "hf-hub:redlessone/DermLIP_ViT-B-16"
