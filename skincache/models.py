@@ -136,10 +136,11 @@ def derm_status(entry: derm_models.DermModel) -> str:
         return f"no: open_clip lacks {entry.model}"
     if entry.architecture == "unverified":
         return "unverified: the hub config decides"
-    where = " (cached)" if derm_models.in_local_cache(entry) else ""
     if entry.weights == "checkpoint":
         return "yes, with --checkpoint FILE"
-    return f"yes{where}"
+    if entry.is_hub:
+        return "yes, cached" if derm_models.in_local_cache(entry) else "yes, from the Hub"
+    return "yes, open_clip downloads the tag"
 
 
 def derm_table() -> list[dict]:

@@ -269,6 +269,17 @@ def test_hub_refusing_access_is_one_line_naming_the_token(monkeypatch):
     assert "\n" not in msg and "HF_TOKEN" in msg and "redlessone/DermFM-Zero" in msg
 
 
+def test_status_says_cached_once_the_snapshot_is_in_the_local_cache(offline_hub):
+    from skincache.models import derm_status
+
+    e = derm_models.by_name("dermlip-b16")
+    assert derm_status(e) == "yes, from the Hub"
+    hub_snapshot(offline_hub, e.repo_id, _tiny_cfg(), {})
+    assert derm_status(e) == "yes, cached"
+    biomed = derm_models.by_name("biomedclip")
+    assert derm_status(biomed).startswith("no: needs") == bool(biomed.missing_packages())
+
+
 def test_models_derm_lists_every_entry():
     r = runner.invoke(app, ["models", "--derm"], env={"COLUMNS": "250"})
     assert r.exit_code == 0, r.output
