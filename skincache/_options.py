@@ -11,6 +11,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+from skincache import derm_models
 from skincache.defaults import TINY_MODEL
 from skincache.errors import UsageError
 
@@ -54,14 +55,20 @@ def check_model(name: str) -> None:
         if name.count("/") != 1 or not name.split(":", 1)[1].strip("/"):
             raise UsageError(f"--model {name!r}: an hf-hub id is hf-hub:org/repo")
         return
+    if derm_models.by_name(name):
+        return
     known = architectures()
     if not known or name in known:  # open_clip not found: let the import say so
         return
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    short = derm_models.short_names()
+    by_lower = {c.lower(): c for c in [*known, *short]}
+    close = [by_lower[c] for c in difflib.get_close_matches(name.lower(), list(by_lower), n=3,
+                                                            cutoff=0.6)]
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise UsageError(f"unknown model {name!r}{hint}: `skincache models` lists the "
-                     f"architectures and their pretrained tags; '{TINY_MODEL}' runs offline, "
-                     "or give an hf-hub:org/repo id")
+                     f"architectures and their pretrained tags; derm short names: "
+                     f"{', '.join(short)} (`skincache models --derm`); '{TINY_MODEL}' runs "
+                     "offline, or give an hf-hub:org/repo id")
 
 
 def check_templates(template_set: str) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from skincache import derm_models
 from skincache._io import file_safe
 from skincache.defaults import TINY_MODEL
 from skincache.errors import ModelError, NotFoundError, UsageError
@@ -77,7 +78,16 @@ def resolve_pretrained(name: str, pretrained: str | None, checkpoint: str | None
     architecture without tags (the shipped `skincache-tiny` runs as named). `''` asks for
     random initialisation. A tag the architecture does not have is a UsageError that lists the
     ones it has, so a user never has to guess. A checkpoint or an hf-hub id brings its own
-    weights: no tag."""
+    weights: no tag. A derm short name (`clip-b16`) defaults to its registry entry's tag; one
+    whose weights are a checkpoint file (`monet`) without `checkpoint` is a ModelError saying
+    where the file comes from."""
+    entry = derm_models.by_name(name)
+    if entry is not None:
+        if entry.weights == "checkpoint" and not checkpoint:
+            raise ModelError(derm_models.load_problem(entry, checkpoint))
+        name = entry.model
+        if pretrained is None and entry.pretrained and not checkpoint:
+            pretrained = entry.pretrained
     if checkpoint or name.startswith("hf-hub:"):
         return None
     if pretrained == "":
@@ -107,18 +117,58 @@ def check_pretrained(name: str, tag: str, tags: list[str] | None = None) -> None
                      f"{', '.join(tags)} (`skincache models {name}` lists them)")
 
 
+def derm_status(entry: derm_models.DermModel) -> str:
+    """Whether `entry` loads in this install, in a few words, without the network: the
+    architecture is one open_clip knows (or the hub config brings it), the packages its
+    towers need import, no fork is required, a gated repo has a token. 'yes' may still fail
+    at download time (no network, a revoked repo); that failure is one line too."""
+    if entry.fork:
+        return "no: needs the Derm1M fork of open_clip"
+    missing = entry.missing_packages()
+    if missing:
+        return f"no: needs {', '.join(missing)}"
+    if entry.gated and not derm_models.has_token() and not derm_models.in_local_cache(entry):
+        return "no: gated, needs HF_TOKEN"
+    _register_configs()
+    import open_clip
+
+    if not entry.is_hub and entry.model not in open_clip.list_models():
+        return f"no: open_clip lacks {entry.model}"
+    if entry.architecture == "unverified":
+        return "unverified: the hub config decides"
+    if entry.weights == "checkpoint":
+        return "yes, with --checkpoint FILE"
+    if entry.is_hub:
+        return "yes, cached" if derm_models.in_local_cache(entry) else "yes, from the Hub"
+    return "yes, open_clip downloads the tag"
+
+
+def derm_table() -> list[dict]:
+    """`skincache models --derm`: one row per registry entry, with `loads` (derm_status)."""
+    return [{"name": e.name, "title": e.title, "source": e.source,
+             "architecture": e.architecture, "input_size": e.input_size,
+             "text_tower": e.text_tower, "license": e.license, "loads": derm_status(e),
+             "unverified": list(e.unverified)}
+            for e in derm_models.registry().values()]
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which weights to load: what the cache key is made of for the model.
 
     `pretrained` is an open_clip tag (`openai`, `laion2b_s34b_b79k`) or None for random
     initialisation; `checkpoint` a local weights file (loaded with `weights_only=True`).
-    Names with an `hf-hub:` prefix carry their own weights and preprocessing.
+    Names with an `hf-hub:` prefix carry their own weights and preprocessing. A derm short
+    name (`dermlip-b16`, `skincache models --derm`) is stored as the id it stands for, so the
+    cache key and the cache's header name the weights, not the alias.
     """
 
     name: str
     pretrained: str | None = None
     checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", derm_models.resolve(self.name))
 
     @property
     def slug(self) -> str:
@@ -248,8 +298,13 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
     if not is_hub and spec.name not in open_clip.list_models():
         raise ModelError(
             f"unknown model '{spec.name}': use an open_clip architecture "
-            f"(`skincache models` lists them), an 'hf-hub:org/repo' id, or '{TINY_MODEL}'"
+            f"(`skincache models` lists them), a derm short name "
+            f"({', '.join(derm_models.short_names())}), an 'hf-hub:org/repo' id, or '{TINY_MODEL}'"
         )
+    entry = derm_models.by_model(spec.name)
+    problem = derm_models.load_problem(entry, spec.checkpoint) if entry else ""
+    if problem:
+        raise ModelError(problem)
     if spec.pretrained and not (is_hub or spec.checkpoint):
         check_pretrained(spec.name, spec.pretrained)
     random_init = not (is_hub or spec.pretrained)  # a checkpoint is loaded right after
@@ -270,6 +325,12 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
                 f"could not load {what}: {offline}, and the weights are not in the local "
                 "Hugging Face cache; run this once where the network is reachable and copy its "
                 "~/.cache/huggingface here, or pass --checkpoint FILE") from e
+        if is_hub and _refused_access(e):
+            repo = spec.name.removeprefix("hf-hub:")
+            raise ModelError(
+                f"could not load {what}: the Hugging Face Hub refused access (gated or "
+                f"private); accept its terms at https://huggingface.co/{repo}, then set "
+                "HF_TOKEN or run `huggingface-cli login`") from e
         raise ModelError(f"could not load {what}: {e}") from e
     if spec.checkpoint:
         load_checkpoint_file(model, spec)
@@ -286,6 +347,18 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
         logit_scale=float(model.logit_scale.exp().item()),
         weights_sha256=state_dict_sha256(model),
     )
+
+
+def _refused_access(e: BaseException) -> bool:
+    """The Hub answered 401/403 or named the repo gated, anywhere in the exception chain
+    (open_clip wraps huggingface_hub's errors in its own)."""
+    while e is not None:
+        text = f"{type(e).__name__} {e}"
+        if any(m in text for m in ("GatedRepoError", "401 Client Error", "403 Client Error",
+                                   "Unauthorized", "gated repo")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def checkpoint_problem(path: str | Path, e: BaseException) -> str:

@@ -352,3 +352,23 @@ def finetune_result(r) -> None:
     if r.failed:
         out.print(f"[yellow]{len(r.failed)} image(s) could not be read and were skipped[/] "
                   f"(listed in {r.run_dir}/failed.json)")
+
+
+def derm_models_table(rows: list[dict]) -> None:
+    """`skincache models --derm`: the derm encoder registry, one row per short name."""
+    t = Table(title="dermatology encoders (--model SHORT-NAME)", title_justify="left",
+              caption="facts marked unverified in skincache/derm_models.json were not checked "
+                      "against the model's own config; no derm weights were loaded to make this "
+                      "table")
+    for col in ("short name", "source", "architecture", "input", "text tower", "license",
+                "loads here"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        loads = r["loads"]
+        style = "green" if loads.startswith("yes") else "yellow"
+        t.add_row(r["name"], escape(r["source"]), escape(r["architecture"]),
+                  f"{r['input_size']}px", escape(r["text_tower"]), escape(r["license"]),
+                  f"[{style}]{escape(loads)}[/]")
+    _show(t)
+    out.print(f"{len(rows)} model(s). Encode with: skincache encode --data DIR --model "
+              "SHORT-NAME (e.g. --model dermlip-b16)", highlight=False)

@@ -33,8 +33,9 @@ from skincache.errors import UsageError
 
 def encode(
     data: Annotated[str, typer.Option(help=sources_help())],
-    model: Annotated[str, typer.Option(help="open_clip architecture or hf-hub: id "
-                                            "(`skincache models` lists them).")] = "ViT-B-32",
+    model: Annotated[str, typer.Option(help="open_clip architecture, hf-hub: id or derm short "
+                                            "name (`skincache models [--derm]` lists them)."
+                                       )] = "ViT-B-32",
     pretrained: Annotated[str | None, typer.Option(help=PRETRAINED_HELP)] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Local weights file (loaded with "
                                                          "weights_only=True).")] = None,
@@ -116,8 +117,14 @@ def demo(
 def models(
     filter_: Annotated[str, typer.Argument(metavar="[FILTER]", help="Keep architectures whose "
                                            "name or a tag contains this (any case).")] = "",
+    derm: Annotated[bool, typer.Option("--derm", help="The published dermatology encoders: "
+                                       "short names for --model, source, architecture, "
+                                       "license, whether each loads here.")] = False,
 ) -> None:
     """Model architectures open_clip can build here and their --pretrained tags."""
+    if derm:
+        _models_derm(filter_)
+        return
     from skincache.models import DEFAULT_PRETRAINED, list_architectures
 
     rows = list_architectures(filter_)
@@ -136,7 +143,17 @@ def models(
         _render.out.print(f"{name:<{width}}  {text}", highlight=False)
     _render.out.print(f"{len(rows)} architecture(s). Encode with --model NAME --pretrained TAG; "
                       "hf-hub:org/repo ids (BiomedCLIP, DermLIP) bring their own weights and "
-                      "are not listed.", highlight=False)
+                      "are not listed (`skincache models --derm`: the dermatology ones).",
+                      highlight=False)
+
+
+def _models_derm(filter_: str) -> None:
+    """models --derm: the derm encoder registry and whether each entry loads here."""
+    if filter_:
+        raise UsageError("--derm lists every derm model; give no FILTER with it")
+    from skincache.models import derm_table
+
+    _render.derm_models_table(derm_table())
 
 
 def info(

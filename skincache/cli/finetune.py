@@ -30,8 +30,9 @@ def finetune(
                                                   "--resume.")] = None,
     setup: Annotated[str, typer.Option(help="base, regularization or augmented (the reference "
                                             "paper's Table 1).")] = "base",
-    model: Annotated[str, typer.Option(help="open_clip architecture or hf-hub: id "
-                                            "(`skincache models` lists them).")] = "ViT-B-32",
+    model: Annotated[str, typer.Option(help="open_clip architecture, hf-hub: id or derm short "
+                                            "name (`skincache models [--derm]` lists them)."
+                                       )] = "ViT-B-32",
     pretrained: Annotated[str | None, typer.Option(help=PRETRAINED_HELP)] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Local weights to start from.")] = None,
     test_data: Annotated[str | None, typer.Option(help="A second source used whole as the "
