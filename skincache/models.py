@@ -317,6 +317,7 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
                 spec.name,
                 pretrained=None if (is_hub or spec.checkpoint) else spec.pretrained,
                 weights_only=True,
+                force_quick_gelu=_tag_wants_quick_gelu(spec),
             )
     except Exception as e:  # open_clip raises many types for unreachable hubs / unknown tags
         what = f"model '{spec.name}' (pretrained={spec.pretrained})"
@@ -347,6 +348,20 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
         logit_scale=float(model.logit_scale.exp().item()),
         weights_sha256=state_dict_sha256(model),
     )
+
+
+def _tag_wants_quick_gelu(spec: ModelSpec) -> bool:
+    """Whether the pretrained tag was trained with QuickGELU while the architecture's config
+    says GELU (`ViT-B-32` + `openai`, `ViT-L-14` + `dfn2b`, ...). open_clip 3.x builds the
+    config's activation and only warns about the mismatch, which changes every feature; its
+    own tag metadata says which activation the weights need, so that is what is built."""
+    import open_clip
+
+    if not spec.pretrained or spec.checkpoint or spec.name.startswith("hf-hub:"):
+        return False
+    tag_cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained) or {}
+    model_cfg = open_clip.get_model_config(spec.name) or {}
+    return bool(tag_cfg.get("quick_gelu")) and not model_cfg.get("quick_gelu")
 
 
 def _refused_access(e: BaseException) -> bool:

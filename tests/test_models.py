@@ -46,3 +46,37 @@ def test_hub_weights_fail_fast_without_network(monkeypatch):
         load_model(ModelSpec("hf-hub:skincache-tests/not-a-model"))
     assert time.monotonic() - t0 < 30
     assert constants.HF_HUB_OFFLINE is False  # offline mode was only for the load
+
+
+def test_a_quickgelu_tag_builds_quickgelu_on_a_gelu_architecture():
+    """open_clip 3.x builds `ViT-B-32` with GELU even for the `openai` tag (trained with
+    QuickGELU) and only warns; load_model asks for the activation the tag's metadata names."""
+    from skincache.models import ModelSpec, _tag_wants_quick_gelu
+
+    assert _tag_wants_quick_gelu(ModelSpec("ViT-B-32", "openai"))
+    assert _tag_wants_quick_gelu(ModelSpec("ViT-L-14", "dfn2b"))
+    assert not _tag_wants_quick_gelu(ModelSpec("ViT-B-32", "laion2b_s34b_b79k"))
+    assert not _tag_wants_quick_gelu(ModelSpec("ViT-B-32-quickgelu", "openai"))
+    assert not _tag_wants_quick_gelu(ModelSpec("ViT-B-32", None))
+
+
+def test_load_model_passes_the_tags_activation_to_open_clip(monkeypatch):
+    """No weights can be downloaded here: open_clip.create_model is replaced by a recorder."""
+    import open_clip
+
+    from skincache.errors import ModelError
+    from skincache.models import ModelSpec, load_model
+
+    seen = {}
+
+    def record(name, **kw):
+        seen.update(kw, name=name)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(open_clip, "create_model", record)
+    with pytest.raises(ModelError):
+        load_model(ModelSpec("ViT-B-32", "openai"))
+    assert seen["name"] == "ViT-B-32" and seen["force_quick_gelu"] is True
+    with pytest.raises(ModelError):
+        load_model(ModelSpec("ViT-B-32", "laion2b_s34b_b79k"))
+    assert seen["force_quick_gelu"] is False
