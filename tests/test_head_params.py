@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cv import _synthetic_cache
+from conftest import synthetic_cache
 
 from skincache._head_params import (
     SHARED_CONSTRAINTS,
@@ -108,7 +108,7 @@ def test_python_users_get_the_same_check_in_fit():
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
-    return _synthetic_cache(tmp_path_factory.mktemp("params") / "synthetic.h5", n=90, d=8)
+    return synthetic_cache(tmp_path_factory.mktemp("params") / "synthetic.h5", n=90, d=8)
 
 
 def test_a_failed_fit_leaves_no_run_folder(synth, tmp_path, monkeypatch):
