@@ -142,13 +142,12 @@ class CLAPHead(Head):
         Xt, yt = T.to_tensor(X, dev), T.to_tensor(y, dev, torch.long)
         t_dev, lam_dev = T.to_tensor(t, dev), T.to_tensor(lam, dev)
         w = T.to_tensor(t, dev).clone().requires_grad_(True)
-        opt = torch.optim.SGD([w], lr=self.lr, momentum=self.momentum)
+        buf = torch.zeros_like(w)  # SGD momentum as torch's (no dampening, not Nesterov)
         g = torch.Generator().manual_seed(int(self.seed))
-        scale = self.logit_scale_
+        scale, mom = self.logit_scale_, float(self.momentum)
         penalize = self.constraint == "l2"
         for epoch in range(epochs):
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(epoch, epochs, float(self.lr))
+            lr = cosine_lr(epoch, epochs, float(self.lr))
             order = torch.randperm(rows, generator=g).to(dev)
             for start in range(0, rows, self.batch_size):
                 idx = order[start:start + self.batch_size]
@@ -156,9 +155,10 @@ class CLAPHead(Head):
                 loss = F.cross_entropy(logits, yt[idx])
                 if penalize:
                     loss = loss + (lam_dev * (w - t_dev).pow(2).sum(1)).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                (grad,) = torch.autograd.grad(loss, w)
+                with torch.no_grad():
+                    buf.mul_(mom).add_(grad)
+                    w.sub_(lr * buf)
             _progress.report("clap epochs", epoch + 1, epochs, "")
         self.epochs_run_, self.steps_run_ = epochs, epochs * steps_per_epoch
         self.weight_ = w.detach().cpu().numpy().astype(np.float32)
