@@ -57,6 +57,10 @@ def test_lpp_init_is_scaled_class_means_and_mean_text_similarity():
         np.testing.assert_allclose(W0[c], per * X[y == c].mean(0), rtol=1e-5)
     np.testing.assert_array_equal(W0[3], 0.0)
     np.testing.assert_array_equal(b0, 0.0)
+    big = problem(8, [30, 20, 10, 4])  # N / C = 16 at most: the paper's largest support
+    Xb = l2_normalize(big["X"])
+    np.testing.assert_allclose(lpp_init(Xb, big["y"], t, C)[0][0],
+                               16.0 * Xb[big["y"] == 0].mean(0), rtol=1e-5)
     sims = [[X[y == c].mean(0) @ t[k] for k in range(C)] for c in range(3)]
     assert a0 == pytest.approx(250.0 * np.mean(sims), rel=1e-5)
     # a balanced K-shot support: the authors' class sums exactly

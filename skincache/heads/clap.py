@@ -98,7 +98,7 @@ class CLAPHead(Head):
         batch_size: int = 256,
         lr: float = 0.1,
         momentum: float = 0.9,
-        max_steps: int | None = 3000,
+        max_steps: int | None = 1500,
         use_views: bool = True,
         seed: int = 0,
         device: str = "cpu",
