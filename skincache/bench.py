@@ -54,6 +54,10 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("dermfm-lp", "dermfm-lp", {}),
     ("dermfm-lp-trainval", "dermfm-lp", {"merge_val": True}),
     ("clip-benchmark-lp", "clip-benchmark-lp", {}),
+    # 2024 few-shot probes from the text prototypes (README "lp++, clap and zs-linear")
+    ("lp++", "lp++", {}),
+    ("clap", "clap", {}),
+    ("zs-lp", "clap", {"constraint": "none"}),
 ]
 
 #: The run key of the selection score: the primary metric on val (`val_balanced_accuracy`).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -24,10 +25,10 @@ from skincache.heads.base import balanced_accuracy, l2_normalize
 
 ALL_HEADS = [
     "zeroshot", "logreg", "linear", "mlp", "knn", "tip-adapter", "tip-adapter-f", "zs-linear",
-    "dermfm-lp", "clip-benchmark-lp",
+    "dermfm-lp", "clip-benchmark-lp", "lp++", "clap",
 ]
-TEXT_HEADS = ["zeroshot", "tip-adapter", "tip-adapter-f", "zs-linear"]
-STOCHASTIC_HEADS = ["linear", "mlp", "tip-adapter-f", "zs-linear"]
+TEXT_HEADS = ["zeroshot", "tip-adapter", "tip-adapter-f", "zs-linear", "lp++", "clap"]
+STOCHASTIC_HEADS = ["linear", "mlp", "tip-adapter-f", "zs-linear", "clap"]
 # Small settings so the whole file stays fast on two shared cores.
 FAST = {
     "logreg": {"c_range": (1e-2, 1e2), "refine": False},
@@ -36,6 +37,8 @@ FAST = {
     "tip-adapter-f": {"epochs": 3, "samples_per_epoch": 256},
     "zs-linear": {"epochs": 15},
     "clip-benchmark-lp": {"epochs": 3},
+    "lp++": {"epochs": 60},
+    "clap": {"epochs": 20},
 }
 
 C, D, K, TEMPLATES = 4, 32, 3, 5
@@ -200,7 +203,8 @@ def test_zeroshot_uses_the_logit_scale(separable):
 @pytest.mark.parametrize("name", TEXT_HEADS)
 def test_text_heads_refuse_missing_text(name, separable):
     head = create_head(name)
-    with pytest.raises(ValueError, match=f"'{name}' needs the cache's text features.*re-encode"):
+    with pytest.raises(ValueError,
+                       match=f"'{re.escape(name)}' needs the cache's text features.*re-encode"):
         head.fit(separable["X"], separable["y"], X_val=separable["X_val"],
                  y_val=separable["y_val"])
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 # Importing the modules registers the heads, in this order.
 from . import (  # noqa: F401
+    clap,
     clip_benchmark_lp,
     dermfm_lp,
     knn,
     linear,
     logreg,
+    lpp,
     mlp,
     tip_adapter,
     tip_adapter_f,
@@ -35,11 +37,13 @@ from .base import (
     balanced_accuracy,
     load_head,
 )
+from .clap import CLAPHead
 from .clip_benchmark_lp import CLIPBenchmarkLinearProbeHead
 from .dermfm_lp import DermFMLinearProbeHead
 from .knn import KNNHead
 from .linear import LinearHead
 from .logreg import LogRegHead
+from .lpp import LPPlusPlusHead
 from .mlp import MLPHead
 from .tip_adapter import TipAdapterHead
 from .tip_adapter_f import TipAdapterFHead
@@ -47,6 +51,7 @@ from .zeroshot import ZeroShotHead, zeroshot_prototypes
 from .zs_linear import ZSLinearHead
 
 __all__ = [
+    "CLAPHead",
     "CLIPBenchmarkLinearProbeHead",
     "DEFAULT_LOGIT_SCALE",
     "DermFMLinearProbeHead",
@@ -59,6 +64,7 @@ __all__ = [
     "KNNHead",
     "LinearHead",
     "LogRegHead",
+    "LPPlusPlusHead",
     "MLPHead",
     "TipAdapterFHead",
     "TipAdapterHead",

@@ -1,11 +1,23 @@
-"""A linear probe that starts from the zero-shot classifier (LP++ / CLAP style).
+"""A linear probe that starts from the zero-shot classifier, held near it by a fixed anchor.
 
 Few labels, or a rare class, can make a probe initialised at random worse than zero-shot CLIP;
 starting from the text prototypes keeps the prior the model already has and lets the labels
 correct it. `anchor` adds anchor * ||W - W0||^2 to the loss, a pull back towards the prototypes
-W0 (CLAP's constraint in its simplest, fixed-weight form). Logits are computed like zero-shot
-ones, logit_scale * normalise(x) @ W^T, plus a learned per-class bias that can absorb the class
-prior.
+W0. Logits are computed like zero-shot ones, logit_scale * normalise(x) @ W^T, plus a learned
+per-class bias that can absorb the class prior.
+
+It is neither of the 2024 probes it resembles (both are heads of their own):
+- not CLAP (`clap`): CLAP's pull is class-adaptive, each class's strength set from the support
+  set (its zero-shot accuracy there), its weights are normalised in the logits and it has no
+  bias; here one fixed `anchor` (0 by default) holds every class alike, on unnormalised W.
+- not LP++ (`lp++`): LP++ learns a per-class blend alpha_c of the text prototype beside free
+  visual weights started at the class centroids, by full-batch block-coordinate steps; here W
+  itself starts at the prototypes and moves.
+What it keeps of its own: AdamW mini-batches over the cached views, the class-weighted loss
+and early stopping on validation balanced accuracy with the zero-shot start scored as epoch 0,
+so training that only hurts is undone (CLAP selects nothing on validation; LP++'s code keeps
+the epoch of best validation accuracy). With `anchor=0` it is also not CLAP's ZS-LP
+(`clap -p constraint=none`): that one has normalised weights, no bias and SGD.
 """
 
 from __future__ import annotations
