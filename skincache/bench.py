@@ -54,6 +54,9 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("dermfm-lp", "dermfm-lp", {}),
     ("dermfm-lp-trainval", "dermfm-lp", {"merge_val": True}),
     ("clip-benchmark-lp", "clip-benchmark-lp", {}),
+    # training-free, closed form (README "gda and proker")
+    ("gda", "gda", {}),
+    ("proker", "proker", {}),
 ]
 
 #: The run key of the selection score: the primary metric on val (`val_balanced_accuracy`).

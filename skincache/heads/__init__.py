@@ -15,10 +15,12 @@ from __future__ import annotations
 from . import (  # noqa: F401
     clip_benchmark_lp,
     dermfm_lp,
+    gda,
     knn,
     linear,
     logreg,
     mlp,
+    proker,
     tip_adapter,
     tip_adapter_f,
     zeroshot,
@@ -37,10 +39,12 @@ from .base import (
 )
 from .clip_benchmark_lp import CLIPBenchmarkLinearProbeHead
 from .dermfm_lp import DermFMLinearProbeHead
+from .gda import GDAHead
 from .knn import KNNHead
 from .linear import LinearHead
 from .logreg import LogRegHead
 from .mlp import MLPHead
+from .proker import ProKeRHead
 from .tip_adapter import TipAdapterHead
 from .tip_adapter_f import TipAdapterFHead
 from .zeroshot import ZeroShotHead, zeroshot_prototypes
@@ -52,6 +56,7 @@ __all__ = [
     "DermFMLinearProbeHead",
     "HEADS",
     "FitData",
+    "GDAHead",
     "HeadSpec",
     "ParamSpec",
     "Head",
@@ -60,6 +65,7 @@ __all__ = [
     "LinearHead",
     "LogRegHead",
     "MLPHead",
+    "ProKeRHead",
     "TipAdapterFHead",
     "TipAdapterHead",
     "ZSLinearHead",
