@@ -69,12 +69,15 @@ class SharedCovariance:
         cov = (centered.T @ centered).astype(np.float64) / max(len(Z) - 1, 1)
         self.eigvals, self.eigvecs = np.linalg.eigh((cov + cov.T) / 2)
         self.eigvals = np.maximum(self.eigvals, 0.0)
-        self.scale = float(self.eigvals.mean())  # tr(S) / D
+        # tr(S) / D; with no within-class spread at all (one sample per class, no views) the
+        # spread of random unit vectors, 1 / D: the rule is then the nearest class mean
+        mean = float(self.eigvals.mean())
+        self.scale = mean if mean > 1e-12 else 1.0 / len(self.eigvals)
 
     def linear(self, mus: np.ndarray, log_pi: np.ndarray, g: float
                ) -> tuple[np.ndarray, np.ndarray]:
         """(W [C, D], b [C]) of the GDA rule with precision ((1-g) S + g tr(S)/D I)^-1."""
-        d = (1.0 - g) * self.eigvals + g * max(self.scale, 1e-12)
+        d = (1.0 - g) * self.eigvals + g * self.scale
         d = np.maximum(d, 1e-12 * max(float(d.max()), 1e-12))
         mv = mus @ self.eigvecs  # [C, D] in the eigenbasis
         W = (mv / d) @ self.eigvecs.T

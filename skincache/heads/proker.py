@@ -66,27 +66,37 @@ def balanced_landmarks(y: np.ndarray, m: int, n_classes: int, seed: int) -> np.n
 
 
 class KernelSystem:
-    """K_SZ and K_ZZ for one beta, reduced to an m x m eigenproblem so that every lambda on the
-    grid costs a rescaling. With Phi = K_SZ V s^-1/2 (K_ZZ = V s V^T, tiny s dropped), the
-    restricted KRR is ridge regression on Phi: c = V s^-1/2 (Phi^T Phi + lambda I)^-1 Phi^T R."""
+    """The solve for one beta, reduced to an eigenproblem so that every lambda on the grid
+    costs a rescaling.
 
-    def __init__(self, S: np.ndarray, Z: np.ndarray, R: np.ndarray, beta: float,
-                 gram_sz: np.ndarray | None = None) -> None:
-        k_sz = np.exp(beta * (gram_sz - 1.0)) if gram_sz is not None else affinity(S, Z, beta)
-        k_zz = affinity(Z, Z, beta).astype(np.float64)
-        s, V = np.linalg.eigh((k_zz + k_zz.T) / 2)
-        keep = s > EIG_RTOL * max(float(s.max()), 1e-300)
-        self.proj = V[:, keep] / np.sqrt(s[keep])  # [m, r]: V s^-1/2
-        G = (k_sz.T @ k_sz).astype(np.float64)  # [m, m]: K_ZS K_SZ (one N x m^2 product)
-        H = self.proj.T @ G @ self.proj  # Phi^T Phi, [r, r]
-        self.e, self.U = np.linalg.eigh((H + H.T) / 2)
+    Exact (`gram_sz` is S S^T): K = U e U^T, c = U (e + lambda)^-1 U^T R, in float64.
+    Nystrom: with Phi = K_SZ V s^-1/2 (K_ZZ = V s V^T, tiny s dropped) the restricted KRR is
+    ridge regression on Phi, c = V s^-1/2 (Phi^T Phi + lambda I)^-1 Phi^T R; the N x m
+    products run in float32 (the one cost that grows with N), the m x m algebra in float64."""
+
+    def __init__(self, Z: np.ndarray, R: np.ndarray, beta: float, gram_sz: np.ndarray,
+                 exact: bool) -> None:
+        k_sz = np.exp(beta * (gram_sz - 1.0))
+        if exact:
+            self.proj = None
+            k = k_sz.astype(np.float64)
+            self.e, self.U = np.linalg.eigh((k + k.T) / 2)
+            self.Ut_b = self.U.T @ R.astype(np.float64)
+        else:
+            k_zz = affinity(Z.astype(np.float64), Z.astype(np.float64), beta)
+            s, V = np.linalg.eigh((k_zz + k_zz.T) / 2)
+            keep = s > EIG_RTOL * max(float(s.max()), 1e-300)
+            self.proj = V[:, keep] / np.sqrt(s[keep])  # [m, r]: V s^-1/2
+            G = (k_sz.T @ k_sz).astype(np.float64)  # [m, m]: K_ZS K_SZ (one N x m^2 product)
+            H = self.proj.T @ G @ self.proj  # Phi^T Phi, [r, r]
+            self.e, self.U = np.linalg.eigh((H + H.T) / 2)
+            self.Ut_b = self.U.T @ (self.proj.T @ (k_sz.T @ R).astype(np.float64))
         self.e = np.maximum(self.e, 0.0)
-        self.Ut_b = self.U.T @ (self.proj.T @ (k_sz.T @ R).astype(np.float64))  # U^T Phi^T R
 
     def coef(self, lam: float) -> np.ndarray:
         """c [m, C] for ridge lambda."""
         w = self.U @ (self.Ut_b / (self.e + lam)[:, None])
-        return self.proj @ w
+        return w if self.proj is None else self.proj @ w
 
 
 @register_head("proker")
@@ -161,7 +171,8 @@ class ProKeRHead(Head):
         betas = self._grid(self.beta, self.beta_range, self.n_beta, DEFAULT_BETA, data.has_val)
         lams = self._grid(self.lam, self.lambda_range, self.n_lambda, DEFAULT_LAMBDA,
                           data.has_val)
-        gram = S @ Z.T  # once for every beta
+        # S Z^T once for every beta (float64 when exact: an N x N problem that is small)
+        gram = S.astype(np.float64) @ S.T.astype(np.float64) if self.exact_ else S @ Z.T
         self.val_score_ = None
         best = (betas[0], lams[0])
         if data.has_val and len(betas) * len(lams) > 1:
@@ -171,7 +182,7 @@ class ProKeRHead(Head):
             gram_val = xv @ Z.T
             score, best_score = self._val_score(data), -1.0
             for beta in betas:
-                system = KernelSystem(S, Z, R, beta, gram)
+                system = KernelSystem(Z, R, beta, gram, self.exact_)
                 k_val = np.exp(beta * (gram_val - 1.0)).astype(np.float64)
                 for lam in lams:
                     s = score(self.logit_scale_ * (zs_val + k_val @ system.coef(lam)))
@@ -179,7 +190,7 @@ class ProKeRHead(Head):
                         best_score, best = s, (beta, lam)
             self.val_score_ = float(best_score)
         self.beta_, self.lambda_ = best
-        system = KernelSystem(S, Z, R, self.beta_, gram)
+        system = KernelSystem(Z, R, self.beta_, gram, self.exact_)
         self.dual_coef_ = system.coef(self.lambda_).astype(np.float64)
 
     def decision(self, X: np.ndarray) -> np.ndarray:
