@@ -59,10 +59,11 @@ def prototypes(text: np.ndarray) -> np.ndarray:
 
 def gda_reference(Z: np.ndarray, y: np.ndarray, g: float) -> tuple[np.ndarray, np.ndarray]:
     """W = P mu, b = log pi - mu P mu / 2, P = ((1-g) S + g tr(S)/D I)^-1, S pooled."""
+    dim = Z.shape[1]
     mus = np.stack([Z[y == c].mean(axis=0) for c in range(C)])
     centered = Z - mus[y]
     S = centered.T @ centered / (len(Z) - 1)
-    P = np.linalg.inv((1 - g) * S + g * np.trace(S) / D * np.eye(D))
+    P = np.linalg.inv((1 - g) * S + g * np.trace(S) / dim * np.eye(dim))
     log_pi = np.log((np.bincount(y, minlength=C) + 1.0) / (len(y) + C))
     W = mus @ P
     b = log_pi - 0.5 * np.einsum("cd,de,ce->c", mus, P, mus)
@@ -88,6 +89,23 @@ def test_gda_is_the_shared_covariance_bayes_rule(with_text):
     np.testing.assert_allclose(head.predict_proba(d["X_test"]), softmax(logits), atol=1e-6)
     A, c = head.linear_form()
     np.testing.assert_allclose(softmax(zt @ A.T + c), softmax(logits), atol=1e-6)
+
+
+def test_gda_with_fewer_samples_than_dimensions():
+    """N < D (every few-shot draw of 1280-d features): S is singular; the head works in its
+    rank-N eigenbasis and the formula must still hold exactly."""
+    rng = np.random.default_rng(5)
+    dim, n = 40, 12
+    X = (rng.standard_normal((n, dim)) + np.eye(C, dim)[np.arange(n) % C] * 2).astype(
+        np.float32)
+    y = np.arange(n) % C
+    Xt = rng.standard_normal((9, dim)).astype(np.float32)
+    for g in (0.05, 0.6):
+        head = create_head("gda", shrinkage=g, use_views=False, **RAW).fit(X, y)
+        W, b = gda_reference(unit(X.astype(np.float64)), y, g)
+        zt = unit(Xt.astype(np.float64))
+        np.testing.assert_allclose(head.coef_, W, rtol=1e-4, atol=1e-6 * np.abs(W).max())
+        np.testing.assert_allclose(head.predict_proba(Xt), softmax(zt @ W.T + b), atol=1e-6)
 
 
 def test_gda_without_val_uses_the_papers_estimator_and_alpha_1():

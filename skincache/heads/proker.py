@@ -31,7 +31,7 @@ import numpy as np
 
 from ._registry import register_head
 from .base import FitData, Head, l2_normalize, softmax
-from .gda import training_samples
+from .gda import eigh, training_samples
 from .zeroshot import zeroshot_prototypes
 
 #: beta and lambda without a validation split (Tip-Adapter's beta, a unit ridge)
@@ -80,16 +80,16 @@ class KernelSystem:
         if exact:
             self.proj = None
             k = k_sz.astype(np.float64)
-            self.e, self.U = np.linalg.eigh((k + k.T) / 2)
+            self.e, self.U = eigh(k)
             self.Ut_b = self.U.T @ R.astype(np.float64)
         else:
             k_zz = affinity(Z.astype(np.float64), Z.astype(np.float64), beta)
-            s, V = np.linalg.eigh((k_zz + k_zz.T) / 2)
+            s, V = eigh(k_zz)
             keep = s > EIG_RTOL * max(float(s.max()), 1e-300)
             self.proj = V[:, keep] / np.sqrt(s[keep])  # [m, r]: V s^-1/2
             G = (k_sz.T @ k_sz).astype(np.float64)  # [m, m]: K_ZS K_SZ (one N x m^2 product)
             H = self.proj.T @ G @ self.proj  # Phi^T Phi, [r, r]
-            self.e, self.U = np.linalg.eigh((H + H.T) / 2)
+            self.e, self.U = eigh(H)
             self.Ut_b = self.U.T @ (self.proj.T @ (k_sz.T @ R).astype(np.float64))
         self.e = np.maximum(self.e, 0.0)
 
