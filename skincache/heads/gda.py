@@ -108,7 +108,7 @@ class SharedCovariance:
 
 @register_head("gda")
 class GDAHead(Head):
-    """Gaussian discriminant analysis, training-free (see the module doc).
+    """Gaussian discriminant analysis (one shared covariance) fused with zero-shot; closed form.
 
     shrinkage: g in (0, 1]; None chooses it on validation over `n_shrinkage` log-spaced values
     in `shrinkage_range` plus the paper's value (without validation: the paper's value).

@@ -101,7 +101,7 @@ class KernelSystem:
 
 @register_head("proker")
 class ProKeRHead(Head):
-    """Proximal kernel ridge regression towards zero-shot CLIP (see the module doc).
+    """Kernel ridge regression pulled towards zero-shot (ProKeR); closed form, Nystrom at scale.
 
     beta, lam: kernel sharpness and ridge; None searches them on validation over `n_beta`
     log-spaced values in `beta_range` x `n_lambda` in `lambda_range` (without validation: 5.5
