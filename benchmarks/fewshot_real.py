@@ -118,12 +118,20 @@ def main() -> None:
     ap.add_argument("--shots", type=int, nargs="+", default=list(SHOTS))
     ap.add_argument("--heads", nargs="+", default=None, help="labels of HEADS to run")
     ap.add_argument("--no-full", action="store_true", help="skip the full-data row")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch and BLAS threads (default 1: on a shared machine threaded "
+                         "BLAS/LAPACK spin-wait; a 4-shot logreg took 101 s at load 19)")
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).parent / "results" / "fewshot_real.json")
     args = ap.parse_args()
     if not args.npz.is_file():
         sys.exit(f"{args.npz}: the real-feature file is not here; pass --npz or set "
                  "SKINCACHE_SHARED_DATA to the shared data folder")
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(args.threads)
+    threadpool_limits(limits=args.threads, user_api="blas")
     known = set(list_heads())
     heads = [h for h in HEADS if args.heads is None or h[0] in args.heads]
     for label, head, _ in heads:
@@ -200,7 +208,8 @@ def main() -> None:
         "rows": rows, "runs": runs, "full_data": full, "order": {str(k): v for k, v in
                                                                 order.items()},
         "load_average": [load_before, load_after], "machine": platform.platform(),
-        "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu_count": os.cpu_count(), "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
     }, indent=2, default=float))
     print(f"wrote {args.out} and {png}")
 

@@ -199,6 +199,30 @@ def test_proker_exact_is_proximal_kernel_ridge_regression(with_text):
     np.testing.assert_allclose(head.predict_proba(d["X_test"]), softmax(100.0 * f), atol=1e-5)
 
 
+def test_proker_balance_weights_the_squared_errors_by_class():
+    """Imbalanced support set: minimise sum_i w_i ||r_i - f(x_i)||^2 + lambda ||f - f_zs||^2,
+    w_i = N / (C n_c): alpha = (W K + lambda I)^-1 W R; balance=False is the plain solve."""
+    d = problem()
+    keep = np.r_[np.flatnonzero(d["y"] == 0), np.flatnonzero(d["y"] == 1)[:4],
+                 np.flatnonzero(d["y"] == 2)[:2]]
+    X, y = d["X"][keep], d["y"][keep]
+    beta, lam = 4.0, 0.3
+    S = unit(X.astype(np.float64))
+    W = prototypes(d["text"])
+    R = np.eye(C)[y] - S @ W.T
+    K = rbf(S, S, beta)
+    xt = unit(d["X_test"].astype(np.float64))
+    counts = np.bincount(y, minlength=C)
+    w = len(y) / (C * counts[y])
+    for balance, weights in ((True, w), (False, np.ones(len(y)))):
+        head = create_head("proker", beta=beta, lam=lam, use_views=False, balance=balance,
+                           **RAW).fit(X, y, text=d["text"])
+        alpha = np.linalg.solve(weights[:, None] * K + lam * np.eye(len(y)),
+                                weights[:, None] * R)
+        np.testing.assert_allclose(head.decision(d["X_test"]),
+                                   xt @ W.T + rbf(xt, S, beta) @ alpha, atol=1e-5)
+
+
 def test_proker_large_lambda_is_zero_shot_clip():
     d = problem()
     head = create_head("proker", beta=4.0, lam=1e9, **RAW).fit(d["X"], d["y"],

@@ -78,16 +78,18 @@ class SharedCovariance:
     eigendecomposition; outside their span S is 0 and the shrunk covariance g tr(S)/D I."""
 
     def __init__(self, Z: np.ndarray, y: np.ndarray, mus: np.ndarray) -> None:
-        centered = (Z - mus[y].astype(np.float32)).astype(np.float64)
+        centered = (Z - mus[y].astype(np.float32)).astype(np.float32)
         n, dim = centered.shape
         denom = max(n - 1, 1)
         if n < dim:
-            lam, U = eigh(centered @ centered.T)  # [N, N]: A A^T = U lam U^T
+            c64 = centered.astype(np.float64)
+            lam, U = eigh(c64 @ c64.T)  # [N, N]: A A^T = U lam U^T
             keep = lam > 1e-10 * max(float(lam.max()), 1e-300)
-            self.eigvecs = (centered.T @ U[:, keep]) / np.sqrt(lam[keep])  # [D, r]
+            self.eigvecs = (c64.T @ U[:, keep]) / np.sqrt(lam[keep])  # [D, r]
             self.eigvals = lam[keep] / denom
-        else:
-            self.eigvals, self.eigvecs = eigh(centered.T @ centered / denom)
+        else:  # the N x D^2 product in float32 (the cost that grows with N), then float64
+            self.eigvals, self.eigvecs = eigh((centered.T @ centered).astype(np.float64)
+                                              / denom)
         self.eigvals = np.maximum(self.eigvals, 0.0)
         # tr(S) / D; with no within-class spread at all (one sample per class, no views) the
         # spread of random unit vectors, 1 / D: the rule is then the nearest class mean

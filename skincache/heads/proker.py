@@ -23,6 +23,12 @@ c = (K_ZS K_SZ + lambda K_ZZ)^-1 K_ZS (Y - f_zs(S)), which equals the exact solu
 Z = S. The landmarks are a seeded draw of clean training features, class-balanced (m / C per
 class where a class has that many) so a rare class is not left without any. `exact_` records
 which of the two was fitted; the saved arrays are the landmarks (or support set) and c.
+
+One extension, `balance` (on by default), like Tip-Adapter's `balance_cache`: the squared
+errors are weighted N / (C n_c), so every class carries the same total weight. A K-shot draw
+is balanced and gets weight 1 everywhere (the paper's fit, exactly); on a full HAM10000 train
+split (two-thirds nv) the unweighted regression learns the prior, and after the logit scale
+of 100 no post-hoc logit adjustment (tau <= 2) can take it back out.
 """
 
 from __future__ import annotations
@@ -67,36 +73,55 @@ def balanced_landmarks(y: np.ndarray, m: int, n_classes: int, seed: int) -> np.n
 
 class KernelSystem:
     """The solve for one beta, reduced to an eigenproblem so that every lambda on the grid
-    costs a rescaling.
+    costs a rescaling. Rows are weighted (w: `balance`), minimising
+    sum_i w_i ||r_i - f(x_i)||^2 + lambda ||f - f_zs||^2; with sqrt(w) folded into the rows:
 
-    Exact (`gram_sz` is S S^T): K = U e U^T, c = U (e + lambda)^-1 U^T R, in float64.
+    Exact (`gram_sz` is S S^T): K~ = W^1/2 K W^1/2 = U e U^T, c = W^1/2 U (e + lambda)^-1
+    U^T W^1/2 R, in float64 (w = 1: the textbook (K + lambda I)^-1 R).
     Nystrom: with Phi = K_SZ V s^-1/2 (K_ZZ = V s V^T, tiny s dropped) the restricted KRR is
-    ridge regression on Phi, c = V s^-1/2 (Phi^T Phi + lambda I)^-1 Phi^T R; the N x m
+    ridge regression on Phi, c = V s^-1/2 (Phi^T W Phi + lambda I)^-1 Phi^T W R; the N x m
     products run in float32 (the one cost that grows with N), the m x m algebra in float64."""
 
-    def __init__(self, Z: np.ndarray, R: np.ndarray, beta: float, gram_sz: np.ndarray,
-                 exact: bool) -> None:
+    def __init__(self, Z: np.ndarray, R: np.ndarray, w: np.ndarray, beta: float,
+                 gram_sz: np.ndarray, exact: bool) -> None:
         k_sz = np.exp(beta * (gram_sz - 1.0))
+        sw = np.sqrt(w)
+        self.left: np.ndarray | None = None
+        self.proj: np.ndarray | None = None
         if exact:
-            self.proj = None
-            k = k_sz.astype(np.float64)
+            k = k_sz.astype(np.float64) * sw[:, None] * sw[None, :]
             self.e, self.U = eigh(k)
-            self.Ut_b = self.U.T @ R.astype(np.float64)
+            self.left = sw
+            self.Ut_b = self.U.T @ (R.astype(np.float64) * sw[:, None])
         else:
             k_zz = affinity(Z.astype(np.float64), Z.astype(np.float64), beta)
             s, V = eigh(k_zz)
             keep = s > EIG_RTOL * max(float(s.max()), 1e-300)
             self.proj = V[:, keep] / np.sqrt(s[keep])  # [m, r]: V s^-1/2
-            G = (k_sz.T @ k_sz).astype(np.float64)  # [m, m]: K_ZS K_SZ (one N x m^2 product)
-            H = self.proj.T @ G @ self.proj  # Phi^T Phi, [r, r]
+            ks = k_sz * sw[:, None].astype(np.float32)
+            G = (ks.T @ ks).astype(np.float64)  # [m, m]: K_ZS W K_SZ (one N x m^2 product)
+            H = self.proj.T @ G @ self.proj  # Phi^T W Phi, [r, r]
             self.e, self.U = eigh(H)
-            self.Ut_b = self.U.T @ (self.proj.T @ (k_sz.T @ R).astype(np.float64))
+            rs = (R * sw[:, None]).astype(np.float32)
+            self.Ut_b = self.U.T @ (self.proj.T @ (ks.T @ rs).astype(np.float64))
         self.e = np.maximum(self.e, 0.0)
 
     def coef(self, lam: float) -> np.ndarray:
         """c [m, C] for ridge lambda."""
         w = self.U @ (self.Ut_b / (self.e + lam)[:, None])
-        return w if self.proj is None else self.proj @ w
+        if self.proj is not None:
+            return self.proj @ w
+        assert self.left is not None
+        return w * self.left[:, None]
+
+
+def sample_weights(y: np.ndarray, n_classes: int, balance: bool) -> np.ndarray:
+    """1 per row, or with `balance` N / (C_present n_c): every class the same total weight,
+    mean 1 (on a balanced K-shot draw: all 1, the paper's unweighted fit)."""
+    if not balance:
+        return np.ones(len(y))
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    return len(y) / ((counts > 0).sum() * counts[y])
 
 
 @register_head("proker")
@@ -105,7 +130,8 @@ class ProKeRHead(Head):
 
     beta, lam: kernel sharpness and ridge; None searches them on validation over `n_beta`
     log-spaced values in `beta_range` x `n_lambda` in `lambda_range` (without validation: 5.5
-    and 1). use_views: the cached views as extra support samples. n_landmarks: the exact solve
+    and 1). use_views: the cached views as extra support samples. balance: weight the squared
+    errors so every class counts the same (see the module doc). n_landmarks: the exact solve
     up to this many support rows, Nystrom with this many landmarks above (seeded by `seed`).
     """
 
@@ -123,9 +149,10 @@ class ProKeRHead(Head):
         lam: float | None = None,
         beta_range: tuple[float, float] = (0.5, 50.0),
         n_beta: int = 8,
-        lambda_range: tuple[float, float] = (1e-3, 1e3),
-        n_lambda: int = 13,
+        lambda_range: tuple[float, float] = (1e-3, 1e5),
+        n_lambda: int = 17,
         use_views: bool = True,
+        balance: bool = True,
         n_landmarks: int = 512,
         seed: int = 0,
         logit_adjust: float | str | None = "auto",
@@ -138,6 +165,7 @@ class ProKeRHead(Head):
         self.lambda_range = lambda_range
         self.n_lambda = n_lambda
         self.use_views = use_views
+        self.balance = balance
         self.n_landmarks = n_landmarks
         self.seed = seed
         self.logit_adjust = logit_adjust
@@ -160,6 +188,7 @@ class ProKeRHead(Head):
         self.weights_ = (zeroshot_prototypes(data.text) if fused
                          else np.zeros((c, data.n_features), np.float32))
         R = np.eye(c, dtype=np.float32)[ys] - S @ self.weights_.T  # Y - f_zs(S)
+        w = sample_weights(ys, c, self.balance)
         self.exact_ = bool(len(S) <= int(self.n_landmarks))
         if self.exact_:
             Z = S
@@ -182,7 +211,7 @@ class ProKeRHead(Head):
             gram_val = xv @ Z.T
             score, best_score = self._val_score(data), -1.0
             for beta in betas:
-                system = KernelSystem(Z, R, beta, gram, self.exact_)
+                system = KernelSystem(Z, R, w, beta, gram, self.exact_)
                 k_val = np.exp(beta * (gram_val - 1.0)).astype(np.float64)
                 for lam in lams:
                     s = score(self.logit_scale_ * (zs_val + k_val @ system.coef(lam)))
@@ -190,7 +219,7 @@ class ProKeRHead(Head):
                         best_score, best = s, (beta, lam)
             self.val_score_ = float(best_score)
         self.beta_, self.lambda_ = best
-        system = KernelSystem(Z, R, self.beta_, gram, self.exact_)
+        system = KernelSystem(Z, R, w, self.beta_, gram, self.exact_)
         self.dual_coef_ = system.coef(self.lambda_).astype(np.float64)
 
     def decision(self, X: np.ndarray) -> np.ndarray:
