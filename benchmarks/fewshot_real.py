@@ -111,6 +111,26 @@ def fit_score(data: dict, head: str, params: dict, tr: np.ndarray, va: np.ndarra
     return balanced_accuracy(y[te], h.predict(X[te])), fit_s
 
 
+#: the papers' order to check (ProKeR > GDA > Tip-Adapter-F at 16 shots), as pairs
+PAIRS = (("proker", "gda"), ("proker", "tip-adapter-f"), ("gda", "tip-adapter-f"))
+
+
+def paired_seed_differences(runs: list[dict], shots: list[int]) -> list[dict]:
+    """a - b per seed (both heads saw the same draw), mean and Student-t 95% CI over seeds."""
+    out = []
+    for k in shots:
+        for a, b in PAIRS:
+            by = {v: {r["seed"]: r["balanced_accuracy"] for r in runs
+                      if r["variant"] == v and r["shots"] == k} for v in (a, b)}
+            seeds = sorted(set(by[a]) & set(by[b]))
+            if not seeds:
+                continue
+            diff = np.array([by[a][s] - by[b][s] for s in seeds])
+            out.append({"shots": k, "a": a, "b": b, "mean": float(diff.mean()),
+                        "ci95": float(ci95_half_width(diff.std(), len(diff)))})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--npz", type=Path, default=DEFAULT_NPZ)
@@ -199,14 +219,20 @@ def main() -> None:
                         if r["shots"] == k), reverse=True) for k in args.shots}
     top = max(args.shots)
     print(f"order at {top} shots: " + " > ".join(f"{v} {100 * m:.1f}" for m, v in order[top]))
+    paired = paired_seed_differences(runs, args.shots)
+    for p in paired:
+        if p["shots"] == top:
+            print(f"{top} shots, paired over the same draws: {p['a']} - {p['b']} "
+                  f"{100 * p['mean']:+.1f} ± {100 * p['ci95']:.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    png = plot_shots(rows, args.out.with_suffix(".png"), title=title[:150])
+    png = plot_shots(rows, args.out.with_suffix(".png"),
+                     title=f"few-shot HAM10000, {args.npz.name}, {args.seeds} seeds\n{proxy}")
     args.out.write_text(json.dumps({
         "npz": str(args.npz), "protocol": "CoOp few-shot: K/class train, min(K,4)/class val",
         "zero_shot_proxy": proxy, "split_sizes": {s: int(len(data[s])) for s in
                                                   ("train", "val", "test")},
-        "rows": rows, "runs": runs, "full_data": full, "order": {str(k): v for k, v in
-                                                                order.items()},
+        "rows": rows, "runs": runs, "full_data": full, "paired": paired,
+        "order": {str(k): v for k, v in order.items()},
         "load_average": [load_before, load_after], "machine": platform.platform(),
         "cpu_count": os.cpu_count(), "threads": args.threads,
         "date": time.strftime("%Y-%m-%d %H:%M"),
