@@ -147,8 +147,8 @@ class ProKeRHead(Head):
         self,
         beta: float | None = None,
         lam: float | None = None,
-        beta_range: tuple[float, float] = (0.5, 50.0),
-        n_beta: int = 8,
+        beta_range: tuple[float, float] = (0.05, 20.0),
+        n_beta: int = 6,
         lambda_range: tuple[float, float] = (1e-3, 1e5),
         n_lambda: int = 17,
         use_views: bool = True,
@@ -204,6 +204,7 @@ class ProKeRHead(Head):
         gram = S.astype(np.float64) @ S.T.astype(np.float64) if self.exact_ else S @ Z.T
         self.val_score_ = None
         best = (betas[0], lams[0])
+        best_system: KernelSystem | None = None
         if data.has_val and len(betas) * len(lams) > 1:
             assert data.X_val is not None
             xv = l2_normalize(data.X_val)
@@ -216,10 +217,10 @@ class ProKeRHead(Head):
                 for lam in lams:
                     s = score(self.logit_scale_ * (zs_val + k_val @ system.coef(lam)))
                     if s > best_score + 1e-12:  # ties keep the first: smallest beta, lambda
-                        best_score, best = s, (beta, lam)
+                        best_score, best, best_system = s, (beta, lam), system
             self.val_score_ = float(best_score)
         self.beta_, self.lambda_ = best
-        system = KernelSystem(Z, R, w, self.beta_, gram, self.exact_)
+        system = best_system or KernelSystem(Z, R, w, self.beta_, gram, self.exact_)
         self.dual_coef_ = system.coef(self.lambda_).astype(np.float64)
 
     def decision(self, X: np.ndarray) -> np.ndarray:
