@@ -321,3 +321,18 @@ def test_gda_one_shot_without_views_is_the_nearest_class_mean():
     zt, mus = unit(d["X_test"]), unit(d["X"])
     np.testing.assert_array_equal(head.predict(d["X_test"]),
                                   np.argmin(((zt[:, None] - mus[None]) ** 2).sum(-1), axis=1))
+
+
+@pytest.mark.parametrize("with_text", [True, False])
+@pytest.mark.parametrize("name", ["gda", "proker"])
+def test_a_class_missing_from_training_is_not_predicted(name, with_text, tmp_path):
+    """n_classes = 4 with no sample of class 3 (a rare class missing from a few-shot draw)."""
+    d = problem()
+    text = np.concatenate([d["text"], d["text"][:1]])  # class 3's prototype = class 0's
+    head = create_head(name, **RAW).fit(d["X"], d["y"], views=d["views"], n_classes=C + 1,
+                                        text=text if with_text else None, X_val=d["X_val"],
+                                        y_val=d["y_val"])
+    p = head.predict_proba(d["X_test"])
+    assert p.shape == (12, C + 1) and (p[:, C] < 1e-3).all()
+    back = load_head(head.save(tmp_path / "h"))  # finite arrays: it saves and loads
+    np.testing.assert_array_equal(back.predict_proba(d["X_test"]), p)

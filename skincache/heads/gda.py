@@ -32,6 +32,10 @@ from .zeroshot import zeroshot_logits, zeroshot_prototypes
 #: the fusion weight without a validation split: zero-shot logits plus the GDA log-posterior
 #: (a product of the two models' probabilities)
 DEFAULT_ALPHA = 1.0
+#: the GDA logit of a class with no training sample (a rare class missing from a few-shot
+#: draw of a cache that has it): probability ~0, as the protocol heads give it; finite, since
+#: a saved head holds no inf
+ABSENT_LOGIT = -1e4
 
 
 def training_samples(X: np.ndarray, y: np.ndarray, views: np.ndarray, use_views: bool
@@ -52,8 +56,8 @@ def paper_shrinkage(n_samples: int, n_features: int) -> float:
 
 
 def class_means(Z: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
-    """[C, D] per-class means (float64); a class without samples gets the overall mean, so it
-    gets a finite (and uninformative) score instead of NaN."""
+    """[C, D] per-class means (float64); a class without samples gets the overall mean (a
+    finite placeholder: `GDAHead` rules that class out, see ABSENT_LOGIT)."""
     mus = np.tile(Z.mean(axis=0, dtype=np.float64), (n_classes, 1))
     for c in np.unique(y):
         mus[c] = Z[y == c].mean(axis=0, dtype=np.float64)
@@ -96,16 +100,20 @@ class SharedCovariance:
         mean = float(self.eigvals.sum()) / dim
         self.scale = mean if mean > 1e-12 else 1.0 / dim
 
-    def linear(self, mus: np.ndarray, log_pi: np.ndarray, g: float
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """(W [C, D], b [C]) of the GDA rule with precision ((1-g) S + g tr(S)/D I)^-1."""
+    def linear(self, mus: np.ndarray, log_pi: np.ndarray, g: float,
+               absent: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(W [C, D], b [C]) of the GDA rule with precision ((1-g) S + g tr(S)/D I)^-1; the
+        `absent` classes (a bool mask) get W = 0, b = ABSENT_LOGIT."""
         d = (1.0 - g) * self.eigvals + g * self.scale
         mv = mus @ self.eigvecs  # [C, r] in the eigenbasis
         rest = mus - mv @ self.eigvecs.T  # the part outside it (0 when r = D)
         W = (mv / d) @ self.eigvecs.T + rest / (g * self.scale)
         quad = np.einsum("cr,cr->c", mv, mv / d) + np.einsum("cd,cd->c", rest, rest) / (
             g * self.scale)
-        return W, log_pi - 0.5 * quad
+        b = log_pi - 0.5 * quad
+        if absent is not None and absent.any():
+            W[absent], b[absent] = 0.0, ABSENT_LOGIT
+        return W, b
 
 
 @register_head("gda")
@@ -173,6 +181,7 @@ class GDAHead(Head):
         Z, yz = training_samples(data.X, data.y, data.views, self.use_views)
         c = data.n_classes
         mus = class_means(Z, yz, c)
+        absent = np.bincount(yz, minlength=c) == 0
         cov = SharedCovariance(Z, yz, mus)
         log_pi = np.log(np.bincount(yz, minlength=c) + 1.0) - np.log(len(yz) + c)
         fused = data.text is not None
@@ -190,7 +199,7 @@ class GDAHead(Head):
                       if fused else 0.0)
             score, best_score = self._val_score(data), -1.0
             for g in gs:
-                W, b = cov.linear(mus, log_pi, g)
+                W, b = cov.linear(mus, log_pi, g, absent)
                 gda_val = xv @ W.T + b
                 for a in alphas:
                     s = score(zs_val + a * gda_val)
@@ -198,9 +207,10 @@ class GDAHead(Head):
                         best_score, best = s, (g, a)
             self.val_score_ = float(best_score)
         self.shrinkage_, self.alpha_ = best
-        W, b = cov.linear(mus, log_pi, self.shrinkage_)
+        W, b = cov.linear(mus, log_pi, self.shrinkage_, absent)
         self.coef_ = (self.logit_scale_ * zs_w + self.alpha_ * W) if fused else W
         self.intercept_ = self.alpha_ * b if fused else b
+        self.intercept_[absent] = ABSENT_LOGIT  # whatever alpha: no samples, no prediction
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         return softmax(l2_normalize(X).astype(np.float64) @ self.coef_.T + self.intercept_)
