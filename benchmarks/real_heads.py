@@ -85,6 +85,9 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("mlp-h512", "mlp", {"hidden": 512, "dropout": 0.2}),
     ("knn", "knn", {}),
     ("knn-plain", "knn", {"logit_adjust": None}),
+    # issue 18, training-free closed forms; no text here, so both fit their vision form
+    ("gda", "gda", {}),
+    ("proker", "proker", {}),
 ]
 #: `--external` adds the defaults before issue 15, to show what the external set did to them
 BEFORE_ISSUE15 = [

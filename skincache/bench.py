@@ -58,6 +58,9 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("lp++", "lp++", {}),
     ("clap", "clap", {}),
     ("zs-lp", "clap", {"constraint": "none"}),
+    # training-free, closed form (README "gda and proker")
+    ("gda", "gda", {}),
+    ("proker", "proker", {}),
 ]
 
 #: The run key of the selection score: the primary metric on val (`val_balanced_accuracy`).

@@ -25,7 +25,7 @@ from skincache.heads.base import balanced_accuracy, l2_normalize
 
 ALL_HEADS = [
     "zeroshot", "logreg", "linear", "mlp", "knn", "tip-adapter", "tip-adapter-f", "zs-linear",
-    "dermfm-lp", "clip-benchmark-lp", "lp++", "clap",
+    "dermfm-lp", "clip-benchmark-lp", "lp++", "clap", "gda", "proker",
 ]
 TEXT_HEADS = ["zeroshot", "tip-adapter", "tip-adapter-f", "zs-linear", "lp++", "clap"]
 STOCHASTIC_HEADS = ["linear", "mlp", "tip-adapter-f", "zs-linear", "clap"]

@@ -16,11 +16,13 @@ from . import (  # noqa: F401
     clap,
     clip_benchmark_lp,
     dermfm_lp,
+    gda,
     knn,
     linear,
     logreg,
     lpp,
     mlp,
+    proker,
     tip_adapter,
     tip_adapter_f,
     zeroshot,
@@ -40,11 +42,13 @@ from .base import (
 from .clap import CLAPHead
 from .clip_benchmark_lp import CLIPBenchmarkLinearProbeHead
 from .dermfm_lp import DermFMLinearProbeHead
+from .gda import GDAHead
 from .knn import KNNHead
 from .linear import LinearHead
 from .logreg import LogRegHead
 from .lpp import LPPlusPlusHead
 from .mlp import MLPHead
+from .proker import ProKeRHead
 from .tip_adapter import TipAdapterHead
 from .tip_adapter_f import TipAdapterFHead
 from .zeroshot import ZeroShotHead, zeroshot_prototypes
@@ -57,6 +61,7 @@ __all__ = [
     "DermFMLinearProbeHead",
     "HEADS",
     "FitData",
+    "GDAHead",
     "HeadSpec",
     "ParamSpec",
     "Head",
@@ -66,6 +71,7 @@ __all__ = [
     "LogRegHead",
     "LPPlusPlusHead",
     "MLPHead",
+    "ProKeRHead",
     "TipAdapterFHead",
     "TipAdapterHead",
     "ZSLinearHead",
