@@ -41,6 +41,7 @@ class Prediction:
     predicted: str = ""
     probabilities: dict[str, float] = field(default_factory=dict)
     neighbors: list[dict] = field(default_factory=list)  # image_id, label, similarity
+    overlay: str = ""  # the saliency overlay PNG (`predict --explain`, skincache.explain)
 
     @property
     def ok(self) -> bool:
@@ -165,10 +166,12 @@ def write_predictions(preds: list[Prediction], path: str | Path) -> Path:
     classes = next((list(p.probabilities) for p in preds if p.ok), [])
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
-    w.writerow(["path", "predicted", *(f"p_{c}" for c in classes), "nearest", "error"])
+    overlay = ["overlay"] if any(p.overlay for p in preds) else []  # only with --explain
+    w.writerow(["path", "predicted", *(f"p_{c}" for c in classes), "nearest", "error",
+                *overlay])
     for p in preds:
         nearest = ";".join(f"{n['image_id']}:{n['label']}:{n['similarity']:.6f}"
                            for n in p.neighbors)
         w.writerow([p.path, p.predicted, *(p.probabilities.get(c, "") for c in classes),
-                    nearest, p.error])
+                    nearest, p.error, *([p.overlay] if overlay else [])])
     return atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,402 @@
+"""`predict --explain`: where in the image the image tower's evidence for a class lies.
+
+The map is Grad-CAM (Selvaraju et al., 2017) on a ViT's patch tokens, taken end to end through
+the run's OWN classifier: pixels -> the image tower -> features -> the cache's normalisation
+(L2, and an `mlp` head's standardisation) -> the head's score for the target class. So the map
+explains this run's prediction, not a generic CLIP saliency.
+
+Which tokens: those entering the last transformer block. open_clip ViTs pool the class token
+(`pool_type="tok"`), so the last block's *output* patch tokens never reach the features (their
+gradient is exactly zero); the last block's input tokens are what its attention mixes into the
+class token, which is the standard ViT Grad-CAM layer (the last block's first norm). The class
+token is dropped, the P patch tokens reshaped to the patch grid:
+
+    alpha = mean_p d score / d A_p          (one weight per channel)
+    map_p = ReLU(sum_c alpha_c A_pc)        (positive evidence only; scaled to [0, 1])
+
+Heads are differentiable when they have a linear form (`Head.linear_form()`: logreg, linear,
+zeroshot, zs-linear; the post-hoc logit adjustment and temperature folded in) or are a
+`FeedForwardHead` (`mlp`: its torch module); the others (knn, tip-adapter, ...) are refused in
+one line. A `finetune` run brings its own backbone and head (its final checkpoint). Towers
+other than open_clip's VisionTransformer are refused in one line (not built yet).
+
+On the shipped random `skincache-tiny` the maps are a pipeline check and mean nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+from skincache._io import atomic_write, file_safe
+from skincache.data import Record
+from skincache.device import resolve_device
+from skincache.errors import DiskError, UsageError
+from skincache.heads import Head, get_head_class, list_heads
+from skincache.heads._feedforward import FeedForwardHead
+from skincache.loaders import load_views
+from skincache.models import LoadedModel, ModelSpec, load_model
+from skincache.predict import Prediction, expand_inputs, predict_images
+from skincache.run_record import read_run
+from skincache.runs import RunError, load_run, model_label
+from skincache.views import Normalizer, ViewMaker, ViewPolicy
+
+#: the overlay PNG's size: inches at `OVERLAY_DPI` (two panels: the image, the map over it)
+OVERLAY_INCHES = (8.0, 4.5)
+OVERLAY_DPI = 100
+#: the default folder for overlays, inside the run folder
+EXPLAIN_DIR = "explain"
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- the heads
+
+
+def differentiable_heads() -> list[str]:
+    """Registered heads `--explain` can go through: those with a linear form, and the
+    feed-forward (torch module) heads."""
+    out = []
+    for name in list_heads():
+        cls = get_head_class(name)
+        if cls._linear_form is not Head._linear_form or issubclass(cls, FeedForwardHead):
+            out.append(name)
+    return out
+
+
+def head_scorer(head: Head) -> Scorer:
+    """features [n, D] (as the cache holds them: not normalised) -> class scores [n, C] whose
+    softmax is `head.predict_proba`, differentiable in the features. UsageError (one line,
+    naming the heads that work) for a head that is not differentiable."""
+    form = head.linear_form()
+    if form is not None:
+        w = torch.as_tensor(np.asarray(form[0], np.float32))
+        b = np.asarray(form[1], np.float64)
+        finite = np.isfinite(b)  # logreg gives a class absent from training -inf
+        b = np.where(finite, b, (b[finite].min() if finite.any() else 0.0) - 50.0)
+        bias = torch.as_tensor(b.astype(np.float32))
+
+        def linear(f: torch.Tensor) -> torch.Tensor:
+            return F.normalize(f.float(), dim=-1) @ w.to(f.device).T + bias.to(f.device)
+
+        return linear
+    if isinstance(head, FeedForwardHead):
+        module = head.module_
+        dev = next(module.parameters()).device
+        mean = torch.as_tensor(np.asarray(head.mean_, np.float32), device=dev)
+        scale = torch.as_tensor(np.asarray(head.scale_, np.float32), device=dev)
+        shift = torch.as_tensor(float(head.logit_adjust_) * np.asarray(head.log_prior_),
+                                dtype=torch.float32, device=dev)
+        t = float(head.temperature_)
+
+        def feedforward(f: torch.Tensor) -> torch.Tensor:
+            z = (F.normalize(f.float().to(dev), dim=-1) - mean) / scale
+            return (module(z) - shift) / t
+
+        return feedforward
+    raise UsageError(f"--explain: head '{head.name}' is not differentiable in the image "
+                     f"features (no linear form, no torch module), so no saliency map goes "
+                     f"through it; --explain works for runs of {', '.join(differentiable_heads())}"
+                     " and for finetune runs")
+
+
+# ----------------------------------------------------------------------------- Grad-CAM
+
+
+def vit_parts(visual: torch.nn.Module) -> tuple[torch.nn.Module, bool, tuple[int, int]]:
+    """(last transformer block, batch_first, patch grid) of an open_clip VisionTransformer;
+    UsageError for any other tower."""
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    grid = getattr(visual, "grid_size", None)
+    if blocks is None or grid is None or not hasattr(visual, "class_embedding"):
+        raise UsageError(f"--explain: the image tower is a {type(visual).__name__}, not an "
+                         "open_clip VisionTransformer; saliency maps for other towers are not "
+                         "built yet (ViT models work: ViT-B-32, ViT-B-16, skincache-tiny, ...)")
+    return blocks[-1], bool(getattr(visual.transformer, "batch_first", True)), \
+        (int(grid[0]), int(grid[1]))
+
+
+@dataclass
+class Saliency:
+    """One image's map: `map` [gh, gw] in [0, 1] (0 everywhere when nothing in the image
+    argues for the class), `raw` the signed Grad-CAM before ReLU, `scores` the head's
+    class scores [C] from the same forward pass."""
+
+    map: np.ndarray
+    raw: np.ndarray
+    target: int
+    scores: np.ndarray
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        s = self.scores - self.scores.max()
+        e = np.exp(s)
+        return e / e.sum()
+
+
+def gradcam(visual: torch.nn.Module, scorer: Scorer, x: torch.Tensor,
+            target: int | None = None) -> Saliency:
+    """Grad-CAM of the class `target` (None: the top-scoring one) for one normalised image
+    x [1, 3, H, W] (see the module doc), in fp32 with gradients on, whatever the caller set."""
+    block, batch_first, (gh, gw) = vit_parts(visual)
+    held: dict[str, torch.Tensor] = {}
+
+    def grab(_module, args):
+        tokens = args[0].detach().requires_grad_(True)
+        held["tokens"] = tokens
+        return (tokens, *args[1:])
+
+    handle = block.register_forward_pre_hook(grab)
+    try:
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            scores = scorer(visual(x.float()))[0]
+            c = int(scores.argmax()) if target is None else int(target)
+            (grad,) = torch.autograd.grad(scores[c], held["tokens"])
+    finally:
+        handle.remove()
+    tokens = held["tokens"].detach()
+    if not batch_first:
+        tokens, grad = tokens.transpose(0, 1), grad.transpose(0, 1)
+    a, g = tokens[0].float(), grad[0].float()  # [L, width]
+    if a.shape[0] != gh * gw + 1:
+        raise UsageError(f"--explain: the tower has {a.shape[0]} tokens, not a class token and "
+                         f"{gh}x{gw} patches (register tokens?): not supported yet")
+    a, g = a[1:], g[1:]
+    raw = (a * g.mean(dim=0)).sum(dim=-1).reshape(gh, gw).cpu().numpy().astype(np.float64)
+    pos = np.maximum(raw, 0.0)
+    top = pos.max()
+    return Saliency(map=pos / top if top > 0 else pos, raw=raw, target=c,
+                    scores=scores.detach().float().cpu().numpy().astype(np.float64))
+
+
+# ----------------------------------------------------------------------------- overlays
+
+
+def overlay_figure(image: np.ndarray, heat: np.ndarray, title: str) -> Figure:
+    """The image (uint8 [H, W, 3], the model's input crop) beside itself with the map
+    (upsampled bilinearly to H x W) over it, `title` on top."""
+    h, w = image.shape[:2]
+    up = F.interpolate(torch.as_tensor(heat, dtype=torch.float32)[None, None], size=(h, w),
+                       mode="bilinear", align_corners=False)[0, 0].numpy()
+    fig = Figure(figsize=OVERLAY_INCHES, dpi=OVERLAY_DPI)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.imshow(image)
+    ax1.set_title("image (model input)", fontsize=9)
+    ax2.imshow(image)
+    im = ax2.imshow(up, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+    ax2.set_title("Grad-CAM: evidence for the class", fontsize=9)
+    for ax in (ax1, ax2):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=ax2, fraction=0.046, pad=0.03)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def write_overlay(image: np.ndarray, heat: np.ndarray, title: str, path: Path) -> Path:
+    """`overlay_figure` as a PNG of exactly OVERLAY_INCHES x OVERLAY_DPI pixels, atomically;
+    a folder that cannot be written is one DiskError line."""
+    fig = overlay_figure(image, heat, title)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=OVERLAY_DPI),
+                            fsync=False)
+    except OSError as e:
+        raise DiskError(f"{path}: cannot write the overlay ({e.strerror or e}); choose "
+                        "another --explain-dir") from None
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass
+class Explainer:
+    """What a map needs: the image tower, the run's differentiable head, the model's own
+    preprocessing (clean view, normaliser) and the classes."""
+
+    visual: torch.nn.Module
+    scorer: Scorer
+    maker: ViewMaker
+    normalize: Normalizer
+    classes: list[str]
+    label: str
+    device: torch.device
+
+    def target_index(self, target: str | int | None) -> int | None:
+        """A class name or index -> index (None stays None: the predicted class)."""
+        if target is None:
+            return None
+        if isinstance(target, str) and target in self.classes:
+            return self.classes.index(target)
+        if isinstance(target, int) and 0 <= target < len(self.classes):
+            return target
+        raise UsageError(f"target class {target!r}: not one of this run's classes "
+                         f"({', '.join(self.classes)})")
+
+    def pixels(self, path: Path) -> tuple[np.ndarray | None, str]:
+        """(uint8 [3, H, W] clean view, '') or (None, why), decoded as encode decodes."""
+        _, views, reason = load_views(Record(image_id=path.stem, source=str(path), label=""),
+                                      self.maker)
+        return (None, reason) if views is None else (views[0], "")
+
+    def saliency(self, pixels: np.ndarray, target: int | None = None) -> Saliency:
+        x = self.normalize(torch.from_numpy(np.ascontiguousarray(pixels))[None]
+                           .to(self.device))
+        return gradcam(self.visual, self.scorer, x, target)
+
+
+def _head_explainer(loaded: LoadedModel, scorer: Scorer, classes: list[str], label: str,
+                    device: torch.device) -> Explainer:
+    vit_parts(loaded.model.visual)  # a tower we cannot explain is said before any image
+    return Explainer(loaded.model.visual, scorer, ViewMaker(loaded.preprocess, ViewPolicy(k=0)),
+                     Normalizer(loaded.preprocess, device), classes, label, device)
+
+
+def final_checkpoint(run: Path, record_extra: dict[str, Any]) -> Path:
+    """A finetune run's final weights: the WiSE-FT interpolation when it wrote one, else the
+    best epoch's, else the last epoch's."""
+    names = record_extra.get("checkpoints") or {}
+    for key in ("wise", "best", "last"):
+        p = run / str(names.get(key, f"{key}.pt"))
+        if p.is_file():
+            return p
+    raise RunError(f"{run}: a finetune run without a checkpoint (wise.pt, best.pt or "
+                   "last.pt); finish or resume it first")
+
+
+def finetune_explainer(run: Path, device: torch.device) -> Explainer:
+    """A finetune run's own backbone and head from its final checkpoint (read with
+    weights_only=True): scores = logit_scale * normalize(visual(x)) @ W^T + b."""
+    from skincache.finetune import load_checkpoint
+
+    record = read_run(run)
+    path = final_checkpoint(run, record.extra)
+    ckpt = load_checkpoint(path)
+    m = ckpt.get("model") or {}
+    name = str(m.get("name") or (record.model.name if record.model else ""))
+    hub = name.startswith("hf-hub:")
+    loaded = load_model(ModelSpec(name, m.get("pretrained") if hub else None), "cpu")
+    try:
+        loaded.model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError:
+        raise RunError(f"{path}: its weights do not fit {name}") from None
+    loaded.model.to(device).eval()
+    w = ckpt["head"]["weight"].float().to(device)
+    b = ckpt["head"]["bias"].float().to(device)
+    s = float(ckpt["head"]["logit_scale"])
+
+    def clip_head(f: torch.Tensor) -> torch.Tensor:
+        return s * F.normalize(f.float(), dim=-1) @ w.T + b
+
+    classes = list(ckpt.get("classes") or record.classes or [])
+    weights = Path(str(m["checkpoint"])).name if m.get("checkpoint") else m.get("pretrained")
+    label = f"{name} ({weights or 'random init'}) fine-tuned, {run.name}"
+    return _head_explainer(loaded, clip_head, classes, label, device)
+
+
+def run_explainer(run: Path, device: torch.device, cache: str | Path | None = None
+                  ) -> Explainer:
+    """The explainer of a head run (the cache's model + the run's head; the head's
+    differentiability checked before the model loads) or of a finetune run."""
+    if read_run(run).kind == "finetune":
+        return finetune_explainer(run, device)
+    loaded_run = load_run(run)
+    scorer = head_scorer(loaded_run.head)
+    fc = loaded_run.open_cache(cache)
+    loaded = load_model(ModelSpec(*fc.header.model_spec()), device)
+    label = f"{model_label(dict(fc.attrs))} + {loaded_run.head.name}, {run.name}"
+    return _head_explainer(loaded, scorer, list(fc.classes), label, device)
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def _finetune_predictions(paths: list[Path], explainer: Explainer
+                          ) -> tuple[list[Prediction], dict[int, tuple[np.ndarray, Saliency]]]:
+    """Predictions of a finetune run (its own forward pass; no cache, so no neighbours)."""
+    preds, done = [], {}
+    for i, p in enumerate(paths):
+        pred = Prediction(str(p))
+        pixels, reason = explainer.pixels(p)
+        if pixels is None:
+            pred.error = reason
+        else:
+            sal = explainer.saliency(pixels)
+            proba = sal.probabilities
+            pred.probabilities = {c: float(v) for c, v in zip(explainer.classes, proba,
+                                                              strict=True)}
+            pred.predicted = explainer.classes[int(proba.argmax())]
+            done[i] = (pixels, sal)
+        preds.append(pred)
+    return preds, done
+
+
+def _overlay_name(path: Path, cls: str, taken: set[str]) -> str:
+    base = file_safe(f"{path.stem}_{cls}")
+    name, k = f"{base}.png", 2
+    while name in taken:
+        name, k = f"{base}-{k}.png", k + 1
+    taken.add(name)
+    return name
+
+
+def explain_images(
+    run: str | Path,
+    inputs: list[str | Path],
+    *,
+    explain_dir: str | Path | None = None,
+    target_class: str | int | None = None,
+    cache: str | Path | None = None,
+    device: str = "auto",
+    neighbors: int = 5,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> list[Prediction]:
+    """`predict_images` plus, for every image predicted, an overlay PNG of its Grad-CAM map for
+    `target_class` (a class name or index; None: the predicted class) in `explain_dir`
+    (default `<run>/explain/`); `Prediction.overlay` says where it went. A head run's
+    predictions are `predict_images`'s own; a finetune run is predicted by its checkpoint
+    (no neighbours: it has no cache). `progress(1)` after each image."""
+    run = Path(run)
+    out_dir = Path(explain_dir) if explain_dir is not None else run / EXPLAIN_DIR
+    dev = resolve_device(device)
+    explainer = run_explainer(run, dev, cache)
+    target = explainer.target_index(target_class)
+    done: dict[int, tuple[np.ndarray, Saliency]] = {}
+    if read_run(run).kind == "finetune":
+        paths = expand_inputs(inputs)
+        if not paths:
+            return predict_images(run, inputs)  # its own "no images" line
+        preds, done = _finetune_predictions(paths, explainer)
+    else:
+        preds = predict_images(run, inputs, cache=cache, device=device, neighbors=neighbors,
+                               batch_size=batch_size)
+    taken: set[str] = set()
+    for i, pred in enumerate(preds):
+        if not pred.ok:
+            continue
+        if i in done and target is None:
+            pixels, sal = done[i]
+        else:
+            pixels, reason = explainer.pixels(Path(pred.path))
+            if pixels is None:  # decoded a moment ago: the file changed under us
+                pred.error = reason
+                continue
+            c = target if target is not None else explainer.classes.index(pred.predicted)
+            sal = explainer.saliency(pixels, c)
+        cls = explainer.classes[sal.target]
+        title = f"{pred.predicted} {pred.probabilities[pred.predicted]:.3f} · {explainer.label}"
+        if cls != pred.predicted:
+            title += f"\nmap: evidence for {cls} ({pred.probabilities[cls]:.3f})"
+        path = out_dir / _overlay_name(Path(pred.path), cls, taken)
+        pred.overlay = str(write_overlay(pixels.transpose(1, 2, 0), sal.map, title, path))
+        if progress is not None:
+            progress(1)
+    return preds
