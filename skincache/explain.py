@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from skincache._io import atomic_write, file_safe
+from skincache._progress import progress_bar
+from skincache._sanity import RANDOM_INIT
 from skincache.data import Record
 from skincache.device import resolve_device
 from skincache.errors import DiskError, UsageError
@@ -49,7 +51,7 @@ from skincache.runs import RunError, load_run, model_label
 from skincache.views import Normalizer, ViewMaker, ViewPolicy
 
 #: the overlay PNG's size: inches at `OVERLAY_DPI` (two panels: the image, the map over it)
-OVERLAY_INCHES = (8.0, 4.5)
+OVERLAY_INCHES = (8.0, 5.0)
 OVERLAY_DPI = 100
 #: the default folder for overlays, inside the run folder
 EXPLAIN_DIR = "explain"
@@ -179,31 +181,36 @@ def gradcam(visual: torch.nn.Module, scorer: Scorer, x: torch.Tensor,
 # ----------------------------------------------------------------------------- overlays
 
 
-def overlay_figure(image: np.ndarray, heat: np.ndarray, title: str) -> Figure:
-    """The image (uint8 [H, W, 3], the model's input crop) beside itself with the map
-    (upsampled bilinearly to H x W) over it, `title` on top."""
+def overlay_figure(image: np.ndarray, heat: np.ndarray, title: str,
+                   target: str = "the class") -> Figure:
+    """The image (uint8 [H, W, 3], the model's input crop) beside itself with the map of the
+    evidence for `target` (upsampled bilinearly to H x W) over it, `title` on top."""
     h, w = image.shape[:2]
     up = F.interpolate(torch.as_tensor(heat, dtype=torch.float32)[None, None], size=(h, w),
                        mode="bilinear", align_corners=False)[0, 0].numpy()
     fig = Figure(figsize=OVERLAY_INCHES, dpi=OVERLAY_DPI)
+    lines = title.count("\n") + 1
+    top = 0.88 - 0.045 * (lines - 1)
+    fig.subplots_adjust(left=0.02, right=0.89, bottom=0.03, top=top, wspace=0.06)
     ax1, ax2 = fig.subplots(1, 2)
     ax1.imshow(image)
     ax1.set_title("image (model input)", fontsize=9)
     ax2.imshow(image)
     im = ax2.imshow(up, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
-    ax2.set_title("Grad-CAM: evidence for the class", fontsize=9)
+    ax2.set_title(f"Grad-CAM: evidence for {target}", fontsize=9)
     for ax in (ax1, ax2):
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(im, ax=ax2, fraction=0.046, pad=0.03)
-    fig.suptitle(title, fontsize=10)
+    fig.colorbar(im, cax=fig.add_axes((0.91, 0.08, 0.015, top - 0.16)))
+    fig.suptitle(title, fontsize=10, y=0.98, va="top")
     return fig
 
 
-def write_overlay(image: np.ndarray, heat: np.ndarray, title: str, path: Path) -> Path:
+def write_overlay(image: np.ndarray, heat: np.ndarray, title: str, path: Path,
+                  target: str = "the class") -> Path:
     """`overlay_figure` as a PNG of exactly OVERLAY_INCHES x OVERLAY_DPI pixels, atomically;
     a folder that cannot be written is one DiskError line."""
-    fig = overlay_figure(image, heat, title)
+    fig = overlay_figure(image, heat, title, target)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=OVERLAY_DPI),
@@ -297,7 +304,7 @@ def finetune_explainer(run: Path, device: torch.device) -> Explainer:
 
     classes = list(ckpt.get("classes") or record.classes or [])
     weights = Path(str(m["checkpoint"])).name if m.get("checkpoint") else m.get("pretrained")
-    label = f"{name} ({weights or 'random init'}) fine-tuned, {run.name}"
+    label = f"{name} ({weights or RANDOM_INIT}) fine-tuned (run {run.name})"
     return _head_explainer(loaded, clip_head, classes, label, device)
 
 
@@ -311,7 +318,7 @@ def run_explainer(run: Path, device: torch.device, cache: str | Path | None = No
     scorer = head_scorer(loaded_run.head)
     fc = loaded_run.open_cache(cache)
     loaded = load_model(ModelSpec(*fc.header.model_spec()), device)
-    label = f"{model_label(dict(fc.attrs))} + {loaded_run.head.name}, {run.name}"
+    label = f"{model_label(dict(fc.attrs))} + {loaded_run.head.name} (run {run.name})"
     return _head_explainer(loaded, scorer, list(fc.classes), label, device)
 
 
@@ -357,13 +364,13 @@ def explain_images(
     device: str = "auto",
     neighbors: int = 5,
     batch_size: int = 32,
-    progress: Callable[[int], None] | None = None,
+    progress: bool = False,
 ) -> list[Prediction]:
     """`predict_images` plus, for every image predicted, an overlay PNG of its Grad-CAM map for
     `target_class` (a class name or index; None: the predicted class) in `explain_dir`
     (default `<run>/explain/`); `Prediction.overlay` says where it went. A head run's
     predictions are `predict_images`'s own; a finetune run is predicted by its checkpoint
-    (no neighbours: it has no cache). `progress(1)` after each image."""
+    (no neighbours: it has no cache). `progress`: a progress bar over the overlays."""
     run = Path(run)
     out_dir = Path(explain_dir) if explain_dir is not None else run / EXPLAIN_DIR
     dev = resolve_device(device)
@@ -378,6 +385,15 @@ def explain_images(
     else:
         preds = predict_images(run, inputs, cache=cache, device=device, neighbors=neighbors,
                                batch_size=batch_size)
+    with progress_bar(sum(p.ok for p in preds), "explain", enabled=progress) as advance:
+        _write_overlays(preds, done, explainer, target, out_dir, advance)
+    return preds
+
+
+def _write_overlays(preds: list[Prediction], done: dict[int, tuple[np.ndarray, Saliency]],
+                    explainer: Explainer, target: int | None, out_dir: Path,
+                    advance: Callable[[int], None]) -> None:
+    """One overlay per predicted image; `Prediction.overlay` set to its path."""
     taken: set[str] = set()
     for i, pred in enumerate(preds):
         if not pred.ok:
@@ -392,11 +408,12 @@ def explain_images(
             c = target if target is not None else explainer.classes.index(pred.predicted)
             sal = explainer.saliency(pixels, c)
         cls = explainer.classes[sal.target]
-        title = f"{pred.predicted} {pred.probabilities[pred.predicted]:.3f} · {explainer.label}"
+        title = (f"predicted {pred.predicted} (p = {pred.probabilities[pred.predicted]:.3f})"
+                 f"\n{explainer.label}")
         if cls != pred.predicted:
-            title += f"\nmap: evidence for {cls} ({pred.probabilities[cls]:.3f})"
+            title += f"\nmap: evidence for {cls} (p = {pred.probabilities[cls]:.3f})"
+        if RANDOM_INIT in explainer.label:
+            title += "\nrandom weights: this map checks the pipeline only, it means nothing"
         path = out_dir / _overlay_name(Path(pred.path), cls, taken)
-        pred.overlay = str(write_overlay(pixels.transpose(1, 2, 0), sal.map, title, path))
-        if progress is not None:
-            progress(1)
-    return preds
+        pred.overlay = str(write_overlay(pixels.transpose(1, 2, 0), sal.map, title, path, cls))
+        advance(1)

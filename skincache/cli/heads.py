@@ -213,7 +213,8 @@ def predict(
         from skincache.explain import explain_images
 
         preds = explain_images(run, list(images), explain_dir=explain_dir,
-                               target_class=explain_class, device=device, neighbors=neighbors)
+                               target_class=explain_class, device=device, neighbors=neighbors,
+                               progress=True)
     else:
         preds = predict_images(run, list(images), device=device, neighbors=neighbors)
     if verbose:
