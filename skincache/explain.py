@@ -1,4 +1,5 @@
-"""`predict --explain`: where in the image the image tower's evidence for a class lies.
+"""`predict --explain`: where in the image the image tower's evidence for a class lies (and
+`predict_run`, the predict command's one call, which also predicts with a finetune run).
 
 The map is Grad-CAM (Selvaraju et al., 2017) on a ViT's patch tokens, taken end to end through
 the run's OWN classifier: pixels -> the image tower -> features -> the cache's normalisation
@@ -325,15 +326,24 @@ def run_explainer(run: Path, device: torch.device, cache: str | Path | None = No
 # ----------------------------------------------------------------------------- predict
 
 
-def _finetune_predictions(paths: list[Path], explainer: Explainer
+def _finetune_predictions(paths: list[Path], explainer: Explainer, maps: bool = True
                           ) -> tuple[list[Prediction], dict[int, tuple[np.ndarray, Saliency]]]:
-    """Predictions of a finetune run (its own forward pass; no cache, so no neighbours)."""
+    """Predictions of a finetune run (its own forward pass, fp32; no cache, so no
+    neighbours), with each image's map of its predicted class when `maps`."""
     preds, done = [], {}
     for i, p in enumerate(paths):
         pred = Prediction(str(p))
         pixels, reason = explainer.pixels(p)
         if pixels is None:
             pred.error = reason
+        elif not maps:
+            with torch.no_grad():
+                x = explainer.normalize(torch.from_numpy(pixels)[None].to(explainer.device))
+                s = explainer.scorer(explainer.visual(x.float()))[0].cpu().double().numpy()
+            proba = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+            pred.probabilities = {c: float(v) for c, v in zip(explainer.classes, proba,
+                                                              strict=True)}
+            pred.predicted = explainer.classes[int(proba.argmax())]
         else:
             sal = explainer.saliency(pixels)
             proba = sal.probabilities
@@ -352,6 +362,37 @@ def _overlay_name(path: Path, cls: str, taken: set[str]) -> str:
         name, k = f"{base}-{k}.png", k + 1
     taken.add(name)
     return name
+
+
+def predict_run(
+    run: str | Path,
+    inputs: list[str | Path],
+    *,
+    explain: bool = False,
+    explain_dir: str | Path | None = None,
+    target_class: str | int | None = None,
+    cache: str | Path | None = None,
+    device: str = "auto",
+    neighbors: int = 5,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[Prediction]:
+    """`skincache predict`'s one call: a head run's predictions (`predict_images`), a
+    finetune run's (its final checkpoint; no neighbours), and with `explain` the overlays
+    (`explain_images`)."""
+    if explain:
+        return explain_images(run, inputs, explain_dir=explain_dir, target_class=target_class,
+                              cache=cache, device=device, neighbors=neighbors,
+                              batch_size=batch_size, progress=progress)
+    run = Path(run)
+    if read_run(run).kind != "finetune":
+        return predict_images(run, inputs, cache=cache, device=device, neighbors=neighbors,
+                              batch_size=batch_size)
+    paths = expand_inputs(inputs)
+    if not paths:
+        return predict_images(run, inputs)  # its own "no images" line
+    return _finetune_predictions(paths, finetune_explainer(run, resolve_device(device)),
+                                 maps=False)[0]
 
 
 def explain_images(

@@ -30,6 +30,7 @@ from skincache.explain import (
     gradcam,
     head_scorer,
     overlay_figure,
+    predict_run,
     run_explainer,
 )
 from skincache.models import TINY_MODEL
@@ -281,6 +282,11 @@ def test_finetune_run_predict_explain_writes_overlays(demo_root, sources, tmp_pa
         row = rows[Path(p.path).stem]
         np.testing.assert_allclose([p.probabilities[c] for c in classes],
                                    [float(row[f"p_{c}"]) for c in classes], atol=2e-3)
+    plain = predict_run(res.run_dir, val, device="cpu")  # predict without --explain
+    for p, q in zip(plain, preds, strict=True):
+        assert p.predicted == q.predicted and p.probabilities == pytest.approx(
+            q.probabilities, abs=1e-5)
+    assert not any(p.overlay for p in plain)
     r = CliRunner().invoke(app, ["predict", str(res.run_dir), val[0], "--explain",
                                  "--device", "cpu"])
     assert r.exit_code == 0 and "overlay: " in r.output, r.output

@@ -172,7 +172,7 @@ def evaluate(
 
 
 def predict(
-    run: Annotated[Path, typer.Argument(help="A run folder written by fit-head.")],
+    run: Annotated[Path, typer.Argument(help="A run folder written by fit-head or finetune.")],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     neighbors: Annotated[int, typer.Option(help="Most similar training cases (shown with "
                                                 "--verbose, written with --out).")] = 5,
@@ -207,16 +207,12 @@ def predict(
         raise UsageError(f"--explain-dir {explain_dir}: is a file; give a folder")
     if not explain and (explain_dir is not None or explain_class is not None):
         raise UsageError("--explain-dir / --explain-class go with --explain")
-    from skincache.predict import predict_images, write_predictions
+    from skincache.explain import predict_run
+    from skincache.predict import write_predictions
 
-    if explain:
-        from skincache.explain import explain_images
-
-        preds = explain_images(run, list(images), explain_dir=explain_dir,
-                               target_class=explain_class, device=device, neighbors=neighbors,
-                               progress=True)
-    else:
-        preds = predict_images(run, list(images), device=device, neighbors=neighbors)
+    preds = predict_run(run, list(images), explain=explain, explain_dir=explain_dir,
+                        target_class=explain_class, device=device, neighbors=neighbors,
+                        progress=True)
     if verbose:
         _render.predictions(preds, top=max(top_k, 3))
     else:
