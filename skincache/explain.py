@@ -16,10 +16,11 @@ token is dropped, the P patch tokens reshaped to the patch grid:
     map_p = ReLU(sum_c alpha_c A_pc)        (positive evidence only; scaled to [0, 1])
 
 Heads are differentiable when they have a linear form (`Head.linear_form()`: logreg, linear,
-zeroshot, zs-linear; the post-hoc logit adjustment and temperature folded in) or are a
-`FeedForwardHead` (`mlp`: its torch module); the others (knn, tip-adapter, ...) are refused in
-one line. A `finetune` run brings its own backbone and head (its final checkpoint). Towers
-other than open_clip's VisionTransformer are refused in one line (not built yet).
+zeroshot, zs-linear; the post-hoc logit adjustment and temperature folded in), are a
+`FeedForwardHead` (`mlp`: its torch module) or a `ProbeHead` (the linear-probe baselines, also
+on raw features); the others (knn, tip-adapter, tip-adapter-f) are refused in one line. A
+`finetune` run brings its own backbone and head (its final checkpoint). Towers other than
+open_clip's VisionTransformer are refused in one line (not built yet).
 
 On the shipped random `skincache-tiny` the maps are a pipeline check and mean nothing.
 """
@@ -44,6 +45,7 @@ from skincache.device import resolve_device
 from skincache.errors import DiskError, UsageError
 from skincache.heads import Head, get_head_class, list_heads
 from skincache.heads._feedforward import FeedForwardHead
+from skincache.heads._protocols import ProbeHead
 from skincache.loaders import load_views
 from skincache.models import LoadedModel, ModelSpec, load_model
 from skincache.predict import Prediction, expand_inputs, predict_images
@@ -69,7 +71,8 @@ def differentiable_heads() -> list[str]:
     out = []
     for name in list_heads():
         cls = get_head_class(name)
-        if cls._linear_form is not Head._linear_form or issubclass(cls, FeedForwardHead):
+        if (cls._linear_form is not Head._linear_form
+                or issubclass(cls, (FeedForwardHead, ProbeHead))):
             out.append(name)
     return out
 
@@ -104,6 +107,19 @@ def head_scorer(head: Head) -> Scorer:
             return (module(z) - shift) / t
 
         return feedforward
+    if isinstance(head, ProbeHead):  # linear in the raw features (normalize=False)
+        coef = torch.as_tensor(np.asarray(head.coef_, np.float32))
+        icpt = torch.as_tensor(np.asarray(head.intercept_, np.float32))
+        adj = torch.as_tensor(float(head.logit_adjust_) * np.asarray(head.log_prior_),
+                              dtype=torch.float32)
+        t_probe, norm = float(head.temperature_), bool(head.normalize)
+
+        def probe(f: torch.Tensor) -> torch.Tensor:
+            z = F.normalize(f.float(), dim=-1) if norm else f.float()
+            logits = z @ coef.to(f.device).T + icpt.to(f.device)
+            return (logits - adj.to(f.device)) / t_probe
+
+        return probe
     raise UsageError(f"--explain: head '{head.name}' is not differentiable in the image "
                      f"features (no linear form, no torch module), so no saliency map goes "
                      f"through it; --explain works for runs of {', '.join(differentiable_heads())}"

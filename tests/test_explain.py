@@ -26,6 +26,7 @@ from skincache.errors import UsageError
 from skincache.explain import (
     OVERLAY_DPI,
     OVERLAY_INCHES,
+    differentiable_heads,
     explain_images,
     gradcam,
     head_scorer,
@@ -77,11 +78,15 @@ def _rho(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a.ravel(), b.ravel())[0])
 
 
-@pytest.mark.parametrize("head", ["logreg", "mlp"])
-def test_the_scorer_is_the_runs_own_head(runs, demo_cache, head):
-    """softmax(scorer(features)) is the head's predict_proba: the map's target score is what
-    the run predicts with (post-hoc logit adjustment and temperature included)."""
-    h = load_run(runs / head).head
+@pytest.mark.parametrize("head", differentiable_heads())
+def test_the_scorer_is_the_runs_own_head(runs, demo_cache, head, tmp_path):
+    """softmax(scorer(features)) is the head's predict_proba, for every head --explain takes:
+    the map's target score is what the run predicts with (post-hoc logit adjustment and
+    temperature included)."""
+    if not (runs / head).is_dir():
+        fit_head_run(demo_cache, head, runs_dir=tmp_path, name=head, n_bootstrap=0,
+                     plots=False)
+    h = load_run((runs if (runs / head).is_dir() else tmp_path) / head).head
     X = np.asarray(FeatureCache.open(demo_cache).split("val").features, np.float32)
     p = torch.softmax(head_scorer(h)(torch.from_numpy(X)), dim=-1).detach().numpy()
     np.testing.assert_allclose(p, h.predict_proba(X), atol=1e-5)
