@@ -277,8 +277,9 @@ class Explainer:
 
 
 def _head_explainer(loaded: LoadedModel, scorer: Scorer, classes: list[str], label: str,
-                    device: torch.device) -> Explainer:
-    vit_parts(loaded.model.visual)  # a tower we cannot explain is said before any image
+                    device: torch.device, maps: bool = True) -> Explainer:
+    if maps:
+        vit_parts(loaded.model.visual)  # a tower we cannot explain is said before any image
     return Explainer(loaded.model.visual, scorer, ViewMaker(loaded.preprocess, ViewPolicy(k=0)),
                      Normalizer(loaded.preprocess, device), classes, label, device)
 
@@ -295,9 +296,10 @@ def final_checkpoint(run: Path, record_extra: dict[str, Any]) -> Path:
                    "last.pt); finish or resume it first")
 
 
-def finetune_explainer(run: Path, device: torch.device) -> Explainer:
+def finetune_explainer(run: Path, device: torch.device, maps: bool = True) -> Explainer:
     """A finetune run's own backbone and head from its final checkpoint (read with
-    weights_only=True): scores = logit_scale * normalize(visual(x)) @ W^T + b."""
+    weights_only=True): scores = logit_scale * normalize(visual(x)) @ W^T + b. `maps=False`:
+    for predictions only (any tower)."""
     from skincache.finetune import load_checkpoint
 
     record = read_run(run)
@@ -322,7 +324,7 @@ def finetune_explainer(run: Path, device: torch.device) -> Explainer:
     classes = list(ckpt.get("classes") or record.classes or [])
     weights = Path(str(m["checkpoint"])).name if m.get("checkpoint") else m.get("pretrained")
     label = f"{name} ({weights or RANDOM_INIT}) fine-tuned (run {run.name})"
-    return _head_explainer(loaded, clip_head, classes, label, device)
+    return _head_explainer(loaded, clip_head, classes, label, device, maps)
 
 
 def run_explainer(run: Path, device: torch.device, cache: str | Path | None = None
@@ -407,8 +409,8 @@ def predict_run(
     paths = expand_inputs(inputs)
     if not paths:
         return predict_images(run, inputs)  # its own "no images" line
-    return _finetune_predictions(paths, finetune_explainer(run, resolve_device(device)),
-                                 maps=False)[0]
+    return _finetune_predictions(paths, finetune_explainer(run, resolve_device(device),
+                                                           maps=False), maps=False)[0]
 
 
 def explain_images(

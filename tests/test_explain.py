@@ -237,6 +237,13 @@ def test_a_head_that_is_not_differentiable_is_one_line(runs, sources):
     assert len(lines) == 1 and "not differentiable" in lines[0]
 
 
+def test_a_tower_that_is_not_a_vit_is_one_line():
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    with pytest.raises(UsageError, match="not an open_clip VisionTransformer") as e:
+        gradcam(conv, lambda f: f, torch.zeros(1, 3, 8, 8))
+    assert "\n" not in str(e.value) and "Sequential" in str(e.value)
+
+
 def test_target_class_option_and_a_wrong_class(runs, sources, tmp_path):
     preds = explain_images(runs / "mlp", sources[:1], explain_dir=tmp_path, device="cpu",
                            target_class="mel", neighbors=0)
@@ -296,3 +303,10 @@ def test_finetune_run_predict_explain_writes_overlays(demo_root, sources, tmp_pa
                                  "--device", "cpu"])
     assert r.exit_code == 0 and "overlay: " in r.output, r.output
     assert "random weights" in r.output
+    # a finetune run folder without its checkpoints is one line
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "run.json").write_text((res.run_dir / "run.json").read_text())
+    r = CliRunner().invoke(app, ["predict", str(bare), val[0], "--device", "cpu"])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code != 0 and len(lines) == 1 and "without a checkpoint" in lines[0]
