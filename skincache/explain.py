@@ -195,6 +195,85 @@ def gradcam(visual: torch.nn.Module, scorer: Scorer, x: torch.Tensor,
                     scores=scores.detach().float().cpu().numpy().astype(np.float64))
 
 
+# ----------------------------------------------------------------------------- sanity check
+
+
+def redraw_(params: list[torch.Tensor], seed: int) -> None:
+    """Re-initialise in place: each tensor redrawn from a normal with its own mean and spread
+    (magnitudes kept, learned structure gone)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            spread = p.std() if p.numel() > 1 else p.abs()
+            p.copy_(p.mean() + spread * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
+
+
+def cascade_stages(visual: torch.nn.Module) -> list[tuple[str, list[torch.Tensor]]]:
+    """The model-randomisation cascade of Adebayo et al. (2018) for an open_clip ViT, top
+    first: the final norm and projection, each block from the last, then the patch and
+    position embeddings; each stage's own parameters (the cascade re-draws them cumulatively)."""
+    vit_parts(visual)
+    blocks = list(visual.transformer.resblocks)
+
+    def params(*mods) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for m in mods:
+            if isinstance(m, torch.nn.Module):
+                out += list(m.parameters())
+            elif isinstance(m, torch.Tensor):
+                out.append(m)
+        return out
+
+    stages = [("ln_post + proj", params(visual.ln_post, getattr(visual, "proj", None)))]
+    stages += [(f"block {i}", params(blocks[i])) for i in reversed(range(len(blocks)))]
+    stages.append(("embeddings", params(visual.conv1, visual.class_embedding,
+                                        visual.positional_embedding, visual.ln_pre)))
+    return stages
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho of two maps (0 where either is constant)."""
+    from scipy.stats import spearmanr
+
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float(spearmanr(np.ravel(a), np.ravel(b))[0])
+
+
+def randomisation_check(explainer: Explainer, pixels: list[np.ndarray], seed: int = 1
+                        ) -> list[dict[str, Any]]:
+    """Per cascade stage (`cascade_stages`, cumulative), the rank correlation of each image's
+    map (signed Grad-CAM, the original predicted class) with the original tower's. A map that
+    explains the model falls towards 0; one that survives the weights (an edge detector of
+    the image) stays near 1. The first row, "none", re-runs the untouched copy (rho 1)."""
+    import copy
+
+    xs = [explainer.normalize(torch.from_numpy(np.ascontiguousarray(p))[None]
+                              .to(explainer.device)) for p in pixels]
+    base = [gradcam(explainer.visual, explainer.scorer, x) for x in xs]
+    tower = copy.deepcopy(explainer.visual)
+    rows = []
+    for name, params in [("none", [])] + cascade_stages(tower):
+        redraw_(params, seed)
+        rhos = [rank_correlation(b.raw, gradcam(tower, explainer.scorer, x, b.target).raw)
+                for x, b in zip(xs, base, strict=True)]
+        rows.append({"stage": name, "mean_rho": float(np.mean(rhos)), "rho": rhos})
+    return rows
+
+
+def randomisation_check_run(run: str | Path, inputs: list[str | Path], *, device: str = "auto",
+                            cache: str | Path | None = None, seed: int = 1
+                            ) -> list[dict[str, Any]]:
+    """`randomisation_check` on a run's own model and head, for the images in `inputs`
+    (unreadable ones skipped; none readable is a UsageError)."""
+    explainer = run_explainer(Path(run), resolve_device(device), cache)
+    pixels = [px for px, _ in (explainer.pixels(p) for p in expand_inputs(inputs))
+              if px is not None]
+    if not pixels:
+        raise UsageError(f"no readable images in {' '.join(map(str, inputs))}")
+    return randomisation_check(explainer, pixels, seed)
+
+
 # ----------------------------------------------------------------------------- overlays
 
 
