@@ -322,7 +322,8 @@ def write_overlay(image: np.ndarray, heat: np.ndarray, title: str, path: Path,
 @dataclass
 class Explainer:
     """What a map needs: the image tower, the run's differentiable head, the model's own
-    preprocessing (clean view, normaliser) and the classes."""
+    preprocessing (clean view, normaliser) and the classes; `loaded`, the whole model (a head
+    run's predictions reuse it)."""
 
     visual: torch.nn.Module
     scorer: Scorer
@@ -331,6 +332,7 @@ class Explainer:
     classes: list[str]
     label: str
     device: torch.device
+    loaded: LoadedModel | None = None
 
     def target_index(self, target: str | int | None) -> int | None:
         """A class name or index -> index (None stays None: the predicted class)."""
@@ -360,7 +362,7 @@ def _head_explainer(loaded: LoadedModel, scorer: Scorer, classes: list[str], lab
     if maps:
         vit_parts(loaded.model.visual)  # a tower we cannot explain is said before any image
     return Explainer(loaded.model.visual, scorer, ViewMaker(loaded.preprocess, ViewPolicy(k=0)),
-                     Normalizer(loaded.preprocess, device), classes, label, device)
+                     Normalizer(loaded.preprocess, device), classes, label, device, loaded)
 
 
 def final_checkpoint(run: Path, record_extra: dict[str, Any]) -> Path:
@@ -522,7 +524,7 @@ def explain_images(
         preds, done = _finetune_predictions(paths, explainer)
     else:
         preds = predict_images(run, inputs, cache=cache, device=device, neighbors=neighbors,
-                               batch_size=batch_size)
+                               batch_size=batch_size, loaded=explainer.loaded)
     with progress_bar(sum(p.ok for p in preds), "explain", enabled=progress) as advance:
         _write_overlays(preds, done, explainer, target, out_dir, advance)
     return preds

@@ -29,7 +29,7 @@ from skincache.heads.knn import (
     search_ip,
     write_neighbor_index,
 )
-from skincache.models import ModelSpec, load_model
+from skincache.models import LoadedModel, ModelSpec, load_model
 from skincache.runs import RunError, load_run
 from skincache.views import ViewPolicy
 
@@ -101,9 +101,11 @@ def predict_images(
     device: str = "auto",
     neighbors: int = 5,
     batch_size: int = 32,
+    loaded: LoadedModel | None = None,
 ) -> list[Prediction]:
     """Class probabilities and nearest training cases for each image (or a per-file error).
-    No image at all (an empty folder) is a UsageError before the model loads."""
+    No image at all (an empty folder) is a UsageError before the model loads. `loaded`: the
+    cache's model already loaded on `device` (`explain` passes its own: one load, not two)."""
     paths = expand_inputs(inputs)
     if not paths:
         raise UsageError(f"no images in {' '.join(str(i) for i in inputs)} (looked for "
@@ -121,7 +123,7 @@ def predict_images(
     header = fc.header
     spec = ModelSpec(*header.model_spec())
     dev = resolve_device(device)
-    model = load_model(spec, dev)
+    model = loaded if loaded is not None else load_model(spec, dev)
     if model.weights_sha256 != header.weights_sha256:
         raise RunError(f"the weights loaded for {spec.name} (sha256 {model.weights_sha256[:12]}) "
                        f"differ from those cache {fc.path} was encoded with "
