@@ -6,6 +6,7 @@ linear head with random unit rows stands in for the run's head. Prints a table (
 average beside it) and writes JSON.
 
     python benchmarks/explain_speed.py [--models skincache-tiny,ViT-B-32,ViT-B-16] [--n 3]
+        [--threads 1] [--device cuda]
 """
 
 from __future__ import annotations
@@ -66,9 +67,12 @@ def main() -> None:
     ap.add_argument("--models", default="skincache-tiny,ViT-B-32,ViT-B-16")
     ap.add_argument("--n", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own)")
     ap.add_argument("--out", default="benchmarks/results/explain_speed.json")
     args = ap.parse_args()
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [measure(m, args.n, device) for m in args.models.split(",")]
     load = os.getloadavg()
     t = Table(title=f"predict --explain per image ({device.type}, {torch.get_num_threads()} "
