@@ -254,6 +254,9 @@ def test_cli_predict_explain_says_where_each_overlay_went(runs, sources, tmp_pat
         rows = list(csv.DictReader(f))
     assert len(shown) == 2 and [row["overlay"] for row in rows] == shown
     assert all(Path(s).is_file() and Path(s).parent == tmp_path / "ov" for s in shown)
+    r = CliRunner().invoke(app, ["predict", str(runs / "mlp"), sources[0], "--explain-class",
+                                 "mel"])
+    assert r.exit_code != 0 and "go with --explain" in r.output
     # without --explain the file keeps its columns
     r = CliRunner().invoke(app, ["predict", str(runs / "mlp"), sources[0], "--device", "cpu",
                                  "--out", str(out)])
