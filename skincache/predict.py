@@ -29,7 +29,7 @@ from skincache.heads.knn import (
     search_ip,
     write_neighbor_index,
 )
-from skincache.models import ModelSpec, load_model
+from skincache.models import LoadedModel, ModelSpec, load_model
 from skincache.runs import RunError, load_run
 from skincache.views import ViewPolicy
 
@@ -41,6 +41,7 @@ class Prediction:
     predicted: str = ""
     probabilities: dict[str, float] = field(default_factory=dict)
     neighbors: list[dict] = field(default_factory=list)  # image_id, label, similarity
+    overlay: str = ""  # the saliency overlay PNG (`predict --explain`, skincache.explain)
 
     @property
     def ok(self) -> bool:
@@ -100,9 +101,11 @@ def predict_images(
     device: str = "auto",
     neighbors: int = 5,
     batch_size: int = 32,
+    loaded: LoadedModel | None = None,
 ) -> list[Prediction]:
     """Class probabilities and nearest training cases for each image (or a per-file error).
-    No image at all (an empty folder) is a UsageError before the model loads."""
+    No image at all (an empty folder) is a UsageError before the model loads. `loaded`: the
+    cache's model already loaded on `device` (`explain` passes its own: one load, not two)."""
     paths = expand_inputs(inputs)
     if not paths:
         raise UsageError(f"no images in {' '.join(str(i) for i in inputs)} (looked for "
@@ -120,7 +123,7 @@ def predict_images(
     header = fc.header
     spec = ModelSpec(*header.model_spec())
     dev = resolve_device(device)
-    model = load_model(spec, dev)
+    model = loaded if loaded is not None else load_model(spec, dev)
     if model.weights_sha256 != header.weights_sha256:
         raise RunError(f"the weights loaded for {spec.name} (sha256 {model.weights_sha256[:12]}) "
                        f"differ from those cache {fc.path} was encoded with "
@@ -165,10 +168,12 @@ def write_predictions(preds: list[Prediction], path: str | Path) -> Path:
     classes = next((list(p.probabilities) for p in preds if p.ok), [])
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
-    w.writerow(["path", "predicted", *(f"p_{c}" for c in classes), "nearest", "error"])
+    overlay = ["overlay"] if any(p.overlay for p in preds) else []  # only with --explain
+    w.writerow(["path", "predicted", *(f"p_{c}" for c in classes), "nearest", "error",
+                *overlay])
     for p in preds:
         nearest = ";".join(f"{n['image_id']}:{n['label']}:{n['similarity']:.6f}"
                            for n in p.neighbors)
         w.writerow([p.path, p.predicted, *(p.probabilities.get(c, "") for c in classes),
-                    nearest, p.error])
+                    nearest, p.error, *([p.overlay] if overlay else [])])
     return atomic_write_text(path, buf.getvalue())

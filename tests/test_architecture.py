@@ -32,7 +32,7 @@ LAYERS: list[set[str]] = [
     {"encoder"},
     {"encode", "runs", "near_duplicates"},
     {"predict", "bench", "finetune", "demo", "pipeline"},
-    {"study", "report"},
+    {"study", "report", "explain"},
     {"render"},
     {"render_study"},
     {"cli"},

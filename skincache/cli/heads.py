@@ -172,7 +172,7 @@ def evaluate(
 
 
 def predict(
-    run: Annotated[Path, typer.Argument(help="A run folder written by fit-head.")],
+    run: Annotated[Path, typer.Argument(help="A run folder written by fit-head or finetune.")],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     neighbors: Annotated[int, typer.Option(help="Most similar training cases (shown with "
                                                 "--verbose, written with --out).")] = 5,
@@ -183,9 +183,17 @@ def predict(
                        ] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "auto",
     out: Annotated[Path | None, typer.Option(help="Also write results to .csv or .json.")] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Also write a saliency overlay PNG "
+                                          "per image (Grad-CAM through the run's own head; "
+                                          "ViT towers; head and finetune runs).")] = False,
+    explain_dir: Annotated[Path | None, typer.Option(help="Folder for the --explain overlays "
+                                                     "(default: <run>/explain).")] = None,
+    explain_class: Annotated[str | None, typer.Option(help="Map the evidence for this class "
+                                                      "(default: the predicted one).")] = None,
 ) -> None:
     """Class probabilities + the most similar training cases for new images: one line per
-    image (top class and probability; --top-k for more), a table each with --verbose."""
+    image (top class and probability; --top-k for more), a table each with --verbose.
+    --explain: a saliency overlay per image (the map says where the evidence lies)."""
     from skincache._options import check_device
 
     check_run(run)
@@ -195,19 +203,29 @@ def predict(
     if out is not None and out.suffix.lower() not in (".csv", ".json"):
         raise UsageError(f"--out {out}: give a .csv or .json file name")
     check_out_file("--out", out)
-    from skincache.predict import predict_images, write_predictions
+    if explain_dir is not None and explain_dir.exists() and not explain_dir.is_dir():
+        raise UsageError(f"--explain-dir {explain_dir}: is a file; give a folder")
+    if not explain and (explain_dir is not None or explain_class is not None):
+        raise UsageError("--explain-dir / --explain-class go with --explain")
+    from skincache.explain import predict_run
+    from skincache.predict import write_predictions
 
-    preds = predict_images(run, list(images), device=device, neighbors=neighbors)
+    preds = predict_run(run, list(images), explain=explain, explain_dir=explain_dir,
+                        target_class=explain_class, device=device, neighbors=neighbors,
+                        progress=True)
     if verbose:
         _render.predictions(preds, top=max(top_k, 3))
     else:
         _render.prediction_lines(preds, top=top_k)
+    for p in preds:
+        if p.overlay:
+            _render.out.print(f"overlay: {p.overlay}", highlight=False, markup=False)
     n_ok = sum(p.ok for p in preds)
     if len(preds) > 1:
         _render.out.print(f"{len(preds)} images: {n_ok} predicted, {len(preds) - n_ok} failed"
                           + (" (errors above)" if n_ok < len(preds) else ""))
     if n_ok:
-        warn(random_init_warning(run_cache_attrs(run), "these predictions"))
+        warn(random_init_warning(_run_attrs(run), "these predictions"))
     if out:
         write_out("--out", out, lambda p: write_predictions(preds, p))
         _render.out.print(f"written to {out}")
@@ -215,3 +233,14 @@ def predict(
         raise typer.Exit(1)
 
 
+
+
+def _run_attrs(run: Path) -> dict:
+    """What the random-weights warning reads: a head run's cache attributes, a finetune
+    run's model (`predict --explain` takes both)."""
+    record = json.loads((run / "run.json").read_text())
+    if record.get("kind") == "finetune":
+        m = record.get("model") or {}
+        return {"model": m.get("name"), "pretrained": m.get("pretrained"),
+                "checkpoint": m.get("checkpoint")}
+    return run_cache_attrs(run)
