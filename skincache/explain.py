@@ -83,14 +83,17 @@ def head_scorer(head: Head) -> Scorer:
     naming the heads that work) for a head that is not differentiable."""
     form = head.linear_form()
     if form is not None:
-        w = torch.as_tensor(np.asarray(form[0], np.float32))
+        # float64: a closed-form head (gda's precision matrix) can have logits in the
+        # thousands, where float32 rounding alone moves the probabilities by 1e-4
+        w = torch.as_tensor(np.asarray(form[0], np.float64))
         b = np.asarray(form[1], np.float64)
         finite = np.isfinite(b)  # logreg gives a class absent from training -inf
         b = np.where(finite, b, (b[finite].min() if finite.any() else 0.0) - 50.0)
-        bias = torch.as_tensor(b.astype(np.float32))
+        bias = torch.as_tensor(b)
 
         def linear(f: torch.Tensor) -> torch.Tensor:
-            return F.normalize(f.float(), dim=-1) @ w.to(f.device).T + bias.to(f.device)
+            z = F.normalize(f.double(), dim=-1)
+            return z @ w.to(f.device).T + bias.to(f.device)
 
         return linear
     if isinstance(head, FeedForwardHead):

@@ -26,9 +26,10 @@ RUN_FORMAT_VERSION = 2
 KINDS = ("head", "finetune")
 MAX_RUN_JSON_BYTES = 64 << 20
 
-#: A run name is one folder under --runs-dir: letters, digits, `.`, `_`, `-`; no leading dot.
+#: A run name is one folder under --runs-dir: letters, digits, `.`, `_`, `-`, `+` (head names
+#: such as `lp++` are the default run names' stem); no leading dot.
 MAX_RUN_NAME = 100
-_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+_NAME_RE = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
 
 
 def check_run_name(name: str, option: str = "--name") -> str:
@@ -38,7 +39,7 @@ def check_run_name(name: str, option: str = "--name") -> str:
     if not name or len(name) > MAX_RUN_NAME or not _NAME_RE.fullmatch(name):
         shown = name if len(name) <= 40 else name[:40] + "..."
         raise UsageError(f"{option} {shown!r}: a run name is 1-{MAX_RUN_NAME} letters, digits, "
-                         "'.', '_' or '-' (not starting with '.'; no '/'), got "
+                         "'.', '_', '-' or '+' (not starting with '.'; no '/'), got "
                          f"{len(name)} characters; choose another")
     return name
 
