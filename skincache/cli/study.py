@@ -210,6 +210,10 @@ def bench_encoders_cmd(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of seeded heads and of the bootstrap.")] = 0,
     templates: Annotated[str, typer.Option(help="Text template set, or 'all'.")] = "all",
+    features: Annotated[str, typer.Option(help="projected (the image towers' output) or pre "
+                                               "(before the final projection: caches "
+                                               "encoded with --pre-projection).")
+                        ] = "projected",
     out_dir: Annotated[Path | None, typer.Option(help="Output folder (default: "
                                                       "runs/bench-<time>).")] = None,
     views: Annotated[int, typer.Option(help="--models: augmented views per image.")] = 4,
@@ -233,6 +237,10 @@ def bench_encoders_cmd(
     check_min("--cv", cv, 2)
     check_min("--bootstrap", bootstrap, 0)
     check_templates(templates)
+    from skincache._head_params import FIT_OPTIONS
+    from skincache._options import check_choice
+
+    check_choice("--features", features, FIT_OPTIONS["features"])
     for c in cache or []:
         check_file("--cache", c)
     names = [m.strip() for m in models.split(",") if m.strip()] if models else []
@@ -247,7 +255,7 @@ def bench_encoders_cmd(
     encode_options = {"views": views, "device": device, "split_ratios": ratios(split_ratios),
                       "split_seed": split_seed, "split_file": split_file,
                       "cache_dir": cache_dir, "limit": limit, "progress": not quiet,
-                      "on_split": _render.split_origin}
+                      "on_split": _render.split_origin, "pre_projection": features == "pre"}
     set_interrupt_hint(f"the finished runs are kept in {out_dir}/runs (and encodes resume "
                        f"from their last chunk); rerun the same command with --out-dir "
                        f"{out_dir} to resume")
@@ -257,8 +265,8 @@ def bench_encoders_cmd(
                       unit="fit", enabled=not quiet) as advance:
         res = bench_encoders(list(cache or []), models=names, data=data,
                              encode_options=encode_options, heads=chosen, cv=cv, seed=seed,
-                             n_bootstrap=bootstrap, template_set=templates, out_dir=out_dir,
-                             progress=advance)
+                             n_bootstrap=bootstrap, template_set=templates, features=features,
+                             out_dir=out_dir, progress=advance)
     set_interrupt_hint("")
     from skincache.render_study import encoders_table
 

@@ -44,7 +44,7 @@ DEFAULT_HEADS = ("logreg", "dermfm-lp", "zeroshot")
 TABLE_METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auroc")
 #: what a per-run JSON must hold, equal, to be kept by a rerun into the same --out-dir
 RUN_KEY = ("encoder", "cache_key", "variant", "head", "params", "seed", "protocol",
-           "template_set", "n_bootstrap")
+           "template_set", "n_bootstrap", "features")
 RESULTS_JSON, RESULTS_MD, PLOT = "results.json", "results.md", "encoders.png"
 
 
@@ -56,6 +56,7 @@ class EncoderBenchResult:
     runs: list[dict]  # one per (encoder, head) that ran (text heads skip caches without text)
     protocol: str
     reused: int = 0
+    features: str = "projected"  # or "pre": before the image towers' final projection
 
 
 def encoder_labels(caches: list[FeatureCache]) -> list[str]:
@@ -139,6 +140,7 @@ def bench_encoders(
     seed: int = 0,
     n_bootstrap: int = 1000,
     template_set: str = ALL_TEMPLATES,
+    features: str = "projected",
     out_dir: str | Path | None = None,
     progress=None,
 ) -> EncoderBenchResult:
@@ -146,12 +148,16 @@ def bench_encoders(
     dataset (one is allowed: a table of one row); `heads`: variant names of `bench.VARIANTS`;
     `cv`: K folds instead of the test split; `progress(1)` is called after each fit.
     `models` (with `data`): encode each model's cache of `data` first (`encode_models`, with
-    `encode_options`), then bench them after `caches`."""
+    `encode_options`), then bench them after `caches`. `features="pre"`: fit and score on
+    the pre-projection features (every cache must hold them; text heads are skipped)."""
     from skincache.heads import get_head_class
 
     chosen = check_heads(heads)
     if n_bootstrap < 0:
         raise UsageError(f"--bootstrap must be >= 0, got {n_bootstrap}")
+    if cv and features == "pre":
+        raise UsageError("--cv with --features pre is not built yet (the folds read the "
+                         "projected features)")
     if models and not data:
         raise UsageError("--models needs --data: the dataset to encode with each model")
     if not caches and not models:
@@ -160,6 +166,10 @@ def bench_encoders(
         caches = [*caches, *encode_models(models, str(data), **(encode_options or {}))]
     fcs = [c if isinstance(c, FeatureCache) else FeatureCache.open(c) for c in caches]
     check_aligned(fcs)
+    from skincache.runs import check_features
+
+    for fc in fcs:
+        check_features(fc, features)
     for fc in fcs:
         if "train" not in fc.splits or (not cv and "test" not in fc.splits):
             raise UsageError(f"{fc.path}: bench-encoders needs a train and a test split "
@@ -170,12 +180,13 @@ def bench_encoders(
     plan, skipped = [], 0
     for label, fc in zip(labels, fcs, strict=True):
         for variant, head, params in chosen:
-            if get_head_class(head).needs_text and not fc.text:
+            if get_head_class(head).needs_text and (not fc.text or features == "pre"):
                 skipped += 1  # no text tower: the cell reads "no text"
                 continue
             key = {"encoder": label, "cache_key": fc.key, "variant": variant, "head": head,
                    "params": params, "seed": seed, "protocol": proto,
-                   "template_set": template_set, "n_bootstrap": n_bootstrap}
+                   "template_set": template_set, "n_bootstrap": n_bootstrap,
+                   "features": features}
             name = f"{file_safe(label)}__{variant}" + (f"_cv{cv}" if cv else "")
             plan.append((fc, key, out / "runs" / f"{name}.json"))
     found = [_reusable(p, key) for _, key, p in plan]  # refuse another bench's before work
@@ -198,7 +209,7 @@ def bench_encoders(
                  "embed_dim": int(fc.header.embed_dim), "text": bool(fc.text)}
                 for lab, fc in zip(labels, fcs, strict=True)]
     result = EncoderBenchResult(out, encoders, [v[0] for v in chosen], runs, proto,
-                                sum(d is not None for d in found))
+                                sum(d is not None for d in found), features)
     _write_outputs(result, fcs[0], cv)
     return result
 
@@ -207,18 +218,20 @@ def _test_run(fc: FeatureCache, key: dict) -> dict:
     """Fit on train (selection on val), score on test with bootstrap CIs."""
     from skincache.heads._protocols import trains_on_val
     from skincache.metrics import classification_report
-    from skincache.runs import fit_inputs, make_head
+    from skincache.runs import fit_inputs, make_head, split_features
 
     head = make_head(key["head"], key["params"], key["seed"])
     t0 = time.perf_counter()
-    head.fit(**fit_inputs(fc, template_set=key["template_set"]))
+    head.fit(**fit_inputs(fc, template_set=key["template_set"], features=key["features"]))
     fit_s = time.perf_counter() - t0
     test = fc.split("test")
-    rep = classification_report(test.labels, head.predict_proba(test.features), fc.classes,
-                                n_bootstrap=key["n_bootstrap"], seed=key["seed"])
+    rep = classification_report(
+        test.labels, head.predict_proba(split_features(test, key["features"])[0]), fc.classes,
+        n_bootstrap=key["n_bootstrap"], seed=key["seed"])
     val = fc.splits.get("val")
-    val_score = (get_metric(PRIMARY).score(val.labels, head.predict_proba(val.features))
-                 if val is not None else None)
+    val_score = (get_metric(PRIMARY).score(
+        val.labels, head.predict_proba(split_features(val, key["features"])[0]))
+        if val is not None else None)
     return {"split": "test", "n_samples": rep["n_samples"], "fit_seconds": fit_s,
             VAL_KEY: val_score, "trains_on_val": trains_on_val(head),
             **{m: rep[m] for m in TABLE_METRICS},
@@ -266,7 +279,9 @@ def markdown(result: EncoderBenchResult) -> str:
     """results.md: one table per metric (balanced accuracy first), rows = encoders, columns =
     heads, each cell `value (95% CI)`."""
     rows = table_rows(result)
-    parts = [f"Encoders x heads. Protocol: {result.protocol}.\n"]
+    kind = ("pre-projection features (before the final projection)"
+            if result.features == "pre" else "projected features (the image towers' output)")
+    parts = [f"Encoders x heads on {kind}. Protocol: {result.protocol}.\n"]
     for m in TABLE_METRICS:
         heading = get_metric(m).label
         lines = [f"\n### {heading}\n\n| encoder | dim | " + " | ".join(result.heads) + " |\n",
@@ -328,6 +343,7 @@ def _write_outputs(result: EncoderBenchResult, ref: FeatureCache, cv: int | None
                   title=f"{ref.header.dataset} · {what} · {len(result.encoders)} encoders")
     write_json(out / RESULTS_JSON, {
         "kind": "bench-encoders", "dataset": ref.header.dataset, "protocol": result.protocol,
+        "features": result.features,
         "cv": cv, "encoders": result.encoders, "heads": result.heads, "runs": result.runs,
         "rows": _compact_rows(result), "created": now_iso()})
 
