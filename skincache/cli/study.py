@@ -247,7 +247,7 @@ def bench_encoders_cmd(
     if names:
         check_device(device)
     from skincache.bench import check_out_dir
-    from skincache.study.encoders import bench_encoders, check_heads, n_runs
+    from skincache.study.encoders import bench_encoders, check_heads
 
     chosen = heads.split(",") if heads else None
     check_heads(chosen)
@@ -259,14 +259,10 @@ def bench_encoders_cmd(
     set_interrupt_hint(f"the finished runs are kept in {out_dir}/runs (and encodes resume "
                        f"from their last chunk); rerun the same command with --out-dir "
                        f"{out_dir} to resume")
-    from skincache._progress import progress_bar
-
-    with progress_bar(n_runs(len(cache or []) + len(names), chosen), "bench encoders",
-                      unit="fit", enabled=not quiet) as advance:
-        res = bench_encoders(list(cache or []), models=names, data=data,
-                             encode_options=encode_options, heads=chosen, cv=cv, seed=seed,
-                             n_bootstrap=bootstrap, template_set=templates, features=features,
-                             out_dir=out_dir, progress=advance)
+    res = bench_encoders(list(cache or []), models=names, data=data,
+                         encode_options=encode_options, heads=chosen, cv=cv, seed=seed,
+                         n_bootstrap=bootstrap, template_set=templates, features=features,
+                         out_dir=out_dir, progress=not quiet)
     set_interrupt_hint("")
     from skincache.render_study import encoders_table
 

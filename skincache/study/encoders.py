@@ -76,11 +76,6 @@ def check_heads(heads: list[str] | None) -> list[tuple[str, str, dict[str, Any]]
     return [known[n] for n in dict.fromkeys(names)]
 
 
-def n_runs(n_caches: int, heads: list[str] | None = None) -> int:
-    """At most this many fits (text heads skip caches without text)."""
-    return n_caches * len(check_heads(heads))
-
-
 def _protocol(cv: int | None, n_bootstrap: int) -> str:
     if cv:
         from skincache.study.cv import protocol
@@ -142,11 +137,11 @@ def bench_encoders(
     template_set: str = ALL_TEMPLATES,
     features: str = "projected",
     out_dir: str | Path | None = None,
-    progress=None,
+    progress: bool = False,
 ) -> EncoderBenchResult:
     """The encoder table (see the module docstring). `caches`: two or more caches of one
     dataset (one is allowed: a table of one row); `heads`: variant names of `bench.VARIANTS`;
-    `cv`: K folds instead of the test split; `progress(1)` is called after each fit.
+    `cv`: K folds instead of the test split; `progress`: a bar counting the fits.
     `models` (with `data`): encode each model's cache of `data` first (`encode_models`, with
     `encode_options`), then bench them after `caches`. `features="pre"`: fit and score on
     the pre-projection features (every cache must hold them; text heads are skipped)."""
@@ -177,12 +172,11 @@ def bench_encoders(
     labels = encoder_labels(fcs)
     out = check_out_dir(out_dir)
     proto = _protocol(cv, n_bootstrap)
-    plan, skipped = [], 0
+    plan = []
     for label, fc in zip(labels, fcs, strict=True):
         for variant, head, params in chosen:
             if get_head_class(head).needs_text and (not fc.text or features == "pre"):
-                skipped += 1  # no text tower: the cell reads "no text"
-                continue
+                continue  # no text tower: the cell reads "no text"
             key = {"encoder": label, "cache_key": fc.key, "variant": variant, "head": head,
                    "params": params, "seed": seed, "protocol": proto,
                    "template_set": template_set, "n_bootstrap": n_bootstrap,
@@ -193,23 +187,25 @@ def bench_encoders(
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / RESULTS_JSON).unlink(missing_ok=True)  # the tables' commit mark: written last
     runs = []
-    if progress and skipped:
-        progress(skipped)
-    for (fc, key, path), done in zip(plan, found, strict=True):
-        if done is None:
-            done = {**key, "cache": str(fc.path), "model": fc.header.model,
-                    **(_cv_run(fc, key, cv) if cv else _test_run(fc, key)),
-                    "created": now_iso()}
-            write_json(path, done)
-        runs.append(done)
-        if progress:
-            progress(1)
+    from skincache._progress import progress_bar
+
+    reused = sum(d is not None for d in found)
+    with progress_bar(len(plan) - reused, f"bench encoders ({reused} kept)" if reused
+                      else "bench encoders", unit="fit", enabled=progress) as advance:
+        for (fc, key, path), done in zip(plan, found, strict=True):
+            if done is None:
+                done = {**key, "cache": str(fc.path), "model": fc.header.model,
+                        **(_cv_run(fc, key, cv) if cv else _test_run(fc, key)),
+                        "created": now_iso()}
+                write_json(path, done)
+                advance(1)
+            runs.append(done)
     encoders = [{"encoder": lab, "cache": str(fc.path), "cache_key": fc.key,
                  "model": fc.header.model, "pretrained": fc.header.pretrained,
                  "embed_dim": int(fc.header.embed_dim), "text": bool(fc.text)}
                 for lab, fc in zip(labels, fcs, strict=True)]
     result = EncoderBenchResult(out, encoders, [v[0] for v in chosen], runs, proto,
-                                sum(d is not None for d in found), features)
+                                reused, features)
     _write_outputs(result, fcs[0], cv)
     return result
 
@@ -300,9 +296,14 @@ def plot_encoders(result: EncoderBenchResult, path: Path, title: str = "") -> Pa
 
     from skincache.plots import _save
 
+    import textwrap
+
     rows = table_rows(result)
-    fig = Figure(figsize=(3.2 * len(TABLE_METRICS) + 1.5, 0.35 * len(rows) + 3.6),
-                 layout="constrained")
+    names = ["\n".join(textwrap.wrap(r["encoder"], 26, break_on_hyphens=False)[:3])
+             for r in rows]
+    lines = max(n.count("\n") + 1 for n in names)
+    fig = Figure(figsize=(max(3.2, 0.9 * len(rows) + 1.2) * len(TABLE_METRICS),
+                          4.2 + 0.45 * lines), layout="constrained")
     axes = fig.subplots(1, len(TABLE_METRICS), sharey=False)
     n_h = len(result.heads)
     offsets = (np.arange(n_h) - (n_h - 1) / 2) * (0.6 / max(n_h, 1))
@@ -322,8 +323,7 @@ def plot_encoders(result: EncoderBenchResult, path: Path, title: str = "") -> Pa
             if xs:
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=f"C{j % 10}", capsize=3,
                             label=h if m == TABLE_METRICS[0] else None)
-        ax.set_xticks(range(len(rows)), [r["encoder"] for r in rows], rotation=30,
-                      ha="right", fontsize=8)
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)
         ax.set_xlim(-0.6, len(rows) - 0.4)
         ax.set_title(f"{get_metric(m).label} % (95% CI)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
