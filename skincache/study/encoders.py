@@ -292,11 +292,11 @@ def markdown(result: EncoderBenchResult) -> str:
 def plot_encoders(result: EncoderBenchResult, path: Path, title: str = "") -> Path:
     """Per metric a panel: each encoder's score (point) and 95% CI (bar) for every head, one
     colour per head, encoders along x."""
+    import textwrap
+
     from matplotlib.figure import Figure
 
     from skincache.plots import _save
-
-    import textwrap
 
     rows = table_rows(result)
     names = ["\n".join(textwrap.wrap(r["encoder"], 26, break_on_hyphens=False)[:3])
