@@ -202,3 +202,19 @@ def test_bench_encoders_option_mistakes_are_one_line_before_any_fit(synth_pair, 
                                 "--out-dir", str(tmp_path / "x"), *extra])
         assert r.exit_code == 1 and needle in r.output, (extra, r.output)
     assert not (tmp_path / "x").exists()
+
+
+def test_models_finds_the_cache_encode_made_and_benches_it_beside_a_given_one(
+        demo_cache, demo_root, pre_cache, tmp_path):
+    """--models goes through encode's own library call: the demo data's tiny-model cache
+    (K=2) exists already in that --cache-dir, so it is found, not rebuilt."""
+    before = demo_cache.stat().st_mtime_ns
+    r = runner.invoke(app, ["bench-encoders", "--cache", str(pre_cache[0]), "--models",
+                            "skincache-tiny", "--data", str(demo_root), "--views", "2",
+                            "--device", "cpu", "--cache-dir", str(demo_cache.parent),
+                            "--heads", "logreg", "--bootstrap", "20", "--out-dir",
+                            str(tmp_path / "m"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert [e["cache"] for e in res["encoders"]] == [str(pre_cache[0]), str(demo_cache)]
+    assert demo_cache.stat().st_mtime_ns == before
