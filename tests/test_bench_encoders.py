@@ -195,7 +195,7 @@ def test_misaligned_caches_are_one_line_naming_the_first_mismatch(synth_pair, tm
 
 
 def test_bench_encoders_option_mistakes_are_one_line_before_any_fit(synth_pair, tmp_path):
-    for extra, needle in ((["--heads", "logreg,nope"], "unknown variants nope"),
+    for extra, needle in ((["--heads", "logreg,nope"], "--heads: unknown head variants nope"),
                           (["--features", "raw"], "--features 'raw'"),
                           (["--models", "ViT-B-32"], "--models needs --data")):
         r = runner.invoke(app, ["bench-encoders", "--cache", str(synth_pair[0]),

@@ -21,6 +21,7 @@ What runs, exactly:
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import numpy as np
 
 from skincache._io import atomic_write_text, file_safe, now_iso, read_json_file, write_json
 from skincache._sanity import model_label
-from skincache.bench import VAL_KEY, check_out_dir, check_variants
+from skincache.bench import VAL_KEY, check_out_dir
 from skincache.cache import FeatureCache
 from skincache.cache.join import check_aligned
 from skincache.errors import InputFileError, UsageError
@@ -71,8 +72,14 @@ def encoder_labels(caches: list[FeatureCache]) -> list[str]:
 def check_heads(heads: list[str] | None) -> list[tuple[str, str, dict[str, Any]]]:
     """The chosen variants (default `DEFAULT_HEADS`), in the order given; unknown names are a
     UsageError listing the known ones, before any cache is read."""
+    from skincache.bench import VARIANTS
+
     names = list(heads or DEFAULT_HEADS)
-    known = {v[0]: v for v in check_variants(names)}
+    known = {v[0]: v for v in VARIANTS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(f"--heads: unknown head variants {', '.join(unknown)}; known: "
+                         f"{', '.join(known)}")
     return [known[n] for n in dict.fromkeys(names)]
 
 
@@ -96,8 +103,6 @@ def _reusable(path: Path, key: dict) -> dict | None:
         return None
     if not isinstance(run, dict):
         return None
-    import json
-
     differ = [f for f in RUN_KEY if json.dumps(run.get(f), sort_keys=True)
               != json.dumps(key[f], sort_keys=True)]
     if differ:
