@@ -218,3 +218,10 @@ def test_models_finds_the_cache_encode_made_and_benches_it_beside_a_given_one(
     res = json.loads((tmp_path / "m" / "results.json").read_text())
     assert [e["cache"] for e in res["encoders"]] == [str(pre_cache[0]), str(demo_cache)]
     assert demo_cache.stat().st_mtime_ns == before
+
+
+def test_an_unknown_model_in_models_is_one_line_before_any_encode(synth_pair, tmp_path):
+    r = runner.invoke(app, ["bench-encoders", "--models", "ViT-B-32,ViT-Q-99", "--data",
+                            str(tmp_path), "--out-dir", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "unknown model 'ViT-Q-99'" in r.output
+    assert not (tmp_path / "x").exists()

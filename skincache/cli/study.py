@@ -232,7 +232,7 @@ def bench_encoders_cmd(
 
     The caches must hold the same images, labels and splits (the first mismatch is refused).
     Rerun with the same --out-dir to resume: finished runs are kept."""
-    from skincache._options import check_device, check_templates
+    from skincache._options import check_device, check_model, check_templates
 
     check_min("--cv", cv, 2)
     check_min("--bootstrap", bootstrap, 0)
@@ -246,6 +246,8 @@ def bench_encoders_cmd(
     names = [m.strip() for m in models.split(",") if m.strip()] if models else []
     if names:
         check_device(device)
+        for m in names:  # the check `encode --model` makes, before any encode starts
+            check_model(m)
     from skincache.bench import check_out_dir
     from skincache.study.encoders import bench_encoders, check_heads
 
