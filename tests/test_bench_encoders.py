@@ -225,3 +225,56 @@ def test_an_unknown_model_in_models_is_one_line_before_any_encode(synth_pair, tm
                             str(tmp_path), "--out-dir", str(tmp_path / "x")])
     assert r.exit_code == 1 and "unknown model 'ViT-Q-99'" in r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_pre_projection_cuts_timm_towers_at_their_head_and_refuses_a_tower_without_one():
+    """The two tower shapes open_clip builds with a separate projection, on stand-in modules
+    (no weights): timm's trunk + linear head, and a tower whose projection is inside its
+    pooling (the ResNets' attention pool): one line saying so."""
+    import torch
+
+    from skincache.encoder import PreProjection
+    from skincache.errors import UsageError
+
+    class Trunk(torch.nn.Module):
+        num_features = 12
+
+        def forward(self, x):
+            return x.flatten(1)[:, :12]
+
+    class Timm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = Trunk()
+            self.head = torch.nn.Sequential(torch.nn.Dropout(0.0), torch.nn.Linear(12, 5))
+
+        def forward(self, x):
+            return self.head(self.trunk(x))
+
+    timm = torch.nn.Module()
+    timm.visual = Timm()
+    cut = PreProjection.of(timm, "timm-stand-in")
+    x = torch.randn(3, 2, 4, 4)
+    assert cut.kind == "timm" and cut.dim == 12
+    assert cut.pooled(x).shape == (3, 12)
+    torch.testing.assert_close(cut.project(cut.pooled(x)), timm.visual(x))
+
+    resnet = torch.nn.Module()
+    resnet.visual = torch.nn.Sequential(torch.nn.Linear(4, 4))  # no proj, no trunk/head
+    with pytest.raises(UsageError, match="has no separate final projection"):
+        PreProjection.of(resnet, "RN50")
+
+
+def test_pre_projection_of_a_vit_is_exactly_encode_image_and_leaves_proj_in_place(tiny_model):
+    import torch
+
+    from skincache.encoder import PreProjection
+
+    model = tiny_model.model
+    cut = PreProjection.of(model, "skincache-tiny")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = cut.pooled(x)
+        torch.testing.assert_close(cut.project(pooled), model.encode_image(x))
+    assert cut.kind == "vit" and pooled.shape == (2, model.visual.proj.shape[0])
+    assert model.visual.proj is not None  # restored after the cut forward
