@@ -278,3 +278,17 @@ def test_pre_projection_of_a_vit_is_exactly_encode_image_and_leaves_proj_in_plac
         torch.testing.assert_close(cut.project(pooled), model.encode_image(x))
     assert cut.kind == "vit" and pooled.shape == (2, model.visual.proj.shape[0])
     assert model.visual.proj is not None  # restored after the cut forward
+
+
+def test_an_out_dir_holding_another_benchs_runs_is_refused_not_overwritten(synth_pair,
+                                                                         tmp_path):
+    from skincache.errors import UsageError
+    from skincache.study.encoders import bench_encoders
+
+    out = tmp_path / "o"
+    first = bench_encoders(list(synth_pair), heads=["logreg"], n_bootstrap=20, out_dir=out)
+    kept = {p.name: p.read_text() for p in (out / "runs").iterdir()}
+    with pytest.raises(UsageError, match="n_bootstrap 20 there, 30 now"):
+        bench_encoders(list(synth_pair), heads=["logreg"], n_bootstrap=30, out_dir=out)
+    assert {p.name: p.read_text() for p in (out / "runs").iterdir()} == kept
+    assert len(first.runs) == 2 and (out / "results.json").exists()

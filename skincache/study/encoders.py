@@ -44,8 +44,8 @@ DEFAULT_HEADS = ("logreg", "dermfm-lp", "zeroshot")
 #: the metrics of the table, in the published table's order of importance
 TABLE_METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auroc")
 #: what a per-run JSON must hold, equal, to be kept by a rerun into the same --out-dir
-RUN_KEY = ("encoder", "cache_key", "variant", "head", "params", "seed", "protocol",
-           "template_set", "n_bootstrap", "features")
+RUN_KEY = ("encoder", "cache_key", "variant", "head", "params", "seed", "n_bootstrap",
+           "features", "template_set", "protocol")
 RESULTS_JSON, RESULTS_MD, PLOT = "results.json", "results.md", "encoders.png"
 
 
