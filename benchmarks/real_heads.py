@@ -125,7 +125,14 @@ def build_cache(npz: Path, out: Path, external: bool = False,
     """Write the npz as a skincache cache, split by `split_rows`. `dataset_root`: where the
     images are (the report's thumbnails read them); default the npz itself."""
     d = np.load(npz)
-    split = split_rows(d, external)
+    return write_arrays_cache(d, split_rows(d, external), out, key=npz.stem,
+                              root=dataset_root or str(npz))
+
+
+def write_arrays_cache(d, split: np.ndarray, out: Path, *, key: str, root: str,
+                       model: str = "efficientnet-lite (ImageNet)") -> Path:
+    """Write real-feature arrays (an npz's columns, rows in any order) as a skincache cache
+    with each row's `split` (also benchmarks/real_encoders.py: two encoders, one split)."""
     labels = np.array([HAM10000_CLASSES.index(c) for c in d["dx"]])
     groups = np.where(d["lesion_id"] != "", d["lesion_id"], d["image_id"])  # ISIC: none
     splits = {}
@@ -136,12 +143,11 @@ def build_cache(npz: Path, out: Path, external: bool = False,
             image_id=list(d["image_id"][m]), group_id=list(groups[m]),
             sha1=[""] * int(m.sum()), meta={c: list(d[c][m]) for c in META})
     header = CacheHeader(
-        key=npz.stem, model="efficientnet-lite (ImageNet)", pretrained="imagenet",
+        key=key, model=model, pretrained="imagenet",
         logit_scale=100.0, weights_sha256="", embed_dim=int(d["features"].shape[1]),
         precision="fp16", classes=list(HAM10000_CLASSES), class_names=list(HAM10000_CLASSES),
         preprocess={}, views={"k": int(d["views"].shape[1])}, dataset="ham10000-real",
-        dataset_kind="ham10000", dataset_root=dataset_root or str(npz), dataset_fingerprint="",
-        versions={})
+        dataset_kind="ham10000", dataset_root=root, dataset_fingerprint="", versions={})
     write_cache(out, header, splits, {}, {})
     return out
 

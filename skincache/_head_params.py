@@ -275,3 +275,26 @@ def parse_params(name: str, items: dict[str, str]) -> dict[str, Any]:
         shown[key] = str(raw)
     check_constraints(name, out, head_constraints(name), shown)
     return out
+
+
+#: Fit options every head takes through `-p` beside its own parameters: they choose the fit's
+#: inputs (`runs.fit_inputs`), not the head. `features`: the cached features the head is fit
+#: on, and then evaluated and predicted with: `projected` (the image tower's output, in the
+#: text tower's space) or `pre` (the pooled output before the final projection, stored by
+#: `encode --pre-projection`).
+FIT_OPTIONS: dict[str, tuple[str, ...]] = {"features": ("projected", "pre")}
+
+
+def split_fit_options(items: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(fit options, head parameters) of `-p key=value` items; a fit option's value outside
+    its choices is a UsageError naming them."""
+    fit, rest = {}, {}
+    for key, raw in items.items():
+        k = key.strip().replace("-", "_")
+        if k in FIT_OPTIONS:
+            if raw not in FIT_OPTIONS[k]:
+                raise UsageError(f"-p {k}={raw}: expected one of {', '.join(FIT_OPTIONS[k])}")
+            fit[k] = raw
+        else:
+            rest[key] = raw
+    return fit, rest

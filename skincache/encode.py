@@ -97,11 +97,14 @@ class EncodeResult:
 
 def encode_key(dataset: Dataset, spec: ModelSpec, policy: ViewPolicy, precision: str,
                template_sets: list[str], fingerprint: str | None = None,
-               follow_symlinks: bool = False) -> str:
+               follow_symlinks: bool = False, pre_projection: bool = False) -> str:
     """The cache key; pass `fingerprint` when it is already known (it stats every file).
-    `follow_symlinks` changes which images are read, so it is part of the key when set
-    (and absent otherwise, so the keys of existing caches stay as they were)."""
+    `follow_symlinks` changes which images are read, and `pre_projection` what the cache
+    holds, so each is part of the key when set (and absent otherwise, so the keys of
+    existing caches stay as they were)."""
     extra = {"follow_symlinks": True} if follow_symlinks else {}
+    if pre_projection:
+        extra["pre_projection"] = True
     return cache_key({**extra,
         "schema": SCHEMA_VERSION,
         "model": spec.identity(),
@@ -130,8 +133,11 @@ def encode_dataset(
     wait: bool = False,
     progress: bool = True,
     follow_symlinks: bool = False,
+    pre_projection: bool = False,
 ) -> EncodeResult:
     """Encode `dataset` with the model `spec` into `cache_dir/<name>.h5` (see the module doc).
+    `pre_projection`: also store each view's pooled output before the image tower's final
+    projection (`features_pre`, `views_pre`; `encoder.PreProjection`).
 
     Checks the data (labels, splits, classes) before loading any model; a cache that already
     exists for the same key is left alone unless `force`; an unfinished run is resumed."""
@@ -142,9 +148,10 @@ def encode_dataset(
     precision = resolve_precision(precision, dev)
     fingerprint = dataset.fingerprint()
     key = encode_key(dataset, spec, policy, precision, template_sets, fingerprint,
-                     follow_symlinks)
+                     follow_symlinks, pre_projection)
     cache_dir = Path(cache_dir)
-    name = cache_name(dataset.name, spec.slug, policy.k, key)
+    name = cache_name(dataset.name, spec.slug + ("-pre" if pre_projection else ""), policy.k,
+                      key)
     final = cache_dir / f"{name}.h5"
     # an interrupted --force rebuild is continued by any rerun, --force or not
     force = force or PartialCache(cache_dir / f"{name}.partial").forced_rebuild_pending(key)
@@ -162,7 +169,8 @@ def encode_dataset(
             fingerprint=fingerprint, key=key, final=final, cache_dir=cache_dir, name=name,
             force=force, wait=wait, batch_size=batch_size, chunk_batches=chunk_batches,
             num_workers=num_workers, loader=loader, template_sets=template_sets,
-            progress=progress, root=None if follow_symlinks else _folder_of(dataset))
+            progress=progress, root=None if follow_symlinks else _folder_of(dataset),
+            pre_projection=pre_projection)
     finally:
         ctx.close()
     result.seconds = time.perf_counter() - t0
@@ -173,7 +181,8 @@ def _encode_run(ctx: DistContext, dataset: Dataset, *, spec: ModelSpec, policy: 
                 dev: torch.device, precision: str, fingerprint: str, key: str, final: Path,
                 cache_dir: Path, name: str, force: bool, wait: bool, batch_size: int,
                 chunk_batches: int, num_workers: int | None, loader: str,
-                template_sets: list[str], progress: bool, root: str | None) -> EncodeResult:
+                template_sets: list[str], progress: bool, root: str | None,
+                pre_projection: bool = False) -> EncodeResult:
     """The encode itself, on one process or as one rank of a torchrun job. Everything after
     the dataset is keyword-only: seventeen settings of like types (three bools, three ints)
     are never matched by position.
@@ -186,7 +195,7 @@ def _encode_run(ctx: DistContext, dataset: Dataset, *, spec: ModelSpec, policy: 
     chunks still missing."""
     # before any file is written, the lock included: a model that fails to load leaves none
     loaded = load_model(spec, dev)
-    encoder = ImageEncoder(loaded, policy, dev, precision)
+    encoder = ImageEncoder(loaded, policy, dev, precision, pre_projection)
     partial = PartialCache(cache_dir / f"{name}.partial")
     with contextlib.ExitStack() as stack:
         try:
@@ -288,7 +297,8 @@ def _start_partial(dataset: Dataset, encoder: ImageEncoder, partial: PartialCach
     })
     chunk_size = manifest["chunk_size"]
     n_chunks = math.ceil(len(records) / chunk_size)
-    missing = [i for i in range(n_chunks) if not partial.keep_chunk(i, CHUNK_FIELDS)]
+    fields = CHUNK_FIELDS + (PRE_FIELDS if encoder.pre is not None else ())
+    missing = [i for i in range(n_chunks) if not partial.keep_chunk(i, fields)]
     if partial.read_array("text") is None:
         partial.write_array("text", **{s: encoder.text_features(dataset.classes, s)
                                        for s in template_sets})
@@ -313,14 +323,14 @@ def _run_chunks(encoder: ImageEncoder, records: list[Record], chunks: list[int],
     todo = iter(chunks)
     chunk = next(todo)
     acc: list[Batch] = []
-    feats: list[np.ndarray] = []
+    feats: list[tuple[np.ndarray, np.ndarray | None]] = []
     seen = 0
     # every chunk but the dataset's last holds a multiple of batch_size records, so batches
     # never straddle two chunks and are the very batches a one-process run makes
     for batch in encoder.batches(records, positions, batch_size, num_workers, loader, root):
         acc.append(batch)
         if len(batch.index):
-            feats.append(encoder.features(batch.pixels))
+            feats.append(encoder.encode(batch.pixels))
         seen += batch.n_records
         advance(batch.n_records)
         if seen == size(chunk):
@@ -334,15 +344,23 @@ def _run_chunks(encoder: ImageEncoder, records: list[Record], chunks: list[int],
 #: the arrays every committed chunk holds (`_commit` writes them, `_assemble` reads them)
 CHUNK_FIELDS = ("index", "features", "views", "sha1", "failed_index", "failed_sha1",
                 "failed_reason")
+#: and those of a --pre-projection encode
+PRE_FIELDS = ("features_pre", "views_pre")
 
 
-def _commit(partial: PartialCache, chunk: int, batches: list[Batch], feats: list[np.ndarray],
-            encoder: ImageEncoder) -> None:
+def _commit(partial: PartialCache, chunk: int, batches: list[Batch],
+            feats: list[tuple[np.ndarray, np.ndarray | None]], encoder: ImageEncoder) -> None:
     k, d = encoder.policy.k, encoder.loaded.embed_dim
-    f = np.concatenate(feats) if feats else np.zeros((0, 1 + k, d), np.float32)
+    f = np.concatenate([x[0] for x in feats]) if feats else np.zeros((0, 1 + k, d), np.float32)
     failed = [x for b in batches for x in b.failed]
+    pre = {}
+    if encoder.pre is not None:
+        p = (np.concatenate([x[1] for x in feats]) if feats  # type: ignore[misc]
+             else np.zeros((0, 1 + k, encoder.pre_dim), np.float32))
+        pre = {"features_pre": p[:, 0].astype(np.float16),
+               "views_pre": p[:, 1:].astype(np.float16)}
     partial.write_chunk(
-        chunk,
+        chunk, **pre,
         index=np.array([i for b in batches for i in b.index], dtype=np.int64),
         features=f[:, 0].astype(np.float16),
         views=f[:, 1:].astype(np.float16),
@@ -364,6 +382,8 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
     sha1 = np.concatenate([p["sha1"] for p in parts])
     f_index = np.concatenate([p["failed_index"] for p in parts])
     f_reason = np.concatenate([p["failed_reason"] for p in parts])
+    pre = ({c: np.concatenate([p[c] for p in parts]) for c in PRE_FIELDS}
+           if encoder.pre is not None else None)
     split_of = np.array([r.split for r in records], dtype=object)[index]
     meta_cols = sorted({c for r in records for c in r.meta})
     splits: dict[str, SplitArrays] = {}
@@ -372,6 +392,8 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
         recs = [records[i] for i in index[rows]]
         splits[s] = SplitArrays(
             features=feats[rows], views=views[rows],
+            features_pre=None if pre is None else pre["features_pre"][rows],
+            views_pre=None if pre is None else pre["views_pre"][rows],
             labels=np.array([dataset.label_index(r.label) for r in recs], dtype=np.int64),
             image_id=[r.image_id for r in recs], group_id=[r.group or "" for r in recs],
             sha1=[str(x) for x in sha1[rows]],
@@ -389,6 +411,7 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
         checkpoint_sha256=loaded.spec.identity()["checkpoint_sha256"] or "",
         weights_sha256=loaded.weights_sha256,
         embed_dim=loaded.embed_dim,
+        pre_projection_dim=encoder.pre_dim,
         logit_scale=loaded.logit_scale,
         precision=encoder.precision,
         device=encoder.device.type,

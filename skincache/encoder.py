@@ -33,30 +33,102 @@ def encode_class_prompts(loaded: LoadedModel, classes: list[str], template_set: 
     return f.cpu().numpy().reshape(len(classes), len(prompts[0]), -1)
 
 
+class PreProjection:
+    """The image tower cut before its final projection: `pooled(x)` is the pooled output the
+    projection takes (what the CLIP paper's linear probes and ProLIP fit on), `project(p)`
+    the rest of the tower, so `project(pooled(x))` is `encode_image(x)` exactly, and both come
+    from one pass. Towers: open_clip's ViT (the pooled token before `visual.proj`) and timm
+    towers (the trunk's pooled output before `visual.head`). Any other tower (the ResNets,
+    whose attention pool holds the projection) is refused with one line by `of`."""
+
+    def __init__(self, visual: torch.nn.Module, kind: str, dim: int):
+        self.visual, self.kind, self.dim = visual, kind, dim
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, name: str) -> PreProjection:
+        from skincache.errors import UsageError
+
+        visual = getattr(model, "visual", None)
+        proj = getattr(visual, "proj", None)
+        if isinstance(proj, torch.Tensor) and proj.ndim == 2:
+            return cls(visual, "vit", int(proj.shape[0]))
+        head, trunk = getattr(visual, "head", None), getattr(visual, "trunk", None)
+        if trunk is not None and isinstance(head, torch.nn.Module) and not any(
+                "pool" in n for n, _ in head.named_children()) and any(
+                isinstance(m, torch.nn.Linear) for m in head.modules()):
+            return cls(visual, "timm", int(trunk.num_features))
+        raise UsageError(f"--pre-projection: {name}'s image tower "
+                         f"({type(visual).__name__}) has no separate final projection to "
+                         "stop before (ViT towers with visual.proj and timm towers with a "
+                         "linear head have one); encode without --pre-projection")
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "timm":
+            return self.visual.trunk(x)
+        proj = self.visual.proj
+        self.visual.proj = None  # the tower's own forward, stopped before its last matmul
+        try:
+            return self.visual(x)
+        finally:
+            self.visual.proj = proj
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.kind == "timm":
+            return self.visual.head(pooled)
+        return pooled @ self.visual.proj
+
+
 class ImageEncoder:
     """The loaded model plus the view recipe and device: pixels in, features out.
 
-    `predict` and `finetune` re-use it so that every image reaches the model the same way."""
+    `predict` and `finetune` re-use it so that every image reaches the model the same way.
+    `pre_projection`: `encode` also returns each view's pooled output before the final
+    projection (`PreProjection`; a tower without one is refused here, before any image)."""
 
     def __init__(self, loaded: LoadedModel, policy: ViewPolicy, device: torch.device,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", pre_projection: bool = False):
         self.loaded = loaded
         self.policy = policy
         self.device = device
         self.precision = precision
         self.maker = ViewMaker(loaded.preprocess, policy)
         self.normalize = Normalizer(loaded.preprocess, device)
+        self.pre = PreProjection.of(loaded.model, loaded.spec.name) if pre_projection else None
+
+    @property
+    def pre_dim(self) -> int:
+        """The pre-projection features' dimension (0 without `pre_projection`)."""
+        return self.pre.dim if self.pre is not None else 0
 
     @torch.no_grad()
-    def features(self, pixels: torch.Tensor) -> np.ndarray:
-        """uint8 [n, V, 3, H, W] -> float32 [n, V, D] (not normalised)."""
+    def encode(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 [n, V, 3, H, W] -> (float32 [n, V, D], the pre-projection float32
+        [n, V, D_pre] or None), not normalised, from one pass through the tower."""
         n, v = pixels.shape[:2]
         x = pixels.reshape(n * v, *pixels.shape[2:]).to(self.device, non_blocking=True)
         x = self.normalize(x)
         dtype = autocast_dtype(self.precision)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            f = self.loaded.model.encode_image(x)
-        return f.float().reshape(n, v, -1).cpu().numpy()
+            if self.pre is None:
+                f, p = self.loaded.model.encode_image(x), None
+            else:
+                p = self.pre.pooled(x)
+                f = self.pre.project(p)
+        def out(t: torch.Tensor) -> np.ndarray:
+            return t.float().reshape(n, v, -1).cpu().numpy()
+
+        return out(f), None if p is None else out(p)
+
+    def features(self, pixels: torch.Tensor) -> np.ndarray:
+        """uint8 [n, V, 3, H, W] -> float32 [n, V, D] (not normalised)."""
+        return self.encode(pixels)[0]
+
+    def features_pre(self, pixels: torch.Tensor) -> np.ndarray:
+        """uint8 [n, V, 3, H, W] -> the pre-projection float32 [n, V, D_pre]."""
+        pre = self.encode(pixels)[1]
+        if pre is None:
+            raise RuntimeError("internal: features_pre on an encoder without pre_projection")
+        return pre
 
     def text_features(self, classes: list[str], template_set: str) -> np.ndarray:
         """float32 [C, T, D] prompt embeddings (fp32, not normalised)."""

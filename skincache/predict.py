@@ -30,7 +30,7 @@ from skincache.heads.knn import (
     write_neighbor_index,
 )
 from skincache.models import LoadedModel, ModelSpec, load_model
-from skincache.runs import RunError, load_run
+from skincache.runs import RunError, load_run, run_features
 from skincache.views import ViewPolicy
 
 
@@ -128,20 +128,23 @@ def predict_images(
         raise RunError(f"the weights loaded for {spec.name} (sha256 {model.weights_sha256[:12]}) "
                        f"differ from those cache {fc.path} was encoded with "
                        f"({header.weights_sha256[:12]}); predictions would not match the head")
+    pre = run_features(loaded_run.record) == "pre"  # the head was fit before the projection
     encoder = ImageEncoder(model, ViewPolicy(k=0), dev, header.precision or
-                           resolve_precision("auto", dev))
+                           resolve_precision("auto", dev), pre_projection=pre)
     records = [Record(image_id=p.stem, source=str(p), label="") for p in paths]
     feats: dict[int, np.ndarray] = {}
+    head_in: dict[int, np.ndarray] = {}  # what the head takes (the pre features of a pre run)
     for batch in encoder.batches(records, todo, batch_size, num_workers=0):
         for pos, _, reason in batch.failed:
             results[pos].error = reason
         if len(batch.index):
-            f = encoder.features(batch.pixels)[:, 0]
-            feats.update(zip(batch.index, f, strict=True))
+            f, p = encoder.encode(batch.pixels)
+            feats.update(zip(batch.index, f[:, 0], strict=True))
+            head_in.update(zip(batch.index, (f if p is None else p)[:, 0], strict=True))
     ok = sorted(feats)
     if ok:
         X = np.stack([feats[i] for i in ok])
-        proba = loaded_run.head.predict_proba(X)
+        proba = loaded_run.head.predict_proba(np.stack([head_in[i] for i in ok]))
         train = fc.split("train")
         sims, rows = search_ip(neighbor_index(loaded_run.path, fc), X, neighbors) if neighbors \
             else (np.zeros((len(ok), 0)), np.zeros((len(ok), 0), dtype=int))

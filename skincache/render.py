@@ -35,7 +35,9 @@ def cache_summary(s: dict) -> None:
          if s.get("checkpoint") else "none"),
         ("weights sha256", s["weights_sha256"][:16] + "…"),
         ("precision", s["precision"]),
-        ("embedding", f"D={s['embed_dim']}, stored {s['feature_dtype']}, not normalised"),
+        ("embedding", f"D={s['embed_dim']}, stored {s['feature_dtype']}, not normalised"
+                      + (f"; pre-projection D={s['pre_projection_dim']} (features_pre)"
+                         if s.get("pre_projection_dim") else "")),
         ("preprocess", f"{pp['size'][0]}x{pp['size'][1]} {pp['interpolation']} "
                        f"{pp['resize_mode']}, mean {_fmt(pp['mean'])}, std {_fmt(pp['std'])}"),
         ("views", f"K={v['k']}: resize {v.get('scaled_resize', v['resize'])}, random crop "

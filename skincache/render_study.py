@@ -130,3 +130,19 @@ def cv_bench_table(rows: list[dict[str, Any]], title: str) -> None:
                   _mean_ci(primary, r.get(f"refit_{PRIMARY}"), None),
                   f"{r['fit_seconds_mean']:.2f}")
     _show(t)
+
+
+def encoders_table(result: Any) -> None:
+    """bench-encoders: rows = encoders, columns = heads, balanced accuracy (95% CI) per cell
+    (the other metrics are in results.md and results.json)."""
+    from skincache.study.encoders import cell, table_rows
+
+    t = Table(title=f"balanced accuracy (95% CI) · {result.protocol}", title_justify="left")
+    t.add_column("encoder")
+    t.add_column("dim", justify="right")
+    for h in result.heads:
+        t.add_column(h, justify="right")
+    for r in table_rows(result):
+        t.add_row(escape(r["encoder"]), str(r["embed_dim"]),
+                  *(cell(r[h], "balanced_accuracy", r["text"]) for h in result.heads))
+    _show(t)

@@ -104,24 +104,52 @@ def few_shot_indices(y: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def check_features(cache: FeatureCache, features: str) -> None:
+    """`-p features=pre` on a cache without pre-projection features is one line."""
+    from skincache._head_params import FIT_OPTIONS
+
+    if features not in FIT_OPTIONS["features"]:
+        raise UsageError(f"-p features={features}: expected one of "
+                         f"{', '.join(FIT_OPTIONS['features'])}")
+    if features == "pre" and not all(s.has_pre for s in cache.splits.values()):
+        raise CacheError(f"{cache.path}: -p features=pre, but this cache holds no "
+                         "pre-projection features; encode it with `skincache encode "
+                         "--pre-projection`")
+
+
+def split_features(data: Any, features: str = "projected", stored: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """A split's (clean-view features, views) of the kind `features` names (`pre`: before the
+    final projection); `stored`: float16 as stored, else float32."""
+    if features == "pre":
+        return ((data.features_pre16, data.views_pre16) if stored
+                else (data.features_pre, data.views_pre))
+    return (data.features16, data.views16) if stored else (data.features, data.views)
+
+
 def fit_inputs(cache: FeatureCache, *, template_set: str = ALL_TEMPLATES,
-               use_val: bool = True, shots: int | None = None, seed: int = 0
-               ) -> dict[str, Any]:
+               use_val: bool = True, shots: int | None = None, seed: int = 0,
+               features: str = "projected") -> dict[str, Any]:
     """The uniform `Head.fit` arguments from a cache (train split; val for model selection).
-    `shots`: K training images per class (seeded); val stays whole."""
+    `shots`: K training images per class (seeded); val stays whole. `features`: `projected`
+    (the image tower's output) or `pre` (before its final projection: encode
+    --pre-projection); pre-projection features have no text counterpart (text is None)."""
+    check_features(cache, features)
     train = cache.split("train")
     val = cache.splits.get("val") if use_val else None
     # float16 as stored: heads that stream (linear, mlp, logreg, knn) convert batches; the
     # others convert to float32 in `check_fit_inputs`
-    X, y, views = train.features16, train.labels, train.views16
+    X, views = split_features(train, features, stored=True)
+    y = train.labels
     if shots is not None:
         idx = few_shot_indices(y, shots, seed)
         X, y, views = X[idx], y[idx], views[idx]
     return dict(
         X=X, y=y, views=views,
-        X_val=None if val is None else val.features16,
+        X_val=None if val is None else split_features(val, features, stored=True)[0],
         y_val=None if val is None else val.labels,
-        text=text_features(cache, template_set), logit_scale=cache.logit_scale,
+        text=text_features(cache, template_set) if features == "projected" else None,
+        logit_scale=cache.logit_scale,
         n_classes=len(cache.classes),
     )
 
@@ -139,11 +167,15 @@ def is_seeded(name: str) -> bool:
 
 
 def evaluate_head(head: Head, cache: FeatureCache, split: str, *, n_bootstrap: int = 1000,
-                  seed: int = 0, tta: bool = False) -> tuple[dict, np.ndarray]:
+                  seed: int = 0, tta: bool = False, features: str = "projected"
+                  ) -> tuple[dict, np.ndarray]:
     """classification_report of `head` on `split`, plus the ECE before temperature scaling
-    (`ece_uncalibrated`) and the post-hoc values the head applied."""
+    (`ece_uncalibrated`) and the post-hoc values the head applied. `features`: the kind the
+    head was fit on (`fit_inputs`)."""
     data = cache.split(split)
-    proba, raw = head.predict_proba_pair(data.features, data.views if tta else None)
+    check_features(cache, features)
+    X, views = split_features(data, features)
+    proba, raw = head.predict_proba_pair(X, views if tta else None)
     report = classification_report(data.labels, proba, cache.classes, n_bootstrap=n_bootstrap,
                                    seed=seed)
     report["ece_uncalibrated"] = expected_calibration_error(data.labels, raw)
@@ -232,12 +264,19 @@ def fit_head_run(
     plots: bool = True,
     tta: bool = False,
     shots: int | None = None,
+    features: str = "projected",
 ) -> RunResult:
     """Fit `head` on the cache's train split (val chooses hyper-parameters, the logit
     adjustment and the temperature), evaluate it on `eval_splits` that exist (with `tta`: the
     mean over the clean and the cached augmented views), and write the run folder. `shots`:
-    K training images per class, drawn with `seed`."""
+    K training images per class, drawn with `seed`. `features`: `projected` or `pre` (the
+    fit option `-p features=pre`; evaluate and predict of the run use the same kind)."""
     fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
+    check_features(fc, features)
+    if features == "pre" and get_head_class(head).needs_text:
+        raise UsageError(f"-p features=pre: head '{head}' uses the text tower's prompts, "
+                         "which live in the projected space; pre-projection features have "
+                         "no text counterpart (fit it on the projected features)")
     if not any(s in fc.splits for s in eval_splits):  # else: an empty metrics table
         raise RunError(f"{fc.path}: no {' or '.join(eval_splits)} split to score a head on "
                        f"(the cache has {list(fc.splits)}); encode data with a validation or "
@@ -253,7 +292,7 @@ def fit_head_run(
         try:
             return _fit_into(run, fc, head, params, template_set=template_set, seed=seed,
                              eval_splits=eval_splits, n_bootstrap=n_bootstrap, plots=plots,
-                             tta=tta, shots=shots)
+                             tta=tta, shots=shots, features=features)
         except BaseException:
             if created:
                 remove_unfinished_run(run)
@@ -271,11 +310,13 @@ def remove_unfinished_run(run: Path) -> None:
 
 def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | None, *,
               template_set: str, seed: int, eval_splits: tuple[str, ...], n_bootstrap: int,
-              plots: bool, tta: bool, shots: int | None) -> RunResult:
+              plots: bool, tta: bool, shots: int | None, features: str = "projected"
+              ) -> RunResult:
     """`fit_head_run`'s work once the run folder is locked: fit, save, score, record (run.json
     last: a folder without it is no run, and the same command fits it again)."""
     model = make_head(head, params, seed)
-    inputs = fit_inputs(fc, template_set=template_set, shots=shots, seed=seed)
+    inputs = fit_inputs(fc, template_set=template_set, shots=shots, seed=seed,
+                        features=features)
     t0 = time.perf_counter()
     model.fit(**inputs)
     fit_s = time.perf_counter() - t0
@@ -296,7 +337,7 @@ def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | N
     for split in eval_splits:
         if split in fc.splits:
             report, proba = evaluate_head(model, fc, split, n_bootstrap=n_bootstrap, seed=seed,
-                                          tta=tta)
+                                          tta=tta, features=features)
             _write_split(run, fc, split, report, proba, plots)
             result.metrics[split] = report
     write_run(run, RunRecord(
@@ -312,6 +353,7 @@ def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | N
                "posthoc": {"logit_adjust": float(model.logit_adjust_),
                            "temperature": float(model.temperature_)},
                "fit_seconds": fit_s, "splits": {s: len(fc.splits[s]) for s in fc.splits},
+               "features": features,
                "skincache_version": __version__}))
     return result
 
@@ -352,7 +394,8 @@ def fit_heads(
     if name is not None:
         check_run_name(name)
     fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
-    names = heads or [h for h in list_heads() if fc.text or not get_head_class(h).needs_text]
+    text = bool(fc.text) and kwargs.get("features", "projected") == "projected"
+    names = heads or [h for h in list_heads() if text or not get_head_class(h).needs_text]
     return [fit_head_run(fc, h, None, name=f"{name}-{h}" if name else None, **kwargs)
             for h in names]
 
@@ -395,6 +438,12 @@ def fit_from_cache(cache: str | Path, head: str, params: dict[str, Any] | None =
     split = "test" if "test" in results[0].metrics else "val"
     return HeadFits(results, split, fc.split(split).n_views,
                     chosen_by_val(results) if len(results) > 1 else None, dict(fc.attrs))
+
+
+def run_features(record: RunRecord) -> str:
+    """The kind of features a run's head was fit on (`projected` for runs that predate the
+    choice)."""
+    return str(record.extra.get("features", "projected"))
 
 
 @dataclass
@@ -490,7 +539,8 @@ def _evaluate_locked(loaded: LoadedRun, split: str, *, cache: str | Path | None,
         raise RunError(f"cache {fc.path} has no split '{split}' (it has: "
                        f"{', '.join(fc.splits)}); choose one with --split")
     report, proba = evaluate_head(loaded.head, fc, split, n_bootstrap=n_bootstrap,
-                                  seed=loaded.record.seed, tta=tta)
+                                  seed=loaded.record.seed, tta=tta,
+                                  features=run_features(loaded.record))
     base = evaluation_name(loaded, fc, split)
     name, i, status = base, 1, "written"
     while (loaded.path / "metrics" / f"{name}.json").exists():

@@ -28,8 +28,8 @@ def test_help_lists_only_built_commands():
 
     commands = typer.main.get_command(app).commands
     assert set(commands) == {"encode", "demo", "info", "audit", "fetch-data", "fit-head",
-                             "evaluate", "predict", "bench-heads", "finetune", "heads", "models",
-                             "score", "compare", "report"}
+                             "evaluate", "predict", "bench-heads", "bench-encoders", "finetune",
+                             "heads", "models", "score", "compare", "report"}
     out = subprocess.run([sys.executable, "-m", "skincache.cli", "--help"], capture_output=True,
                          text=True, check=True, env={"COLUMNS": "120", "PATH": ""}).stdout
     for name, cmd in commands.items():

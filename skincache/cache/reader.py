@@ -48,8 +48,10 @@ class _SplitSource:
     holds no HDF5 handle, so it survives forks and never pins the file), each dataset checked
     against its sha256 the first time it is read, streaming the hash in blocks."""
 
-    def __init__(self, owner: FeatureCache, base: str, n: int, dim: int, k: int):
+    def __init__(self, owner: FeatureCache, base: str, n: int, dim: int, k: int,
+                 pre_dim: int = 0):
         self.owner, self.base, self.n, self.dim, self.k = owner, base, n, dim, k
+        self.pre_dim = pre_dim  # 0: no pre-projection features
 
     def read(self, col: str) -> np.ndarray:
         return self.owner._read_dataset(f"{self.base}/{col}")
@@ -90,7 +92,7 @@ class SplitData:
         if col not in self._have:
             if self._source is None:
                 raise AttributeError(f"split has no {col}")
-            if col in ("features", "views"):
+            if col in ("features", "views", "features_pre", "views_pre"):
                 self._have[col] = self._get16(col).astype(np.float32)
             elif col == "labels":
                 self._have[col] = self._source.read("labels").astype(np.int64)
@@ -115,6 +117,31 @@ class SplitData:
     image_id = property(lambda self: self._get("image_id"))
     group_id = property(lambda self: self._get("group_id"))
     sha1 = property(lambda self: self._get("sha1"))
+
+    features_pre = property(lambda self: self._get_pre("features_pre"))
+    views_pre = property(lambda self: self._get_pre("views_pre"))
+
+    def _get_pre(self, col: str, as16: bool = False) -> np.ndarray:
+        if not self.has_pre:
+            raise CacheError("this split has no pre-projection features (encode with "
+                             "--pre-projection)")
+        return self._get16(col) if as16 else self._get(col)
+
+    @property
+    def has_pre(self) -> bool:
+        """Whether the split holds `features_pre` / `views_pre` (encode --pre-projection)."""
+        if self._source is not None:
+            return self._source.pre_dim > 0
+        return "features_pre" in self._have
+
+    @property
+    def features_pre16(self) -> np.ndarray:
+        """The pre-projection clean-view features as stored (float16), read once."""
+        return self._get_pre("features_pre", as16=True)
+
+    @property
+    def views_pre16(self) -> np.ndarray:
+        return self._get_pre("views_pre", as16=True)
 
     @property
     def features16(self) -> np.ndarray:
@@ -410,6 +437,8 @@ class FeatureCache:
                 raise CacheError(f"{path}: split '{name}' has inconsistent shapes (features "
                                  f"{feats.shape}, views {views.shape}, labels {labels.shape}, "
                                  f"embed_dim {dim}); re-encode it")
+            pre_dim = _pre_dim(path, name, g, n, views.shape[1],
+                               int(attrs.get("pre_projection_dim", 0) or 0))
             meta_cols = tuple(g["meta"]) if "meta" in g else ()
             cols = {c: g[c] for c in ("image_id", "group_id", "sha1")}
             cols.update({c: g["meta"][c] for c in meta_cols})
@@ -417,7 +446,8 @@ class FeatureCache:
             if bad:
                 raise CacheError(f"{path}: split '{name}': column {bad[0]} has a different "
                                  f"length than the labels ({n}); re-encode it")
-            fc.splits[name] = SplitData(_source=_SplitSource(fc, base, n, dim, views.shape[1]),
+            fc.splits[name] = SplitData(_source=_SplitSource(fc, base, n, dim, views.shape[1],
+                                                             pre_dim),
                                         _meta_cols=meta_cols)
         # text prototypes and the failed table are small: read (and verified) now
         if "text" in f:
@@ -498,6 +528,7 @@ class FeatureCache:
                         "fingerprint": h.dataset_fingerprint},
             "classes": self.classes,
             "embed_dim": int(h.embed_dim),
+            "pre_projection_dim": int(h.pre_projection_dim or 0),
             "feature_dtype": a["feature_dtype"],
             "splits": {s: len(d) for s, d in self.splits.items()},
             "class_counts": counts,
@@ -594,6 +625,25 @@ def _refuse_damaged_heaps(path: Path, f: h5py.File) -> None:
 def _heap_error(path: Path, name: str, why: str) -> CacheError:
     return CacheError(f"{path}: dataset {name} is damaged ({why}); re-encode it with "
                       "`skincache encode ... --force`")
+
+
+def _pre_dim(path: Path, name: str, g: h5py.Group, n: int, k: int, want: int) -> int:
+    """The split's pre-projection dimension (0: none), its shapes checked against the header's
+    `pre_projection_dim` (old caches have neither)."""
+    have = "features_pre" in g, "views_pre" in g
+    if not any(have) and not want:
+        return 0
+    if not all(have) or not want:
+        raise CacheError(f"{path}: split '{name}': the pre-projection features and the "
+                         f"header's pre_projection_dim ({want}) disagree (features_pre "
+                         f"{'present' if have[0] else 'absent'}, views_pre "
+                         f"{'present' if have[1] else 'absent'}); re-encode it")
+    fp, vp = g["features_pre"].shape, g["views_pre"].shape
+    if fp != (n, want) or vp != (n, k, want):
+        raise CacheError(f"{path}: split '{name}' has inconsistent pre-projection shapes "
+                         f"(features_pre {fp}, views_pre {vp}, pre_projection_dim {want}); "
+                         "re-encode it")
+    return want
 
 
 def _verify_header(path: Path, raw: dict) -> None:

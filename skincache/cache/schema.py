@@ -113,6 +113,9 @@ class CacheHeader:
     #: where the splits came from when not the seed or the source (`Dataset.split_origin`:
     #: a split file and its sha256, how many lesion mates --drop-lesion-mates left out)
     split_origin: dict = attr(json=True, default_factory=dict)
+    #: the dimension of `features_pre` / `views_pre` (encode --pre-projection: each view's
+    #: pooled output before the image tower's final projection); 0: the cache has none
+    pre_projection_dim: int = attr(default=0)
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field, ...]:

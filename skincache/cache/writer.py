@@ -35,6 +35,9 @@ class SplitArrays:
     group_id: list[str]
     sha1: list[str]
     meta: dict[str, list[str]]
+    #: encode --pre-projection: the pooled outputs before the final projection
+    features_pre: np.ndarray | None = None
+    views_pre: np.ndarray | None = None
 
 
 def write_cache(path: Path, header: CacheHeader, splits: dict[str, SplitArrays],
@@ -90,6 +93,9 @@ def _write_h5(target, attrs: dict, splits: dict[str, SplitArrays],
             f.create_group(base)
             put(f"{base}/features", s.features.astype(FEATURE_DTYPE))
             put(f"{base}/views", s.views.astype(FEATURE_DTYPE))
+            if s.features_pre is not None and s.views_pre is not None:
+                put(f"{base}/features_pre", s.features_pre.astype(FEATURE_DTYPE))
+                put(f"{base}/views_pre", s.views_pre.astype(FEATURE_DTYPE))
             put(f"{base}/labels", s.labels.astype(np.int16))
             put(f"{base}/image_id", s.image_id, _STR)
             put(f"{base}/group_id", s.group_id, _STR)
@@ -115,6 +121,8 @@ def estimate_cache_bytes(splits: dict[str, SplitArrays], text: dict[str, np.ndar
     n = 0
     for s in splits.values():
         n += (s.features.size + s.views.size) * np.dtype(FEATURE_DTYPE).itemsize
+        if s.features_pre is not None and s.views_pre is not None:
+            n += (s.features_pre.size + s.views_pre.size) * np.dtype(FEATURE_DTYPE).itemsize
         n += s.labels.size * 2
         for col in (s.image_id, s.group_id, s.sha1, *s.meta.values()):
             n += sum(len(x) for x in col) + 16 * len(col)

@@ -95,6 +95,7 @@ COMMANDS: list[tuple[str, Callable]] = [
     ("info", data.info), ("audit", data.audit), ("fetch-data", data.fetch_data),
     ("fit-head", heads.fit_head), ("heads", heads.heads), ("evaluate", heads.evaluate),
     ("predict", heads.predict), ("bench-heads", study.bench_heads_cmd),
+    ("bench-encoders", study.bench_encoders_cmd),
     ("finetune", finetune.finetune), ("score", study.score), ("compare", study.compare),
     ("report", report.report),
 ]

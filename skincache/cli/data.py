@@ -64,6 +64,10 @@ def encode(
         help="Read images reached by a symlink out of the dataset folder (refused and "
              "recorded in /failed by default).")] = False,
     limit: Limit = None,
+    pre_projection: Annotated[bool, typer.Option(
+        "--pre-projection", help="Also store each view's pooled output before the image "
+        "tower's final projection (features_pre; fit heads on it with -p features=pre).")
+                              ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Encode a dataset once: images + augmented views + class prompts -> cache/<name>.h5."""
@@ -85,6 +89,7 @@ def encode(
         view_seed=view_seed, cache_dir=cache_dir, on_split=_render.split_origin,
         device=device, precision=precision, batch_size=batch_size, num_workers=workers,
         force=force, wait=wait, progress=not quiet, follow_symlinks=follow_symlinks,
+        pre_projection=pre_projection,
     )
     _render.encode_result(result)
     if result.status != "exists" and result.spec is not None:

@@ -54,20 +54,24 @@ def fit_head(
     quiet: Quiet = False,
 ) -> None:
     """Fit a head on the cache's train split in seconds; metrics, predictions and plots."""
-    from skincache._head_params import parse_params
+    from skincache._head_params import parse_params, split_fit_options
     from skincache._options import check_templates
     from skincache.run_record import check_run_name
 
-    raw = params(param or [])
+    fit_options, raw = split_fit_options(params(param or []))  # -p features=pre
     if name is not None:
         check_run_name(name)  # torch-free: `--name ../x` is refused in milliseconds
     check_file("--cache", cache)
     check_min("--shots", shots, 1)
     check_cv(cv, shots, tta)
+    if cv and fit_options.get("features") == "pre":
+        raise UsageError("--cv with -p features=pre is not built yet (the folds read the "
+                         "projected features); fit without --cv, or on the projected features")
     check_templates(templates)
     if head == "all":
         if raw:
-            raise UsageError("-p sets one head's parameters; give --head NAME with -p")
+            raise UsageError("-p sets one head's parameters; give --head NAME with -p "
+                             "(the fit option -p features=... goes with any head)")
         head_params = {}
     else:
         head_params = parse_params(head, raw)  # the head's name too, before torch loads
@@ -77,7 +81,8 @@ def fit_head(
 
     fits = fit_from_cache(cache, head, head_params, name=name, progress=not quiet,
                           runs_dir=runs_dir, template_set=templates, seed=seed,
-                          n_bootstrap=bootstrap, plots=not no_plots, tta=tta, shots=shots)
+                          n_bootstrap=bootstrap, plots=not no_plots, tta=tta, shots=shots,
+                          **fit_options)
     set_interrupt_hint("")
     results, split = fits.results, fits.split
     warn_no_views(tta, fits.n_views)

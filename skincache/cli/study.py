@@ -1,4 +1,4 @@
-"""Commands that study heads and runs: bench-heads (and --cv), score, compare."""
+"""Commands that study heads and runs: bench-heads (and --cv), bench-encoders, score, compare."""
 
 from __future__ import annotations
 
@@ -10,7 +10,20 @@ import typer
 from skincache import render as _render
 from skincache._options import check_file, set_interrupt_hint
 from skincache._sanity import cache_attrs, random_init_warning
-from skincache.cli._common import Quiet, RunSplit, check_cv, check_min, setting, warn, warn_no_views
+from skincache.cli._common import (
+    CacheDir,
+    Limit,
+    Quiet,
+    RunSplit,
+    SplitFileOption,
+    check_cv,
+    check_min,
+    ratios,
+    setting,
+    warn,
+    warn_no_views,
+)
+from skincache.defaults import CACHE_DIR, SPLIT_RATIOS_TEXT
 from skincache.errors import UsageError
 
 
@@ -176,3 +189,89 @@ def compare(
     render_study.compare_table(result)
 
 
+
+
+def bench_encoders_cmd(
+    cache: Annotated[list[Path] | None, typer.Option(help="A cache of the dataset per encoder "
+                                                          "(repeat: --cache A.h5 --cache B.h5)."
+                                                     )] = None,
+    models: Annotated[str | None, typer.Option(help="Comma-separated models to encode --data "
+                                                    "with first (an existing cache is found, "
+                                                    "not rebuilt).")] = None,
+    data: Annotated[str | None, typer.Option(help="The dataset --models encodes (any source "
+                                                  "`skincache encode --data` reads).")] = None,
+    heads: Annotated[str | None, typer.Option(help="Comma-separated head variants (columns; "
+                                                   "default: logreg,dermfm-lp,zeroshot; "
+                                                   "text heads only on caches with text).")
+                     ] = None,
+    cv: Annotated[int | None, typer.Option("--cv", help="K-fold lesion-grouped CV over "
+                                           "train+val instead of the test split (mean ± 95% t "
+                                           "CI over folds).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of seeded heads and of the bootstrap.")] = 0,
+    templates: Annotated[str, typer.Option(help="Text template set, or 'all'.")] = "all",
+    features: Annotated[str, typer.Option(help="projected (the image towers' output) or pre "
+                                               "(before the final projection: caches "
+                                               "encoded with --pre-projection).")
+                        ] = "projected",
+    out_dir: Annotated[Path | None, typer.Option(help="Output folder (default: "
+                                                      "runs/bench-<time>).")] = None,
+    views: Annotated[int, typer.Option(help="--models: augmented views per image.")] = 4,
+    device: Annotated[str, typer.Option(help="--models: cpu, cuda, mps or auto.")] = "auto",
+    split_ratios: Annotated[str, typer.Option(help="--models: train,val[,test] shares.")
+                            ] = SPLIT_RATIOS_TEXT,
+    split_seed: Annotated[int, typer.Option(help="--models: seed of the lesion-grouped split.")
+                          ] = 0,
+    split_file: SplitFileOption = None,
+    cache_dir: CacheDir = Path(CACHE_DIR),
+    limit: Limit = None,
+    quiet: Quiet = False,
+) -> None:
+    """Which encoder suits this data: the same heads on each encoder's cache, one table
+    (rows = encoders, columns = heads, value (95% CI)), a plot, results.json and results.md.
+
+    The caches must hold the same images, labels and splits (the first mismatch is refused).
+    Rerun with the same --out-dir to resume: finished runs are kept."""
+    from skincache._options import check_device, check_model, check_templates
+
+    check_min("--cv", cv, 2)
+    check_min("--bootstrap", bootstrap, 0)
+    check_templates(templates)
+    from skincache._head_params import FIT_OPTIONS
+    from skincache._options import check_choice
+
+    check_choice("--features", features, FIT_OPTIONS["features"])
+    for c in cache or []:
+        check_file("--cache", c)
+    names = [m.strip() for m in models.split(",") if m.strip()] if models else []
+    if names:
+        check_device(device)
+        for m in names:  # the check `encode --model` makes, before any encode starts
+            check_model(m)
+    from skincache.bench import check_out_dir
+    from skincache.study.encoders import bench_encoders, check_heads
+
+    chosen = heads.split(",") if heads else None
+    check_heads(chosen)
+    out_dir = check_out_dir(out_dir)
+    encode_options = {"views": views, "device": device, "split_ratios": ratios(split_ratios),
+                      "split_seed": split_seed, "split_file": split_file,
+                      "cache_dir": cache_dir, "limit": limit, "progress": not quiet,
+                      "on_split": _render.split_origin, "pre_projection": features == "pre"}
+    set_interrupt_hint(f"the finished runs are kept in {out_dir}/runs (and encodes resume "
+                       f"from their last chunk); rerun the same command with --out-dir "
+                       f"{out_dir} to resume")
+    res = bench_encoders(list(cache or []), models=names, data=data,
+                         encode_options=encode_options, heads=chosen, cv=cv, seed=seed,
+                         n_bootstrap=bootstrap, template_set=templates, features=features,
+                         out_dir=out_dir, progress=not quiet)
+    set_interrupt_hint("")
+    from skincache.render_study import encoders_table
+
+    encoders_table(res)
+    kept = f" ({res.reused} run(s) kept from the earlier bench)" if res.reused else ""
+    _render.out.print(f"results: {res.out_dir}/results.{{json,md}}, plot {res.out_dir}/"
+                      f"encoders.png, one JSON per run in {res.out_dir}/runs/{kept}",
+                      highlight=False, soft_wrap=True)
+    for e in res.encoders:
+        warn(random_init_warning(cache_attrs(Path(e["cache"])), f"the {e['encoder']} row"))
