@@ -38,12 +38,13 @@ from skincache.cache import (
     estimate_cache_bytes,
     write_cache,
 )
+from skincache.concepts import ConceptList, load_concepts
 from skincache.data import Dataset, Record
 from skincache.data.classes import display_name
 from skincache.defaults import CACHE_DIR, is_rank0
 from skincache.device import default_workers, resolve_device, resolve_precision
 from skincache.distributed import DistContext, on_main
-from skincache.encoder import ImageEncoder
+from skincache.encoder import ImageEncoder, encode_concepts
 from skincache.errors import DiskError
 from skincache.loaders import Batch, route
 from skincache.models import ModelSpec, load_model
@@ -97,11 +98,14 @@ class EncodeResult:
 
 def encode_key(dataset: Dataset, spec: ModelSpec, policy: ViewPolicy, precision: str,
                template_sets: list[str], fingerprint: str | None = None,
-               follow_symlinks: bool = False) -> str:
+               follow_symlinks: bool = False, concepts: ConceptList | None = None) -> str:
     """The cache key; pass `fingerprint` when it is already known (it stats every file).
     `follow_symlinks` changes which images are read, so it is part of the key when set
-    (and absent otherwise, so the keys of existing caches stay as they were)."""
-    extra = {"follow_symlinks": True} if follow_symlinks else {}
+    (and absent otherwise, so the keys of existing caches stay as they were); so is the
+    concept list's content (`concepts`: absent without one)."""
+    extra: dict = {"follow_symlinks": True} if follow_symlinks else {}
+    if concepts is not None:
+        extra["concepts"] = concepts.sha256
     return cache_key({**extra,
         "schema": SCHEMA_VERSION,
         "model": spec.identity(),
@@ -130,19 +134,23 @@ def encode_dataset(
     wait: bool = False,
     progress: bool = True,
     follow_symlinks: bool = False,
+    concepts: ConceptList | bool = True,
 ) -> EncodeResult:
     """Encode `dataset` with the model `spec` into `cache_dir/<name>.h5` (see the module doc).
 
     Checks the data (labels, splits, classes) before loading any model; a cache that already
-    exists for the same key is left alone unless `force`; an unfinished run is resumed."""
+    exists for the same key is left alone unless `force`; an unfinished run is resumed.
+    `concepts`: the concept list whose prompts go into `/concepts/` (True: the shipped one,
+    False: none)."""
     policy = policy or ViewPolicy()
+    concept_list = load_concepts() if concepts is True else (concepts or None)
     template_sets = list(TEMPLATE_SETS) if template_sets is None else template_sets
     dataset.validate()
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     fingerprint = dataset.fingerprint()
     key = encode_key(dataset, spec, policy, precision, template_sets, fingerprint,
-                     follow_symlinks)
+                     follow_symlinks, concept_list)
     cache_dir = Path(cache_dir)
     name = cache_name(dataset.name, spec.slug, policy.k, key)
     final = cache_dir / f"{name}.h5"
@@ -162,7 +170,8 @@ def encode_dataset(
             fingerprint=fingerprint, key=key, final=final, cache_dir=cache_dir, name=name,
             force=force, wait=wait, batch_size=batch_size, chunk_batches=chunk_batches,
             num_workers=num_workers, loader=loader, template_sets=template_sets,
-            progress=progress, root=None if follow_symlinks else _folder_of(dataset))
+            progress=progress, root=None if follow_symlinks else _folder_of(dataset),
+            concepts=concept_list)
     finally:
         ctx.close()
     result.seconds = time.perf_counter() - t0
@@ -173,7 +182,8 @@ def _encode_run(ctx: DistContext, dataset: Dataset, *, spec: ModelSpec, policy: 
                 dev: torch.device, precision: str, fingerprint: str, key: str, final: Path,
                 cache_dir: Path, name: str, force: bool, wait: bool, batch_size: int,
                 chunk_batches: int, num_workers: int | None, loader: str,
-                template_sets: list[str], progress: bool, root: str | None) -> EncodeResult:
+                template_sets: list[str], progress: bool, root: str | None,
+                concepts: ConceptList | None = None) -> EncodeResult:
     """The encode itself, on one process or as one rank of a torchrun job. Everything after
     the dataset is keyword-only: seventeen settings of like types (three bools, three ints)
     are never matched by position.
@@ -197,7 +207,7 @@ def _encode_run(ctx: DistContext, dataset: Dataset, *, spec: ModelSpec, policy: 
                 if final.exists() and not force:  # another run finished it while we waited
                     return None
                 return _start_partial(dataset, encoder, partial, key, force, batch_size,
-                                      chunk_batches, template_sets)
+                                      chunk_batches, template_sets, concepts)
 
             plan = on_main(ctx, start)
             if plan is None:
@@ -216,7 +226,8 @@ def _encode_run(ctx: DistContext, dataset: Dataset, *, spec: ModelSpec, policy: 
 
             def finish() -> EncodeResult:
                 result = _assemble(final, partial, dataset, fingerprint, encoder, key,
-                                   plan["n_chunks"], template_sets, plan["manifest"])
+                                   plan["n_chunks"], template_sets, plan["manifest"],
+                                   concepts)
                 # the cache is complete: from here on only litter is removed (a kill now
                 # leaves litter that the next run sweeps, see `_sweep_leftovers`)
                 partial.remove()
@@ -276,7 +287,7 @@ def _sweep_leftovers(cache_dir: Path, name: str) -> Path | None:
 
 def _start_partial(dataset: Dataset, encoder: ImageEncoder, partial: PartialCache, key: str,
                    force: bool, batch_size: int, chunk_batches: int,
-                   template_sets: list[str]) -> dict:
+                   template_sets: list[str], concepts: ConceptList | None = None) -> dict:
     """Rank 0, under the lock: start or resume the partial folder, write the text features,
     and list the chunks still missing (every rank gets this plan)."""
     records = dataset.records
@@ -292,6 +303,9 @@ def _start_partial(dataset: Dataset, encoder: ImageEncoder, partial: PartialCach
     if partial.read_array("text") is None:
         partial.write_array("text", **{s: encoder.text_features(dataset.classes, s)
                                        for s in template_sets})
+    if concepts is not None and partial.read_array("concepts") is None:
+        partial.write_array("concepts", **encode_concepts(encoder.loaded, concepts,
+                                                          encoder.device))
     return {"manifest": manifest, "chunk_size": chunk_size,
             "batch_size": manifest["batch_size"], "n_chunks": n_chunks, "missing": missing,
             "resumed": len(missing) < n_chunks}
@@ -355,7 +369,8 @@ def _commit(partial: PartialCache, chunk: int, batches: list[Batch], feats: list
 
 def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint: str,
               encoder: ImageEncoder,
-              key: str, n_chunks: int, template_sets: list[str], manifest: dict) -> EncodeResult:
+              key: str, n_chunks: int, template_sets: list[str], manifest: dict,
+              concepts: ConceptList | None = None) -> EncodeResult:
     parts = [partial.read_chunk(i) for i in range(n_chunks)]
     records = dataset.records
     index = np.concatenate([p["index"] for p in parts])
@@ -378,6 +393,11 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
             meta={c: [r.meta.get(c, "") for r in recs] for c in meta_cols},
         )
     text = partial.read_array("text") or {}
+    concept_arrays = (partial.read_array("concepts") if concepts is not None else None) or {}
+    if concepts is not None and not concept_arrays:  # damaged and discarded: encode again
+        partial.write_array("concepts", **encode_concepts(encoder.loaded, concepts,
+                                                          encoder.device))
+        concept_arrays = partial.read_array("concepts") or {}
     loaded = encoder.loaded
     header = CacheHeader(
         key=key,
@@ -405,6 +425,8 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
         class_names=[display_name(c) for c in dataset.classes],
         template_sets={k: TEMPLATE_SETS[k] for k in template_sets},
         chunking={"chunk_size": manifest["chunk_size"], "batch_size": manifest["batch_size"]},
+        concepts={"name": concepts.name, "sha256": concepts.sha256,
+                  "n_concepts": len(concepts.concepts)} if concepts is not None else {},
         created=now_iso(),
         versions=versions("torch", "open_clip", "torchvision", "pillow", "numpy"),
     )
@@ -414,12 +436,13 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
         "split": [records[i].split or "" for i in f_index],
         "reason": [str(r) for r in f_reason],
     }
-    need = estimate_cache_bytes(splits, text, failed)
+    need = estimate_cache_bytes(splits, text, failed) + sum(
+        a.size * 8 for a in concept_arrays.values())
     free = shutil.disk_usage(final.parent).free
     if free < need:
         raise make_disk_error(errno.ENOSPC, f"disk full: assembling {final} needs about "
                               f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB are free")
-    write_cache(final, header, splits, text, failed)
+    write_cache(final, header, splits, text, failed, concept_arrays)
     reasons = Counter(r.split(":")[0] for r in failed["reason"])
     return EncodeResult(final, "built", n_images=len(index), n_failed=len(f_index),
                         failed_reasons=dict(reasons),

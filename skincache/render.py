@@ -42,6 +42,7 @@ def cache_summary(s: dict) -> None:
                   f"{v.get('scaled_crop', v['crop'])}, hflip p={v['hflip']}, seed {v['seed']}"),
         ("dataset", f"{s['dataset']['name']} ({s['dataset']['kind']}) {s['dataset']['root']}"),
         ("text sets", ", ".join(f"{k} {tuple(x)}" for k, x in s["text_sets"].items()) or "none"),
+        ("concepts", _concepts_line(s.get("concepts") or {})),
         ("failed", f"{s['failed']}" + (f" ({_reasons(s['failed_reasons'])})"
                                        if s["failed"] else "")),
         ("created", s["created"]),
@@ -50,6 +51,12 @@ def cache_summary(s: dict) -> None:
         t.add_row(k, str(val))
     _show(t)
     class_table(s["class_counts"], s["classes"], title="images per split and class")
+
+
+def _concepts_line(c: dict) -> str:
+    if not c.get("stored"):
+        return "none (re-encode to score concepts: `skincache concepts` needs them)"
+    return f"{c.get('name', '?')}: {c['stored']} concepts (sha256 {str(c.get('sha256'))[:12]}…)"
 
 
 def class_table(counts: dict[str, dict[str, int]], classes: list[str], title: str) -> None:

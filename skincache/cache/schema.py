@@ -113,6 +113,8 @@ class CacheHeader:
     #: where the splits came from when not the seed or the source (`Dataset.split_origin`:
     #: a split file and its sha256, how many lesion mates --drop-lesion-mates left out)
     split_origin: dict = attr(json=True, default_factory=dict)
+    #: the concept list encoded into `/concepts/` (name, sha256, count, file); {}: none
+    concepts: dict = attr(json=True, default_factory=dict)
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field, ...]:

@@ -62,10 +62,17 @@ def encode(
     follow_symlinks: Annotated[bool, typer.Option(
         help="Read images reached by a symlink out of the dataset folder (refused and "
              "recorded in /failed by default).")] = False,
+    concepts: Annotated[Path | None, typer.Option(
+        help="A concept list (JSON) to score images against instead of the shipped "
+             "dermoscopic one (README: Concepts).")] = None,
+    no_concepts: Annotated[bool, typer.Option(
+        "--no-concepts", help="Encode no concept prompts (the cache key then stays as "
+                              "before concepts existed).")] = False,
     limit: Limit = None,
     quiet: Quiet = False,
 ) -> None:
-    """Encode a dataset once: images + augmented views + class prompts -> cache/<name>.h5."""
+    """Encode a dataset once: images + augmented views + class and concept prompts ->
+    cache/<name>.h5."""
     from skincache._options import check_choice, check_device, check_model
 
     set_interrupt_hint(RESUMES)
@@ -75,6 +82,9 @@ def encode(
     check_choice("--precision", precision, PRECISIONS)
     check_min("--views", views, 0)
     check_min("--batch-size", batch_size, 1)
+    if concepts is not None and no_concepts:
+        raise UsageError("give --concepts FILE or --no-concepts, not both")
+    check_file("--concepts", concepts)
     from skincache.pipeline import encode_source
 
     result = encode_source(
@@ -84,6 +94,7 @@ def encode(
         view_seed=view_seed, cache_dir=cache_dir, on_split=_render.split_origin,
         device=device, precision=precision, batch_size=batch_size, num_workers=workers,
         force=force, wait=wait, progress=not quiet, follow_symlinks=follow_symlinks,
+        concepts=False if no_concepts else (concepts or True),
     )
     _render.encode_result(result)
     if result.status != "exists" and result.spec is not None:
