@@ -54,6 +54,7 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("dermfm-lp", "dermfm-lp", {}),
     ("dermfm-lp-trainval", "dermfm-lp", {"merge_val": True}),
     ("clip-benchmark-lp", "clip-benchmark-lp", {}),
+    ("cbm", "cbm", {}),  # concept bottleneck: what the explanation costs beside logreg
 ]
 
 #: The run key of the selection score: the primary metric on val (`val_balanced_accuracy`).
@@ -127,6 +128,10 @@ def bench_heads(
         from skincache.heads import get_head_class
 
         chosen = [v for v in chosen if not get_head_class(v[1]).needs_text]
+    if full.get("concepts") is None:
+        from skincache.heads import get_head_class
+
+        chosen = [v for v in chosen if not get_head_class(v[1]).needs_concepts]
     out = check_out_dir(out_dir)
     plan = _plan(chosen, seeds, shots, tta,
                  {"split": split, "cache_key": fc.key, "template_set": template_set}, out)

@@ -32,6 +32,7 @@ import numpy as np
 from skincache._disk import check_writable_dir, disk_error
 from skincache._io import (
     __version__,
+    atomic_write_text,
     file_safe,
     now_iso,
     plain_json,
@@ -46,6 +47,7 @@ from skincache.cache import (
     CacheLock,
     FeatureCache,
 )
+from skincache.concepts import ConceptBank
 from skincache.defaults import RUNS_DIR
 from skincache.errors import NotFoundError, SkincacheError, UsageError
 from skincache.heads import Head, create_head, get_head_class, load_head
@@ -90,6 +92,16 @@ def text_features(cache: FeatureCache, template_set: str = ALL_TEMPLATES) -> np.
     return side_by_side(template_set, cache.text.__getitem__, cache.text)
 
 
+def concept_bank(cache: FeatureCache) -> ConceptBank | None:
+    """The cache's concept embeddings (`/concepts/`), or None for a cache without them."""
+    if not cache.concepts:
+        return None
+    try:
+        return ConceptBank.from_arrays(cache.concepts)
+    except ValueError as e:
+        raise CacheError(f"{cache.path}: /concepts/: {e}; re-encode it") from None
+
+
 def few_shot_indices(y: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
     """Indices of `shots` training images per class (all of a class that has fewer), drawn
     without replacement by a seeded generator, in increasing order: the few-shot protocol of
@@ -122,7 +134,7 @@ def fit_inputs(cache: FeatureCache, *, template_set: str = ALL_TEMPLATES,
         X_val=None if val is None else val.features16,
         y_val=None if val is None else val.labels,
         text=text_features(cache, template_set), logit_scale=cache.logit_scale,
-        n_classes=len(cache.classes),
+        n_classes=len(cache.classes), concepts=concept_bank(cache),
     )
 
 
@@ -285,6 +297,8 @@ def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | N
         # the neighbour index `predict` searches for similar training cases, built once here
         write_neighbor_index(run / "head", fc.key,
                              build_neighbor_index(fc.split("train").features16))
+        for fname, text in model.run_files(list(fc.classes)).items():
+            atomic_write_text(run / fname, text)
     except OSError as e:
         de = disk_error(e, run / "head", "writing the head to",
                         "free space (or choose another --runs-dir) and run again")
@@ -352,7 +366,9 @@ def fit_heads(
     if name is not None:
         check_run_name(name)
     fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
-    names = heads or [h for h in list_heads() if fc.text or not get_head_class(h).needs_text]
+    names = heads or [h for h in list_heads()
+                      if (fc.text or not get_head_class(h).needs_text)
+                      and (fc.concepts or not get_head_class(h).needs_concepts)]
     return [fit_head_run(fc, h, None, name=f"{name}-{h}" if name else None, **kwargs)
             for h in names]
 

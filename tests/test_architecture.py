@@ -25,7 +25,7 @@ PKG = Path(__file__).resolve().parents[1] / "skincache"
 LAYERS: list[set[str]] = [
     {"errors", "defaults"},
     {"_io", "_disk"},
-    {"device", "distributed", "_head_params", "metrics", "data", "run_record"},
+    {"device", "distributed", "_head_params", "metrics", "data", "run_record", "concepts"},
     {"models", "cache", "heads", "prompts", "_sanity"},
     {"views", "plots", "_progress", "_options"},
     {"loaders"},

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 # Importing the modules registers the heads, in this order.
 from . import (  # noqa: F401
+    cbm,
     clip_benchmark_lp,
     dermfm_lp,
     knn,
@@ -35,6 +36,7 @@ from .base import (
     balanced_accuracy,
     load_head,
 )
+from .cbm import ConceptBottleneckHead
 from .clip_benchmark_lp import CLIPBenchmarkLinearProbeHead
 from .dermfm_lp import DermFMLinearProbeHead
 from .knn import KNNHead
@@ -48,6 +50,7 @@ from .zs_linear import ZSLinearHead
 
 __all__ = [
     "CLIPBenchmarkLinearProbeHead",
+    "ConceptBottleneckHead",
     "DEFAULT_LOGIT_SCALE",
     "DermFMLinearProbeHead",
     "HEADS",
