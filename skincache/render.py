@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
@@ -359,3 +360,33 @@ def finetune_result(r) -> None:
     if r.failed:
         out.print(f"[yellow]{len(r.failed)} image(s) could not be read and were skipped[/] "
                   f"(listed in {r.run_dir}/failed.json)")
+
+
+def concept_table(report) -> None:
+    """`skincache concepts`: mean z-scored concept score per class (rows: concepts); each
+    concept's highest class in bold."""
+    t = Table(title=f"mean concept score per class, {report.split} split of {report.cache} "
+                    f"({report.model}; z-scores against the train split)",
+              title_justify="left")
+    t.add_column("concept", style="bold")
+    for c, n in zip(report.classes, report.counts, strict=True):
+        t.add_column(f"{c} (n={n})", justify="right")
+    for k, name in enumerate(report.names):
+        col = report.means[:, k]
+        best = int(np.nanargmax(col)) if np.isfinite(col).any() else -1
+        cells = ["–" if not np.isfinite(v) else
+                 (f"[bold]{v:+.2f}[/]" if i == best else f"{v:+.2f}")
+                 for i, v in enumerate(col)]
+        t.add_row(escape(name), *cells)
+    _show(t)
+
+
+def image_concepts(image: dict, top: int = 10) -> None:
+    """One image's concept scores, highest first."""
+    t = Table(title=f"{image['id']} ({image['split']} split, label {image['label']}): "
+                    f"top {top} concepts (z-scores)", title_justify="left")
+    t.add_column("concept", style="bold")
+    t.add_column("z", justify="right")
+    for name, v in sorted(image["scores"].items(), key=lambda kv: -kv[1])[:top]:
+        t.add_row(escape(name), f"{v:+.2f}")
+    _show(t)

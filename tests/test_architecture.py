@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"loaders"},
     {"encoder"},
     {"encode", "runs", "near_duplicates"},
-    {"predict", "bench", "finetune", "demo", "pipeline"},
+    {"predict", "bench", "finetune", "demo", "pipeline", "concept_report"},
     {"study"},
     {"render"},
     {"render_study"},

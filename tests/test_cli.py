@@ -27,7 +27,8 @@ def test_help_lists_only_built_commands():
     import typer
 
     commands = typer.main.get_command(app).commands
-    assert set(commands) == {"encode", "demo", "info", "audit", "fetch-data", "fit-head",
+    assert set(commands) == {"encode", "demo", "info", "concepts", "audit", "fetch-data",
+                             "fit-head",
                              "evaluate", "predict", "bench-heads", "finetune", "heads", "models",
                              "score", "compare"}
     out = subprocess.run([sys.executable, "-m", "skincache.cli", "--help"], capture_output=True,

@@ -168,6 +168,31 @@ def info(
         _render.failed_table(fc.failed)
 
 
+def concepts(
+    cache: Annotated[Path, typer.Argument(help="A cache file (.h5) encoded with concepts.")],
+    split: Annotated[str, typer.Option(help="Split whose images the per-class means are "
+                                            "over (scores are z-scored against train).")
+                     ] = "train",
+    image: Annotated[str | None, typer.Option(help="Also list this image's concept scores "
+                                                   "(an image id of the cache).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Where the per-class heatmap PNG goes "
+                                                   "(default: beside the cache).")] = None,
+    top: Annotated[int, typer.Option(help="Concepts listed for --image.")] = 10,
+) -> None:
+    """Mean concept score per class (MONET-style, z-scored), a heatmap PNG, --image ID."""
+    check_file("cache", cache)
+    check_min("--top", top, 1)
+    check_out_file("--plot", plot)
+    from skincache.concept_report import concept_report
+
+    report = concept_report(cache, split=split, image=image, plot=plot)
+    _render.concept_table(report)
+    if report.image:
+        _render.image_concepts(report.image, top)
+    _render.out.print(f"plot written to {report.plot}", highlight=False)
+    warn(random_init_warning(report.cache_attrs, "these concept scores"))
+
+
 def audit(
     data: Annotated[str | None, typer.Option(help="Dataset to audit (any source encode reads)."
                                              )] = None,
