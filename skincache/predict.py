@@ -41,6 +41,9 @@ class Prediction:
     predicted: str = ""
     probabilities: dict[str, float] = field(default_factory=dict)
     neighbors: list[dict] = field(default_factory=list)  # image_id, label, similarity
+    #: a concept-bottleneck run's top contributing concepts to the predicted class: name,
+    #: share of its logit (weight x z-score); empty for other heads
+    concepts: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -139,6 +142,8 @@ def predict_images(
     if ok:
         X = np.stack([feats[i] for i in ok])
         proba = loaded_run.head.predict_proba(X)
+        top_concepts = getattr(loaded_run.head, "top_concepts", None)  # a `cbm` run
+        explained = top_concepts(X) if top_concepts is not None else [[] for _ in ok]
         train = fc.split("train")
         sims, rows = search_ip(neighbor_index(loaded_run.path, fc), X, neighbors) if neighbors \
             else (np.zeros((len(ok), 0)), np.zeros((len(ok), 0), dtype=int))
@@ -150,6 +155,7 @@ def predict_images(
                             "label": fc.classes[int(train.labels[row])],
                             "similarity": float(s)} for s, row in zip(sims[j], rows[j],
                                                                      strict=True)]
+            r.concepts = [{"concept": n, "share": s} for n, s in explained[j]]
     return [results[i] for i in range(len(paths))]
 
 
@@ -165,10 +171,12 @@ def write_predictions(preds: list[Prediction], path: str | Path) -> Path:
     classes = next((list(p.probabilities) for p in preds if p.ok), [])
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
-    w.writerow(["path", "predicted", *(f"p_{c}" for c in classes), "nearest", "error"])
+    w.writerow(["path", "predicted", *(f"p_{c}" for c in classes), "nearest", "error",
+                "concepts"])
     for p in preds:
         nearest = ";".join(f"{n['image_id']}:{n['label']}:{n['similarity']:.6f}"
                            for n in p.neighbors)
+        concepts = ";".join(f"{c['concept']}:{c['share']:+.3f}" for c in p.concepts)
         w.writerow([p.path, p.predicted, *(p.probabilities.get(c, "") for c in classes),
-                    nearest, p.error])
+                    nearest, p.error, concepts])
     return atomic_write_text(path, buf.getvalue())

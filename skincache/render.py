@@ -300,7 +300,10 @@ def prediction_lines(preds: list, top: int = 1) -> None:
             err.print(f"[bold red]{escape(p.path)}[/]: {escape(p.error)}", highlight=False)
             continue
         classes = "  ".join(f"{c} {v:.3f}" for c, v in _top(p, top))
-        out.print(f"{escape(p.path):<{width}}  [bold]{escape(classes)}[/]", highlight=False)
+        why = ("  <- " + ", ".join(f"{c['concept']} {c['share']:+.2f}" for c in p.concepts)
+               if getattr(p, "concepts", None) else "")
+        out.print(f"{escape(p.path):<{width}}  [bold]{escape(classes)}[/]{escape(why)}",
+                  highlight=False)
 
 
 def predictions(preds: list, top: int = 3) -> None:
@@ -314,6 +317,10 @@ def predictions(preds: list, top: int = 3) -> None:
         t.add_column("probability / cosine", justify="right")
         for c, v in _top(p, top):
             t.add_row(c, f"{v:.3f}")
+        if getattr(p, "concepts", None):
+            t.add_section()
+            for c in p.concepts:
+                t.add_row(f"concept: {escape(c['concept'])}", f"{c['share']:+.2f} logit")
         if p.neighbors:
             t.add_section()
             d = distinct_digits([n["similarity"] for n in p.neighbors])
