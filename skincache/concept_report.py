@@ -16,14 +16,30 @@ from pathlib import Path
 import numpy as np
 
 from skincache._disk import disk_error
+from skincache._sanity import is_random_init
+from skincache._sanity import model_label as _model_label
 from skincache.cache import CacheError, FeatureCache
 from skincache.concepts import ConceptBank, Standardizer
 from skincache.errors import NotFoundError
 from skincache.plots import plot_concept_heatmap
-from skincache.runs import concept_bank, model_label
 
 #: the split whose scores set each concept's mean and spread
 STANDARDIZE_ON = "train"
+
+
+def concept_bank(cache: FeatureCache) -> ConceptBank | None:
+    """The cache's concept embeddings (`/concepts/`), or None for a cache without them."""
+    if not cache.concepts:
+        return None
+    try:
+        return ConceptBank.from_arrays(cache.concepts)
+    except ValueError as e:
+        raise CacheError(f"{cache.path}: /concepts/: {e}; re-encode it") from None
+
+
+def model_label(attrs: dict) -> str:
+    return _model_label(str(attrs.get("model", "?")), attrs.get("pretrained"),
+                        attrs.get("checkpoint"))
 
 
 def _bank(cache: FeatureCache) -> ConceptBank:
@@ -70,6 +86,11 @@ class ConceptReport:
     cache_attrs: dict = field(default_factory=dict)  # for the random-weights warning
     plot: Path | None = None
     image: dict = field(default_factory=dict)  # id, split, label, scores {concept: z}
+
+    @property
+    def random_init(self) -> bool:
+        """Scores of a random-initialised model: they mean nothing about lesions."""
+        return is_random_init(self.cache_attrs)
 
 
 def concept_report(cache: str | Path, *, split: str = STANDARDIZE_ON, image: str | None = None,

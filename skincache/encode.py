@@ -95,6 +95,13 @@ class EncodeResult:
 
         return FeatureCache.open(self.path).summary()
 
+    def concept_report(self, plot: Path | None = None):
+        """`skincache concepts` on this cache (`concept_report.concept_report`): the per-class
+        mean concept scores of its train split, the heatmap beside the cache."""
+        from skincache.concept_report import concept_report
+
+        return concept_report(self.path, plot=plot)
+
 
 def encode_key(dataset: Dataset, spec: ModelSpec, policy: ViewPolicy, precision: str,
                template_sets: list[str], fingerprint: str | None = None,

@@ -397,3 +397,19 @@ def image_concepts(image: dict, top: int = 10) -> None:
     for name, v in sorted(image["scores"].items(), key=lambda kv: -kv[1])[:top]:
         t.add_row(escape(name), f"{v:+.2f}")
     _show(t)
+
+
+def concept_summary(report, k: int = 3) -> None:
+    """The demo's short form of `skincache concepts`: per class its `k` highest concepts."""
+    if report is None:
+        return
+    note = " random weights: they mean nothing here;" if report.random_init else ""
+    out.print(f"concepts ({report.split} split, mean z-score;{note} the full table: skincache "
+              f"concepts {report.cache}; plot {report.plot}):", highlight=False)
+    for c, name in enumerate(report.classes):
+        row = report.means[c]
+        if not np.isfinite(row).any():
+            continue
+        best = [i for i in np.argsort(-np.nan_to_num(row, nan=-np.inf))][:k]
+        out.print(f"  {name:<6} " + ", ".join(f"{report.names[i]} {row[i]:+.2f}" for i in best),
+                  highlight=False)

@@ -47,7 +47,7 @@ from skincache.cache import (
     CacheLock,
     FeatureCache,
 )
-from skincache.concepts import ConceptBank
+from skincache.concept_report import concept_bank
 from skincache.defaults import RUNS_DIR
 from skincache.errors import NotFoundError, SkincacheError, UsageError
 from skincache.heads import Head, create_head, get_head_class, load_head
@@ -90,16 +90,6 @@ def text_features(cache: FeatureCache, template_set: str = ALL_TEMPLATES) -> np.
         raise CacheError(f"{cache.path}: no template set '{template_set}' "
                          f"(has {sorted(cache.text)} or '{ALL_TEMPLATES}')")
     return side_by_side(template_set, cache.text.__getitem__, cache.text)
-
-
-def concept_bank(cache: FeatureCache) -> ConceptBank | None:
-    """The cache's concept embeddings (`/concepts/`), or None for a cache without them."""
-    if not cache.concepts:
-        return None
-    try:
-        return ConceptBank.from_arrays(cache.concepts)
-    except ValueError as e:
-        raise CacheError(f"{cache.path}: /concepts/: {e}; re-encode it") from None
 
 
 def few_shot_indices(y: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:

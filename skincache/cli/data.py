@@ -120,6 +120,7 @@ def demo(
                       data_dir=data_dir, progress=not quiet)
     _render.encode_result(result)
     _render.cache_summary(result.cache_summary())
+    _render.concept_summary(result.concept_report())
     _render.out.print(f"next: skincache fit-head --cache {result.path} --head mlp   "
                       f"(the synthetic images are in {result.path.parent / 'demo-data'})")
 
