@@ -214,7 +214,7 @@ def _encode_run(ctx: DistContext, dataset: Dataset, *, spec: ModelSpec, policy: 
                 if final.exists() and not force:  # another run finished it while we waited
                     return None
                 return _start_partial(dataset, encoder, partial, key, force, batch_size,
-                                      chunk_batches, template_sets, concepts)
+                                      chunk_batches, template_sets)
 
             plan = on_main(ctx, start)
             if plan is None:
@@ -294,7 +294,7 @@ def _sweep_leftovers(cache_dir: Path, name: str) -> Path | None:
 
 def _start_partial(dataset: Dataset, encoder: ImageEncoder, partial: PartialCache, key: str,
                    force: bool, batch_size: int, chunk_batches: int,
-                   template_sets: list[str], concepts: ConceptList | None = None) -> dict:
+                   template_sets: list[str]) -> dict:
     """Rank 0, under the lock: start or resume the partial folder, write the text features,
     and list the chunks still missing (every rank gets this plan)."""
     records = dataset.records
@@ -310,9 +310,6 @@ def _start_partial(dataset: Dataset, encoder: ImageEncoder, partial: PartialCach
     if partial.read_array("text") is None:
         partial.write_array("text", **{s: encoder.text_features(dataset.classes, s)
                                        for s in template_sets})
-    if concepts is not None and partial.read_array("concepts") is None:
-        partial.write_array("concepts", **encode_concepts(encoder.loaded, concepts,
-                                                          encoder.device))
     return {"manifest": manifest, "chunk_size": chunk_size,
             "batch_size": manifest["batch_size"], "n_chunks": n_chunks, "missing": missing,
             "resumed": len(missing) < n_chunks}
@@ -400,11 +397,10 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
             meta={c: [r.meta.get(c, "") for r in recs] for c in meta_cols},
         )
     text = partial.read_array("text") or {}
-    concept_arrays = (partial.read_array("concepts") if concepts is not None else None) or {}
-    if concepts is not None and not concept_arrays:  # damaged and discarded: encode again
-        partial.write_array("concepts", **encode_concepts(encoder.loaded, concepts,
-                                                          encoder.device))
-        concept_arrays = partial.read_array("concepts") or {}
+    # the concept prompts go through the text tower here, at assembly (a second or less):
+    # nothing of them waits in the partial folder, whose chunks are what a resume needs
+    concept_arrays = ({} if concepts is None else
+                      encode_concepts(encoder.loaded, concepts, encoder.device))
     loaded = encoder.loaded
     header = CacheHeader(
         key=key,
