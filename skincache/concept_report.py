@@ -29,7 +29,7 @@ STANDARDIZE_ON = "train"
 
 def concept_bank(cache: FeatureCache) -> ConceptBank | None:
     """The cache's concept embeddings (`/concepts/`), or None for a cache without them."""
-    if not cache.concepts:
+    if not getattr(cache, "concepts", None):  # a cache written before concepts
         return None
     try:
         return ConceptBank.from_arrays(cache.concepts)
