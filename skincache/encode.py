@@ -105,13 +105,18 @@ class EncodeResult:
 
 def encode_key(dataset: Dataset, spec: ModelSpec, policy: ViewPolicy, precision: str,
                template_sets: list[str], fingerprint: str | None = None,
-               follow_symlinks: bool = False, concepts: ConceptList | None = None) -> str:
+               follow_symlinks: bool = False, concepts: ConceptList | bool | None = True
+               ) -> str:
     """The cache key; pass `fingerprint` when it is already known (it stats every file).
     `follow_symlinks` changes which images are read, so it is part of the key when set
     (and absent otherwise, so the keys of existing caches stay as they were); so is the
-    concept list's content (`concepts`: absent without one)."""
+    concept list's content (`concepts` as `encode_dataset` takes it: True, the default, is
+    the shipped list; False or None, none, and then the key is the one caches had before
+    concepts existed)."""
+    if concepts is True:
+        concepts = load_concepts()
     extra: dict = {"follow_symlinks": True} if follow_symlinks else {}
-    if concepts is not None:
+    if isinstance(concepts, ConceptList):
         extra["concepts"] = concepts.sha256
     return cache_key({**extra,
         "schema": SCHEMA_VERSION,
@@ -157,7 +162,7 @@ def encode_dataset(
     precision = resolve_precision(precision, dev)
     fingerprint = dataset.fingerprint()
     key = encode_key(dataset, spec, policy, precision, template_sets, fingerprint,
-                     follow_symlinks, concept_list)
+                     follow_symlinks, concept_list or False)
     cache_dir = Path(cache_dir)
     name = cache_name(dataset.name, spec.slug, policy.k, key)
     final = cache_dir / f"{name}.h5"

@@ -131,7 +131,9 @@ def test_the_key_follows_the_concept_list(demo_dataset):
 
     args = (demo_dataset, ModelSpec(TINY_MODEL), ViewPolicy(k=2), "fp32", list(TEMPLATE_SETS),
             "fingerprint")
-    shipped, none = encode_key(*args, concepts=load_concepts()), encode_key(*args)
+    shipped, none = encode_key(*args, concepts=load_concepts()), encode_key(*args,
+                                                                           concepts=False)
+    assert encode_key(*args) == shipped  # the default is encode's: the shipped list
     mine = encode_key(*args, concepts=parse_concepts(_list()))
     reworded = encode_key(*args, concepts=parse_concepts(_list(
         prompts=[{"template": "dermoscopy image of {}", "reference": "dermoscopy"}])))
