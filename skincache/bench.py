@@ -61,6 +61,7 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     # training-free, closed form (README "gda and proker")
     ("gda", "gda", {}),
     ("proker", "proker", {}),
+    ("cbm", "cbm", {}),  # concept bottleneck: what the explanation costs beside logreg
 ]
 
 #: The run key of the selection score: the primary metric on val (`val_balanced_accuracy`).
@@ -134,6 +135,10 @@ def bench_heads(
         from skincache.heads import get_head_class
 
         chosen = [v for v in chosen if not get_head_class(v[1]).needs_text]
+    if full.get("concepts") is None:
+        from skincache.heads import get_head_class
+
+        chosen = [v for v in chosen if not get_head_class(v[1]).needs_concepts]
     out = check_out_dir(out_dir)
     plan = _plan(chosen, seeds, shots, tta,
                  {"split": split, "cache_key": fc.key, "template_set": template_set}, out)

@@ -38,12 +38,13 @@ from skincache.cache import (
     estimate_cache_bytes,
     write_cache,
 )
+from skincache.concepts import ConceptList, load_concepts
 from skincache.data import Dataset, Record
 from skincache.data.classes import display_name
 from skincache.defaults import CACHE_DIR, is_rank0
 from skincache.device import default_workers, resolve_device, resolve_precision
 from skincache.distributed import DistContext, on_main
-from skincache.encoder import ImageEncoder
+from skincache.encoder import ImageEncoder, encode_concepts
 from skincache.errors import DiskError
 from skincache.loaders import Batch, route
 from skincache.models import ModelSpec, load_model
@@ -94,17 +95,31 @@ class EncodeResult:
 
         return FeatureCache.open(self.path).summary()
 
+    def concept_report(self, plot: Path | None = None):
+        """`skincache concepts` on this cache (`concept_report.concept_report`): the per-class
+        mean concept scores of its train split, the heatmap beside the cache."""
+        from skincache.concept_report import concept_report
+
+        return concept_report(self.path, plot=plot)
+
 
 def encode_key(dataset: Dataset, spec: ModelSpec, policy: ViewPolicy, precision: str,
                template_sets: list[str], fingerprint: str | None = None,
-               follow_symlinks: bool = False, pre_projection: bool = False) -> str:
+               follow_symlinks: bool = False, pre_projection: bool = False,
+               concepts: ConceptList | bool | None = True) -> str:
     """The cache key; pass `fingerprint` when it is already known (it stats every file).
     `follow_symlinks` changes which images are read, and `pre_projection` what the cache
     holds, so each is part of the key when set (and absent otherwise, so the keys of
-    existing caches stay as they were)."""
-    extra = {"follow_symlinks": True} if follow_symlinks else {}
+    existing caches stay as they were); so is the concept list's content (`concepts` as
+    `encode_dataset` takes it: True, the default, is the shipped list; False or None, none,
+    and then the key is the one caches had before concepts existed)."""
+    if concepts is True:
+        concepts = load_concepts()
+    extra: dict = {"follow_symlinks": True} if follow_symlinks else {}
     if pre_projection:
         extra["pre_projection"] = True
+    if isinstance(concepts, ConceptList):
+        extra["concepts"] = concepts.sha256
     return cache_key({**extra,
         "schema": SCHEMA_VERSION,
         "model": spec.identity(),
@@ -134,21 +149,25 @@ def encode_dataset(
     progress: bool = True,
     follow_symlinks: bool = False,
     pre_projection: bool = False,
+    concepts: ConceptList | bool = True,
 ) -> EncodeResult:
     """Encode `dataset` with the model `spec` into `cache_dir/<name>.h5` (see the module doc).
     `pre_projection`: also store each view's pooled output before the image tower's final
     projection (`features_pre`, `views_pre`; `encoder.PreProjection`).
 
     Checks the data (labels, splits, classes) before loading any model; a cache that already
-    exists for the same key is left alone unless `force`; an unfinished run is resumed."""
+    exists for the same key is left alone unless `force`; an unfinished run is resumed.
+    `concepts`: the concept list whose prompts go into `/concepts/` (True: the shipped one,
+    False: none)."""
     policy = policy or ViewPolicy()
+    concept_list = load_concepts() if concepts is True else (concepts or None)
     template_sets = list(TEMPLATE_SETS) if template_sets is None else template_sets
     dataset.validate()
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     fingerprint = dataset.fingerprint()
     key = encode_key(dataset, spec, policy, precision, template_sets, fingerprint,
-                     follow_symlinks, pre_projection)
+                     follow_symlinks, pre_projection, concept_list or False)
     cache_dir = Path(cache_dir)
     name = cache_name(dataset.name, spec.slug + ("-pre" if pre_projection else ""), policy.k,
                       key)
@@ -170,7 +189,7 @@ def encode_dataset(
             force=force, wait=wait, batch_size=batch_size, chunk_batches=chunk_batches,
             num_workers=num_workers, loader=loader, template_sets=template_sets,
             progress=progress, root=None if follow_symlinks else _folder_of(dataset),
-            pre_projection=pre_projection)
+            pre_projection=pre_projection, concepts=concept_list)
     finally:
         ctx.close()
     result.seconds = time.perf_counter() - t0
@@ -182,7 +201,8 @@ def _encode_run(ctx: DistContext, dataset: Dataset, *, spec: ModelSpec, policy: 
                 cache_dir: Path, name: str, force: bool, wait: bool, batch_size: int,
                 chunk_batches: int, num_workers: int | None, loader: str,
                 template_sets: list[str], progress: bool, root: str | None,
-                pre_projection: bool = False) -> EncodeResult:
+                pre_projection: bool = False, concepts: ConceptList | None = None
+                ) -> EncodeResult:
     """The encode itself, on one process or as one rank of a torchrun job. Everything after
     the dataset is keyword-only: seventeen settings of like types (three bools, three ints)
     are never matched by position.
@@ -225,7 +245,8 @@ def _encode_run(ctx: DistContext, dataset: Dataset, *, spec: ModelSpec, policy: 
 
             def finish() -> EncodeResult:
                 result = _assemble(final, partial, dataset, fingerprint, encoder, key,
-                                   plan["n_chunks"], template_sets, plan["manifest"])
+                                   plan["n_chunks"], template_sets, plan["manifest"],
+                                   concepts)
                 # the cache is complete: from here on only litter is removed (a kill now
                 # leaves litter that the next run sweeps, see `_sweep_leftovers`)
                 partial.remove()
@@ -373,7 +394,8 @@ def _commit(partial: PartialCache, chunk: int, batches: list[Batch],
 
 def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint: str,
               encoder: ImageEncoder,
-              key: str, n_chunks: int, template_sets: list[str], manifest: dict) -> EncodeResult:
+              key: str, n_chunks: int, template_sets: list[str], manifest: dict,
+              concepts: ConceptList | None = None) -> EncodeResult:
     parts = [partial.read_chunk(i) for i in range(n_chunks)]
     records = dataset.records
     index = np.concatenate([p["index"] for p in parts])
@@ -400,6 +422,10 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
             meta={c: [r.meta.get(c, "") for r in recs] for c in meta_cols},
         )
     text = partial.read_array("text") or {}
+    # the concept prompts go through the text tower here, at assembly (a second or less):
+    # nothing of them waits in the partial folder, whose chunks are what a resume needs
+    concept_arrays = ({} if concepts is None else
+                      encode_concepts(encoder.loaded, concepts, encoder.device))
     loaded = encoder.loaded
     header = CacheHeader(
         key=key,
@@ -428,6 +454,8 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
         class_names=[display_name(c) for c in dataset.classes],
         template_sets={k: TEMPLATE_SETS[k] for k in template_sets},
         chunking={"chunk_size": manifest["chunk_size"], "batch_size": manifest["batch_size"]},
+        concepts={"name": concepts.name, "sha256": concepts.sha256,
+                  "n_concepts": len(concepts.concepts)} if concepts is not None else {},
         created=now_iso(),
         versions=versions("torch", "open_clip", "torchvision", "pillow", "numpy"),
     )
@@ -437,12 +465,13 @@ def _assemble(final: Path, partial: PartialCache, dataset: Dataset, fingerprint:
         "split": [records[i].split or "" for i in f_index],
         "reason": [str(r) for r in f_reason],
     }
-    need = estimate_cache_bytes(splits, text, failed)
+    need = estimate_cache_bytes(splits, text, failed) + sum(
+        a.size * 8 for a in concept_arrays.values())
     free = shutil.disk_usage(final.parent).free
     if free < need:
         raise make_disk_error(errno.ENOSPC, f"disk full: assembling {final} needs about "
                               f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB are free")
-    write_cache(final, header, splits, text, failed)
+    write_cache(final, header, splits, text, failed, concept_arrays)
     reasons = Counter(r.split(":")[0] for r in failed["reason"])
     return EncodeResult(final, "built", n_images=len(index), n_failed=len(f_index),
                         failed_reasons=dict(reasons),

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from skincache.concepts import ConceptList
 from skincache.data import Record
 from skincache.device import autocast_dtype, default_workers
 from skincache.loaders import Batch, cpu_batches, route, tensor_batches
@@ -76,6 +77,24 @@ class PreProjection:
         if self.kind == "timm":
             return self.visual.head(pooled)
         return pooled @ self.visual.proj
+
+
+@torch.no_grad()
+def encode_concepts(loaded: LoadedModel, concepts: ConceptList, device: torch.device | str
+                    ) -> dict[str, np.ndarray]:
+    """The `/concepts/` arrays of a concept list: every prompt (template x term of each
+    concept) and every reference prompt through the text tower (fp32, not normalised), with
+    the texts and the indices that say which concept and template each prompt belongs to."""
+    prompts, concept, template, refs = concepts.texts()
+    def embed(texts: list[str]) -> np.ndarray:  # in batches: a user's list may be long
+        return np.concatenate([loaded.encode_text(texts[i:i + 256], device).float().cpu()
+                               .numpy() for i in range(0, len(texts), 256)])
+
+    emb, ref = embed(prompts), embed(refs)
+    return {"names": np.array(concepts.names, dtype=str),
+            "prompts": np.array(prompts, dtype=str), "prompt_embeddings": emb,
+            "prompt_concept": concept, "prompt_template": template,
+            "references": np.array(refs, dtype=str), "reference_embeddings": ref}
 
 
 class ImageEncoder:

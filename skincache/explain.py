@@ -50,7 +50,7 @@ from skincache.loaders import load_views
 from skincache.models import LoadedModel, ModelSpec, load_model
 from skincache.predict import Prediction, expand_inputs, predict_images
 from skincache.run_record import read_run
-from skincache.runs import RunError, load_run, model_label
+from skincache.runs import RunError, load_run, model_label, run_features
 from skincache.views import Normalizer, ViewMaker, ViewPolicy
 
 #: the overlay PNG's size: inches at `OVERLAY_DPI` (two panels: the image, the map over it)
@@ -418,6 +418,9 @@ def run_explainer(run: Path, device: torch.device, cache: str | Path | None = No
     if read_run(run).kind == "finetune":
         return finetune_explainer(run, device)
     loaded_run = load_run(run)
+    if run_features(loaded_run.record) == "pre":
+        raise UsageError(f"--explain: {run} was fit on pre-projection features "
+                         "(-p features=pre); saliency through them is not built yet")
     scorer = head_scorer(loaded_run.head)
     fc = loaded_run.open_cache(cache)
     loaded = load_model(ModelSpec(*fc.header.model_spec()), device)

@@ -31,6 +31,7 @@ def encode_source(
     view_seed: int = 0,
     cache_dir: str | Path = CACHE_DIR,
     on_split: Callable[[dict[str, Any]], None] | None = None,
+    concepts: str | Path | bool = True,
     **encode_options: Any,
 ) -> EncodeResult:
     """Load `data` (any source `load_dataset` reads; `test` a second source used whole as
@@ -38,8 +39,13 @@ def encode_source(
     `model` (`pretrained` resolved as `skincache models` says: openai where the model has
     it). `on_split(split_origin)` is called before the model loads, so a caller can say where
     the splits came from before the progress bar; `encode_options` pass to `encode_dataset`.
-    The result's `spec` is the model it was encoded with."""
+    The result's `spec` is the model it was encoded with. `concepts`: a concept list file,
+    True (the shipped list) or False (none); a bad file is refused before the data is read.
+    """
+    from skincache.concepts import load_concepts
     from skincache.data import limit_dataset, load_dataset
+
+    concept_list = load_concepts(concepts) if isinstance(concepts, (str, Path)) else concepts
 
     ds = limit_dataset(load_dataset(data, split_ratios=split_ratios, seed=split_seed, test=test,
                                     split_file=split_file, drop_lesion_mates=drop_lesion_mates),
@@ -55,6 +61,6 @@ def encode_source(
     ckpt = str(checkpoint) if checkpoint else None
     spec = ModelSpec(model, resolve_pretrained(model, pretrained, ckpt), ckpt)
     result = encode_dataset(ds, spec, policy=ViewPolicy(k=views, seed=view_seed),
-                            cache_dir=cache_dir, **encode_options)
+                            cache_dir=cache_dir, concepts=concept_list, **encode_options)
     result.spec = spec
     return result

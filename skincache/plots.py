@@ -37,9 +37,11 @@ from skincache.metrics import (
 __all__ = [
     "DPI",
     "classwise_figure",
+    "concept_heatmap_figure",
     "confusion_figure",
     "curves_figure",
     "plot_classwise",
+    "plot_concept_heatmap",
     "plot_confusion_matrix",
     "plot_curves",
     "plot_reliability",
@@ -440,3 +442,38 @@ def plot_shots(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], 
     if title:
         ax.set_title(title, fontsize=9)
     return _save(fig, path)
+
+
+def concept_heatmap_figure(means: Any, concepts: Sequence[str], class_names: Sequence[str],
+                           counts: Sequence[int], *, label: str = "") -> Figure:
+    """Per-class mean concept score (rows = concepts, columns = classes) as an annotated,
+    diverging heatmap centred on 0: a z-score above 0 means the class's images score the
+    concept higher than the average training image. `counts`: images per class (columns)."""
+    m = np.asarray(means, dtype=float).T  # [K, C]
+    k, c = m.shape
+    if k != len(concepts) or c != len(class_names) or len(counts) != c:
+        raise ValueError(f"means {m.T.shape} do not match {c} classes x {k} concepts")
+    lim = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
+    fig = Figure(figsize=(1.0 * c + 4.5, 0.32 * k + 2.2), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(m), cmap="RdBu_r", vmin=-lim, vmax=lim,
+                      aspect="auto", interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.8).set_label("mean z-score (vs. the train split)")
+    for i in range(k):
+        for j in range(c):
+            if np.isfinite(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:+.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(m[i, j]) > 0.6 * lim else "black")
+    ax.set_xticks(range(c), labels=[f"{n}\n(n={int(x)})" for n, x in
+                                    zip(class_names, counts, strict=True)], fontsize=8)
+    ax.set_yticks(range(k), labels=list(concepts), fontsize=8)
+    ax.set_title("Mean concept score per class (MONET-style, z-scored)"
+                 + (f"\n{label}" if label else ""), fontsize=9)
+    return fig
+
+
+def plot_concept_heatmap(means: Any, concepts: Sequence[str], class_names: Sequence[str],
+                         counts: Sequence[int], path: str | os.PathLike[str], *,
+                         label: str = "") -> Path:
+    return _save(concept_heatmap_figure(means, concepts, class_names, counts, label=label),
+                 path)

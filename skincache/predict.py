@@ -42,6 +42,9 @@ class Prediction:
     probabilities: dict[str, float] = field(default_factory=dict)
     neighbors: list[dict] = field(default_factory=list)  # image_id, label, similarity
     overlay: str = ""  # the saliency overlay PNG (`predict --explain`, skincache.explain)
+    #: a concept-bottleneck run's top contributing concepts to the predicted class: name,
+    #: share of its logit (weight x z-score); empty for other heads
+    concepts: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -145,6 +148,8 @@ def predict_images(
     if ok:
         X = np.stack([feats[i] for i in ok])
         proba = loaded_run.head.predict_proba(np.stack([head_in[i] for i in ok]))
+        top_concepts = getattr(loaded_run.head, "top_concepts", None)  # a `cbm` run
+        explained = top_concepts(X) if top_concepts is not None else [[] for _ in ok]
         train = fc.split("train")
         sims, rows = search_ip(neighbor_index(loaded_run.path, fc), X, neighbors) if neighbors \
             else (np.zeros((len(ok), 0)), np.zeros((len(ok), 0), dtype=int))
@@ -156,6 +161,7 @@ def predict_images(
                             "label": fc.classes[int(train.labels[row])],
                             "similarity": float(s)} for s, row in zip(sims[j], rows[j],
                                                                      strict=True)]
+            r.concepts = [{"concept": n, "share": s} for n, s in explained[j]]
     return [results[i] for i in range(len(paths))]
 
 
@@ -173,10 +179,11 @@ def write_predictions(preds: list[Prediction], path: str | Path) -> Path:
     w = csv.writer(buf)
     overlay = ["overlay"] if any(p.overlay for p in preds) else []  # only with --explain
     w.writerow(["path", "predicted", *(f"p_{c}" for c in classes), "nearest", "error",
-                *overlay])
+                "concepts", *overlay])
     for p in preds:
         nearest = ";".join(f"{n['image_id']}:{n['label']}:{n['similarity']:.6f}"
                            for n in p.neighbors)
+        concepts = ";".join(f"{c['concept']}:{c['share']:+.3f}" for c in p.concepts)
         w.writerow([p.path, p.predicted, *(p.probabilities.get(c, "") for c in classes),
-                    nearest, p.error, *([p.overlay] if overlay else [])])
+                    nearest, p.error, concepts, *([p.overlay] if overlay else [])])
     return atomic_write_text(path, buf.getvalue())

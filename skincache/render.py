@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
@@ -44,6 +45,7 @@ def cache_summary(s: dict) -> None:
                   f"{v.get('scaled_crop', v['crop'])}, hflip p={v['hflip']}, seed {v['seed']}"),
         ("dataset", f"{s['dataset']['name']} ({s['dataset']['kind']}) {s['dataset']['root']}"),
         ("text sets", ", ".join(f"{k} {tuple(x)}" for k, x in s["text_sets"].items()) or "none"),
+        ("concepts", _concepts_line(s.get("concepts") or {})),
         ("failed", f"{s['failed']}" + (f" ({_reasons(s['failed_reasons'])})"
                                        if s["failed"] else "")),
         ("created", s["created"]),
@@ -52,6 +54,12 @@ def cache_summary(s: dict) -> None:
         t.add_row(k, str(val))
     _show(t)
     class_table(s["class_counts"], s["classes"], title="images per split and class")
+
+
+def _concepts_line(c: dict) -> str:
+    if not c.get("stored"):
+        return "none (re-encode to score concepts: `skincache concepts` needs them)"
+    return f"{c.get('name', '?')}: {c['stored']} concepts (sha256 {str(c.get('sha256'))[:12]}…)"
 
 
 def class_table(counts: dict[str, dict[str, int]], classes: list[str], title: str) -> None:
@@ -294,7 +302,10 @@ def prediction_lines(preds: list, top: int = 1) -> None:
             err.print(f"[bold red]{escape(p.path)}[/]: {escape(p.error)}", highlight=False)
             continue
         classes = "  ".join(f"{c} {v:.3f}" for c, v in _top(p, top))
-        out.print(f"{escape(p.path):<{width}}  [bold]{escape(classes)}[/]", highlight=False)
+        why = ("  <- " + ", ".join(f"{c['concept']} {c['share']:+.2f}" for c in p.concepts)
+               if getattr(p, "concepts", None) else "")
+        out.print(f"{escape(p.path):<{width}}  [bold]{escape(classes)}[/]{escape(why)}",
+                  highlight=False)
 
 
 def predictions(preds: list, top: int = 3) -> None:
@@ -308,6 +319,10 @@ def predictions(preds: list, top: int = 3) -> None:
         t.add_column("probability / cosine", justify="right")
         for c, v in _top(p, top):
             t.add_row(c, f"{v:.3f}")
+        if getattr(p, "concepts", None):
+            t.add_section()
+            for c in p.concepts:
+                t.add_row(f"concept: {escape(c['concept'])}", f"{c['share']:+.2f} logit")
         if p.neighbors:
             t.add_section()
             d = distinct_digits([n["similarity"] for n in p.neighbors])
@@ -374,3 +389,49 @@ def derm_models_table(rows: list[dict]) -> None:
     _show(t)
     out.print(f"{len(rows)} model(s). Encode with: skincache encode --data DIR --model "
               "SHORT-NAME (e.g. --model dermlip-b16)", highlight=False)
+
+
+def concept_table(report) -> None:
+    """`skincache concepts`: mean z-scored concept score per class (rows: concepts); each
+    concept's highest class in bold."""
+    t = Table(title=f"mean concept score per class, {report.split} split of {report.cache} "
+                    f"({report.model}; z-scores against the train split)",
+              title_justify="left")
+    t.add_column("concept", style="bold")
+    for c, n in zip(report.classes, report.counts, strict=True):
+        t.add_column(f"{c} (n={n})", justify="right")
+    for k, name in enumerate(report.names):
+        col = report.means[:, k]
+        best = int(np.nanargmax(col)) if np.isfinite(col).any() else -1
+        cells = ["–" if not np.isfinite(v) else
+                 (f"[bold]{v:+.2f}[/]" if i == best else f"{v:+.2f}")
+                 for i, v in enumerate(col)]
+        t.add_row(escape(name), *cells)
+    _show(t)
+
+
+def image_concepts(image: dict, top: int = 10) -> None:
+    """One image's concept scores, highest first."""
+    t = Table(title=f"{image['id']} ({image['split']} split, label {image['label']}): "
+                    f"top {top} concepts (z-scores)", title_justify="left")
+    t.add_column("concept", style="bold")
+    t.add_column("z", justify="right")
+    for name, v in sorted(image["scores"].items(), key=lambda kv: -kv[1])[:top]:
+        t.add_row(escape(name), f"{v:+.2f}")
+    _show(t)
+
+
+def concept_summary(report, k: int = 3) -> None:
+    """The demo's short form of `skincache concepts`: per class its `k` highest concepts."""
+    if report is None:
+        return
+    note = " random weights: they mean nothing here;" if report.random_init else ""
+    out.print(f"concepts ({report.split} split, mean z-score;{note} the full table: skincache "
+              f"concepts {report.cache}; plot {report.plot}):", highlight=False)
+    for c, name in enumerate(report.classes):
+        row = report.means[c]
+        if not np.isfinite(row).any():
+            continue
+        best = [i for i in np.argsort(-np.nan_to_num(row, nan=-np.inf))][:k]
+        out.print(f"  {name:<6} " + ", ".join(f"{report.names[i]} {row[i]:+.2f}" for i in best),
+                  highlight=False)

@@ -32,6 +32,7 @@ import numpy as np
 from skincache._disk import check_writable_dir, disk_error
 from skincache._io import (
     __version__,
+    atomic_write_text,
     file_safe,
     now_iso,
     plain_json,
@@ -46,6 +47,7 @@ from skincache.cache import (
     CacheLock,
     FeatureCache,
 )
+from skincache.concept_report import concept_bank
 from skincache.defaults import RUNS_DIR
 from skincache.errors import NotFoundError, SkincacheError, UsageError
 from skincache.heads import Head, create_head, get_head_class, load_head
@@ -151,6 +153,7 @@ def fit_inputs(cache: FeatureCache, *, template_set: str = ALL_TEMPLATES,
         text=text_features(cache, template_set) if features == "projected" else None,
         logit_scale=cache.logit_scale,
         n_classes=len(cache.classes),
+        concepts=concept_bank(cache) if features == "projected" else None,
     )
 
 
@@ -326,6 +329,8 @@ def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | N
         # the neighbour index `predict` searches for similar training cases, built once here
         write_neighbor_index(run / "head", fc.key,
                              build_neighbor_index(fc.split("train").features16))
+        for fname, text in model.run_files(list(fc.classes)).items():
+            atomic_write_text(run / fname, text)
     except OSError as e:
         de = disk_error(e, run / "head", "writing the head to",
                         "free space (or choose another --runs-dir) and run again")
@@ -395,7 +400,10 @@ def fit_heads(
         check_run_name(name)
     fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
     text = bool(fc.text) and kwargs.get("features", "projected") == "projected"
-    names = heads or [h for h in list_heads() if text or not get_head_class(h).needs_text]
+    concepts = bool(fc.concepts) and kwargs.get("features", "projected") == "projected"
+    names = heads or [h for h in list_heads()
+                      if (text or not get_head_class(h).needs_text)
+                      and (concepts or not get_head_class(h).needs_concepts)]
     return [fit_head_run(fc, h, None, name=f"{name}-{h}" if name else None, **kwargs)
             for h in names]
 

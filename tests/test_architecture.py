@@ -25,10 +25,11 @@ PKG = Path(__file__).resolve().parents[1] / "skincache"
 LAYERS: list[set[str]] = [
     {"errors", "defaults"},
     {"_io", "_disk"},
-    {"device", "distributed", "_head_params", "metrics", "data", "run_record", "derm_models"},
+    {"device", "distributed", "_head_params", "metrics", "data", "run_record", "derm_models",
+     "concepts"},
     {"models", "cache", "heads", "prompts", "_sanity"},
     {"views", "plots", "_progress", "_options"},
-    {"loaders"},
+    {"loaders", "concept_report"},
     {"encoder"},
     {"encode", "runs", "near_duplicates"},
     {"predict", "bench", "finetune", "demo", "pipeline"},

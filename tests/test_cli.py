@@ -27,9 +27,9 @@ def test_help_lists_only_built_commands():
     import typer
 
     commands = typer.main.get_command(app).commands
-    assert set(commands) == {"encode", "demo", "info", "audit", "fetch-data", "fit-head",
-                             "evaluate", "predict", "bench-heads", "bench-encoders", "finetune",
-                             "heads", "models", "score", "compare", "report"}
+    assert set(commands) == {"encode", "demo", "info", "concepts", "audit", "fetch-data",
+                             "fit-head", "evaluate", "predict", "bench-heads", "bench-encoders",
+                             "finetune", "heads", "models", "score", "compare", "report"}
     out = subprocess.run([sys.executable, "-m", "skincache.cli", "--help"], capture_output=True,
                          text=True, check=True, env={"COLUMNS": "120", "PATH": ""}).stdout
     for name, cmd in commands.items():

@@ -12,6 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, log_loss
 
+from skincache.concepts import ConceptBank
 from skincache.errors import UsageError
 from skincache.heads import (
     HEADS,
@@ -25,7 +26,7 @@ from skincache.heads.base import balanced_accuracy, l2_normalize
 
 ALL_HEADS = [
     "zeroshot", "logreg", "linear", "mlp", "knn", "tip-adapter", "tip-adapter-f", "zs-linear",
-    "dermfm-lp", "clip-benchmark-lp", "lp++", "clap", "gda", "proker",
+    "dermfm-lp", "clip-benchmark-lp", "lp++", "clap", "gda", "proker", "cbm",
 ]
 TEXT_HEADS = ["zeroshot", "tip-adapter", "tip-adapter-f", "zs-linear", "lp++", "clap"]
 STOCHASTIC_HEADS = ["linear", "mlp", "tip-adapter-f", "zs-linear", "clap"]
@@ -66,8 +67,19 @@ def make_problem(seed: int, n_train: int, n_val: int, n_test: int, *, shuffled: 
         text = rng.standard_normal((C, TEMPLATES, D))
     else:
         text = means[:, None, :] + rng.standard_normal((C, TEMPLATES, D)) * 0.1
+    # concepts (for `cbm`): one per class near its mean (random ones with `random_text`), and
+    # four unrelated ones; two templates, each with a reference near what all concepts share
+    # (the mean of the class means), as "This is dermoscopy image" is for real prompts
+    near = rng.standard_normal((C, 2, D)) if random_text else \
+        means[:, None, :] + rng.standard_normal((C, 2, D)) * 0.1
+    targets = l2_normalize(np.concatenate([near, rng.standard_normal((4, 2, D))]))
+    shared = rng.standard_normal(D) if random_text else means.mean(axis=0)
+    refs = l2_normalize(shared + rng.standard_normal((2, D)) * 0.05)
+    concepts = ConceptBank([f"concept{i}" for i in range(C + 4)], targets.astype(np.float32),
+                           refs.astype(np.float32))
     return {"X": X, "y": y, "views": views, "X_val": X_val, "y_val": y_val,
-            "X_test": X_test, "y_test": y_test, "text": text.astype(np.float32)}
+            "X_test": X_test, "y_test": y_test, "text": text.astype(np.float32),
+            "concepts": concepts}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,7 +104,8 @@ def separable() -> dict:
 def fit(name: str, data: dict, **params) -> Head:
     head = create_head(name, **{**FAST.get(name, {}), **params})
     return head.fit(data["X"], data["y"], views=data["views"], X_val=data["X_val"],
-                    y_val=data["y_val"], text=data["text"], logit_scale=100.0)
+                    y_val=data["y_val"], text=data["text"], logit_scale=100.0,
+                    concepts=data["concepts"])
 
 
 # ----------------------------------------------------------------------------- registry

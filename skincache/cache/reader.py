@@ -223,6 +223,8 @@ class FeatureCache:
         self.splits = splits
         self.text = text
         self.failed = failed
+        #: `/concepts/`'s arrays (`encoder.encode_concepts`); {} for a cache without them
+        self.concepts: dict[str, np.ndarray] = {}
         self._sums: dict[str, str] | None = None  # None: schema 1, nothing to verify
         self._verified: set[str] = set()
         self._header = ""
@@ -457,6 +459,13 @@ class FeatureCache:
                     raise CacheError(f"{path}: text/{name} has shape {arr.shape}, expected "
                                      f"[{n_classes}, T, {dim}]; re-encode it")
                 fc.text[name] = arr
+        if "concepts" in f:  # small (a few hundred prompts): read and verified now
+            fc.concepts = {n: fc._read_dataset(f"concepts/{n}") for n in f["concepts"]}
+            for n in ("prompt_embeddings", "reference_embeddings"):
+                arr = fc.concepts.get(n)
+                if arr is None or arr.ndim != 2 or arr.shape[1] != dim:
+                    raise CacheError(f"{path}: concepts/{n} is missing or not [n, {dim}]; "
+                                     "re-encode it")
         if "failed" in f:
             fcols = {c: fc._read_dataset(f"failed/{c}") for c in f["failed"]}
             n = len(next(iter(fcols.values()))) if fcols else 0
@@ -533,6 +542,7 @@ class FeatureCache:
             "splits": {s: len(d) for s, d in self.splits.items()},
             "class_counts": counts,
             "text_sets": {k: list(v.shape) for k, v in self.text.items()},
+            "concepts": {**h.concepts, "stored": len(self.concepts.get("names", []))},
             "failed": len(self.failed),
             "failed_reasons": reasons,
             "created": h.created,

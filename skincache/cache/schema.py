@@ -116,6 +116,8 @@ class CacheHeader:
     #: the dimension of `features_pre` / `views_pre` (encode --pre-projection: each view's
     #: pooled output before the image tower's final projection); 0: the cache has none
     pre_projection_dim: int = attr(default=0)
+    #: the concept list encoded into `/concepts/` (name, sha256, count, file); {}: none
+    concepts: dict = attr(json=True, default_factory=dict)
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field, ...]:

@@ -41,7 +41,8 @@ class SplitArrays:
 
 
 def write_cache(path: Path, header: CacheHeader, splits: dict[str, SplitArrays],
-                text: dict[str, np.ndarray], failed: dict[str, list[str]]) -> None:
+                text: dict[str, np.ndarray], failed: dict[str, list[str]],
+                concepts: dict[str, np.ndarray] | None = None) -> None:
     """Write a complete cache atomically (tmp file, fsync, rename), with a sha256 of every
     dataset and of the attributes, checked by `FeatureCache.open`. The root attributes are
     `header`'s fields (`CacheHeader.to_attrs`) and the ones the writer owns (format, schema,
@@ -51,10 +52,11 @@ def write_cache(path: Path, header: CacheHeader, splits: dict[str, SplitArrays],
     disk that fills up fails in many places at once (a flood of errors from every handle's
     destructor, and a segfault was seen), while a plain write fails once, cleanly. The cost is
     one copy of the cache in memory (the arrays already are). On any failure the `.h5.tmp` is
-    removed; OSErrors the disk caused become a one-line `DiskError`."""
+    removed; OSErrors the disk caused become a one-line `DiskError`. `concepts`: the concept
+    arrays (`encoder.encode_concepts`) stored under `/concepts/`, strings as strings."""
     tmp = path.with_name(path.name + ".tmp")
     image = io.BytesIO()
-    _write_h5(image, header.to_attrs(), splits, text, failed)
+    _write_h5(image, header.to_attrs(), splits, text, failed, concepts or {})
     try:
         atomic_write(tmp, lambda fh: _write_view(fh, image.getbuffer()))
         os.replace(tmp, path)
@@ -73,7 +75,8 @@ def _write_view(fh, view: memoryview, block: int = 1 << 24) -> None:
 
 
 def _write_h5(target, attrs: dict, splits: dict[str, SplitArrays],
-              text: dict[str, np.ndarray], failed: dict[str, list[str]]) -> None:
+              text: dict[str, np.ndarray], failed: dict[str, list[str]],
+              concepts: dict[str, np.ndarray]) -> None:
     sums: dict[str, str] = {}
     with h5py.File(target, "w") as f:
         def put(name: str, data, dtype=None) -> None:
@@ -106,6 +109,14 @@ def _write_h5(target, attrs: dict, splits: dict[str, SplitArrays],
         f.create_group("text")
         for name, arr in text.items():
             put(f"text/{name}", arr.astype(np.float32))
+        if concepts:
+            f.create_group("concepts")
+            for name, arr in concepts.items():
+                arr = np.asarray(arr)
+                if arr.dtype.kind in "US":
+                    put(f"concepts/{name}", [str(x) for x in arr], _STR)
+                else:
+                    put(f"concepts/{name}", arr)
         f.create_group("failed")
         for col, values in failed.items():
             put(f"failed/{col}", values, _STR)

@@ -92,7 +92,8 @@ def _handled(command: Callable) -> Callable:
 #: every command, in the order `skincache --help` lists them
 COMMANDS: list[tuple[str, Callable]] = [
     ("encode", data.encode), ("demo", data.demo), ("models", data.models),
-    ("info", data.info), ("audit", data.audit), ("fetch-data", data.fetch_data),
+    ("info", data.info), ("concepts", data.concepts), ("audit", data.audit),
+    ("fetch-data", data.fetch_data),
     ("fit-head", heads.fit_head), ("heads", heads.heads), ("evaluate", heads.evaluate),
     ("predict", heads.predict), ("bench-heads", study.bench_heads_cmd),
     ("bench-encoders", study.bench_encoders_cmd),

@@ -63,6 +63,12 @@ def encode(
     follow_symlinks: Annotated[bool, typer.Option(
         help="Read images reached by a symlink out of the dataset folder (refused and "
              "recorded in /failed by default).")] = False,
+    concepts: Annotated[Path | None, typer.Option(
+        help="A concept list (JSON) to score images against instead of the shipped "
+             "dermoscopic one (README: Concepts).")] = None,
+    no_concepts: Annotated[bool, typer.Option(
+        "--no-concepts", help="Encode no concept prompts (the cache key then stays as "
+                              "before concepts existed).")] = False,
     limit: Limit = None,
     pre_projection: Annotated[bool, typer.Option(
         "--pre-projection", help="Also store each view's pooled output before the image "
@@ -70,7 +76,8 @@ def encode(
                               ] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Encode a dataset once: images + augmented views + class prompts -> cache/<name>.h5."""
+    """Encode a dataset once: images + augmented views + class and concept prompts ->
+    cache/<name>.h5."""
     from skincache._options import check_choice, check_device, check_model
 
     set_interrupt_hint(RESUMES)
@@ -80,6 +87,9 @@ def encode(
     check_choice("--precision", precision, PRECISIONS)
     check_min("--views", views, 0)
     check_min("--batch-size", batch_size, 1)
+    if concepts is not None and no_concepts:
+        raise UsageError("give --concepts FILE or --no-concepts, not both")
+    check_file("--concepts", concepts)
     from skincache.pipeline import encode_source
 
     result = encode_source(
@@ -90,6 +100,7 @@ def encode(
         device=device, precision=precision, batch_size=batch_size, num_workers=workers,
         force=force, wait=wait, progress=not quiet, follow_symlinks=follow_symlinks,
         pre_projection=pre_projection,
+        concepts=False if no_concepts else (concepts or True),
     )
     _render.encode_result(result)
     if result.status != "exists" and result.spec is not None:
@@ -115,6 +126,7 @@ def demo(
                       data_dir=data_dir, progress=not quiet)
     _render.encode_result(result)
     _render.cache_summary(result.cache_summary())
+    _render.concept_summary(result.concept_report())
     _render.out.print(f"next: skincache fit-head --cache {result.path} --head mlp   "
                       f"(the synthetic images are in {result.path.parent / 'demo-data'})")
 
@@ -177,6 +189,31 @@ def info(
     _render.cache_summary(summary)
     if failed and fc.failed:
         _render.failed_table(fc.failed)
+
+
+def concepts(
+    cache: Annotated[Path, typer.Argument(help="A cache file (.h5) encoded with concepts.")],
+    split: Annotated[str, typer.Option(help="Split whose images the per-class means are "
+                                            "over (scores are z-scored against train).")
+                     ] = "train",
+    image: Annotated[str | None, typer.Option(help="Also list this image's concept scores "
+                                                   "(an image id of the cache).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Where the per-class heatmap PNG goes "
+                                                   "(default: beside the cache).")] = None,
+    top: Annotated[int, typer.Option(help="Concepts listed for --image.")] = 10,
+) -> None:
+    """Mean concept score per class (MONET-style, z-scored), a heatmap PNG, --image ID."""
+    check_file("cache", cache)
+    check_min("--top", top, 1)
+    check_out_file("--plot", plot)
+    from skincache.concept_report import concept_report
+
+    report = concept_report(cache, split=split, image=image, plot=plot)
+    _render.concept_table(report)
+    if report.image:
+        _render.image_concepts(report.image, top)
+    _render.out.print(f"plot written to {report.plot}", highlight=False)
+    warn(random_init_warning(report.cache_attrs, "these concept scores"))
 
 
 def audit(

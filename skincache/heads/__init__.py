@@ -13,6 +13,7 @@ from __future__ import annotations
 
 # Importing the modules registers the heads, in this order.
 from . import (  # noqa: F401
+    cbm,
     clap,
     clip_benchmark_lp,
     dermfm_lp,
@@ -39,6 +40,7 @@ from .base import (
     balanced_accuracy,
     load_head,
 )
+from .cbm import ConceptBottleneckHead
 from .clap import CLAPHead
 from .clip_benchmark_lp import CLIPBenchmarkLinearProbeHead
 from .dermfm_lp import DermFMLinearProbeHead
@@ -57,6 +59,7 @@ from .zs_linear import ZSLinearHead
 __all__ = [
     "CLAPHead",
     "CLIPBenchmarkLinearProbeHead",
+    "ConceptBottleneckHead",
     "DEFAULT_LOGIT_SCALE",
     "DermFMLinearProbeHead",
     "HEADS",

@@ -22,6 +22,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .._head_params import check_constraints
 from .._io import atomic_write, atomic_write_text, plain_json, read_json_file, read_regular
+from ..concepts import ConceptBank
 from ..errors import InputFileError, NotFoundError, SkincacheError, UsageError
 from . import _posthoc
 from ._math import (  # noqa: F401  (re-exported: heads import them from here)
@@ -77,6 +78,8 @@ class FitData:
     text: np.ndarray | None
     logit_scale: float
     n_classes: int
+    #: the cache's concept embeddings (`ConceptBank`), for heads that score concepts
+    concepts: ConceptBank | None = None
 
     @property
     def n_features(self) -> int:
@@ -152,6 +155,7 @@ def check_fit_inputs(
     logit_scale: float | None = None,
     n_classes: int | None = None,
     keep_half: bool = False,
+    concepts: ConceptBank | None = None,
 ) -> FitData:
     X = _as_features("X", X, 2, keep_half)
     n, d = X.shape
@@ -185,7 +189,12 @@ def check_fit_inputs(
     scale = DEFAULT_LOGIT_SCALE if logit_scale is None else float(logit_scale)
     if not np.isfinite(scale) or scale <= 0:
         raise ValueError(f"logit_scale must be a positive number, got {logit_scale}")
-    return FitData(X, y, views, X_val, y_val, text, scale, c)
+    if concepts is not None:
+        if not isinstance(concepts, ConceptBank):
+            raise ValueError(f"concepts must be a ConceptBank, got {type(concepts).__name__}")
+        if concepts.dim != d:
+            raise ValueError(f"concepts have dimension {concepts.dim}, features have {d}")
+    return FitData(X, y, views, X_val, y_val, text, scale, c, concepts)
 
 
 # ----------------------------------------------------------------------------- the base class
@@ -213,6 +222,8 @@ class Head(ClassifierMixin, BaseEstimator):
     _streams: ClassVar[bool] = False
     #: heads whose method starts from the class prompt embeddings
     needs_text: ClassVar[bool] = False
+    #: heads that score the cache's concept prompts (`fit(concepts=...)`)
+    needs_concepts: ClassVar[bool] = False
     #: {parameter: accepted values} in skincache/_head_params.py's grammar; each registered
     #: head declares its own as a literal, which `-p` reads from the source before torch loads
     #: and `fit` checks first (one `param_violation` behind both)
@@ -243,6 +254,7 @@ class Head(ClassifierMixin, BaseEstimator):
         text: np.ndarray | None = None,
         logit_scale: float | None = None,
         n_classes: int | None = None,
+        concepts: ConceptBank | None = None,
     ) -> Head:
         """Fit on clean-view features X [N, D] and labels y [N] in [0, C).
 
@@ -251,7 +263,8 @@ class Head(ClassifierMixin, BaseEstimator):
         are chosen on (without it each head falls back to documented defaults). text
         [C, T, D]: prompt embeddings, C classes x T templates; logit_scale: the model's
         (exp'ed) temperature, 100 when None. C is `n_classes` if given, else text.shape[0],
-        else max(y)+1.
+        else max(y)+1. concepts: the cache's concept embeddings (`ConceptBank`), used by
+        heads that `needs_concepts` and ignored by the others.
         """
         check_constraints(self.name or type(self).__name__, self.get_params(),
                           self.param_constraints, where=f"{type(self).__name__}(")
@@ -260,9 +273,15 @@ class Head(ClassifierMixin, BaseEstimator):
                 f"head {self.name!r} needs the cache's text features (class prompt "
                 "embeddings); re-encode with prompts"
             )
+        if self.needs_concepts and concepts is None:
+            raise UsageError(
+                f"head {self.name!r} needs the cache's concept embeddings (/concepts/); "
+                "re-encode the cache (skincache encode writes them by default)"
+            )
         data = check_fit_inputs(
             X, y, views=views, X_val=X_val, y_val=y_val, text=text,
             logit_scale=logit_scale, n_classes=n_classes, keep_half=self._streams,
+            concepts=concepts,
         )
         _posthoc.check_logit_adjust(self.logit_adjust)
         self.n_classes_ = data.n_classes
@@ -315,6 +334,11 @@ class Head(ClassifierMixin, BaseEstimator):
         tau, t = float(self.logit_adjust_), float(self.temperature_)
         log_prior = np.asarray(self.log_prior_, np.float64)
         return A / t, (c - tau * log_prior) / t
+
+    def run_files(self, classes: list[str] | None = None) -> dict[str, str]:
+        """Readable files a run folder keeps beside the head ({name: text}; `cbm`: its
+        concept weights as `concepts.md`); none by default."""
+        return {}
 
     def _linear_form(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The head's raw logits as (W, b) on L2-normalised features, if linear (override)."""

@@ -300,7 +300,7 @@ def cross_validate(cache: FeatureCache | str | Path, head: str,
 def _base_inputs(fc: FeatureCache, template_set: str) -> dict[str, Any]:
     """The fit arguments that do not depend on the rows: text, logit scale, classes."""
     full = fit_inputs(fc, template_set=template_set, use_val=False)
-    return {k: full[k] for k in ("text", "logit_scale", "n_classes")}
+    return {k: full[k] for k in ("text", "logit_scale", "n_classes", "concepts")}
 
 
 def plot_folds(result: CVResult, path: Path, title: str = "") -> Path:
@@ -364,6 +364,10 @@ def bench_cv(cache: FeatureCache | str | Path, *, k: int = 5, variants: list[str
         from skincache.heads import get_head_class
 
         chosen = [v for v in chosen if not get_head_class(v[1]).needs_text]
+    if base["concepts"] is None:
+        from skincache.heads import get_head_class
+
+        chosen = [v for v in chosen if not get_head_class(v[1]).needs_concepts]
     pool = make_pool(fc)
     folds = make_folds(pool, k, seed)
     if "test" in fc.splits:
