@@ -40,9 +40,11 @@ def cache_summary(s: dict) -> None:
                       + (f"; pre-projection D={s['pre_projection_dim']} (features_pre)"
                          if s.get("pre_projection_dim") else "")),
         ("preprocess", f"{pp['size'][0]}x{pp['size'][1]} {pp['interpolation']} "
-                       f"{pp['resize_mode']}, mean {_fmt(pp['mean'])}, std {_fmt(pp['std'])}"),
+                       f"{pp['resize_mode']}, mean {_fmt(pp['mean'])}, std {_fmt(pp['std'])}"
+         if "size" in pp else "not recorded (a cache written from arrays, not by encode)"),
         ("views", f"K={v['k']}: resize {v.get('scaled_resize', v['resize'])}, random crop "
-                  f"{v.get('scaled_crop', v['crop'])}, hflip p={v['hflip']}, seed {v['seed']}"),
+                  f"{v.get('scaled_crop', v['crop'])}, hflip p={v['hflip']}, seed {v['seed']}"
+         if "resize" in v else f"K={v.get('k', 0)} (how they were cut is not recorded)"),
         ("dataset", f"{s['dataset']['name']} ({s['dataset']['kind']}) {s['dataset']['root']}"),
         ("text sets", ", ".join(f"{k} {tuple(x)}" for k, x in s["text_sets"].items()) or "none"),
         ("concepts", _concepts_line(s.get("concepts") or {})),

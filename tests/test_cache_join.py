@@ -45,3 +45,14 @@ def test_a_missing_split_is_named(tmp_path):
     with pytest.raises(CacheError, match="different splits"):
         check_aligned([a, b])
     check_aligned([a, b], splits=["train", "val"])
+
+
+def test_info_on_a_cache_written_from_arrays_is_a_summary_not_a_keyerror(tmp_path):
+    """Caches the benchmarks write from arrays record no preprocessing or view recipe."""
+    from typer.testing import CliRunner
+
+    from skincache.cli import app
+
+    r = CliRunner().invoke(app, ["info", str(synthetic_cache(tmp_path / "a.h5", seed=3))])
+    assert r.exit_code == 0, r.output
+    assert "not recorded" in r.output and "K=2" in r.output
