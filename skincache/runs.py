@@ -276,8 +276,10 @@ def fit_head_run(
     fit option `-p features=pre`; evaluate and predict of the run use the same kind)."""
     fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
     check_features(fc, features)
-    if features == "pre" and get_head_class(head).needs_text:
-        raise UsageError(f"-p features=pre: head '{head}' uses the text tower's prompts, "
+    cls = get_head_class(head)
+    if features == "pre" and (cls.needs_text or getattr(cls, "needs_concepts", False)):
+        what = "prompts" if cls.needs_text else "concept prompts"
+        raise UsageError(f"-p features=pre: head '{head}' uses the text tower's {what}, "
                          "which live in the projected space; pre-projection features have "
                          "no text counterpart (fit it on the projected features)")
     if not any(s in fc.splits for s in eval_splits):  # else: an empty metrics table

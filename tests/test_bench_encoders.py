@@ -135,10 +135,11 @@ def test_features_pre_on_a_cache_without_them_is_one_line(synth_pair, tmp_path):
     assert bad.exit_code == 1 and "expected one of projected, pre" in bad.output
 
 
-def test_features_pre_with_a_text_head_is_refused(pre_cache, tmp_path):
-    r = runner.invoke(app, ["fit-head", "--cache", str(pre_cache[0]), "--head", "zeroshot",
+@pytest.mark.parametrize("head", ["zeroshot", "cbm"])
+def test_features_pre_with_a_text_or_concept_head_is_refused(pre_cache, tmp_path, head):
+    r = runner.invoke(app, ["fit-head", "--cache", str(pre_cache[0]), "--head", head,
                             "-p", "features=pre", "--runs-dir", str(tmp_path)])
-    assert r.exit_code == 1 and "no text counterpart" in r.output
+    assert r.exit_code == 1 and "no text counterpart" in r.output, r.output
 
 
 # ------------------------------------------------------------------ bench-encoders
