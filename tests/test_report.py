@@ -186,3 +186,22 @@ document.getElementById("f").onload = function () {{
     up = [float(v) for v in m.group(1).split(",")]
     down = [float(v) for v in m.group(2).split(",")]
     assert up == sorted(up) and down == sorted(up, reverse=True) and len(up) == len(HEADS)
+
+
+def test_an_encoder_table_is_rows_of_encoders_and_columns_of_heads(tmp_path):
+    """A bench-encoders folder shows in the published table's shape, its cells the results'."""
+    from conftest import synthetic_cache
+
+    from skincache.study.encoders import bench_encoders
+
+    caches = [synthetic_cache(tmp_path / f"{n}.h5", d=d, seed=3) for n, d in (("a", 16), ("b", 8))]
+    out = tmp_path / "enc"
+    bench_encoders(caches, heads=["logreg"], n_bootstrap=50, out_dir=out)
+    build_report([out], tmp_path / "r.html", progress=False)
+    html = (tmp_path / "r.html").read_text()
+    table = html.split('id="encoders-1"')[1].split("</table>")[0]
+    res = json.loads((out / "results.json").read_text())
+    assert [r["encoder"] for r in res["rows"]] == re.findall(r"<tr><td>([^<]+)</td>", table)
+    for r in res["rows"]:
+        assert f'{r["logreg"]["balanced_accuracy"] * 100:.1f} [' in table
+    assert "encoders.png" in html.split('id="encoders-1"')[1]

@@ -21,6 +21,8 @@ from skincache.metrics import PRIMARY, get_metric, metrics
 from skincache.report._collect import RunEntry, Study
 from skincache.report._gallery import Gallery
 
+#: the `kind` of a bench-encoders results.json (`skincache.study.encoders`)
+ENCODERS = "bench-encoders"
 #: widest a plot is stored in the page (px): the run folders' PNGs are ~1000 px wide
 PLOT_PX = 640
 
@@ -93,6 +95,30 @@ def _run_detail(r: RunEntry, split: str) -> dict[str, Any]:
             "per_class": _per_class(r, split), "cv": cv}
 
 
+def _encoders(b) -> dict[str, Any]:
+    """A `bench-encoders` folder: rows = encoders, columns = heads, each cell the primary
+    metric with its CI (the published encoder table's shape)."""
+    res = b.results
+    heads = [h for h in res.get("heads", []) if isinstance(h, str)]
+    rows = []
+    for row in res.get("rows", []):
+        if not isinstance(row, dict):
+            continue
+        cells = []
+        for h in heads:
+            cell = row.get(h)
+            if not isinstance(cell, dict):
+                cells.append({"text": "–", "sort": ""})
+                continue
+            ci = (cell.get("ci") or {}).get(PRIMARY)
+            cells.append(_cell(cell.get(PRIMARY), tuple(ci) if isinstance(ci, list) else None,
+                               True))
+        rows.append({"encoder": row.get("encoder"), "dim": row.get("embed_dim"),
+                     "cells": cells})
+    return {"path": str(b.path), "protocol": res.get("protocol", ""), "heads": heads,
+            "rows": rows, "plots": [(p.name, png_uri(p)) for p in b.plots]}
+
+
 def _bench(b) -> dict[str, Any]:
     res = b.results
     rows = res.get("rows") or []
@@ -148,7 +174,8 @@ def render_page(study: Study, gallery: Gallery | None, split: str, inputs: list[
         caches=study.caches, audits=[_audit(a) for a in study.audits],
         runs=[_run_row(r, split) for r in study.runs],
         details=[_run_detail(r, split) for r in study.runs],
-        benches=[_bench(b) for b in study.benches],
+        benches=[_bench(b) for b in study.benches if b.results.get("kind") != ENCODERS],
+        encoders=[_encoders(b) for b in study.benches if b.results.get("kind") == ENCODERS],
         compares=[_compare(c) for c in study.compares],
         gallery=gallery, notes=study.notes,
     )
