@@ -21,7 +21,7 @@ import contextlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -104,16 +104,55 @@ def few_shot_indices(y: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+class SplitMeta(Mapping):
+    """A split's metadata columns ({field: [N] strings}), read from the cache only when a head
+    asks (a head that takes no metadata never reads them), restricted to `rows` when given."""
+
+    def __init__(self, split: Any, rows: np.ndarray | None = None):
+        self._split, self._rows = split, rows
+        self._cols: dict[str, np.ndarray] | None = None
+
+    def _get(self) -> dict[str, np.ndarray]:
+        if self._cols is None:
+            cols = dict(self._split.meta)
+            self._cols = cols if self._rows is None else {
+                k: np.asarray(v)[self._rows] for k, v in cols.items()}
+        return self._cols
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def head_meta(head: Any, split: Any, repeat: int = 1) -> dict[str, np.ndarray] | None:
+    """The metadata `head` predicts with on `split` (None for a head fit without it), each
+    value repeated `repeat` times (the rows of `views.reshape(N * K, D)`, image-major)."""
+    fields = head.metadata_fields() if hasattr(head, "metadata_fields") else ()
+    if not fields:
+        return None
+    meta = split.meta
+    # a field the split lacks stays out: the head's own check names it
+    return {f: np.repeat(np.asarray(meta[f], dtype=object), repeat) for f in fields
+            if f in meta}
+
+
 def fit_inputs(cache: FeatureCache, *, template_set: str = ALL_TEMPLATES,
                use_val: bool = True, shots: int | None = None, seed: int = 0
                ) -> dict[str, Any]:
     """The uniform `Head.fit` arguments from a cache (train split; val for model selection).
-    `shots`: K training images per class (seeded); val stays whole."""
+    `shots`: K training images per class (seeded); val stays whole. `meta` / `meta_val`: the
+    splits' metadata (`SplitMeta`: read only by a head given `-p metadata=...`)."""
     train = cache.split("train")
     val = cache.splits.get("val") if use_val else None
     # float16 as stored: heads that stream (linear, mlp, logreg, knn) convert batches; the
     # others convert to float32 in `check_fit_inputs`
     X, y, views = train.features16, train.labels, train.views16
+    idx = None
     if shots is not None:
         idx = few_shot_indices(y, shots, seed)
         X, y, views = X[idx], y[idx], views[idx]
@@ -123,6 +162,7 @@ def fit_inputs(cache: FeatureCache, *, template_set: str = ALL_TEMPLATES,
         y_val=None if val is None else val.labels,
         text=text_features(cache, template_set), logit_scale=cache.logit_scale,
         n_classes=len(cache.classes),
+        meta=SplitMeta(train, idx), meta_val=None if val is None else SplitMeta(val),
     )
 
 
@@ -143,7 +183,10 @@ def evaluate_head(head: Head, cache: FeatureCache, split: str, *, n_bootstrap: i
     """classification_report of `head` on `split`, plus the ECE before temperature scaling
     (`ece_uncalibrated`) and the post-hoc values the head applied."""
     data = cache.split(split)
-    proba, raw = head.predict_proba_pair(data.features, data.views if tta else None)
+    meta = head_meta(head, data)
+    proba, raw = (head.predict_proba_pair(data.features, data.views if tta else None, meta)
+                  if meta is not None else
+                  head.predict_proba_pair(data.features, data.views if tta else None))
     report = classification_report(data.labels, proba, cache.classes, n_bootstrap=n_bootstrap,
                                    seed=seed)
     report["ece_uncalibrated"] = expected_calibration_error(data.labels, raw)
