@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from skincache.errors import UsageError
-from skincache.metadata import field_violation
+from skincache.metadata import FIELDS, field_violation
 
 HEADS_DIR = Path(__file__).parent / "heads"
 _NAMES = {"int": int, "float": float, "str": str, "bool": bool, "None": None, "tuple": tuple,
@@ -152,6 +152,8 @@ def _alternative_ok(value: Any, alt: str) -> bool:
 
 def describe_rule(rule: str) -> str:
     """">0" -> "> 0", "[0,1)" -> "in [0, 1)", "auto|>=0" -> "'auto' or >= 0"."""
+    if rule == METADATA_RULE:
+        return f"metadata fields from {', '.join(FIELDS)} (comma-separated)"
     parts = []
     for alt in (a.strip() for a in rule.split("|")):
         if m := _COMPARE.fullmatch(alt):

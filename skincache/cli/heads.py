@@ -183,6 +183,9 @@ def predict(
                        ] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "auto",
     out: Annotated[Path | None, typer.Option(help="Also write results to .csv or .json.")] = None,
+    metadata: Annotated[Path | None, typer.Option(help="For a run fit with -p metadata: a CSV "
+                                                  "with image_id and the fields (as "
+                                                  "HAM10000_metadata.csv).")] = None,
 ) -> None:
     """Class probabilities + the most similar training cases for new images: one line per
     image (top class and probability; --top-k for more), a table each with --verbose."""
@@ -197,7 +200,10 @@ def predict(
     check_out_file("--out", out)
     from skincache.predict import predict_images, write_predictions
 
-    preds = predict_images(run, list(images), device=device, neighbors=neighbors)
+    if metadata is not None:
+        check_file("--metadata", metadata)
+    preds = predict_images(run, list(images), device=device, neighbors=neighbors,
+                           metadata=metadata)
     if verbose:
         _render.predictions(preds, top=max(top_k, 3))
     else:
