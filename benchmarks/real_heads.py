@@ -292,6 +292,29 @@ def render_metadata(res: dict, title: str) -> None:
     Console(width=150).print(t)
 
 
+def plot_metadata(res: dict, path: Path, title: str) -> Path:
+    """The differences (with - without metadata, test balanced accuracy) with their paired
+    95% CIs, one row per head, seed and TTA setting: a forest plot around 0."""
+    from matplotlib.figure import Figure
+
+    pairs = res["pairs"]
+    fig = Figure(figsize=(7, 0.35 * len(pairs) + 1.5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, p in enumerate(pairs):
+        d, (lo, hi) = 100 * p["difference"], (100 * p["ci95"][0], 100 * p["ci95"][1])
+        ax.errorbar(d, i, xerr=[[d - lo], [hi - d]], fmt="o", capsize=3,
+                    color="C1" if p["tta"] else "C0")
+    ax.axvline(0, color="gray", lw=1)
+    ax.set_yticks(range(len(pairs)), [f"{p['head']} s{p['seed']}" + (" +TTA" if p["tta"]
+                                                                       else "")
+                                      for p in pairs])
+    ax.invert_yaxis()
+    ax.set_xlabel("test balanced accuracy, with − without metadata (points, paired 95% CI)")
+    ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def metadata_only(npz: Path, out: Path, seeds: int) -> None:
     """`--metadata-only`: part 6 alone, on the default split, into its own JSON."""
     load_before = os.getloadavg()
@@ -308,7 +331,9 @@ def metadata_only(npz: Path, out: Path, seeds: int) -> None:
         "load_average": [load_before, load_after], "torch_threads": torch.get_num_threads(),
         "machine": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M"),
     }, indent=2, default=float))
-    print(f"wrote {out}")
+    png = plot_metadata(res, out.with_suffix(".png"), f"metadata fusion, {npz.name}, split "
+                                                     f"{sizes}")
+    print(f"wrote {out} and {png}")
 
 
 def fit_head_all_cli(cache: Path, runs: Path) -> float:
@@ -482,6 +507,9 @@ def main() -> None:
     Console().print(f"best head by val: {best_val['variant']}; best on test (not used to "
                     f"choose): {best_test['variant']}")
     render_metadata(meta, "metadata fusion (same split): with - without, paired bootstrap CI")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot_metadata(meta, args.out.with_name(args.out.stem + "_metadata.png"),
+                  f"metadata fusion, {args.npz.name}, split {sizes}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "npz": str(args.npz), "split_sizes": sizes, "rows": rows, "solver_pair": solver,
