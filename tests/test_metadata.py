@@ -288,3 +288,13 @@ def test_bench_runs_metadata_variants_only_where_the_cache_has_the_fields(demo_c
     assert not FeatureCache.open(bare).split("train").meta
     with pytest.raises(UsageError, match="logreg-meta: cache .* has no metadata age"):
         bench_heads(bare, seeds=1, variants=["logreg-meta"], out_dir=tmp_path / "c")
+
+
+def test_finetune_head_init_refuses_a_metadata_head(tmp_path):
+    from skincache.errors import InputFileError
+    from skincache.finetune.model import fitted_head
+
+    X, _, y, meta = _site_problem(120)
+    create_head("logreg", metadata="sex").fit(X, y, meta=meta).save(tmp_path / "h")
+    with pytest.raises(InputFileError, match=r"fit with metadata \(sex\); --head-init takes"):
+        fitted_head(tmp_path / "h", 100.0, 3, 24, ["a", "b", "c"])
