@@ -21,11 +21,16 @@ What runs, in one process, on one split:
    weight decay chosen on val accuracy from its 97-point log grid, refit on train+val);
 4. the old solver (scikit-learn lbfgs inside the head) and the new one (torch L-BFGS) on the
    same C sweep, side by side: the speed-up ratio;
-5. optionally `skincache fit-head --head all` end to end (`--cli`).
+5. optionally `skincache fit-head --head all` end to end (`--cli`);
+6. metadata fusion (issue 18): logreg, linear and mlp with and without
+   `-p metadata=age,sex,localization` on the same split, test balanced accuracy and the paired
+   bootstrap 95% CI of each difference (JSON key `metadata_fusion`; `--metadata-only` runs just
+   this part). The HAM10000 test split, because the ISIC 2018 test images carry no metadata.
 
     python benchmarks/real_heads.py [--npz PATH] [--threads 2] [--cli]
                                     [--out benchmarks/results/real_heads.json]
     python benchmarks/real_heads.py --external    # HAM10000 -> ISIC 2018 (Lite1 features)
+    python benchmarks/real_heads.py --metadata-only [--seeds 3]   # part 6 alone
 
 `--external` (issue 18's protocol): `effnetlite1-ham10000-isic2018.npz`, HAM10000 split 6/7
 train, 1/7 val by lesion, the 1,512 ISIC 2018 test images (another acquisition) as test; val
@@ -61,6 +66,7 @@ from skincache.data.splits import assign_splits
 from skincache.heads import create_head
 from skincache.heads.base import l2_normalize
 from skincache.metrics import classification_report
+from skincache.runs import SplitMeta, head_meta
 
 #: $SKINCACHE_SHARED_DATA (as for the tests), else ../shared/data beside the repository
 FEATURES = Path(os.environ.get("SKINCACHE_SHARED_DATA")
@@ -181,13 +187,15 @@ def run_head(fc: FeatureCache, variant: str, head: str, params: dict) -> list[di
     h = create_head(head, **params)
     t0 = time.perf_counter()
     h.fit(tr.features, tr.labels, views=tr.views, X_val=va.features, y_val=va.labels,
-          n_classes=len(fc.classes))
+          n_classes=len(fc.classes), meta=SplitMeta(tr), meta_val=SplitMeta(va))
     fit_s = time.perf_counter() - t0
     rows = []
     for tta in (False, True):
         cal, unc = {}, {}
         for s, d in (("val", va), ("test", te)):
-            cal[s], unc[s] = h.predict_proba_pair(d.features, d.views if tta else None)
+            meta = head_meta(h, d)  # a head fit with metadata predicts with it
+            cal[s], unc[s] = h.predict_proba_pair(d.features, d.views if tta else None,
+                                                  *(() if meta is None else (meta,)))
         rows.append({
             "variant": variant + ("+tta" if tta else ""), "head": head, "params": params,
             "fit_seconds": fit_s, "val": _scores(va.labels, cal["val"]),
@@ -265,6 +273,118 @@ def clip_benchmark_probe(fc: FeatureCache, seed: int = 0) -> dict:
     row = run_head(fc, "baseline: CLIP_benchmark linear probe (val: fit)", "clip-benchmark-lp",
                    {"seed": seed})[0]
     return {**row, "note": "val is part of its final training set"}
+
+
+#: the metadata fields of part 6 (dx_type is refused: label leakage)
+META_FIELDS = "age,sex,localization"
+META_HEADS = ("logreg", "linear", "mlp")
+
+
+def metadata_only_baseline(fc: FeatureCache) -> dict:
+    """How much the metadata alone knows: balanced logistic regression on the encoded fields,
+    no image features (C swept on val)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from skincache.heads.base import balanced_accuracy
+    from skincache.metadata import fit_encoding
+
+    tr, va, te = fc.split("train"), fc.split("val"), fc.split("test")
+    enc = fit_encoding(META_FIELDS.split(","), tr.meta, len(tr))
+    E = {s: enc.transform(d.meta, len(d)) for s, d in (("train", tr), ("val", va), ("test", te))}
+    best = max((LogisticRegression(C=C, class_weight="balanced", max_iter=2000)
+                .fit(E["train"], tr.labels) for C in np.logspace(-2, 2, 5)),
+               key=lambda m: balanced_accuracy(va.labels, m.predict(E["val"])))
+    return {"variant": "metadata alone (balanced logreg)", "C": float(best.C),
+            "val": _scores(va.labels, best.predict_proba(E["val"])),
+            "test": _scores(te.labels, best.predict_proba(E["test"]))}
+
+
+def metadata_fusion(fc: FeatureCache, seeds: int = 1) -> dict:
+    """Part 6: each head with and without `metadata=age,sex,localization`, same split and
+    seed; test balanced accuracy and the paired bootstrap CI of with - without (clean view and
+    TTA). Seeded heads run `seeds` times; each seed's pair is compared on its own."""
+    y_test = fc.split("test").labels
+    rows, pairs = [], []
+    for head in META_HEADS:
+        for seed in range(seeds if head != "logreg" else 1):
+            extra = {} if head == "logreg" else {"seed": seed}
+            plain = run_head(fc, f"{head}", head, dict(extra))
+            fused = run_head(fc, f"{head}+meta", head, {**extra, "metadata": META_FIELDS})
+            for p, f in zip(plain, fused, strict=True):
+                diff = paired_difference(y_test, f["test"]["pred"], p["test"]["pred"])
+                pairs.append({"head": head, "seed": seed, "tta": p["variant"].endswith("+tta"),
+                              "val_without": p["val"]["balanced_accuracy"],
+                              "val_with": f["val"]["balanced_accuracy"],
+                              "test_without": p["test"]["balanced_accuracy"],
+                              "test_with": f["test"]["balanced_accuracy"],
+                              "fit_seconds_without": p["fit_seconds"],
+                              "fit_seconds_with": f["fit_seconds"], **diff})
+            rows += plain + fused
+            _log(fused[0])
+    return {"fields": META_FIELDS, "rows": rows, "pairs": pairs,
+            "metadata_alone": metadata_only_baseline(fc)}
+
+
+def render_metadata(res: dict, title: str) -> None:
+    t = Table(title=title)
+    for col in ("head", "seed", "TTA", "val bal-acc (no→with)", "test bal-acc no meta",
+                "with meta", "difference (paired 95% CI)", "fit s (no/with)"):
+        t.add_column(col, justify="left" if col == "head" else "right")
+    for p in res["pairs"]:
+        t.add_row(p["head"], str(p["seed"]), "yes" if p["tta"] else "",
+                  f"{_pct(p['val_without'])}→{_pct(p['val_with'])}", _pct(p["test_without"]),
+                  _pct(p["test_with"]),
+                  f"{100 * p['difference']:+.1f} ({100 * p['ci95'][0]:+.1f} to "
+                  f"{100 * p['ci95'][1]:+.1f})",
+                  f"{p['fit_seconds_without']:.1f}/{p['fit_seconds_with']:.1f}")
+    alone = res["metadata_alone"]
+    t.add_row(alone["variant"], "", "", _pct(alone["val"]["balanced_accuracy"]), "",
+              _pct(alone["test"]["balanced_accuracy"]), "", "")
+    Console(width=150).print(t)
+
+
+def plot_metadata(res: dict, path: Path, title: str) -> Path:
+    """The differences (with - without metadata, test balanced accuracy) with their paired
+    95% CIs, one row per head, seed and TTA setting: a forest plot around 0."""
+    from matplotlib.figure import Figure
+
+    pairs = res["pairs"]
+    fig = Figure(figsize=(7, 0.35 * len(pairs) + 1.5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, p in enumerate(pairs):
+        d, (lo, hi) = 100 * p["difference"], (100 * p["ci95"][0], 100 * p["ci95"][1])
+        ax.errorbar(d, i, xerr=[[d - lo], [hi - d]], fmt="o", capsize=3,
+                    color="C1" if p["tta"] else "C0")
+    ax.axvline(0, color="gray", lw=1)
+    ax.set_yticks(range(len(pairs)), [f"{p['head']} s{p['seed']}" + (" +TTA" if p["tta"]
+                                                                       else "")
+                                      for p in pairs])
+    ax.invert_yaxis()
+    ax.set_xlabel("test balanced accuracy, with − without metadata (points, paired 95% CI)")
+    ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def metadata_only(npz: Path, out: Path, seeds: int) -> None:
+    """`--metadata-only`: part 6 alone, on the default split, into its own JSON."""
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        fc = FeatureCache.open(build_cache(npz, Path(tmp) / "meta.h5"))
+        sizes = {s: len(fc.splits[s]) for s in fc.splits}
+        res = metadata_fusion(fc, seeds)
+    load_after = os.getloadavg()
+    render_metadata(res, f"metadata fusion on real HAM10000 features ({npz.name}), lesion-"
+                         f"grouped split {sizes}; load {load_before[0]:.1f}→{load_after[0]:.1f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "npz": str(npz), "split_sizes": sizes, "metadata_fusion": res,
+        "load_average": [load_before, load_after], "torch_threads": torch.get_num_threads(),
+        "machine": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M"),
+    }, indent=2, default=float))
+    png = plot_metadata(res, out.with_suffix(".png"), f"metadata fusion, {npz.name}, split "
+                                                     f"{sizes}")
+    print(f"wrote {out} and {png}")
 
 
 def fit_head_all_cli(cache: Path, runs: Path) -> float:
@@ -356,12 +476,17 @@ def main() -> None:
                     help="train/val on HAM10000 by lesion (6/7, 1/7), test on ISIC 2018")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--cli", action="store_true", help="also time `fit-head --head all`")
+    ap.add_argument("--metadata-only", action="store_true",
+                    help="only part 6: heads with and without age,sex,localization")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="seeds of linear and mlp in the metadata part (default 1)")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON results (default benchmarks/results/real_heads[_external].json)")
     args = ap.parse_args()
     args.npz = args.npz or (EXTERNAL_NPZ if args.external else DEFAULT_NPZ)
-    args.out = args.out or (Path(__file__).parent / "results" /
-                            ("real_heads_external.json" if args.external else "real_heads.json"))
+    args.out = args.out or (Path(__file__).parent / "results" / (
+        "real_heads_external.json" if args.external else
+        "real_heads_metadata.json" if args.metadata_only else "real_heads.json"))
     if not args.npz.is_file():
         sys.exit(f"{args.npz}: the real-feature file is not here; pass --npz or set "
                  "SKINCACHE_SHARED_DATA to the shared data folder")
@@ -369,6 +494,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.external:
         external(args.npz, args.out)
+        return
+    if args.metadata_only:
+        metadata_only(args.npz, args.out, args.seeds)
         return
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -389,6 +517,7 @@ def main() -> None:
         for r in baselines:
             _log(r)
         text_probes = text_probes_standin(fc)
+        meta = metadata_fusion(fc, args.seeds)
         cli_s = fit_head_all_cli(cache, Path(tmp) / "runs") if args.cli else None
     load_after = os.getloadavg()
 
@@ -429,12 +558,17 @@ def main() -> None:
     Console(width=130).print(t)
     Console().print(f"best head by val: {best_val['variant']}; best on test (not used to "
                     f"choose): {best_test['variant']}")
+    render_metadata(meta, "metadata fusion (same split): with - without, paired bootstrap CI")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot_metadata(meta, args.out.with_name(args.out.stem + "_metadata.png"),
+                  f"metadata fusion, {args.npz.name}, split {sizes}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "npz": str(args.npz), "split_sizes": sizes, "rows": rows, "solver_pair": solver,
         "baselines": baselines, "fit_head_all_cli_seconds": cli_s,
         "text_probes_standin": text_probes,
         "best_by_val_minus_sklearn_balanced": diff,
+        "metadata_fusion": meta,
         "checks": [{"target": n, "measured": v, "met": bool(ok)} for n, v, ok in checks],
         "load_average": [load_before, load_after], "torch_threads": torch.get_num_threads(),
         "machine": platform.platform(), "cpu_count": os.cpu_count(),

@@ -12,6 +12,8 @@ The values a parameter accepts are declared next to it, as each head class's
 The grammar: alternatives separated by "|", each a comparison (`>0`, `>=1`, `<=10`), an
 interval (`[0,1)`, `(0,1]`) or a bare word the value may equal (`auto`); None always passes
 (an optional parameter's "not set"), numbers must be finite, a tuple is checked element-wise.
+The rule `METADATA_RULE` (a head's `metadata` parameter) is a list of metadata field names,
+checked by `skincache.metadata` (`dx_type` refused, unknown names listed).
 `Head.fit` checks the same rules through `param_violation` for Python users.
 """
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from skincache.errors import UsageError
+from skincache.metadata import FIELDS, field_violation
 
 HEADS_DIR = Path(__file__).parent / "heads"
 _NAMES = {"int": int, "float": float, "str": str, "bool": bool, "None": None, "tuple": tuple,
@@ -149,6 +152,8 @@ def _alternative_ok(value: Any, alt: str) -> bool:
 
 def describe_rule(rule: str) -> str:
     """">0" -> "> 0", "[0,1)" -> "in [0, 1)", "auto|>=0" -> "'auto' or >= 0"."""
+    if rule == METADATA_RULE:
+        return f"metadata fields from {', '.join(FIELDS)} (comma-separated)"
     parts = []
     for alt in (a.strip() for a in rule.split("|")):
         if m := _COMPARE.fullmatch(alt):
@@ -160,11 +165,17 @@ def describe_rule(rule: str) -> str:
     return " or ".join(parts)
 
 
+#: the rule of a `metadata` parameter: metadata field names (`skincache.metadata.FIELDS`)
+METADATA_RULE = "metadata-fields"
+
+
 def param_violation(key: str, value: Any, rule: str | None) -> str | None:
     """"C must be > 0" when `value` breaks `rule`, else None: the one check behind both
     `parse_params` (the CLI, before torch) and `Head.fit` (Python users)."""
     if rule is None or value is None:
         return None
+    if rule == METADATA_RULE:
+        return field_violation(value)
     values = value if isinstance(value, tuple | list) else (value,)
     alts = rule.split("|")
     if all(any(_alternative_ok(v, a) for a in alts) for v in values):

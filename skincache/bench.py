@@ -62,6 +62,10 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("gda", "gda", {}),
     ("proker", "proker", {}),
     ("cbm", "cbm", {}),  # concept bottleneck: what the explanation costs beside logreg
+    # metadata fusion (README "Metadata fusion"): run where the cache holds the fields
+    ("logreg-meta", "logreg", {"metadata": "age,sex,localization"}),
+    ("linear-meta", "linear", {"metadata": "age,sex,localization"}),
+    ("mlp-meta", "mlp", {"metadata": "age,sex,localization"}),
 ]
 
 #: The run key of the selection score: the primary metric on val (`val_balanced_accuracy`).
@@ -139,6 +143,7 @@ def bench_heads(
         from skincache.heads import get_head_class
 
         chosen = [v for v in chosen if not get_head_class(v[1]).needs_concepts]
+    chosen = metadata_available(chosen, fc, explicit=variants is not None)
     out = check_out_dir(out_dir)
     plan = _plan(chosen, seeds, shots, tta,
                  {"split": split, "cache_key": fc.key, "template_set": template_set}, out)
@@ -241,16 +246,39 @@ def _fit_and_score(fc, evald, val, full: dict, key: dict, names: list[str], tta:
     return runs
 
 
-def _split_probas(head, data, tta: bool) -> dict[bool, np.ndarray]:
-    """{False: clean-view probabilities, True: the TTA mean} with one pass over each view."""
-    from skincache.heads.base import tta_mean
+def metadata_available(chosen: list, fc: FeatureCache, explicit: bool) -> list:
+    """The variants whose metadata fields (`-p metadata`) the cache holds; one it lacks is
+    left out of the default list (as text heads are without text), refused when asked for."""
+    from skincache.metadata import parse_fields
 
-    clean = head.predict_proba(data.features)
+    have = set(fc.split("train").meta)
+    out = []
+    for v in chosen:
+        missing = [f for f in parse_fields(v[2].get("metadata")) if f not in have]
+        if missing and explicit:
+            raise UsageError(f"--variants {v[0]}: cache {fc.path} has no metadata "
+                             f"{', '.join(missing)} (it has: {', '.join(sorted(have)) or 'none'})")
+        if not missing:
+            out.append(v)
+    return out
+
+
+def _split_probas(head, data, tta: bool) -> dict[bool, np.ndarray]:
+    """{False: clean-view probabilities, True: the TTA mean} with one pass over each view
+    (the views with their image's metadata, for a head fit with it)."""
+    from skincache.heads.base import tta_mean
+    from skincache.runs import head_meta
+
+    meta = head_meta(head, data)
+    clean = head.predict_proba(data.features) if meta is None else head.predict_proba(
+        data.features, meta)
     out = {False: clean}
     n, k, d = data.views.shape
     if tta:
+        views = np.asarray(data.views, np.float32).reshape(n * k, d)
         out[True] = clean if k == 0 else tta_mean(
-            clean, head.predict_proba(np.asarray(data.views, np.float32).reshape(n * k, d)))
+            clean, head.predict_proba(views) if meta is None else
+            head.predict_proba(views, head_meta(head, data, repeat=k)))
     return out
 
 

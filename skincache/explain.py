@@ -81,6 +81,11 @@ def head_scorer(head: Head) -> Scorer:
     """features [n, D] (as the cache holds them: not normalised) -> class scores [n, C] whose
     softmax is `head.predict_proba`, differentiable in the features. UsageError (one line,
     naming the heads that work) for a head that is not differentiable."""
+    fields = head.metadata_fields() if hasattr(head, "metadata_fields") else ()
+    if fields:
+        raise UsageError(f"--explain: head '{head.name}' was fit with metadata "
+                         f"({', '.join(fields)}) beside the image features; saliency through "
+                         "such a head is not built yet (fit one without -p metadata)")
     form = head.linear_form()
     if form is not None:
         # float64: a closed-form head (gda's precision matrix) can have logits in the
@@ -481,6 +486,7 @@ def predict_run(
     neighbors: int = 5,
     batch_size: int = 32,
     progress: bool = False,
+    metadata: str | Path | None = None,
 ) -> list[Prediction]:
     """`skincache predict`'s one call: a head run's predictions (`predict_images`), a
     finetune run's (its final checkpoint; no neighbours), and with `explain` the overlays
@@ -488,11 +494,11 @@ def predict_run(
     if explain:
         return explain_images(run, inputs, explain_dir=explain_dir, target_class=target_class,
                               cache=cache, device=device, neighbors=neighbors,
-                              batch_size=batch_size, progress=progress)
+                              batch_size=batch_size, progress=progress, metadata=metadata)
     run = Path(run)
     if read_run(run).kind != "finetune":
         return predict_images(run, inputs, cache=cache, device=device, neighbors=neighbors,
-                              batch_size=batch_size)
+                              batch_size=batch_size, metadata=metadata)
     paths = expand_inputs(inputs)
     if not paths:
         return predict_images(run, inputs)  # its own "no images" line
@@ -511,6 +517,7 @@ def explain_images(
     neighbors: int = 5,
     batch_size: int = 32,
     progress: bool = False,
+    metadata: str | Path | None = None,
 ) -> list[Prediction]:
     """`predict_images` plus, for every image predicted, an overlay PNG of its Grad-CAM map for
     `target_class` (a class name or index; None: the predicted class) in `explain_dir`
@@ -530,7 +537,8 @@ def explain_images(
         preds, done = _finetune_predictions(paths, explainer)
     else:
         preds = predict_images(run, inputs, cache=cache, device=device, neighbors=neighbors,
-                               batch_size=batch_size, loaded=explainer.loaded)
+                               batch_size=batch_size, loaded=explainer.loaded,
+                               metadata=metadata)
     with progress_bar(sum(p.ok for p in preds), "explain", enabled=progress) as advance:
         _write_overlays(preds, done, explainer, target, out_dir, advance)
     return preds

@@ -4,6 +4,12 @@ The images go through `ImageEncoder` (the encode code path: same decoding, same 
 same precision), so a prediction sees exactly what the head was trained on. Each image also
 gets its most similar training cases from the cache (cosine similarity of clean-view features),
 which is what a clinician asks next: "what did similar lesions turn out to be?".
+
+A head fit with metadata (`-p metadata=age,sex,localization`) takes the same fields from a CSV
+(`metadata=FILE`, as HAM10000_metadata.csv: an `image_id` column, or ISIC's `image`, and one
+column per field). An image is matched by its file name without the extension, as datasets
+match ids to files; an image with no row in the CSV is reported failed (its fields are never
+guessed: a row with empty cells encodes them as unknown on purpose).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import numpy as np
 from skincache._io import atomic_write_text, write_json
 from skincache.cache import FeatureCache
 from skincache.data import Record
-from skincache.data._files import IMAGE_EXTS
+from skincache.data._files import IMAGE_EXTS, read_csv_rows
 from skincache.device import resolve_device, resolve_precision
 from skincache.encoder import ImageEncoder
 from skincache.errors import UsageError
@@ -96,6 +102,50 @@ def neighbor_index(run: Path, fc: FeatureCache) -> faiss.Index:
     return index
 
 
+#: the id column of a metadata CSV: HAM10000's, then ISIC's
+ID_COLUMNS = ("image_id", "image", "isic_id")
+
+
+def read_metadata_csv(path: str | Path, fields: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """{image id: {field: value}} from a metadata CSV; UsageError (one line naming the file)
+    for a missing id or field column, an empty id or an id given twice."""
+    path = Path(path)
+    header, rows = read_csv_rows(path)
+    id_col = next((c for c in ID_COLUMNS if c in header), None)
+    missing = [f for f in fields if f not in header]
+    if id_col is None or missing:
+        need = ([f"an id column ({' or '.join(ID_COLUMNS)})"] if id_col is None else []) + \
+            [f"'{f}'" for f in missing]
+        raise UsageError(f"--metadata {path}: no {', '.join(need)} column (header: "
+                         f"{','.join(header) or 'empty'}); the run takes {','.join(fields)}")
+    out: dict[str, dict[str, str]] = {}
+    for line, row in rows:
+        image_id = row[id_col]
+        stem, ext = os.path.splitext(image_id)
+        image_id = stem if ext.lower() in IMAGE_EXTS else image_id
+        if not image_id:
+            raise UsageError(f"--metadata {path}, line {line}: empty {id_col}")
+        if image_id in out:
+            raise UsageError(f"--metadata {path}, line {line}: {id_col} {image_id!r} given "
+                             "twice")
+        out[image_id] = {f: row[f] for f in fields}
+    return out
+
+
+def check_metadata_option(run: Path, fields: tuple[str, ...], metadata: str | Path | None
+                          ) -> dict[str, dict[str, str]] | None:
+    """The rows of `--metadata` for a run whose head takes `fields`; UsageError for a run
+    fit with metadata and no file, or a file for a run that takes none (it would be ignored)."""
+    if fields and metadata is None:
+        raise UsageError(f"run {run} was fit with metadata ({', '.join(fields)}); give them "
+                         "with --metadata FILE (a CSV with image_id and these columns, as "
+                         "HAM10000_metadata.csv)")
+    if not fields and metadata is not None:
+        raise UsageError(f"run {run} was fit without metadata; --metadata {metadata} would be "
+                         "ignored (fit a head with -p metadata=FIELDS to use it)")
+    return read_metadata_csv(metadata, fields) if metadata is not None else None
+
+
 def predict_images(
     run: str | Path,
     inputs: list[str | Path],
@@ -105,10 +155,13 @@ def predict_images(
     neighbors: int = 5,
     batch_size: int = 32,
     loaded: LoadedModel | None = None,
+    metadata: str | Path | None = None,
 ) -> list[Prediction]:
     """Class probabilities and nearest training cases for each image (or a per-file error).
-    No image at all (an empty folder) is a UsageError before the model loads. `loaded`: the
-    cache's model already loaded on `device` (`explain` passes its own: one load, not two)."""
+    No image at all (an empty folder) is a UsageError before the model loads, as is a
+    metadata run without `metadata` (a CSV, see the module doc) or a CSV for another run.
+    `loaded`: the cache's model already loaded on `device` (`explain` passes its own: one
+    load, not two)."""
     paths = expand_inputs(inputs)
     if not paths:
         raise UsageError(f"no images in {' '.join(str(i) for i in inputs)} (looked for "
@@ -118,8 +171,14 @@ def predict_images(
     for i, p in enumerate(paths):  # said before the model loads (seconds), not after
         if not _lexists(p):
             results[i].error = f"missing: no file at {p}"
-    todo = [i for i in results if not results[i].error]
     loaded_run = load_run(run)
+    fields = loaded_run.head.metadata_fields()
+    rows = check_metadata_option(loaded_run.path, fields, metadata)
+    if rows is not None:
+        for i, p in enumerate(paths):
+            if not results[i].error and p.stem not in rows:
+                results[i].error = f"no metadata: no row for image id {p.stem!r} in {metadata}"
+    todo = [i for i in results if not results[i].error]
     if not todo:
         return [results[i] for i in range(len(paths))]
     fc = loaded_run.open_cache(cache)
@@ -147,7 +206,13 @@ def predict_images(
     ok = sorted(feats)
     if ok:
         X = np.stack([feats[i] for i in ok])
-        proba = loaded_run.head.predict_proba(np.stack([head_in[i] for i in ok]))
+        head_X = np.stack([head_in[i] for i in ok])
+        if rows is None:
+            proba = loaded_run.head.predict_proba(head_X)
+        else:
+            meta = {f: np.array([rows[paths[i].stem][f] for i in ok], dtype=object)
+                    for f in fields}
+            proba = loaded_run.head.predict_proba(head_X, meta)
         top_concepts = getattr(loaded_run.head, "top_concepts", None)  # a `cbm` run
         explained = top_concepts(X) if top_concepts is not None else [[] for _ in ok]
         train = fc.split("train")

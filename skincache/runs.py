@@ -21,7 +21,7 @@ import contextlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -127,6 +127,41 @@ def split_features(data: Any, features: str = "projected", stored: bool = False
         return ((data.features_pre16, data.views_pre16) if stored
                 else (data.features_pre, data.views_pre))
     return (data.features16, data.views16) if stored else (data.features, data.views)
+class SplitMeta(Mapping):
+    """A split's metadata columns ({field: [N] strings}), read from the cache only when a head
+    asks (a head that takes no metadata never reads them), restricted to `rows` when given."""
+
+    def __init__(self, split: Any, rows: np.ndarray | None = None):
+        self._split, self._rows = split, rows
+        self._cols: dict[str, np.ndarray] | None = None
+
+    def _get(self) -> dict[str, np.ndarray]:
+        if self._cols is None:
+            cols = dict(self._split.meta)
+            self._cols = cols if self._rows is None else {
+                k: np.asarray(v)[self._rows] for k, v in cols.items()}
+        return self._cols
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def head_meta(head: Any, split: Any, repeat: int = 1) -> dict[str, np.ndarray] | None:
+    """The metadata `head` predicts with on `split` (None for a head fit without it), each
+    value repeated `repeat` times (the rows of `views.reshape(N * K, D)`, image-major)."""
+    fields = head.metadata_fields() if hasattr(head, "metadata_fields") else ()
+    if not fields:
+        return None
+    meta = split.meta
+    # a field the split lacks stays out: the head's own check names it
+    return {f: np.repeat(np.asarray(meta[f], dtype=object), repeat) for f in fields
+            if f in meta}
 
 
 def fit_inputs(cache: FeatureCache, *, template_set: str = ALL_TEMPLATES,
@@ -135,7 +170,9 @@ def fit_inputs(cache: FeatureCache, *, template_set: str = ALL_TEMPLATES,
     """The uniform `Head.fit` arguments from a cache (train split; val for model selection).
     `shots`: K training images per class (seeded); val stays whole. `features`: `projected`
     (the image tower's output) or `pre` (before its final projection: encode
-    --pre-projection); pre-projection features have no text counterpart (text is None)."""
+    --pre-projection); pre-projection features have no text counterpart (text is None).
+    `meta` / `meta_val`: the splits' metadata (`SplitMeta`: read only by a head given
+    `-p metadata=...`)."""
     check_features(cache, features)
     train = cache.split("train")
     val = cache.splits.get("val") if use_val else None
@@ -143,6 +180,7 @@ def fit_inputs(cache: FeatureCache, *, template_set: str = ALL_TEMPLATES,
     # others convert to float32 in `check_fit_inputs`
     X, views = split_features(train, features, stored=True)
     y = train.labels
+    idx = None
     if shots is not None:
         idx = few_shot_indices(y, shots, seed)
         X, y, views = X[idx], y[idx], views[idx]
@@ -154,6 +192,7 @@ def fit_inputs(cache: FeatureCache, *, template_set: str = ALL_TEMPLATES,
         logit_scale=cache.logit_scale,
         n_classes=len(cache.classes),
         concepts=concept_bank(cache) if features == "projected" else None,
+        meta=SplitMeta(train, idx), meta_val=None if val is None else SplitMeta(val),
     )
 
 
@@ -178,7 +217,9 @@ def evaluate_head(head: Head, cache: FeatureCache, split: str, *, n_bootstrap: i
     data = cache.split(split)
     check_features(cache, features)
     X, views = split_features(data, features)
-    proba, raw = head.predict_proba_pair(X, views if tta else None)
+    meta = head_meta(head, data)
+    proba, raw = (head.predict_proba_pair(X, views if tta else None, meta)
+                  if meta is not None else head.predict_proba_pair(X, views if tta else None))
     report = classification_report(data.labels, proba, cache.classes, n_bootstrap=n_bootstrap,
                                    seed=seed)
     report["ece_uncalibrated"] = expected_calibration_error(data.labels, raw)

@@ -24,7 +24,7 @@ PKG = Path(__file__).resolve().parents[1] / "skincache"
 #: layer is an arrow back up.
 LAYERS: list[set[str]] = [
     {"errors", "defaults"},
-    {"_io", "_disk"},
+    {"_io", "_disk", "metadata"},
     {"device", "distributed", "_head_params", "metrics", "data", "run_record", "derm_models",
      "concepts"},
     {"models", "cache", "heads", "prompts", "_sanity"},

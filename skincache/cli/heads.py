@@ -195,6 +195,9 @@ def predict(
                                                      "(default: <run>/explain).")] = None,
     explain_class: Annotated[str | None, typer.Option(help="Map the evidence for this class "
                                                       "(default: the predicted one).")] = None,
+    metadata: Annotated[Path | None, typer.Option(help="For a run fit with -p metadata: a CSV "
+                                                  "with image_id and the fields (as "
+                                                  "HAM10000_metadata.csv).")] = None,
 ) -> None:
     """Class probabilities + the most similar training cases for new images: one line per
     image (top class and probability; --top-k for more), a table each with --verbose.
@@ -215,9 +218,11 @@ def predict(
     from skincache.explain import predict_run
     from skincache.predict import write_predictions
 
+    if metadata is not None:
+        check_file("--metadata", metadata)
     preds = predict_run(run, list(images), explain=explain, explain_dir=explain_dir,
                         target_class=explain_class, device=device, neighbors=neighbors,
-                        progress=True)
+                        progress=True, metadata=metadata)
     if verbose:
         _render.predictions(preds, top=max(top_k, 3))
     else:

@@ -114,6 +114,10 @@ def fitted_head(path: str | Path, logit_scale: float, n_classes: int, dim: int,
                                      f"features; this run fine-tunes {model}")
             break
     head = load_head(d)
+    if head.metadata_fields():  # its logits need the metadata: no linear form on the image
+        raise InputFileError(f"{d}: head '{head.name}' was fit with metadata "
+                             f"({', '.join(head.metadata_fields())}); --head-init takes a head "
+                             "on image features alone (fit one without -p metadata)")
     if head.n_features_in_ != dim or head.n_classes_ != n_classes:
         raise InputFileError(f"{d}: head has {head.n_features_in_} features x {head.n_classes_} "
                          f"classes; the model has {dim} features and the data {n_classes} "

@@ -95,13 +95,26 @@ class FeedForwardHead(Head):
         return build_mlp(n_in, n_out, self.hidden, self.depth, self.dropout)
 
     def _prep(self, X: np.ndarray) -> np.ndarray:
-        return (l2_normalize(X) - self.mean_) / self.scale_
+        return (self._l2(X) - self.mean_) / self.scale_
 
     #: float16 inputs are kept; batches are gathered and converted when streaming
     _streams = True
     #: bytes of float32 training data held at once before streaming (None/"auto": a quarter
     #: of physical memory); subclasses expose it as the `max_memory` parameter
     max_memory: int | str | None = None
+
+    def _moments(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The standardisation of the image columns (`_normalized_moments`); metadata columns
+        (see `Head`) are already on a unit scale and pass as they are (mean 0, scale 1), so
+        neither their spread enters the image columns' shrinkage nor a one-hot column never
+        seen in training (the unknown one) gets a scale of 1e-6."""
+        m = self._n_meta()
+        mean, scale = _normalized_moments(X[:, :X.shape[1] - m],
+                                          check_std_shrink(self.std_shrink))
+        if not m:
+            return mean, scale
+        return (np.concatenate([mean, np.zeros(m, np.float32)]),
+                np.concatenate([scale, np.ones(m, np.float32)]))
 
     def _streaming(self, data: FitData) -> bool:
         n, k, d = data.views.shape
@@ -112,7 +125,7 @@ class FeedForwardHead(Head):
 
     def _fit(self, data: FitData) -> None:
         dev = T.resolve_device(self.device)
-        self.mean_, self.scale_ = _normalized_moments(data.X, check_std_shrink(self.std_shrink))
+        self.mean_, self.scale_ = self._moments(data.X)
         n, k, d = data.views.shape
         if self._streaming(data):
             self._fit_streamed(data, dev)

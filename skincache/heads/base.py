@@ -24,6 +24,7 @@ from .._head_params import check_constraints
 from .._io import atomic_write, atomic_write_text, plain_json, read_json_file, read_regular
 from ..concepts import ConceptBank
 from ..errors import InputFileError, NotFoundError, SkincacheError, UsageError
+from ..metadata import MetadataEncoding, fit_encoding, parse_fields
 from . import _posthoc
 from ._math import (  # noqa: F401  (re-exported: heads import them from here)
     balanced_accuracy,
@@ -197,12 +198,40 @@ def check_fit_inputs(
     return FitData(X, y, views, X_val, y_val, text, scale, c, concepts)
 
 
+def with_metadata(data: FitData, encoding: MetadataEncoding, meta: Any, meta_val: Any
+                  ) -> FitData:
+    """`data` with the encoded metadata appended as the last columns of X, of every view (a
+    view is the same image: its metadata is its image's) and of X_val. The image columns
+    come first and unchanged; the head L2-normalises only those (`Head._l2`)."""
+    n, k, _ = data.views.shape
+    m = encoding.width
+    E = encoding.transform(meta, n, "meta").astype(data.X.dtype)
+    X = np.concatenate([data.X, E], axis=1)
+    views = np.concatenate(
+        [data.views, np.broadcast_to(E[:, None, :], (n, k, m)).astype(data.views.dtype)], axis=2)
+    X_val = data.X_val
+    if X_val is not None:
+        E_val = encoding.transform(meta_val, len(X_val), "meta_val").astype(X_val.dtype)
+        X_val = np.concatenate([X_val, E_val], axis=1)
+    return FitData(X, data.y, views, X_val, data.y_val, data.text, data.logit_scale,
+                   data.n_classes)
+
+
 # ----------------------------------------------------------------------------- the base class
 
 
 class Head(ClassifierMixin, BaseEstimator):
     """Base class: scikit-learn's estimator contract, the uniform `fit`, the post-hoc steps every
     head shares (logit adjustment, temperature scaling), prediction, and save/load.
+
+    Metadata (heads with a `metadata` parameter, e.g. `metadata="age,sex,localization"`):
+    `fit(..., meta=, meta_val=)` learns their encoding on train (`skincache.metadata`) and
+    appends it to X, the views and X_val, so `_fit` and `_predict_proba` see [N, D + m]; a head
+    normalises its inputs with `_l2`, which leaves the m metadata columns as they are.
+    `n_features_in_` is D + m (the head's real input width), `metadata_` the encoding (saved
+    in head.json). Such a head refuses to predict without `meta`, and a head fit without
+    metadata refuses `meta` (it would be ignored); `fit` itself ignores `meta` when the head
+    takes none, as it ignores views or text it does not use.
 
     Subclasses implement `_fit(data)` and `_predict_proba(X)` (their raw probabilities); they
     list the fitted arrays and scalars that `save` must write in `_fitted_arrays` /
@@ -255,6 +284,8 @@ class Head(ClassifierMixin, BaseEstimator):
         logit_scale: float | None = None,
         n_classes: int | None = None,
         concepts: ConceptBank | None = None,
+        meta: Any = None,
+        meta_val: Any = None,
     ) -> Head:
         """Fit on clean-view features X [N, D] and labels y [N] in [0, C).
 
@@ -265,6 +296,8 @@ class Head(ClassifierMixin, BaseEstimator):
         (exp'ed) temperature, 100 when None. C is `n_classes` if given, else text.shape[0],
         else max(y)+1. concepts: the cache's concept embeddings (`ConceptBank`), used by
         heads that `needs_concepts` and ignored by the others.
+        else max(y)+1. meta / meta_val: {field: [N] values} of the training / validation
+        images (a cache split's `.meta`), used by heads given a `metadata` parameter.
         """
         check_constraints(self.name or type(self).__name__, self.get_params(),
                           self.param_constraints, where=f"{type(self).__name__}(")
@@ -284,6 +317,12 @@ class Head(ClassifierMixin, BaseEstimator):
             concepts=concepts,
         )
         _posthoc.check_logit_adjust(self.logit_adjust)
+        self.metadata_, self.n_meta_ = None, 0
+        fields = parse_fields(getattr(self, "metadata", None))
+        if fields:
+            encoding = fit_encoding(fields, meta, len(data.y))
+            data = with_metadata(data, encoding, meta, meta_val)
+            self.metadata_, self.n_meta_ = encoding, encoding.width
         self.n_classes_ = data.n_classes
         self.classes_ = np.arange(data.n_classes)
         self.n_features_in_ = data.n_features
@@ -325,8 +364,11 @@ class Head(ClassifierMixin, BaseEstimator):
         `predict_proba(X)` (the logit adjustment and temperature folded in; `posthoc=False`:
         the head's own logits before them), for heads linear in the features; None for the
         others. Fine-tuning starts from it (`--head-init RUN`), so a new linear head only
-        implements `_linear_form` and fine-tuning needs no edit."""
+        implements `_linear_form` and fine-tuning needs no edit. None too for a head fit with
+        metadata: its logits are not a function of the image features alone."""
         self._check_fitted()
+        if self._n_meta():
+            return None
         raw = self._linear_form()
         if raw is None or not posthoc:
             return raw
@@ -355,47 +397,91 @@ class Head(ClassifierMixin, BaseEstimator):
             raise HeadNotFittedError(f"head {self.name!r} is not fitted yet; call fit (or "
                                      "load_head) first") from None
 
+    def _n_meta(self) -> int:
+        """How many of the head's input columns are encoded metadata (0: none)."""
+        return int(getattr(self, "n_meta_", 0))
+
+    def metadata_fields(self) -> tuple[str, ...]:
+        """The metadata fields the fitted head takes (empty: none); `predict_proba` and the
+        others need them as `meta`."""
+        self._check_fitted()
+        enc = getattr(self, "metadata_", None)
+        return () if enc is None else enc.names
+
+    def _l2(self, X: np.ndarray) -> np.ndarray:
+        """L2-normalise the image columns of X (float32); the trailing metadata columns (see
+        the class doc) are kept as encoded."""
+        m = self._n_meta()
+        if not m:
+            return l2_normalize(X)
+        out = np.empty(X.shape, dtype=np.float32)
+        out[:, :-m] = l2_normalize(X[:, :-m])
+        out[:, -m:] = X[:, -m:]
+        return out
+
     def _check_X(self, X: Any) -> np.ndarray:
         self._check_fitted()
         X = _as_features("X", X, 2)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, the head was fit on "
-                             f"{self.n_features_in_}")
+        d = self.n_features_in_ - self._n_meta()
+        if X.shape[1] != d:
+            raise ValueError(f"X has {X.shape[1]} features, the head was fit on {d}")
         return X
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+    def _meta_columns(self, meta: Any, n: int) -> np.ndarray | None:
+        """The encoded metadata of n images, None for a head without metadata; UsageError
+        for metadata missing (naming the fields) or given to a head that takes none."""
+        enc = getattr(self, "metadata_", None)
+        if enc is None:
+            if meta is not None:
+                raise UsageError(f"head {self.name!r} was fit without metadata and would ignore "
+                                 "the metadata given; fit it with -p metadata=FIELDS to use "
+                                 "them")
+            return None
+        return enc.transform(meta, n, "meta")
+
+    def predict_proba(self, X: np.ndarray, meta: Any = None) -> np.ndarray:
         """Class probabilities [N, C] (float64, rows sum to 1), after the logit adjustment and
-        the temperature chosen on validation."""
-        return self._posthoc(self._raw_proba(X), self.temperature_)
+        the temperature chosen on validation. meta: {field: [N] values}, for a head fit with
+        metadata (and only for one)."""
+        return self._posthoc(self._raw_proba(X, meta), self.temperature_)
 
-    def predict_proba_uncalibrated(self, X: np.ndarray) -> np.ndarray:
+    def predict_proba_uncalibrated(self, X: np.ndarray, meta: Any = None) -> np.ndarray:
         """As `predict_proba` without the temperature (T = 1): the "before" of calibration."""
-        return self._posthoc(self._raw_proba(X), 1.0)
+        return self._posthoc(self._raw_proba(X, meta), 1.0)
 
-    def predict_proba_tta(self, X: np.ndarray, views: np.ndarray | None) -> np.ndarray:
+    def predict_proba_tta(self, X: np.ndarray, views: np.ndarray | None,
+                          meta: Any = None) -> np.ndarray:
         """Test-time augmentation for free: the mean of `predict_proba` over the clean view
         X [N, D] and the cached augmented views [N, K, D] of the same images (K = 0 or None:
         the clean view alone)."""
-        return self.predict_proba_pair(X, views)[0]
+        return self.predict_proba_pair(X, views, meta)[0]
 
-    def predict_proba_pair(self, X: np.ndarray, views: np.ndarray | None = None
-                           ) -> tuple[np.ndarray, np.ndarray]:
+    def predict_proba_pair(self, X: np.ndarray, views: np.ndarray | None = None,
+                           meta: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """(calibrated, uncalibrated) probabilities from one pass of the head over X (and, with
-        views [N, K, D], over the views too: each the TTA mean). What an evaluation reports
-        twice (metrics after calibration, ECE before) costs one forward pass."""
-        raw = self._raw_proba(X)
+        views [N, K, D], over the views too: each the TTA mean; a view takes its image's
+        metadata). What an evaluation reports twice (metrics after calibration, ECE before)
+        costs one forward pass."""
+        raw = self._raw_proba(X, meta)
         t = self.temperature_
         cal, unc = self._posthoc(raw, t), self._posthoc(raw, 1.0)
         if views is None or views.ndim != 3 or views.shape[1] == 0 or len(X) == 0:
             return cal, unc
         n, k, d = views.shape
-        raw_v = self._raw_proba(np.asarray(views, dtype=np.float32).reshape(n * k, d))
+        raw_v = self._raw_proba(np.asarray(views, dtype=np.float32).reshape(n * k, d), meta,
+                                repeat=k)
         return (tta_mean(cal, self._posthoc(raw_v, t)),
                 tta_mean(unc, self._posthoc(raw_v, 1.0)))
 
-    def _raw_proba(self, X: np.ndarray) -> np.ndarray:
-        """The subclass's own probabilities, before the post-hoc steps (input checked)."""
+    def _raw_proba(self, X: np.ndarray, meta: Any = None, *, repeat: int = 1) -> np.ndarray:
+        """The subclass's own probabilities, before the post-hoc steps (input checked);
+        `repeat`: X holds `repeat` rows per image of `meta` (the views, image-major)."""
         X = self._check_X(X)
+        E = self._meta_columns(meta, len(X) // max(repeat, 1))
+        if E is not None:
+            if len(E) * repeat != len(X):
+                raise UsageError(f"meta describes {len(E)} images, X has {len(X)} rows")
+            X = np.concatenate([X, np.repeat(E, repeat, axis=0)], axis=1)
         if len(X) == 0:
             return np.zeros((0, self.n_classes_), dtype=np.float64)
         return self._predict_proba(X)
@@ -411,9 +497,9 @@ class Head(ClassifierMixin, BaseEstimator):
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
+    def predict(self, X: np.ndarray, meta: Any = None) -> np.ndarray:
         """Class indices [N] (int64): the argmax of `predict_proba`."""
-        return self.predict_proba(X).argmax(axis=1).astype(np.int64)
+        return self.predict_proba(X, meta).argmax(axis=1).astype(np.int64)
 
     # -- persistence (never pickle: safetensors for arrays, JSON for everything else)
 
@@ -456,6 +542,8 @@ class Head(ClassifierMixin, BaseEstimator):
             "fitted": self._state_scalars(),
             "posthoc": post_scalars,
             "arrays": sorted(arrays),
+            **({} if (enc := getattr(self, "metadata_", None)) is None
+               else {"metadata": enc.to_json()}),
             # checked on load: another run's same-shape arrays, or edited ones, are refused
             "arrays_sha256": hashlib.sha256(blob).hexdigest(),
         }
@@ -479,7 +567,7 @@ TEMPERATURE_RANGE = (1e-3, 1e3)
 SAVED_DTYPES = frozenset({np.dtype(t) for t in ("float16", "float32", "float64", "int32",
                                                 "int64")})
 _CONFIG_KEYS = {"format", "format_version", "name", "class", "params", "n_classes",
-                "n_features_in", "fitted", "arrays", "posthoc", "arrays_sha256"}
+                "n_features_in", "fitted", "arrays", "posthoc", "arrays_sha256", "metadata"}
 
 
 def _bad(path: Path, problem: str) -> InputFileError:
@@ -582,6 +670,7 @@ def load_head(directory: str | Path) -> Head:
     head.n_classes_ = n_classes
     head.classes_ = np.arange(head.n_classes_)
     head.n_features_in_ = n_features
+    head.metadata_, head.n_meta_ = _read_metadata(cfg_path, config, head, n_features)
     post = config.get("posthoc", {})
     if not isinstance(post, dict):
         raise _bad(cfg_path, "posthoc must be a JSON object")
@@ -604,6 +693,32 @@ def load_head(directory: str | Path) -> Head:
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise _bad(d, f"the saved arrays do not fit the head's configuration ({msg})") from None
     return head
+
+
+def _read_metadata(cfg_path: Path, config: dict[str, Any], head: Head, n_features: int
+                   ) -> tuple[MetadataEncoding | None, int]:
+    """The saved metadata encoding (None without one), checked against the head's
+    `metadata` parameter and its input width."""
+    try:
+        asked = parse_fields(getattr(head, "metadata", None))
+    except UsageError as e:
+        raise _bad(cfg_path, f"params.metadata: {e}") from None
+    if "metadata" not in config:
+        if asked:
+            raise _bad(cfg_path, f"params ask for metadata {','.join(asked)} but no metadata "
+                       "encoding was saved")
+        return None, 0
+    try:
+        enc = MetadataEncoding.from_json(config["metadata"])
+    except (ValueError, UsageError) as e:
+        raise _bad(cfg_path, str(e)) from None
+    if enc.names != asked:
+        raise _bad(cfg_path, f"the metadata encoding holds {','.join(enc.names)}, params ask "
+                   f"for {','.join(asked) or 'none'}")
+    if not 0 < enc.width < n_features:
+        raise _bad(cfg_path, f"n_features_in = {n_features} leaves no room for the "
+                   f"{enc.width} metadata columns")
+    return enc, enc.width
 
 
 def _check_arrays(path: Path, cls: type[Head], arrays: dict[str, np.ndarray],

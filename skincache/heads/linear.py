@@ -29,12 +29,15 @@ class LinearHead(FeedForwardHead):
     max_memory: MiB (a number) or "512M" / "8G" of float32 training data to hold at once;
     above it (None/"auto": a quarter of physical memory) batches are gathered from the float16
     cache arrays instead: the same weights, a fraction of the memory.
+    metadata: patient fields appended to the standardised features, e.g.
+    "age,sex,localization" (`skincache.metadata`); None: image features only.
     """
 
     #: the values each parameter accepts (skincache/_head_params.py's grammar, checked
     #: by `-p` before torch loads and by `fit`)
     param_constraints = {"epochs": ">=1", "batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
-                         "patience": ">=1", "std_shrink": "[0,1]"}
+                         "patience": ">=1", "std_shrink": "[0,1]",
+                         "metadata": "metadata-fields"}
 
     def __init__(
         self,
@@ -51,6 +54,7 @@ class LinearHead(FeedForwardHead):
         logit_adjust: float | str | None = "auto",
         calibrate: bool = True,
         std_shrink: float = 0.5,
+        metadata: str | None = None,
     ) -> None:
         self.epochs = epochs
         self.batch_size = batch_size
@@ -65,3 +69,4 @@ class LinearHead(FeedForwardHead):
         self.logit_adjust = logit_adjust
         self.calibrate = calibrate
         self.std_shrink = std_shrink
+        self.metadata = metadata

@@ -27,7 +27,6 @@ from .base import (
     FitData,
     Head,
     balanced_class_weights,
-    l2_normalize,
     softmax,
 )
 
@@ -54,6 +53,9 @@ class LogRegHead(Head):
     above it (None/"auto": a quarter of physical memory) the torch solver streams row blocks
     from the float16 inputs and sums the loss and gradient over them (exact full-batch values
     for L-BFGS, one block in memory). The sklearn solver always works in memory.
+    metadata: patient fields appended to the normalised features, e.g. "age,sex,localization"
+    (`skincache.metadata`: one-hot with an unknown column, age standardised with a missing
+    flag); C regularises their weights too. None: image features only.
     """
 
     _fitted_arrays = ("coef_", "intercept_")
@@ -63,7 +65,7 @@ class LogRegHead(Head):
     #: the values each parameter accepts (skincache/_head_params.py's grammar, checked
     #: by `-p` before torch loads and by `fit`)
     param_constraints = {"C": ">0", "c_range": ">0", "max_iter": ">=1", "sweep_max_iter": ">=1",
-                         "tol": ">0"}
+                         "tol": ">0", "metadata": "metadata-fields"}
 
     def __init__(
         self,
@@ -80,6 +82,7 @@ class LogRegHead(Head):
         device: str = "cpu",
         use_views: bool = False,
         max_memory: int | str | None = None,
+        metadata: str | None = None,
     ) -> None:
         self.C = C
         self.class_weight = class_weight
@@ -94,6 +97,7 @@ class LogRegHead(Head):
         self.device = device
         self.use_views = use_views
         self.max_memory = max_memory
+        self.metadata = metadata
 
     # -- fitting
 
@@ -126,11 +130,11 @@ class LogRegHead(Head):
         X: np.ndarray | _lbfgs.RowBlocks
         if self.streamed_:
             parts = [data.X] + ([data.views.reshape(n * k, d)] if views else [])
-            X = _lbfgs.RowBlocks(parts, l2_normalize)
+            X = _lbfgs.RowBlocks(parts, self._l2)
         else:
-            X = l2_normalize(data.X)
+            X = self._l2(data.X)
             if views:
-                X = np.concatenate([X, l2_normalize(data.views.reshape(n * k, d))])
+                X = np.concatenate([X, self._l2(data.views.reshape(n * k, d))])
         seen = np.unique(y_all)
         remap = np.full(data.n_classes, -1, dtype=np.int64)
         remap[seen] = np.arange(len(seen))
@@ -156,7 +160,7 @@ class LogRegHead(Head):
             self.sweep_ = {self.C_: float("nan")}
         else:
             assert data.X_val is not None
-            X_val = l2_normalize(data.X_val)
+            X_val = self._l2(data.X_val)
             score = self._val_score(data)
             results: dict[float, tuple[float, object]] = {}
             total = len(self._grid()) + (4 if self.refine else 0) + 1
@@ -197,7 +201,7 @@ class LogRegHead(Head):
         self.coef_, self.intercept_ = full_coef, full_int
 
     def _fit_sklearn(self, data: FitData) -> None:
-        X = l2_normalize(data.X)
+        X = self._l2(data.X)
         clf = LogisticRegression(
             C=DEFAULT_C, class_weight=self.class_weight, max_iter=self.max_iter, tol=self.tol,
             warm_start=True,
@@ -221,7 +225,7 @@ class LogRegHead(Head):
     def _sweep_sklearn(self, clf: LogisticRegression, X: np.ndarray, data: FitData
                        ) -> LogisticRegression:
         assert data.X_val is not None and data.y_val is not None
-        X_val = l2_normalize(data.X_val)
+        X_val = self._l2(data.X_val)
         score = self._val_score(data)
         results: dict[float, tuple[float, np.ndarray, np.ndarray]] = {}
         total = len(self._grid()) + (4 if self.refine else 0)
@@ -257,7 +261,7 @@ class LogRegHead(Head):
         return min(c for c, r in results.items() if r[0] == top)
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return softmax(l2_normalize(X) @ self.coef_.T + self.intercept_)
+        return softmax(self._l2(X) @ self.coef_.T + self.intercept_)
 
     def _linear_form(self) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.coef_, np.float64), np.asarray(self.intercept_, np.float64)

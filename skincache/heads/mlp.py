@@ -20,14 +20,17 @@ class MLPHead(FeedForwardHead):
     per epoch),
     patience (early stopping on validation balanced accuracy, best weights restored), seed,
     device ("cpu" | "cuda" | "auto"), max_memory, std_shrink (as for `linear`; 0.5: on the
-    Lite1 HAM10000 val split 0.601 vs 0.594 with plain standardisation).
+    Lite1 HAM10000 val split 0.601 vs 0.594 with plain standardisation), metadata (patient
+    fields appended to the standardised features, e.g. "age,sex,localization"; see
+    `skincache.metadata`).
     """
 
     #: the values each parameter accepts (skincache/_head_params.py's grammar, checked
     #: by `-p` before torch loads and by `fit`)
     param_constraints = {"hidden": ">=1", "depth": ">=0", "dropout": "[0,1)", "epochs": ">=1",
                          "batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
-                         "patience": ">=1", "std_shrink": "[0,1]"}
+                         "patience": ">=1", "std_shrink": "[0,1]",
+                         "metadata": "metadata-fields"}
 
     def __init__(
         self,
@@ -47,6 +50,7 @@ class MLPHead(FeedForwardHead):
         logit_adjust: float | str | None = "auto",
         calibrate: bool = True,
         std_shrink: float = 0.5,
+        metadata: str | None = None,
     ) -> None:
         self.hidden = hidden
         self.depth = depth
@@ -64,3 +68,4 @@ class MLPHead(FeedForwardHead):
         self.logit_adjust = logit_adjust
         self.calibrate = calibrate
         self.std_shrink = std_shrink
+        self.metadata = metadata

@@ -39,6 +39,7 @@ from skincache.bench import (
     aggregate,
     check_out_dir,
     check_variants,
+    metadata_available,
 )
 from skincache.cache import FeatureCache
 from skincache.errors import UsageError
@@ -71,6 +72,8 @@ class Pool:
     image_id: np.ndarray
     groups: np.ndarray
     origin: np.ndarray  # "train" or "val"
+    #: the metadata columns both splits hold ({field: [N]}), for heads given `-p metadata`
+    meta: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -154,7 +157,13 @@ def make_pool(cache: FeatureCache) -> Pool:
         groups=lesion_groups(np.concatenate([np.asarray(p.group_id, dtype=str)
                                              for p in parts])),
         origin=np.concatenate([np.full(len(p), n) for p, n in zip(parts, names, strict=True)]),
+        meta={c: np.concatenate([np.asarray(p.meta[c], dtype=object) for p in parts])
+              for c in set.intersection(*(set(p.meta) for p in parts))},
     )
+
+
+def _rows(meta: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {c: v[rows] for c, v in meta.items()}
 
 
 def _split(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, what: str
@@ -216,14 +225,19 @@ def fit_fold(pool: Pool, fold: Fold, base: dict[str, Any], head_name: str,
     head = make_head(head_name, params, seed)
     inputs = {**base, "X": pool.features16[fold.fit], "y": pool.labels[fold.fit],
               "views": pool.views16[fold.fit], "X_val": pool.features16[fold.inner_val],
-              "y_val": pool.labels[fold.inner_val]}
+              "y_val": pool.labels[fold.inner_val], "meta": _rows(pool.meta, fold.fit),
+              "meta_val": _rows(pool.meta, fold.inner_val)}
     t0 = time.perf_counter()
     head.fit(**inputs)
     return head, time.perf_counter() - t0
 
 
-def _proba(head: Any, features16: np.ndarray) -> np.ndarray:
-    return head.predict_proba(np.asarray(features16, dtype=np.float32))
+def _proba(head: Any, features16: np.ndarray, meta: Any = None) -> np.ndarray:
+    """Probabilities of the rows; `meta` (their metadata) goes to a head fit with it only."""
+    X = np.asarray(features16, dtype=np.float32)
+    if getattr(head, "metadata_fields", lambda: ())():
+        return head.predict_proba(X, meta)
+    return head.predict_proba(X)
 
 
 def score_fold(pool: Pool, fold: Fold, base: dict[str, Any], head_name: str,
@@ -231,10 +245,12 @@ def score_fold(pool: Pool, fold: Fold, base: dict[str, Any], head_name: str,
     """Fit one fold and score its held-out part on every registered metric."""
     head, fit_s = fit_fold(pool, fold, base, head_name, params, seed)
     y = pool.labels[fold.held_out]
-    report = classification_report(y, _proba(head, pool.features16[fold.held_out]), classes,
+    report = classification_report(y, _proba(head, pool.features16[fold.held_out],
+                                             _rows(pool.meta, fold.held_out)), classes,
                                    n_bootstrap=0)
     val = get_metric(PRIMARY).score(pool.labels[fold.inner_val],
-                                    _proba(head, pool.features16[fold.inner_val]))
+                                    _proba(head, pool.features16[fold.inner_val],
+                                           _rows(pool.meta, fold.inner_val)))
     return FoldResult(fold.index, len(fold.fit), len(fold.inner_val), len(fold.held_out),
                       {m.name: report[m.name] for m in metrics()}, val, _selection(head),
                       fit_s)
@@ -264,7 +280,8 @@ def score_refit(cache: FeatureCache, pool: Pool, base: dict[str, Any], head_name
     fold = refit_fold(pool, seed)
     head, fit_s = fit_fold(pool, fold, base, head_name, params, seed)
     test = cache.split("test")
-    report = classification_report(test.labels, _proba(head, test.features16), cache.classes,
+    report = classification_report(test.labels, _proba(head, test.features16, test.meta),
+                                   cache.classes,
                                    n_bootstrap=n_bootstrap, seed=seed)
     return {"split": "test", "n_fit": len(fold.fit), "n_inner_val": len(fold.inner_val),
             "n_samples": report["n_samples"], "selection": _selection(head),
@@ -368,6 +385,7 @@ def bench_cv(cache: FeatureCache | str | Path, *, k: int = 5, variants: list[str
         from skincache.heads import get_head_class
 
         chosen = [v for v in chosen if not get_head_class(v[1]).needs_concepts]
+    chosen = metadata_available(chosen, fc, explicit=variants is not None)
     pool = make_pool(fc)
     folds = make_folds(pool, k, seed)
     if "test" in fc.splits:
