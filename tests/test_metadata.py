@@ -298,3 +298,15 @@ def test_finetune_head_init_refuses_a_metadata_head(tmp_path):
     create_head("logreg", metadata="sex").fit(X, y, meta=meta).save(tmp_path / "h")
     with pytest.raises(InputFileError, match=r"fit with metadata \(sex\); --head-init takes"):
         fitted_head(tmp_path / "h", 100.0, 3, 24, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp"])
+def test_explain_refuses_a_metadata_head_in_one_line(name):
+    """Saliency goes through the image features alone; a head that also reads metadata (an
+    mlp's module takes the appended columns) is refused, never fed the wrong width."""
+    from skincache.explain import head_scorer
+
+    X, _, y, meta = _site_problem(120)
+    head = create_head(name, metadata="sex").fit(X, y, meta=meta)
+    with pytest.raises(UsageError, match=r"fit with metadata \(sex\).*not built yet"):
+        head_scorer(head)
