@@ -114,6 +114,11 @@ def predict_images(
             results[i].error = f"missing: no file at {p}"
     todo = [i for i in results if not results[i].error]
     loaded_run = load_run(run)
+    if loaded_run.record.caches:
+        models = " + ".join(c.get("model", "?") for c in loaded_run.record.caches)
+        raise RunError(f"{run}: predict of a run fused from {len(loaded_run.record.caches)} "
+                       f"caches ({models}) is not built yet; predict with a run fit on one "
+                       "cache (evaluate works on fused runs)")
     if not todo:
         return [results[i] for i in range(len(paths))]
     fc = loaded_run.open_cache(cache)
