@@ -18,6 +18,7 @@ import numpy as np
 
 from skincache._io import atomic_write_text, write_json
 from skincache.cache import FeatureCache
+from skincache.cache.joined import JoinedCache, join_blocks
 from skincache.data import Record
 from skincache.data._files import IMAGE_EXTS
 from skincache.device import resolve_device, resolve_precision
@@ -92,39 +93,13 @@ def neighbor_index(run: Path, fc: FeatureCache) -> faiss.Index:
     return index
 
 
-def predict_images(
-    run: str | Path,
-    inputs: list[str | Path],
-    *,
-    cache: str | Path | None = None,
-    device: str = "auto",
-    neighbors: int = 5,
-    batch_size: int = 32,
-) -> list[Prediction]:
-    """Class probabilities and nearest training cases for each image (or a per-file error).
-    No image at all (an empty folder) is a UsageError before the model loads."""
-    paths = expand_inputs(inputs)
-    if not paths:
-        raise UsageError(f"no images in {' '.join(str(i) for i in inputs)} (looked for "
-                         f"{', '.join(sorted(IMAGE_EXTS))} files); name image files or "
-                         "folders that hold them")
-    results = {i: Prediction(str(p)) for i, p in enumerate(paths)}
-    for i, p in enumerate(paths):  # said before the model loads (seconds), not after
-        if not _lexists(p):
-            results[i].error = f"missing: no file at {p}"
-    todo = [i for i in results if not results[i].error]
-    loaded_run = load_run(run)
-    if loaded_run.record.caches:
-        models = " + ".join(c.get("model", "?") for c in loaded_run.record.caches)
-        raise RunError(f"{run}: predict of a run fused from {len(loaded_run.record.caches)} "
-                       f"caches ({models}) is not built yet; predict with a run fit on one "
-                       "cache (evaluate works on fused runs)")
-    if not todo:
-        return [results[i] for i in range(len(paths))]
-    fc = loaded_run.open_cache(cache)
+def _encode(fc: FeatureCache, paths: list[Path], todo: list[int],
+            results: dict[int, Prediction], dev, batch_size: int) -> dict[int, np.ndarray]:
+    """Clean-view features of the images `todo` through the model, weights, preprocessing
+    and precision `fc` was encoded with (row position -> feature); images that fail to
+    decode get their error in `results`."""
     header = fc.header
     spec = ModelSpec(*header.model_spec())
-    dev = resolve_device(device)
     model = load_model(spec, dev)
     if model.weights_sha256 != header.weights_sha256:
         raise RunError(f"the weights loaded for {spec.name} (sha256 {model.weights_sha256[:12]}) "
@@ -140,6 +115,46 @@ def predict_images(
         if len(batch.index):
             f = encoder.features(batch.pixels)[:, 0]
             feats.update(zip(batch.index, f, strict=True))
+    return feats
+
+
+def predict_images(
+    run: str | Path,
+    inputs: list[str | Path],
+    *,
+    cache: str | Path | list[str | Path] | None = None,
+    device: str = "auto",
+    neighbors: int = 5,
+    batch_size: int = 32,
+) -> list[Prediction]:
+    """Class probabilities and nearest training cases for each image (or a per-file error).
+    No image at all (an empty folder) is a UsageError before the model loads. A fused run
+    encodes each image with every cache's model and joins the blocks as its fit did; the
+    nearest cases are then searched in the joined features (`cache`: one path per cache)."""
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise UsageError(f"no images in {' '.join(str(i) for i in inputs)} (looked for "
+                         f"{', '.join(sorted(IMAGE_EXTS))} files); name image files or "
+                         "folders that hold them")
+    results = {i: Prediction(str(p)) for i, p in enumerate(paths)}
+    for i, p in enumerate(paths):  # said before the model loads (seconds), not after
+        if not _lexists(p):
+            results[i].error = f"missing: no file at {p}"
+    todo = [i for i in results if not results[i].error]
+    loaded_run = load_run(run)
+    if not todo:
+        return [results[i] for i in range(len(paths))]
+    fc = loaded_run.open_cache(cache)
+    dev = resolve_device(device)
+    # a fused run: each image through every cache's own model, blocks joined as at fit time
+    parts = fc.parts if isinstance(fc, JoinedCache) else [fc]
+    blocks = [_encode(part, paths, todo, results, dev, batch_size) for part in parts]
+    feats: dict[int, np.ndarray] = {}
+    if len(blocks) == 1:
+        feats = blocks[0]
+    else:
+        for i in sorted(set.intersection(*(set(b) for b in blocks))):
+            feats[i] = join_blocks([b[i] for b in blocks])
     ok = sorted(feats)
     if ok:
         X = np.stack([feats[i] for i in ok])

@@ -160,10 +160,6 @@ def test_a_fused_run_records_every_cache_and_evaluates_from_them(tmp_path):
     again = runner.invoke(app, ["evaluate", str(run), "--cache", str(a), "--cache", str(b),
                                 "--bootstrap", "0"])
     assert again.exit_code == 0 and "nothing rewritten" in again.output
-    img = tmp_path / "x.jpg"
-    img.write_bytes(b"not an image")
-    pred = runner.invoke(app, ["predict", str(run), str(img), "--device", "cpu"])
-    assert pred.exit_code == 1 and "not built yet" in " ".join(pred.output.split())
 
 
 def test_run_json_with_caches_round_trips_and_old_ones_still_read(tmp_path):
@@ -242,3 +238,26 @@ def test_joining_needs_two_different_caches(tmp_path):
     a = FeatureCache.open(synthetic_cache(tmp_path / "a.h5", d=16, seed=3))
     with pytest.raises(CacheError, match="two or more"):
         join_caches([a])
+
+
+def test_predict_of_a_fused_run_encodes_with_every_cache_and_joins(demo_cache, demo_root,
+                                                                   tmp_path):
+    """Each image goes through every cache's model; the joined blocks give the head what the
+    cached, joined features of the same image give it."""
+    from skincache.predict import predict_images
+
+    twin = _twin(demo_cache, tmp_path / "twin.h5", key="twin")  # same model, other key
+    res = fit_head_run([demo_cache, twin], "logreg", runs_dir=tmp_path / "runs", name="p",
+                       n_bootstrap=0, plots=False)
+    j = join_caches([FeatureCache.open(demo_cache), FeatureCache.open(twin)])
+    test = j.split("test")
+    ids = [str(i) for i in test.image_id[:3]]
+    images = [next(demo_root.rglob(f"{i}.jpg")) for i in ids]
+    preds = predict_images(res.path, images, device="cpu", neighbors=2)
+    assert all(p.ok for p in preds), [p.error for p in preds]
+    from skincache.runs import load_run
+
+    want = load_run(res.path).head.predict_proba(test.features[:3])
+    got = np.array([[p.probabilities[c] for c in j.classes] for p in preds])
+    assert np.allclose(got, want, atol=2e-2)
+    assert all(len(p.neighbors) == 2 for p in preds)
