@@ -232,6 +232,13 @@ def test_bench_heads_fuses_and_keeps_fusions_apart(tmp_path):
     late = bench_heads([a, b], seeds=1, variants=["logreg"], out_dir=tmp_path / "late",
                        fusion="late")
     assert late.runs[0]["fusion"] == "late" and late.rows[0]["balanced_accuracy_mean"] > 0.5
+    cli = runner.invoke(app, ["bench-heads", "--cache", str(a), "--cache", str(b), "--seeds",
+                              "1", "--variants", "knn-k5", "--fusion", "late", "--quiet",
+                              "--out-dir", str(tmp_path / "cli")])
+    assert cli.exit_code == 0, cli.output
+    assert "a.h5 + b.h5" in cli.output
+    assert json.loads((tmp_path / "cli" / "results.json").read_text())["rows"][0][
+        "variant"] == "knn-k5"
 
 
 def test_joining_needs_two_different_caches(tmp_path):
