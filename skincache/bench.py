@@ -193,11 +193,12 @@ def _finished_runs(paths: list[Path], names: list[str], key: dict) -> list[dict]
             return None  # damaged: written again below
         if not isinstance(run, dict):
             return None
-        differ = [f for f in RUN_KEY if not _same(run.get(f), {**key, "variant": name}[f])]
+        want = {**key, "variant": name}  # a key a caller leaves out (fusion) is None
+        differ = [f for f in RUN_KEY if not _same(run.get(f), want.get(f))]
         if differ:
             raise UsageError(f"{path}: a run of another bench ({', '.join(differ)} differ: "
                              f"{differ[0]} {run.get(differ[0])!r} there, "
-                             f"{({**key, 'variant': name})[differ[0]]!r} now); give another "
+                             f"{want.get(differ[0])!r} now); give another "
                              "--out-dir, or the same options as the bench that wrote it")
         found.append(run)
     return found
