@@ -31,6 +31,13 @@ What runs, in one process, on one split:
                                     [--out benchmarks/results/real_heads.json]
     python benchmarks/real_heads.py --external    # HAM10000 -> ISIC 2018 (Lite1 features)
     python benchmarks/real_heads.py --metadata-only [--seeds 3]   # part 6 alone
+    python benchmarks/real_heads.py --fusion-only # Lite0 + Lite1 caches, one head (issue 18)
+
+The fusion section (also run, and stored under the JSON key `fusion`, by the default run):
+Lite0 and the Lite1 file's HAM10000 rows (matched by image_id) as two caches of the same
+images on the same lesion-grouped split; logreg and mlp on each alone, early-fused and
+late-fused, each fused row against the best single-cache head chosen by val, with the paired
+bootstrap CI of the difference; plot `results/fusion.png`.
 
 `--external` (issue 18's protocol): `effnetlite1-ham10000-isic2018.npz`, HAM10000 split 6/7
 train, 1/7 val by lesion, the 1,512 ISIC 2018 test images (another acquisition) as test; val
@@ -467,6 +474,154 @@ def external(npz: Path, out: Path) -> None:
     print(f"wrote {out}")
 
 
+def _arrays_cache(d: dict, split: np.ndarray, out: Path, key: str, model: str) -> Path:
+    """A skincache cache of the arrays `d` (npz columns, rows in any order) split by `split`."""
+    labels = np.array([HAM10000_CLASSES.index(c) for c in d["dx"]])
+    groups = np.where(d["lesion_id"] != "", d["lesion_id"], d["image_id"])
+    splits = {}
+    for name in ("train", "val", "test"):
+        m = split == name
+        splits[name] = SplitArrays(
+            features=d["features"][m], views=d["views"][m], labels=labels[m],
+            image_id=list(d["image_id"][m]), group_id=list(groups[m]),
+            sha1=[""] * int(m.sum()), meta={c: list(d[c][m]) for c in META})
+    header = CacheHeader(
+        key=key, model=model, pretrained="imagenet", logit_scale=100.0, weights_sha256=key,
+        embed_dim=int(d["features"].shape[1]), precision="fp16",
+        classes=list(HAM10000_CLASSES), class_names=list(HAM10000_CLASSES), preprocess={},
+        views={"k": int(d["views"].shape[1])}, dataset="ham10000-real",
+        dataset_kind="ham10000", dataset_root=key, dataset_fingerprint="", versions={})
+    write_cache(out, header, splits, {}, {})
+    return out
+
+
+def fusion_caches(lite0: Path, lite1: Path, tmp: Path) -> tuple[Path, Path]:
+    """Lite0 and Lite1 caches of the same 10,015 HAM10000 images, the Lite1 rows matched to
+    Lite0's by image_id (the files' row orders need not agree), on one lesion-grouped 60/20/20
+    split (the main section's)."""
+    a = dict(np.load(lite0))
+    b_all = np.load(lite1)
+    ham = b_all["split"] == "ham10000"
+    b = {k: b_all[k][ham] for k in b_all.files}
+    pos = {i: n for n, i in enumerate(b["image_id"])}
+    missing = [i for i in a["image_id"] if i not in pos]
+    if missing or len(pos) != len(a["image_id"]):
+        sys.exit(f"{lite1}: its HAM10000 rows are not the images of {lite0} "
+                 f"({len(missing)} of Lite0's ids missing, {len(pos)} vs {len(a['image_id'])})")
+    order = np.array([pos[i] for i in a["image_id"]])
+    b = {k: v[order] for k, v in b.items()}
+    assert (b["dx"] == a["dx"]).all() and (b["lesion_id"] == a["lesion_id"]).all()
+    split = split_rows(a, external=False)
+    return (_arrays_cache(a, split, tmp / "lite0.h5", lite0.stem, "efficientnet-lite0"),
+            _arrays_cache(b, split, tmp / "lite1.h5", lite1.stem + "-ham", "efficientnet-lite1"))
+
+
+#: the heads the fusion section compares: (head, params)
+FUSION_HEADS = (("logreg", {}), ("mlp", {}))
+
+
+def _fusion_row(fc, label: str, head: str, params: dict, fusion: str = "early") -> dict:
+    from skincache.runs import fit_inputs, make_fit_head
+
+    h = make_fit_head(head, params, 0, fc, fusion)
+    inputs = fit_inputs(fc)
+    t0 = time.perf_counter()
+    h.fit(**inputs)
+    fit_s = time.perf_counter() - t0
+    va, te = fc.split("val"), fc.split("test")
+    row = {"variant": label, "head": head, "fusion": fusion, "fit_seconds": fit_s,
+           "val": _scores(va.labels, h.predict_proba(va.features)),
+           "test": _scores(te.labels, h.predict_proba(te.features))}
+    if hasattr(h, "summary"):
+        row["late_fusion"] = h.summary()
+    _log(row)
+    return row
+
+
+def fusion_section(lite0: Path, lite1: Path, plot: Path | None = None) -> dict:
+    """Two encoders of the same HAM10000 images, one head: each cache alone, early fusion
+    (features joined) and late fusion (a head per cache, weights on val), for logreg and mlp;
+    each fused row against the best single-cache head *by val* (of the same head, and of all),
+    with the paired bootstrap 95% CI of the test balanced-accuracy difference."""
+    from skincache.cache.joined import join_caches
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        pa, pb = fusion_caches(lite0, lite1, Path(tmp))
+        A, B = FeatureCache.open(pa), FeatureCache.open(pb)
+        AB = join_caches([A, B])
+        sizes = {s: len(A.splits[s]) for s in A.splits}
+        y = A.split("test").labels
+        rows = []
+        for head, params in FUSION_HEADS:
+            rows += [_fusion_row(A, f"{head} Lite0", head, params),
+                     _fusion_row(B, f"{head} Lite1", head, params),
+                     _fusion_row(AB, f"{head} Lite0+Lite1 early", head, params),
+                     _fusion_row(AB, f"{head} Lite0+Lite1 late", head, params, "late")]
+    load_after = os.getloadavg()
+    singles = [r for r in rows if "+" not in r["variant"]]
+    best_single = max(singles, key=lambda r: r["val"]["balanced_accuracy"])
+    for r in rows:
+        if "+" not in r["variant"]:
+            continue
+        same = max((s for s in singles if s["head"] == r["head"]),
+                   key=lambda s: s["val"]["balanced_accuracy"])
+        r["vs_best_single_same_head"] = {"single": same["variant"], **paired_difference(
+            y, r["test"]["pred"], same["test"]["pred"])}
+        r["vs_best_single"] = {"single": best_single["variant"], **paired_difference(
+            y, r["test"]["pred"], best_single["test"]["pred"])}
+    t = Table(title=f"two encoders, one head: HAM10000 {sizes} (lesion-grouped); "
+                    f"load {load_before[0]:.1f}→{load_after[0]:.1f}")
+    for col in ("variant", "val bal-acc", "test bal-acc", "Δ vs best single by val "
+                "(same head), paired 95% CI", "weights", "fit s"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        d = r.get("vs_best_single_same_head")
+        delta = "" if d is None else (f"{100 * d['difference']:+.1f} "
+                                      f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+                                      f" vs {d['single']}")
+        w = r.get("late_fusion", {}).get("weights")
+        t.add_row(r["variant"], _pct(r["val"]["balanced_accuracy"]),
+                  _pct(r["test"]["balanced_accuracy"]), delta,
+                  "" if w is None else "/".join(f"{x:.1f}" for x in w),
+                  f"{r['fit_seconds']:.2f}")
+    Console(width=150).print(t)
+    if plot is not None:
+        _fusion_plot(rows, plot, f"Lite0 + Lite1 on HAM10000 test (n={sizes['test']})")
+    return {"lite0": str(lite0), "lite1": str(lite1), "split_sizes": sizes, "rows": rows,
+            "best_single_by_val": best_single["variant"],
+            "load_average": [load_before, load_after], "plot": str(plot) if plot else None}
+
+
+def _fusion_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Test balanced accuracy per row (bars), fused rows with their paired CI vs the best
+    single-cache head of the same head (error bars on the difference, drawn at the bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    names = [r["variant"] for r in rows]
+    vals = [100 * r["test"]["balanced_accuracy"] for r in rows]
+    colors = ["#888" if "+" not in n else "#1f77b4" for n in names]
+    ax.barh(names, vals, color=colors)
+    for i, r in enumerate(rows):
+        d = r.get("vs_best_single_same_head")
+        label = f"{vals[i]:.1f}" + ("" if d is None else
+                                    f"  (Δ {100 * d['difference']:+.1f}, CI "
+                                    f"{100 * d['ci95'][0]:+.1f}..{100 * d['ci95'][1]:+.1f})")
+        ax.text(vals[i] + 0.3, i, label, va="center", fontsize=7)
+    ax.set_xlim(0, max(vals) + 25)
+    ax.invert_yaxis()
+    ax.set_xlabel("test balanced accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--npz", type=Path, default=None,
@@ -480,6 +635,9 @@ def main() -> None:
                     help="only part 6: heads with and without age,sex,localization")
     ap.add_argument("--seeds", type=int, default=1,
                     help="seeds of linear and mlp in the metadata part (default 1)")
+    ap.add_argument("--fusion-only", action="store_true",
+                    help="only the two-encoder section (Lite0 + Lite1 caches of the same "
+                         "HAM10000 images; default out results/real_heads_fusion.json)")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON results (default benchmarks/results/real_heads[_external].json)")
     args = ap.parse_args()
@@ -497,6 +655,18 @@ def main() -> None:
         return
     if args.metadata_only:
         metadata_only(args.npz, args.out, args.seeds)
+        return
+    results = Path(__file__).parent / "results"
+    if args.fusion_only:
+        out = args.out if args.out != results / "real_heads.json" else \
+            results / "real_heads_fusion.json"
+        section = fusion_section(DEFAULT_NPZ, EXTERNAL_NPZ, results / "fusion.png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"fusion": section, "torch_threads": torch.get_num_threads(),
+                                   "machine": platform.platform(),
+                                   "date": time.strftime("%Y-%m-%d %H:%M")},
+                                  indent=2, default=float))
+        print(f"wrote {out}")
         return
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -520,6 +690,8 @@ def main() -> None:
         meta = metadata_fusion(fc, args.seeds)
         cli_s = fit_head_all_cli(cache, Path(tmp) / "runs") if args.cli else None
     load_after = os.getloadavg()
+    fusion = (fusion_section(args.npz, EXTERNAL_NPZ, results / "fusion.png")
+              if EXTERNAL_NPZ.is_file() else None)
 
     render(rows + solver + baselines + text_probes,
            f"heads on real HAM10000 features (EfficientNet-Lite0, 1280-d), split {sizes}; "
@@ -569,6 +741,7 @@ def main() -> None:
         "text_probes_standin": text_probes,
         "best_by_val_minus_sklearn_balanced": diff,
         "metadata_fusion": meta,
+        "fusion": fusion,
         "checks": [{"target": n, "measured": v, "met": bool(ok)} for n, v, ok in checks],
         "load_average": [load_before, load_after], "torch_threads": torch.get_num_threads(),
         "machine": platform.platform(), "cpu_count": os.cpu_count(),

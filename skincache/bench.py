@@ -78,7 +78,8 @@ def _aggregated() -> tuple[str, ...]:
 
 
 #: What a per-run JSON must hold, equal, to be reused by a rerun into the same --out-dir.
-RUN_KEY = ("variant", "head", "params", "seed", "shots", "split", "cache_key", "template_set")
+RUN_KEY = ("variant", "head", "params", "seed", "shots", "split", "cache_key", "template_set",
+           "fusion")
 
 
 @dataclass
@@ -107,7 +108,7 @@ def check_out_dir(out_dir: str | Path | None) -> Path:
 
 
 def bench_heads(
-    cache: FeatureCache | str | Path,
+    cache: FeatureCache | str | Path | list[str | Path],
     *,
     seeds: int = 5,
     variants: list[str] | None = None,
@@ -117,19 +118,23 @@ def bench_heads(
     progress: bool = False,
     shots: list[int] | None = None,
     tta: bool = False,
+    fusion: str = "early",
 ) -> BenchResult:
     """Fit each variant on train (val for selection), score it on val and on `eval_split`
     (test when the cache has one, else val) and write runs/*.json, results.json, results.csv,
     results.md. `shots`: repeat for K training images per class, each seed drawing its own
     subset (so every head runs `seeds` times) and plot balanced accuracy against K. `tta`:
     also score each fit with test-time augmentation (rows `<variant>+tta`, no extra fit).
-    `progress`: a bar counting the fits."""
+    `progress`: a bar counting the fits. Several caches fuse (`runs.open_caches`): `fusion`
+    "early" or "late", as in fit-head."""
     from skincache._progress import progress_bar
-    from skincache.cache import FeatureCache
-    from skincache.runs import fit_inputs
+    from skincache.cache.joined import JoinedCache
+    from skincache.runs import check_fusion, fit_inputs, open_caches
 
     chosen = check_variants(variants)
-    fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
+    fc = open_caches(cache)
+    fused = isinstance(fc, JoinedCache)
+    check_fusion(fc, fusion)  # text heads without joined text are dropped below
     split = eval_split or ("test" if "test" in fc.splits else "val")
     if split not in fc.splits:
         raise UsageError(f"{fc.path}: no split '{split}' (has {sorted(fc.splits)})")
@@ -146,7 +151,8 @@ def bench_heads(
     chosen = metadata_available(chosen, fc, explicit=variants is not None)
     out = check_out_dir(out_dir)
     plan = _plan(chosen, seeds, shots, tta,
-                 {"split": split, "cache_key": fc.key, "template_set": template_set}, out)
+                 {"split": split, "cache_key": fc.key, "template_set": template_set,
+                  "fusion": fusion if fused else None}, out)
     found = [_finished_runs(paths, names, key) for key, names, paths in plan]  # refuse first
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "results.json").unlink(missing_ok=True)  # the tables' commit mark: written last
@@ -204,11 +210,12 @@ def _finished_runs(paths: list[Path], names: list[str], key: dict) -> list[dict]
             return None  # damaged: written again below
         if not isinstance(run, dict):
             return None
-        differ = [f for f in RUN_KEY if not _same(run.get(f), {**key, "variant": name}[f])]
+        want = {**key, "variant": name}  # a key a caller leaves out (fusion) is None
+        differ = [f for f in RUN_KEY if not _same(run.get(f), want.get(f))]
         if differ:
             raise UsageError(f"{path}: a run of another bench ({', '.join(differ)} differ: "
                              f"{differ[0]} {run.get(differ[0])!r} there, "
-                             f"{({**key, 'variant': name})[differ[0]]!r} now); give another "
+                             f"{want.get(differ[0])!r} now); give another "
                              "--out-dir, or the same options as the bench that wrote it")
         found.append(run)
     return found
@@ -220,12 +227,12 @@ def _fit_and_score(fc, evald, val, full: dict, key: dict, names: list[str], tta:
     run when asked (the same fit)."""
     from skincache.heads._protocols import trains_on_val
     from skincache.metrics import classification_report
-    from skincache.runs import fit_inputs, make_head
+    from skincache.runs import fit_inputs, make_fit_head
 
     k, seed = key["shots"], key["seed"]
     inputs = full if k is None else fit_inputs(fc, template_set=key["template_set"], shots=k,
                                                seed=seed)
-    head = make_head(key["head"], key["params"], seed)
+    head = make_fit_head(key["head"], key["params"], seed, fc, key.get("fusion") or "early")
     t0 = time.perf_counter()
     head.fit(**inputs)
     fit_s = time.perf_counter() - t0
@@ -367,6 +374,7 @@ def _write_tables(out: Path, rows: list[dict], fc, split: str, *, shots_title: b
     atomically; a kill in between leaves no results.json, and the rerun writes them all)."""
     run_id = uuid.uuid4().hex[:12]
     meta = {"cache": str(fc.path), "cache_key": fc.key, "model": fc.header.model,
+            **({"caches": [str(p) for p in fc.paths]} if hasattr(fc, "paths") else {}),
             "split": split, "tta": tta, "views": fc.split(split).n_views, "run_id": run_id,
             "created": now_iso()}
     buf = io.StringIO(newline="")

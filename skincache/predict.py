@@ -24,6 +24,7 @@ import numpy as np
 
 from skincache._io import atomic_write_text, write_json
 from skincache.cache import FeatureCache
+from skincache.cache.joined import JoinedCache, join_blocks
 from skincache.data import Record
 from skincache.data._files import IMAGE_EXTS, read_csv_rows
 from skincache.device import resolve_device, resolve_precision
@@ -146,11 +147,42 @@ def check_metadata_option(run: Path, fields: tuple[str, ...], metadata: str | Pa
     return read_metadata_csv(metadata, fields) if metadata is not None else None
 
 
+def _encode(fc: FeatureCache, paths: list[Path], todo: list[int],
+            results: dict[int, Prediction], dev, batch_size: int, *, pre: bool = False,
+            loaded: LoadedModel | None = None
+            ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """(clean-view features, what the head takes) of the images `todo` through the model,
+    weights, preprocessing and precision `fc` was encoded with (row position -> feature; the
+    head takes the pre-projection features of a `-p features=pre` run, else the same);
+    images that fail to decode get their error in `results`. `loaded`: that model, already
+    loaded (`explain` passes its own: one load, not two)."""
+    header = fc.header
+    spec = ModelSpec(*header.model_spec())
+    model = loaded if loaded is not None else load_model(spec, dev)
+    if model.weights_sha256 != header.weights_sha256:
+        raise RunError(f"the weights loaded for {spec.name} (sha256 {model.weights_sha256[:12]}) "
+                       f"differ from those cache {fc.path} was encoded with "
+                       f"({header.weights_sha256[:12]}); predictions would not match the head")
+    encoder = ImageEncoder(model, ViewPolicy(k=0), dev, header.precision or
+                           resolve_precision("auto", dev), pre_projection=pre)
+    records = [Record(image_id=p.stem, source=str(p), label="") for p in paths]
+    feats: dict[int, np.ndarray] = {}
+    head_in: dict[int, np.ndarray] = {}
+    for batch in encoder.batches(records, todo, batch_size, num_workers=0):
+        for pos, _, reason in batch.failed:
+            results[pos].error = reason
+        if len(batch.index):
+            f, p = encoder.encode(batch.pixels)
+            feats.update(zip(batch.index, f[:, 0], strict=True))
+            head_in.update(zip(batch.index, (f if p is None else p)[:, 0], strict=True))
+    return feats, head_in
+
+
 def predict_images(
     run: str | Path,
     inputs: list[str | Path],
     *,
-    cache: str | Path | None = None,
+    cache: str | Path | list[str | Path] | None = None,
     device: str = "auto",
     neighbors: int = 5,
     batch_size: int = 32,
@@ -160,8 +192,9 @@ def predict_images(
     """Class probabilities and nearest training cases for each image (or a per-file error).
     No image at all (an empty folder) is a UsageError before the model loads, as is a
     metadata run without `metadata` (a CSV, see the module doc) or a CSV for another run.
-    `loaded`: the cache's model already loaded on `device` (`explain` passes its own: one
-    load, not two)."""
+    A fused run encodes each image with every cache's model and joins the blocks as its fit
+    did; the nearest cases are then searched in the joined features (`cache`: one path per
+    cache). `loaded`: the cache's model already loaded on `device` (one cache only)."""
     paths = expand_inputs(inputs)
     if not paths:
         raise UsageError(f"no images in {' '.join(str(i) for i in inputs)} (looked for "
@@ -172,7 +205,7 @@ def predict_images(
         if not _lexists(p):
             results[i].error = f"missing: no file at {p}"
     loaded_run = load_run(run)
-    fields = loaded_run.head.metadata_fields()
+    fields = getattr(loaded_run.head, "metadata_fields", tuple)()  # late fusion: none
     rows = check_metadata_option(loaded_run.path, fields, metadata)
     if rows is not None:
         for i, p in enumerate(paths):
@@ -182,27 +215,21 @@ def predict_images(
     if not todo:
         return [results[i] for i in range(len(paths))]
     fc = loaded_run.open_cache(cache)
-    header = fc.header
-    spec = ModelSpec(*header.model_spec())
     dev = resolve_device(device)
-    model = loaded if loaded is not None else load_model(spec, dev)
-    if model.weights_sha256 != header.weights_sha256:
-        raise RunError(f"the weights loaded for {spec.name} (sha256 {model.weights_sha256[:12]}) "
-                       f"differ from those cache {fc.path} was encoded with "
-                       f"({header.weights_sha256[:12]}); predictions would not match the head")
     pre = run_features(loaded_run.record) == "pre"  # the head was fit before the projection
-    encoder = ImageEncoder(model, ViewPolicy(k=0), dev, header.precision or
-                           resolve_precision("auto", dev), pre_projection=pre)
-    records = [Record(image_id=p.stem, source=str(p), label="") for p in paths]
-    feats: dict[int, np.ndarray] = {}
-    head_in: dict[int, np.ndarray] = {}  # what the head takes (the pre features of a pre run)
-    for batch in encoder.batches(records, todo, batch_size, num_workers=0):
-        for pos, _, reason in batch.failed:
-            results[pos].error = reason
-        if len(batch.index):
-            f, p = encoder.encode(batch.pixels)
-            feats.update(zip(batch.index, f[:, 0], strict=True))
-            head_in.update(zip(batch.index, (f if p is None else p)[:, 0], strict=True))
+    # a fused run: each image through every cache's own model, blocks joined as at fit time
+    parts = fc.parts if isinstance(fc, JoinedCache) else [fc]
+    if len(parts) > 1 and pre:
+        raise UsageError(f"run {loaded_run.path}: predict of a fused run on pre-projection "
+                         "features is not built yet")
+    blocks = [_encode(part, paths, todo, results, dev, batch_size, pre=pre,
+                      loaded=loaded if len(parts) == 1 else None) for part in parts]
+    if len(blocks) == 1:
+        feats, head_in = blocks[0]
+    else:
+        feats = {i: join_blocks([b[0][i] for b in blocks])
+                 for i in sorted(set.intersection(*(set(b[0]) for b in blocks)))}
+        head_in = feats
     ok = sorted(feats)
     if ok:
         X = np.stack([feats[i] for i in ok])
@@ -216,7 +243,7 @@ def predict_images(
         top_concepts = getattr(loaded_run.head, "top_concepts", None)  # a `cbm` run
         explained = top_concepts(X) if top_concepts is not None else [[] for _ in ok]
         train = fc.split("train")
-        sims, rows = search_ip(neighbor_index(loaded_run.path, fc), X, neighbors) if neighbors \
+        sims, nn = search_ip(neighbor_index(loaded_run.path, fc), X, neighbors) if neighbors \
             else (np.zeros((len(ok), 0)), np.zeros((len(ok), 0), dtype=int))
         for j, i in enumerate(ok):
             r = results[i]
@@ -224,7 +251,7 @@ def predict_images(
             r.predicted = fc.classes[int(proba[j].argmax())]
             r.neighbors = [{"image_id": str(train.image_id[row]),
                             "label": fc.classes[int(train.labels[row])],
-                            "similarity": float(s)} for s, row in zip(sims[j], rows[j],
+                            "similarity": float(s)} for s, row in zip(sims[j], nn[j],
                                                                      strict=True)]
             r.concepts = [{"concept": n, "share": s} for n, s in explained[j]]
     return [results[i] for i in range(len(paths))]

@@ -22,7 +22,11 @@ from .errors import InputFileError, UsageError
 
 RUN_FILE = "run.json"
 #: 2: `model` is an object (`name`, `pretrained`, ...) in every kind of run.
-RUN_FORMAT_VERSION = 2
+#: 3: a head run fit on several caches lists them in `caches` (path, key, encoding_key, ...)
+#: with its `fusion` ("early" or "late"); `cache` / `cache_key` are then the first cache's
+#: path and the joined key. Versions 1-2 read as one cache.
+RUN_FORMAT_VERSION = 3
+FUSIONS = ("early", "late")
 KINDS = ("head", "finetune")
 MAX_RUN_JSON_BYTES = 64 << 20
 
@@ -77,6 +81,9 @@ class RunRecord:
     seed: int = 0
     tta: bool = False
     shots: int | None = None
+    #: several caches (format 3): one {path, key, encoding_key, model, ...} each, in order
+    caches: list[dict[str, Any]] = field(default_factory=list)
+    fusion: str | None = None
     # fine-tuning runs
     status: str | None = None
     evaluations: list[dict[str, Any]] = field(default_factory=list)
@@ -92,6 +99,8 @@ class RunRecord:
                        cache_key=self.cache_key, encoding_key=self.encoding_key,
                        template_set=self.template_set, seed=self.seed, tta=self.tta,
                        shots=self.shots)
+            if self.caches:
+                out.update(caches=self.caches, fusion=self.fusion)
         if self.status is not None:
             out["status"] = self.status
         out.update(self.extra)
@@ -154,7 +163,7 @@ def _model(d: dict, where: str) -> RunModel | None:
 
 _TYPED = {"kind", "format_version", "model", "pretrained", "classes", "created", "head",
           "params", "cache", "cache_key", "encoding_key", "template_set", "seed", "tta", "shots",
-          "status", "evaluations"}
+          "status", "evaluations", "caches", "fusion"}
 
 
 def _parse(d: Any, where: str) -> RunRecord:
@@ -188,10 +197,33 @@ def _parse(d: Any, where: str) -> RunRecord:
         rec.seed = _get(d, where, "seed", int, required=False, default=0)
         rec.tta = _get(d, where, "tta", bool, required=False, default=False)
         rec.shots = _get(d, where, "shots", int, required=False, none_ok=True)
+        rec.caches, rec.fusion = _caches(d, where)
     else:
         rec.status = _get(d, where, "status", str, required=True)
         _get(d, where, "config", dict, required=True)
     return rec
+
+
+def _caches(d: dict, where: str) -> tuple[list[dict[str, Any]], str | None]:
+    """`caches` and `fusion` of a head run: none (one cache), or >= 2 entries each with a
+    path, key and encoding key, and the fusion that joined them."""
+    caches = _get(d, where, "caches", list, required=False, default=[])
+    if not caches:
+        return [], None
+    if len(caches) < 2:
+        raise _bad(where, "caches", f"lists {len(caches)} cache (a fused run has >= 2)")
+    for i, c in enumerate(caches):
+        if not isinstance(c, dict):
+            raise _bad(where, f"caches[{i}]", "must be an object")
+        for key in ("path", "key", "encoding_key"):
+            v = c.get(key)
+            if not isinstance(v, str) or not v:
+                raise _bad(where, f"caches[{i}].{key}", f"must be a non-empty string, got "
+                           f"{v!r:.60}")
+    fusion = _get(d, where, "fusion", str, required=True)
+    if fusion not in FUSIONS:
+        raise _bad(where, "fusion", f"must be one of {list(FUSIONS)}, got {fusion!r:.60}")
+    return [dict(c) for c in caches], fusion
 
 
 def run_file(path: str | Path) -> Path:

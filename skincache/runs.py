@@ -13,6 +13,11 @@ runs/<name>/
 and run.json's `evaluations` lists every evaluation: which cache, split and file name.
 A run remembers the key of the cache it was fit on, and `evaluate` refuses any other cache:
 a head fit on one model's features is meaningless on another's.
+
+Several caches of the same images (`fit-head --cache A --cache B`) are one `JoinedCache`
+(`cache/joined.py`: same interface, features joined per image): early fusion fits the head on
+the joined features, late fusion (`heads/late_fusion.py`) one head per cache with weights
+chosen on val. run.json lists every cache (`caches`, `fusion`); `evaluate` reopens them all.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import contextlib
 import json
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -47,12 +52,14 @@ from skincache.cache import (
     CacheLock,
     FeatureCache,
 )
+from skincache.cache.joined import JoinedCache, join_caches
 from skincache.concept_report import concept_bank
 from skincache.defaults import RUNS_DIR
 from skincache.errors import NotFoundError, SkincacheError, UsageError
 from skincache.heads import Head, create_head, get_head_class, load_head
 from skincache.heads._protocols import trains_on_val
 from skincache.heads.knn import build_neighbor_index, write_neighbor_index
+from skincache.heads.late_fusion import LateFusion, load_late_fusion
 from skincache.metrics import (
     calibration_bins,
     classification_report,
@@ -61,13 +68,62 @@ from skincache.metrics import (
 )
 from skincache.plots import write_report_plots
 from skincache.prompts import ALL_TEMPLATES, side_by_side
-from skincache.run_record import RunModel, RunRecord, check_run_name, read_run, write_run
+from skincache.run_record import (
+    FUSIONS,
+    RunModel,
+    RunRecord,
+    check_run_name,
+    read_run,
+    write_run,
+)
 
 DEFAULT_RUNS_DIR = Path(RUNS_DIR)
+#: a cache as runs read it: one file's, or several joined (`cache/joined.py`)
+AnyCache = FeatureCache | JoinedCache
+CacheArg = FeatureCache | JoinedCache | str | Path | Sequence[str | Path]
+#: what `evaluate --cache` takes: one path, or one per cache of a fused run
+CachePaths = str | Path | Sequence[str | Path]
 
 
 class RunError(SkincacheError, RuntimeError):
     """A run folder that cannot be used as asked; the message names it and the reason."""
+
+
+def open_caches(cache: CacheArg) -> AnyCache:
+    """A cache as given (opened when a path), or several paths joined (`join_caches`:
+    checked aligned, one CacheError naming the first mismatch). One path in a list is that
+    cache alone, exactly as today."""
+    if isinstance(cache, FeatureCache | JoinedCache):
+        return cache
+    if isinstance(cache, str | Path):
+        return FeatureCache.open(cache)
+    paths = list(cache)
+    if len(paths) == 1:
+        return FeatureCache.open(paths[0])
+    return join_caches([FeatureCache.open(p) for p in paths])
+
+
+def check_fusion(fc: AnyCache, fusion: str, head: str | None = None) -> None:
+    """Refuse, in one line, what fusion cannot do: an unknown fusion, late fusion of one
+    cache, a text `head` on caches whose text does not join."""
+    if fusion not in FUSIONS:
+        raise UsageError(f"--fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")
+    if not isinstance(fc, JoinedCache):
+        if fusion != "early":
+            raise UsageError(f"--fusion {fusion} needs two or more --cache")
+        return
+    if head is not None and get_head_class(head).needs_text and not fc.text:
+        raise UsageError(f"head {head!r} needs text features, which these caches cannot "
+                         f"share: {fc.text_problem}; choose a head without text")
+
+
+def make_fit_head(name: str, params: dict[str, Any] | None, seed: int | None, fc: AnyCache,
+                  fusion: str = "early") -> Head | LateFusion:
+    """The head to fit on `fc`: `make_head`, or with late fusion of a joined cache one such
+    head per cache inside a `LateFusion`."""
+    if fusion == "late" and isinstance(fc, JoinedCache):
+        return LateFusion([make_head(name, params, seed) for _ in fc.dims], fc.dims)
+    return make_head(name, params, seed)
 
 
 @dataclass
@@ -82,7 +138,7 @@ class RunResult:
     trains_on_val: bool = False
 
 
-def text_features(cache: FeatureCache, template_set: str = ALL_TEMPLATES) -> np.ndarray | None:
+def text_features(cache: AnyCache, template_set: str = ALL_TEMPLATES) -> np.ndarray | None:
     """[C, T, D] prompt embeddings: one template set, or all sets side by side (`all`)."""
     if not cache.text:
         return None
@@ -164,7 +220,7 @@ def head_meta(head: Any, split: Any, repeat: int = 1) -> dict[str, np.ndarray] |
             if f in meta}
 
 
-def fit_inputs(cache: FeatureCache, *, template_set: str = ALL_TEMPLATES,
+def fit_inputs(cache: AnyCache, *, template_set: str = ALL_TEMPLATES,
                use_val: bool = True, shots: int | None = None, seed: int = 0,
                features: str = "projected") -> dict[str, Any]:
     """The uniform `Head.fit` arguments from a cache (train split; val for model selection).
@@ -208,9 +264,9 @@ def is_seeded(name: str) -> bool:
     return "seed" in get_head_class(name)().get_params()
 
 
-def evaluate_head(head: Head, cache: FeatureCache, split: str, *, n_bootstrap: int = 1000,
-                  seed: int = 0, tta: bool = False, features: str = "projected"
-                  ) -> tuple[dict, np.ndarray]:
+def evaluate_head(head: Head | LateFusion, cache: AnyCache, split: str, *,
+                  n_bootstrap: int = 1000, seed: int = 0, tta: bool = False,
+                  features: str = "projected") -> tuple[dict, np.ndarray]:
     """classification_report of `head` on `split`, plus the ECE before temperature scaling
     (`ece_uncalibrated`) and the post-hoc values the head applied. `features`: the kind the
     head was fit on (`fit_inputs`)."""
@@ -239,7 +295,7 @@ def model_label(attrs: dict) -> str:
                         attrs.get("checkpoint"))
 
 
-def plot_label(run: Path, cache: FeatureCache, split: str, n: int) -> str:
+def plot_label(run: Path, cache: AnyCache, split: str, n: int) -> str:
     """The subtitle of a run's plots: run, model, dataset and split, so that a figure shared
     on its own still says what it shows."""
     h = cache.header
@@ -271,7 +327,7 @@ def split_complete(run: Path, name: str, report: dict, plots: bool) -> bool:
     return not plots or len(list((run / "plots").glob(f"{name}_*.png"))) >= expected
 
 
-def _write_split(run: Path, cache: FeatureCache, split: str, report: dict, proba: np.ndarray,
+def _write_split(run: Path, cache: AnyCache, split: str, report: dict, proba: np.ndarray,
                  plots: bool, name: str | None = None) -> None:
     """A head run's split: `write_split_outputs` under `name` (default: the split)."""
     data = cache.split(split)
@@ -280,7 +336,7 @@ def _write_split(run: Path, cache: FeatureCache, split: str, report: dict, proba
                         plot_label(run, cache, split, report["n_samples"]) if plots else None)
 
 
-def evaluation_entry(cache: FeatureCache, split: str, name: str, report: dict, by: str,
+def evaluation_entry(cache: AnyCache, split: str, name: str, report: dict, by: str,
                      status: str = "written") -> dict:
     """One line of run.json's `evaluations`: which cache and split, under which file name."""
     return {"name": name, "split": split, "dataset": cache.header.dataset,
@@ -295,7 +351,7 @@ def default_run_name(head: str) -> str:
 
 
 def fit_head_run(
-    cache: FeatureCache | str | Path,
+    cache: CacheArg,
     head: str,
     params: dict[str, Any] | None = None,
     *,
@@ -309,13 +365,20 @@ def fit_head_run(
     tta: bool = False,
     shots: int | None = None,
     features: str = "projected",
+    fusion: str = "early",
 ) -> RunResult:
     """Fit `head` on the cache's train split (val chooses hyper-parameters, the logit
     adjustment and the temperature), evaluate it on `eval_splits` that exist (with `tta`: the
     mean over the clean and the cached augmented views), and write the run folder. `shots`:
     K training images per class, drawn with `seed`. `features`: `projected` or `pre` (the
-    fit option `-p features=pre`; evaluate and predict of the run use the same kind)."""
-    fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
+    fit option `-p features=pre`; evaluate and predict of the run use the same kind).
+    Several caches (`open_caches`) fuse: `fusion` "early" (joined features, one head) or
+    "late" (a head per cache)."""
+    fc = open_caches(cache)
+    check_fusion(fc, fusion, head)
+    if isinstance(fc, JoinedCache) and features == "pre":
+        raise UsageError("-p features=pre with several caches: fusing pre-projection "
+                         "features is not built yet (fuse the projected ones)")
     check_features(fc, features)
     cls = get_head_class(head)
     if features == "pre" and (cls.needs_text or getattr(cls, "needs_concepts", False)):
@@ -338,7 +401,7 @@ def fit_head_run(
         try:
             return _fit_into(run, fc, head, params, template_set=template_set, seed=seed,
                              eval_splits=eval_splits, n_bootstrap=n_bootstrap, plots=plots,
-                             tta=tta, shots=shots, features=features)
+                             tta=tta, shots=shots, features=features, fusion=fusion)
         except BaseException:
             if created:
                 remove_unfinished_run(run)
@@ -354,13 +417,13 @@ def remove_unfinished_run(run: Path) -> None:
         shutil.rmtree(run, ignore_errors=True)
 
 
-def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | None, *,
+def _fit_into(run: Path, fc: AnyCache, head: str, params: dict[str, Any] | None, *,
               template_set: str, seed: int, eval_splits: tuple[str, ...], n_bootstrap: int,
-              plots: bool, tta: bool, shots: int | None, features: str = "projected"
-              ) -> RunResult:
+              plots: bool, tta: bool, shots: int | None, features: str = "projected",
+              fusion: str = "early") -> RunResult:
     """`fit_head_run`'s work once the run folder is locked: fit, save, score, record (run.json
     last: a folder without it is no run, and the same command fits it again)."""
-    model = make_head(head, params, seed)
+    model = make_fit_head(head, params, seed, fc, fusion)
     inputs = fit_inputs(fc, template_set=template_set, shots=shots, seed=seed,
                         features=features)
     t0 = time.perf_counter()
@@ -370,9 +433,11 @@ def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | N
     try:
         model.save(run / "head")
         # the neighbour index `predict` searches for similar training cases, built once here
-        write_neighbor_index(run / "head", fc.key,
-                             build_neighbor_index(fc.split("train").features16))
-        for fname, text in model.run_files(list(fc.classes)).items():
+        # a fused run's index is built (in memory) when predict first needs it
+        if isinstance(fc, FeatureCache):
+            write_neighbor_index(run / "head", fc.key,
+                                 build_neighbor_index(fc.split("train").features16))
+        for fname, text in getattr(model, "run_files", lambda _: {})(list(fc.classes)).items():
             atomic_write_text(run / fname, text)
     except OSError as e:
         de = disk_error(e, run / "head", "writing the head to",
@@ -388,12 +453,18 @@ def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | N
                                           tta=tta, features=features)
             _write_split(run, fc, split, report, proba, plots)
             result.metrics[split] = report
+    fused = isinstance(fc, JoinedCache)
+    extra: dict[str, Any] = {"late_fusion": model.summary()} if isinstance(
+        model, LateFusion) else {}
+    if fused and fc.notes:
+        extra["fusion_notes"] = list(fc.notes)
     write_run(run, RunRecord(
         kind="head", head=head,
         params={k: plain_json(v) for k, v in model.get_params().items()},
         cache=str(fc.path.resolve()), cache_key=fc.key, encoding_key=fc.encoding_key,
         model=RunModel(fc.header.model, fc.header.pretrained or ""),
         classes=list(fc.classes), template_set=template_set, seed=seed, tta=tta, shots=shots,
+        caches=fc.records() if fused else [], fusion=fusion if fused else None,
         evaluations=[evaluation_entry(fc, s, s, r, "fit-head") for s, r in
                      result.metrics.items()],
         created=now_iso(),
@@ -402,7 +473,7 @@ def _fit_into(run: Path, fc: FeatureCache, head: str, params: dict[str, Any] | N
                            "temperature": float(model.temperature_)},
                "fit_seconds": fit_s, "splits": {s: len(fc.splits[s]) for s in fc.splits},
                "features": features,
-               "skincache_version": __version__}))
+               "skincache_version": __version__, **extra}))
     return result
 
 
@@ -428,7 +499,7 @@ def run_lock(run: Path) -> Iterator[None]:
 
 
 def fit_heads(
-    cache: FeatureCache | str | Path,
+    cache: CacheArg,
     heads: list[str] | None = None,
     *,
     name: str | None = None,
@@ -441,9 +512,10 @@ def fit_heads(
 
     if name is not None:
         check_run_name(name)
-    fc = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
+    fc = open_caches(cache)
     text = bool(fc.text) and kwargs.get("features", "projected") == "projected"
-    concepts = bool(fc.concepts) and kwargs.get("features", "projected") == "projected"
+    concepts = bool(getattr(fc, "concepts", None)) and \
+        kwargs.get("features", "projected") == "projected"
     names = heads or [h for h in list_heads()
                       if (text or not get_head_class(h).needs_text)
                       and (concepts or not get_head_class(h).needs_concepts)]
@@ -470,17 +542,18 @@ class HeadFits:
     n_views: int  # augmented views of that split (0: --tta had nothing to average)
     picked: int | None  # of several heads, the one val chooses (`chosen_by_val`)
     cache_attrs: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # of a fusion (views cut to the smaller K)
 
 
-def fit_from_cache(cache: str | Path, head: str, params: dict[str, Any] | None = None, *,
+def fit_from_cache(cache: CacheArg, head: str, params: dict[str, Any] | None = None, *,
                    name: str | None = None, progress: bool = True,
                    **kwargs: Any) -> HeadFits:
     """`skincache fit-head`: one head (`fit_head_run`) or, with `head="all"`, every head
     (`fit_heads`) on a cache read once; `progress` shows the steps heads report (the C sweep,
-    epochs). `kwargs` pass to `fit_head_run`."""
+    epochs). `kwargs` pass to `fit_head_run`; several caches fuse (`fusion=` early/late)."""
     from skincache._progress import head_progress
 
-    fc = FeatureCache.open(cache)  # read once, shared by every head
+    fc = open_caches(cache)  # read once, shared by every head
     with head_progress(enabled=progress):
         if head == "all":
             results = fit_heads(fc, name=name, **kwargs)
@@ -488,7 +561,8 @@ def fit_from_cache(cache: str | Path, head: str, params: dict[str, Any] | None =
             results = [fit_head_run(fc, head, params, name=name, **kwargs)]
     split = "test" if "test" in results[0].metrics else "val"
     return HeadFits(results, split, fc.split(split).n_views,
-                    chosen_by_val(results) if len(results) > 1 else None, dict(fc.attrs))
+                    chosen_by_val(results) if len(results) > 1 else None, dict(fc.attrs),
+                    list(getattr(fc, "notes", [])))
 
 
 def run_features(record: RunRecord) -> str:
@@ -501,9 +575,9 @@ def run_features(record: RunRecord) -> str:
 class LoadedRun:
     path: Path
     record: RunRecord
-    head: Head
+    head: Head | LateFusion
 
-    def check_cache(self, cache: FeatureCache) -> None:
+    def check_cache(self, cache: AnyCache) -> None:
         """Refuse a cache whose features mean something else (another model, weights,
         preprocessing, precision or class list). Another dataset encoded the same way is
         fine: that is external validation."""
@@ -517,8 +591,34 @@ class LoadedRun:
                 "or classes). A head fit on one model's features is meaningless on another's."
             )
 
-    def open_cache(self, cache: str | Path | None = None) -> FeatureCache:
-        fc = FeatureCache.open(cache or self.record.cache)
+    def open_cache(self, cache: CachePaths | None = None
+                   ) -> AnyCache:
+        """The run's cache(s), or `cache` (one path, or as many as the run fused, in its
+        order), each checked to hold the features the run was fit on."""
+        given = [] if cache is None else [cache] if isinstance(cache, str | Path) else \
+            list(cache)
+        rec = self.record
+        if not rec.caches:
+            if len(given) > 1:
+                raise RunError(f"run {self.path} was fit on one cache; give one --cache")
+            fc = FeatureCache.open(given[0] if given else rec.cache)
+            self.check_cache(fc)
+            return fc
+        paths = given or [c["path"] for c in rec.caches]
+        if len(paths) != len(rec.caches):
+            raise RunError(f"run {self.path} fused {len(rec.caches)} caches "
+                           f"({', '.join(c.get('model', '?') for c in rec.caches)}); give "
+                           f"{len(rec.caches)} --cache in that order, or none")
+        parts = [FeatureCache.open(p) for p in paths]
+        for part, want in zip(parts, rec.caches, strict=True):
+            if part.encoding_key != want["encoding_key"] or (
+                    "dim" in want and int(part.header.embed_dim) != want["dim"]):
+                raise RunError(f"run {self.path}: cache {part.path} holds features of "
+                               f"{part.header.model} encoded differently from the run's "
+                               f"{want.get('model', '?')} cache {want['path']} (encoding "
+                               f"{part.encoding_key[:12]} vs {want['encoding_key'][:12]}); "
+                               "give the caches in the order the run lists them")
+        fc = join_caches(parts)
         self.check_cache(fc)
         return fc
 
@@ -532,7 +632,8 @@ def load_run(path: str | Path) -> LoadedRun:
         raise RunError(f"{p}: not a run folder (no run.json)") from None
     if record.kind != "head":
         raise RunError(f"{p}: a '{record.kind}' run, not a head run")
-    return LoadedRun(p, record, load_head(p / "head"))
+    head = load_late_fusion(p / "head") if record.fusion == "late" else load_head(p / "head")
+    return LoadedRun(p, record, head)
 
 
 @dataclass
@@ -550,7 +651,7 @@ class Evaluation:
     shots: int | None = None
 
 
-def evaluation_name(run: LoadedRun, cache: FeatureCache, split: str) -> str:
+def evaluation_name(run: LoadedRun, cache: AnyCache, split: str) -> str:
     """`<split>` on the run's own cache; `<dataset>__<split>` on another one (external
     validation), so that its results never take the place of the run's own."""
     if cache.key == run.record.cache_key:
@@ -563,7 +664,7 @@ def _same_numbers(a: dict, b: dict) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
-def evaluate(run: str | Path, split: str = "test", *, cache: str | Path | None = None,
+def evaluate(run: str | Path, split: str = "test", *, cache: CachePaths | None = None,
              n_bootstrap: int = 1000, plots: bool = True, tta: bool | None = None
              ) -> Evaluation:
     """Score a saved head on a split of its cache or of another one encoded the same way.
@@ -580,7 +681,8 @@ def evaluate(run: str | Path, split: str = "test", *, cache: str | Path | None =
                                 plots=plots, tta=tta)
 
 
-def _evaluate_locked(loaded: LoadedRun, split: str, *, cache: str | Path | None,
+def _evaluate_locked(loaded: LoadedRun, split: str, *,
+                     cache: CachePaths | None,
                      n_bootstrap: int, plots: bool, tta: bool | None) -> Evaluation:
     """`evaluate` with the run folder locked: score, write the split as one unit (or complete
     what an earlier, killed evaluation left missing), record the evaluation."""
@@ -618,7 +720,7 @@ def _evaluate_locked(loaded: LoadedRun, split: str, *, cache: str | Path | None,
                       fit_tta=loaded.record.tta, shots=loaded.record.shots)
 
 
-def evaluate_run(run: str | Path, split: str = "test", *, cache: str | Path | None = None,
+def evaluate_run(run: str | Path, split: str = "test", *, cache: CachePaths | None = None,
                  n_bootstrap: int = 1000, plots: bool = True, tta: bool | None = None) -> dict:
     """The report of `evaluate` (metrics of a saved head on a split; files written as
     `evaluate` says)."""

@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from skincache.errors import DiskError, InputFileError, NotFoundError, UsageError
-from skincache.run_record import check_run_name, read_run, write_run
+from skincache.run_record import RUN_FORMAT_VERSION, check_run_name, read_run, write_run
 
 SKINCACHE = [sys.executable, "-m", "skincache.cli"]
 
@@ -94,7 +94,7 @@ def test_old_run_folders_of_both_shapes_still_read_and_round_trip(tmp_path):
         where.mkdir()
         write_run(where, rec)
         again = read_run(where)
-        assert again.format_version == 2 and again.to_dict() == rec.to_dict()
+        assert again.format_version == RUN_FORMAT_VERSION and again.to_dict() == rec.to_dict()
         assert isinstance(json.loads((where / "run.json").read_text())["model"], dict)
 
 

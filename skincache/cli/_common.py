@@ -45,6 +45,17 @@ def check_min(option: str, value: int | None, low: int) -> None:
 
 
 
+def check_fusion_option(caches: list[Path], fusion: str | None) -> None:
+    """--fusion: early or late, and only with two or more --cache (before torch loads)."""
+    if fusion is None:
+        return
+    if fusion not in ("early", "late"):
+        raise UsageError(f"--fusion {fusion!r}: expected early or late")
+    if len(caches) < 2:
+        raise UsageError(f"--fusion {fusion} needs two or more --cache (caches of the same "
+                         "images by different encoders)")
+
+
 def check_cv(cv: int | None, shots: object, tta: bool) -> None:
     """--cv K: at least 2 folds, and not with --shots / --tta (folds use every image, clean
     view)."""

@@ -15,6 +15,7 @@ from skincache.cli._common import (
     Quiet,
     RunsDir,
     check_cv,
+    check_fusion_option,
     check_min,
     check_out_file,
     check_run,
@@ -30,7 +31,9 @@ from skincache.errors import UsageError
 
 
 def fit_head(
-    cache: Annotated[Path, typer.Option(help="A cache file (.h5).")],
+    cache: Annotated[list[Path], typer.Option(help="A cache file (.h5); repeat it to fuse "
+                                                   "caches of the same images (several "
+                                                   "encoders).")],
     head: Annotated[str, typer.Option(help="Head name, or 'all' (`skincache heads` lists them)."
                                       )] = "mlp",
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Head parameter "
@@ -51,6 +54,11 @@ def fit_head(
     cv: Annotated[int | None, typer.Option("--cv", help="Also K-fold lesion-grouped "
                                            "cross-validation over train+val (selection redone "
                                            "in each fold; cv.json in the run folder).")] = None,
+    fusion: Annotated[str | None, typer.Option(help="With several --cache: 'early' (features "
+                                               "joined per image, one head; the default) or "
+                                               "'late' (a head per cache, probabilities "
+                                               "averaged with weights chosen on val).")
+                      ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Fit a head on the cache's train split in seconds; metrics, predictions and plots."""
@@ -61,7 +69,12 @@ def fit_head(
     fit_options, raw = split_fit_options(params(param or []))  # -p features=pre
     if name is not None:
         check_run_name(name)  # torch-free: `--name ../x` is refused in milliseconds
-    check_file("--cache", cache)
+    for c in cache:
+        check_file("--cache", c)
+    check_fusion_option(cache, fusion)
+    if cv and len(cache) > 1:
+        raise UsageError("--cv with several --cache is not built yet; cross-validate one "
+                         "cache, or drop --cv")
     check_min("--shots", shots, 1)
     check_cv(cv, shots, tta)
     if cv and fit_options.get("features") == "pre":
@@ -79,11 +92,14 @@ def fit_head(
                        "written; run the same command again to fit from the start")
     from skincache.runs import fit_from_cache
 
-    fits = fit_from_cache(cache, head, head_params, name=name, progress=not quiet,
-                          runs_dir=runs_dir, template_set=templates, seed=seed,
-                          n_bootstrap=bootstrap, plots=not no_plots, tta=tta, shots=shots,
-                          **fit_options)
+    fused = {"fusion": fusion or "early"} if len(cache) > 1 else {}
+    fits = fit_from_cache(cache if len(cache) > 1 else cache[0], head, head_params, name=name,
+                          progress=not quiet, runs_dir=runs_dir, template_set=templates,
+                          seed=seed, n_bootstrap=bootstrap, plots=not no_plots, tta=tta,
+                          shots=shots, **fit_options, **fused)
     set_interrupt_hint("")
+    for note in fits.notes:
+        _render.out.print(note, highlight=False)
     results, split = fits.results, fits.split
     warn_no_views(tta, fits.n_views)
     shown_setting = setting(tta and fits.n_views > 0, shots)
@@ -101,7 +117,7 @@ def fit_head(
     for r in results:
         warn(one_class_warning(r.metrics, r.head))
     if cv:
-        _fit_head_cv(cache, results, head_params, cv, templates, seed, bootstrap, not no_plots)
+        _fit_head_cv(cache[0], results, head_params, cv, templates, seed, bootstrap, not no_plots)
 
 
 def _fit_head_cv(cache: Path, results: list, params: dict, k: int, templates: str, seed: int,
@@ -141,8 +157,10 @@ def heads(
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A run folder written by fit-head.")],
     split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
-    cache: Annotated[Path | None, typer.Option(help="Cache to evaluate on (default: the one "
-                                                    "the head was fit on).")] = None,
+    cache: Annotated[list[Path] | None, typer.Option(help="Cache to evaluate on (default: the "
+                                                          "one the head was fit on; a fused "
+                                                          "run: one per cache, in its order)."
+                                                     )] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Test-time augmentation "
                                              "(default: as the run was fit).")] = None,
@@ -152,11 +170,12 @@ def evaluate(
     On another cache (external validation) the results are stored as <dataset>__<split>;
     nothing the run wrote before is replaced, and run.json lists every evaluation."""
     check_run(run)
-    if cache is not None:
-        check_file("--cache", cache)
+    for c in cache or []:
+        check_file("--cache", c)
     from skincache.runs import evaluate
 
-    ev = evaluate(run, split, cache=cache, n_bootstrap=bootstrap, tta=tta)
+    given = None if not cache else cache[0] if len(cache) == 1 else cache
+    ev = evaluate(run, split, cache=given, n_bootstrap=bootstrap, tta=tta)
     used_tta = bool(ev.report.get("posthoc", {}).get("tta"))
     if (tta if tta is not None else ev.fit_tta) and not used_tta:
         warn_no_views(True, 0)  # asked for (or fit with) TTA, scored without: no views

@@ -17,6 +17,7 @@ from skincache.cli._common import (
     RunSplit,
     SplitFileOption,
     check_cv,
+    check_fusion_option,
     check_min,
     ratios,
     setting,
@@ -28,7 +29,8 @@ from skincache.errors import UsageError
 
 
 def bench_heads_cmd(
-    cache: Annotated[Path, typer.Option(help="A cache file (.h5).")],
+    cache: Annotated[list[Path], typer.Option(help="A cache file (.h5); repeat it to fuse "
+                                                   "caches of the same images.")],
     seeds: Annotated[int, typer.Option(help="Seeds per seeded head (and per few-shot draw).")
                      ] = 5,
     variants: Annotated[str | None, typer.Option(help="Comma-separated subset of variants."
@@ -48,6 +50,9 @@ def bench_heads_cmd(
                                            "cross-validation over train+val instead: every "
                                            "variant x K folds (+ a refit scored on test), "
                                            "mean ± 95% CI over folds.")] = None,
+    fusion: Annotated[str | None, typer.Option(help="With several --cache: 'early' (joined "
+                                               "features; default) or 'late' (a head per "
+                                               "cache, weights on val).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Every head variant x seeds on one cache: val beside test, mean ± std, fit time.
@@ -57,7 +62,14 @@ def bench_heads_cmd(
     from skincache._options import check_templates
 
     chosen = variants.split(",") if variants else None
-    check_file("--cache", cache)
+    for c in cache:
+        check_file("--cache", c)
+    check_fusion_option(cache, fusion)
+    if cv and len(cache) > 1:
+        raise UsageError("--cv with several --cache is not built yet; drop --cv or give one "
+                         "--cache")
+    fused = {"fusion": fusion or "early"} if len(cache) > 1 else {}
+    caches, cache = cache, cache[0]
     check_min("--seeds", seeds, 1)
     ks = [int(k) for k in shots.split(",")] if shots else None
     if ks and min(ks) < 1:
@@ -71,14 +83,15 @@ def bench_heads_cmd(
     if cv:
         return _bench_cv(cache, cv, chosen, templates, out_dir, quiet)
     set_interrupt_hint(f"the finished runs are kept in {out_dir}/runs; resume with: "
-                       + _bench_command(cache, seeds, variants, split, templates, shots,
-                                        tta, out_dir, quiet))
-    res = bench_heads(cache, seeds=seeds, variants=chosen, eval_split=split,
-                      template_set=templates, out_dir=out_dir, progress=not quiet, shots=ks,
-                      tta=tta)
+                       + _bench_command(caches, seeds, variants, split, templates, shots,
+                                        tta, out_dir, quiet, fusion))
+    res = bench_heads(caches if len(caches) > 1 else cache, seeds=seeds, variants=chosen,
+                      eval_split=split, template_set=templates, out_dir=out_dir,
+                      progress=not quiet, shots=ks, tta=tta, **fused)
     set_interrupt_hint("")
     warn_no_views(tta, res.n_views)
-    _render.bench_table(res.rows, f"heads on {cache.name}: chosen on val, scored on "
+    names = " + ".join(c.name for c in caches)
+    _render.bench_table(res.rows, f"heads on {names}: chosen on val, scored on "
                                   f"{res.runs[0]['split']}"
                                   f"{setting(tta and res.n_views > 0, ks)}")
     extra = f", few-shot plot {res.out_dir}/shots.png" if ks else ""
@@ -110,14 +123,17 @@ def _bench_cv(cache: Path, k: int, chosen: list[str] | None, templates: str, out
                       f"{res.out_dir}/runs/{kept}", highlight=False, soft_wrap=True)
 
 
-def _bench_command(cache: Path, seeds: int, variants: str | None, split: str | None,
+def _bench_command(caches: list[Path], seeds: int, variants: str | None, split: str | None,
                    templates: str, shots: str | None, tta: bool, out_dir: Path,
-                   quiet: bool) -> str:
+                   quiet: bool, fusion: str | None = None) -> str:
     """The bench-heads command line that resumes this one (its options, and --out-dir)."""
     import shlex
 
-    args = ["skincache", "bench-heads", "--cache", str(cache), "--seeds", str(seeds)]
-    for option, value in (("--variants", variants), ("--split", split),
+    args = ["skincache", "bench-heads"]
+    for c in caches:
+        args += ["--cache", str(c)]
+    args += ["--seeds", str(seeds)]
+    for option, value in (("--variants", variants), ("--split", split), ("--fusion", fusion),
                           ("--templates", templates if templates != "all" else None),
                           ("--shots", shots)):
         if value is not None:
