@@ -310,3 +310,24 @@ def test_explain_refuses_a_metadata_head_in_one_line(name):
     head = create_head(name, metadata="sex").fit(X, y, meta=meta)
     with pytest.raises(UsageError, match=r"fit with metadata \(sex\).*not built yet"):
         head_scorer(head)
+
+
+def test_late_fusion_of_metadata_heads_passes_the_metadata_to_every_part():
+    """Two noise 'encoders' (blocks of 12); the class is in the site: late fusion of two
+    metadata heads must read it (fit, val weights, predict), and refuses to predict without."""
+    from skincache.heads.late_fusion import LateFusion
+
+    X, _, y, meta = _site_problem(600)
+    tr, va = slice(0, 400), slice(400, 600)
+    m_tr = {k: v[tr] for k, v in meta.items()}
+    m_va = {k: v[va] for k, v in meta.items()}
+    fused = LateFusion([create_head("logreg", metadata="localization") for _ in range(2)],
+                       dims=[12, 12])
+    fused.fit(X[tr], y[tr], X_val=X[va], y_val=y[va], meta=m_tr, meta_val=m_va)
+    assert fused.metadata_fields() == ("localization",)
+    acc = (fused.predict(X[va], m_va) == y[va]).mean()
+    assert acc > 0.75  # chance is 1/3: the site carries the class
+    cal, _ = fused.predict_proba_pair(X[va], None, m_va)
+    np.testing.assert_allclose(cal, fused.predict_proba(X[va], m_va))
+    with pytest.raises(UsageError, match="localization"):
+        fused.predict_proba(X[va])

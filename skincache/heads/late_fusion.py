@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_write_text, read_json_file
-from ..errors import InputFileError
+from ..errors import InputFileError, UsageError
 from ._math import balanced_accuracy
 from ._protocols import trains_on_val
 from .base import Head, load_head
@@ -104,9 +104,15 @@ class LateFusion:
     def fit(self, X: np.ndarray, y: np.ndarray, *, views: np.ndarray | None = None,
             X_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
             text: np.ndarray | None = None, logit_scale: float | None = None,
-            n_classes: int | None = None) -> LateFusion:
-        """Fit each part on its block (the uniform `Head.fit` arguments, sliced), then choose
-        the weights on val."""
+            n_classes: int | None = None, concepts: Any = None, meta: Any = None,
+            meta_val: Any = None) -> LateFusion:
+        """Fit each part on its block (the uniform `Head.fit` arguments, sliced; the
+        metadata, the same for every block, passed whole), then choose the weights on val.
+        Concept embeddings live in one encoder's text space: a concept head per cache is not
+        built, and `concepts` is otherwise unused (a fused cache has none)."""
+        if any(getattr(h, "needs_concepts", False) for h in self.heads):
+            raise UsageError("late fusion of concept-bottleneck heads is not built yet; fit "
+                             "cbm on one cache")
         if len(self.heads) != len(self.dims) or len(self.heads) < 2:
             raise ValueError(f"late fusion needs one head per block (>= 2), got "
                              f"{len(self.heads)} heads for {len(self.dims)} blocks")
@@ -118,10 +124,10 @@ class LateFusion:
                     self._blocks(text) if text is not None else none, strict=True)
         for head, x, v, xv, t in parts:
             head.fit(x, y, views=v, X_val=xv, y_val=y_val, text=t, logit_scale=logit_scale,
-                     n_classes=n_classes)
+                     n_classes=n_classes, meta=meta, meta_val=meta_val)
         if X_val is not None and y_val is not None and len(y_val):
-            val = [h.predict_proba(b) for h, b in zip(self.heads, self._blocks(X_val),
-                                                      strict=True)]
+            val = [h.predict_proba(b, *self._meta(meta_val))
+                   for h, b in zip(self.heads, self._blocks(X_val), strict=True)]
             self.weights_, self.val_score_ = choose_weights(val, np.asarray(y_val), self.grid)
             self.part_val_scores_ = [float(balanced_accuracy(y_val, p.argmax(axis=1)))
                                      for p in val]
@@ -137,18 +143,26 @@ class LateFusion:
         return np.tensordot(np.asarray(self.weights_, np.float64),
                             np.stack([np.asarray(p, np.float64) for p in parts]), axes=1)
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return self._mix([h.predict_proba(b) for h, b in zip(self.heads, self._blocks(X),
-                                                             strict=True)])
+    def metadata_fields(self) -> tuple[str, ...]:
+        """The metadata fields the parts predict with (every part is the same head)."""
+        return self.heads[0].metadata_fields() if self.heads else ()
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.predict_proba(X).argmax(axis=1).astype(np.int64)
+    def _meta(self, meta: Any) -> tuple:
+        """`meta` as the positional argument of a part's predict, only for metadata parts."""
+        return (meta,) if self.metadata_fields() else ()
 
-    def predict_proba_pair(self, X: np.ndarray, views: np.ndarray | None = None
-                           ) -> tuple[np.ndarray, np.ndarray]:
+    def predict_proba(self, X: np.ndarray, meta: Any = None) -> np.ndarray:
+        return self._mix([h.predict_proba(b, *self._meta(meta))
+                          for h, b in zip(self.heads, self._blocks(X), strict=True)])
+
+    def predict(self, X: np.ndarray, meta: Any = None) -> np.ndarray:
+        return self.predict_proba(X, meta).argmax(axis=1).astype(np.int64)
+
+    def predict_proba_pair(self, X: np.ndarray, views: np.ndarray | None = None,
+                           meta: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """(calibrated, uncalibrated) mixtures of the parts' `predict_proba_pair`."""
         vb = self._blocks(views) if views is not None else [None] * len(self.heads)
-        pairs = [h.predict_proba_pair(b, v) for h, b, v in
+        pairs = [h.predict_proba_pair(b, v, *self._meta(meta)) for h, b, v in
                  zip(self.heads, self._blocks(X), vb, strict=True)]
         return self._mix([p[0] for p in pairs]), self._mix([p[1] for p in pairs])
 
