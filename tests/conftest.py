@@ -59,6 +59,33 @@ def synthetic_cache(path: Path, n: int = 360, d: int = 16, seed: int = 0,
     return path
 
 
+_CLI_IN_FRESH_PROCESS = (
+    "import json, sys\n"
+    "from typer.testing import CliRunner\n"
+    "from skincache.cli import app\n"
+    "out = []\n"
+    "for args in json.loads(sys.argv[1]):\n"
+    "    r = CliRunner().invoke(app, args)\n"
+    "    out.append([r.exit_code, r.output, sorted(m for m in ('torch', 'open_clip')\n"
+    "                                             if m in sys.modules)])\n"
+    "print(json.dumps(out))\n")
+
+
+def cli_in_fresh_process(arg_lists: list[list[str]]) -> list[tuple[int, str, list[str]]]:
+    """Each CLI invocation's (exit code, output, heavy modules loaded: torch / open_clip),
+    all in one new Python process, so that "refused before torch loads" is a fact about a
+    process that had not imported torch, not about the test session (which has)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _CLI_IN_FRESH_PROCESS, json.dumps(arg_lists)],
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return [tuple(r) for r in json.loads(proc.stdout)]
+
+
 def shared_data(sub: str) -> Path:
     """A folder of ../shared/data, or skip the test with the reason."""
     path = SHARED_DATA / sub

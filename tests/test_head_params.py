@@ -4,15 +4,11 @@ for Python users, and a failed fit leaves no run folder behind."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import synthetic_cache
+from conftest import cli_in_fresh_process, synthetic_cache
 
 from skincache._head_params import (
     SHARED_CONSTRAINTS,
@@ -22,8 +18,6 @@ from skincache._head_params import (
     parse_params,
 )
 from skincache.errors import UsageError
-
-REPO = Path(__file__).resolve().parents[1]
 
 # (fit-head arguments after --cache, what the one error line says)
 REFUSED = [
@@ -45,25 +39,13 @@ REFUSED = [
 def test_bad_values_are_one_error_line_before_torch_loads(tmp_path):
     cache = tmp_path / "c.h5"
     cache.write_bytes(b"not read: the value is refused first")
-    script = (
-        "import json, sys\n"
-        "from typer.testing import CliRunner\n"
-        "from skincache.cli import app\n"
-        "out = []\n"
-        "for args in json.loads(sys.argv[1]):\n"
-        "    r = CliRunner().invoke(app, args)\n"
-        "    out.append([r.exit_code, r.output, 'torch' in sys.modules])\n"
-        "print(json.dumps(out))\n")
     args = [["fit-head", "--cache", str(cache), "--runs-dir", str(tmp_path / "runs"), *a]
             for a, _ in REFUSED]
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    for (code, output, torch_loaded), (_, expected) in zip(json.loads(proc.stdout), REFUSED,
-                                                           strict=True):
+    for (code, output, heavy), (_, expected) in zip(cli_in_fresh_process(args), REFUSED,
+                                                    strict=True):
         assert code == 1 and output.startswith("error: ") and output.count("\n") == 1, output
         assert expected in output and "Traceback" not in output, output
-        assert not torch_loaded, expected
+        assert "torch" not in heavy, expected
     assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()
 
 

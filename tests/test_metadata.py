@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_in_fresh_process
 
 from skincache._head_params import parse_params
 from skincache.errors import UsageError
 from skincache.heads import create_head, load_head
 from skincache.metadata import MetadataEncoding, fit_encoding, parse_fields
 
-REPO = Path(__file__).resolve().parents[1]
 FIELDS3 = "age,sex,localization"
 
 
@@ -87,27 +83,15 @@ def test_dx_type_and_unknown_fields_are_refused_with_the_reason():
 def test_refused_fields_are_one_cli_line_before_torch_loads(tmp_path):
     cache = tmp_path / "c.h5"
     cache.write_bytes(b"not read: the value is refused first")
-    script = (
-        "import json, sys\n"
-        "from typer.testing import CliRunner\n"
-        "from skincache.cli import app\n"
-        "out = []\n"
-        "for args in json.loads(sys.argv[1]):\n"
-        "    r = CliRunner().invoke(app, args)\n"
-        "    out.append([r.exit_code, r.output, 'torch' in sys.modules])\n"
-        "print(json.dumps(out))\n")
     cases = [("logreg", "metadata=dx_type", "label leakage"),
              ("mlp", "metadata=age,site", "known fields: age, sex, localization"),
              ("linear", "metadata=sex,sex", "repeated")]
     args = [["fit-head", "--cache", str(cache), "--runs-dir", str(tmp_path / "runs"),
              "--head", h, "-p", p] for h, p, _ in cases]
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    for (code, output, torch_loaded), (_, _, expected) in zip(json.loads(proc.stdout), cases,
-                                                              strict=True):
+    for (code, output, heavy), (_, _, expected) in zip(cli_in_fresh_process(args), cases,
+                                                       strict=True):
         assert code == 1 and output.startswith("error: ") and output.count("\n") == 1, output
-        assert expected in output and not torch_loaded, output
+        assert expected in output and "torch" not in heavy, output
     assert not (tmp_path / "runs").exists()
 
 

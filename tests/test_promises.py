@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_in_fresh_process
 from typer.testing import CliRunner
 
 from skincache import bench, metrics
@@ -186,21 +187,8 @@ TYPOS = [
 def test_value_typos_are_refused_before_torch_or_open_clip_load(tmp_path):
     cache = tmp_path / "c.h5"
     cache.write_bytes(b"not read: the typo is found first")
-    script = (
-        "import json, sys\n"
-        "from typer.testing import CliRunner\n"
-        "from skincache.cli import app\n"
-        "out = []\n"
-        "for args in json.loads(sys.argv[1]):\n"
-        "    r = CliRunner().invoke(app, args)\n"
-        "    out.append([r.exit_code, r.output, sorted(m for m in ('torch', 'open_clip')\n"
-        "                                             if m in sys.modules)])\n"
-        "print(json.dumps(out))\n")
     args = [[a.replace("{cache}", str(cache)) for a in t] for t, _ in TYPOS]
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    for (code, output, heavy), (_, expected) in zip(json.loads(proc.stdout), TYPOS,
+    for (code, output, heavy), (_, expected) in zip(cli_in_fresh_process(args), TYPOS,
                                                     strict=True):
         assert code == 1 and expected in output and output.count("\n") == 1, output
         assert heavy == [], (expected, heavy)
