@@ -422,6 +422,11 @@ def run_explainer(run: Path, device: torch.device, cache: str | Path | None = No
     differentiability checked before the model loads) or of a finetune run."""
     if read_run(run).kind == "finetune":
         return finetune_explainer(run, device)
+    record = read_run(run)
+    if record.caches:
+        raise UsageError(f"--explain: {run} is fused from {len(record.caches)} caches "
+                         f"({record.fusion} fusion); saliency through several image towers is "
+                         "not built yet (explain a run of one cache)")
     loaded_run = load_run(run)
     if run_features(loaded_run.record) == "pre":
         raise UsageError(f"--explain: {run} was fit on pre-projection features "

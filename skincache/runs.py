@@ -115,6 +115,9 @@ def check_fusion(fc: AnyCache, fusion: str, head: str | None = None) -> None:
     if head is not None and get_head_class(head).needs_text and not fc.text:
         raise UsageError(f"head {head!r} needs text features, which these caches cannot "
                          f"share: {fc.text_problem}; choose a head without text")
+    if head is not None and getattr(get_head_class(head), "needs_concepts", False):
+        raise UsageError(f"head {head!r} with several --cache is not built yet: concept "
+                         "prompts live in one encoder's text space; fit it on one cache")
 
 
 def make_fit_head(name: str, params: dict[str, Any] | None, seed: int | None, fc: AnyCache,

@@ -268,3 +268,21 @@ def test_predict_of_a_fused_run_encodes_with_every_cache_and_joins(demo_cache, d
     got = np.array([[p.probabilities[c] for c in j.classes] for p in preds])
     assert np.allclose(got, want, atol=2e-2)
     assert all(len(p.neighbors) == 2 for p in preds)
+
+
+def test_what_fusion_does_not_do_yet_is_one_line(tmp_path):
+    """cbm (concept prompts: one encoder's text space) and --explain (one image tower) on
+    fused caches / runs are refused naming what to do instead."""
+    from conftest import synthetic_cache
+
+    from skincache.errors import UsageError
+    from skincache.explain import run_explainer
+    from skincache.runs import fit_head_run
+
+    a, b = (synthetic_cache(tmp_path / f"{n}.h5", d=d, seed=3) for n, d in (("a", 16), ("b", 8)))
+    with pytest.raises(UsageError, match="fit it on one cache"):
+        fit_head_run([a, b], "cbm", runs_dir=tmp_path / "runs")
+    r = fit_head_run([a, b], "logreg", runs_dir=tmp_path / "runs", name="early", n_bootstrap=0,
+                     plots=False)
+    with pytest.raises(UsageError, match="fused from 2 caches.*not built yet"):
+        run_explainer(r.path, "cpu")

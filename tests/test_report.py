@@ -205,3 +205,23 @@ def test_an_encoder_table_is_rows_of_encoders_and_columns_of_heads(tmp_path):
     for r in res["rows"]:
         assert f'{r["logreg"]["balanced_accuracy"] * 100:.1f} [' in table
     assert "encoders.png" in html.split('id="encoders-1"')[1]
+
+
+def test_fused_runs_report_with_one_pick_per_set_of_val_images(tmp_path):
+    """A late-fusion run (a head per cache, no head.json) reads; runs scored on the same val
+    images, single or fused, compete for one pick; the setting column says which is fused."""
+    from conftest import synthetic_cache
+
+    from skincache.runs import fit_head_run
+
+    a, b = (synthetic_cache(tmp_path / f"{n}.h5", d=d, seed=3) for n, d in (("a", 16), ("b", 8)))
+    runs = tmp_path / "runs"
+    fit_head_run(a, "logreg", runs_dir=runs, name="single", n_bootstrap=20, plots=False)
+    fit_head_run([a, b], "logreg", runs_dir=runs, name="late", fusion="late", n_bootstrap=20,
+                 plots=False)
+    build_report([runs], tmp_path / "r.html", progress=False)
+    html = (tmp_path / "r.html").read_text()
+    assert html.count("val's pick</span>") == 1
+    row = re.search(r"<tr[^>]*><td>late[ <].*?</tr>", html, flags=re.S).group(0)
+    assert "late fusion of 2 caches" in row
+    assert str(b) in html  # the fused run's second cache is in "Data and model"

@@ -41,13 +41,16 @@ class ReportSummary:
 def _gallery_run(study: Study, split: str):
     """The run whose mistakes the gallery shows: val's pick, else the first run with
     predictions for `split` (said in the page)."""
-    picks = [r for r in study.runs if r.chosen]
-    with_preds = [r for r in study.runs if (r.path / "predictions" / f"{split}.csv").is_file()]
-    for r in picks + with_preds:
-        if r in with_preds:
-            if not r.chosen:
-                study.notes.append(f"no run has a val score to pick by: the gallery shows {r.name}")
-            return r
+    # the gallery needs a cache (thumbnails, neighbours): a fine-tuning run has none
+    with_preds = [r for r in study.runs if (r.path / "predictions" / f"{split}.csv").is_file()
+                  and r.record.cache]
+    picks = [r for r in with_preds if r.chosen]
+    if picks:
+        return max(picks, key=lambda r: r.score("val") or 0.0)
+    if with_preds:
+        study.notes.append(f"no head run with a cache is val's pick: the gallery shows "
+                           f"{with_preds[0].name}")
+        return with_preds[0]
     return None
 
 

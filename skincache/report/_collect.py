@@ -18,6 +18,7 @@ from skincache.cache import CacheError, FeatureCache
 from skincache.errors import SkincacheError, UsageError
 from skincache.heads import load_head
 from skincache.heads._protocols import trains_on_val
+from skincache.heads.late_fusion import FUSION_FILE, load_late_fusion
 from skincache.metrics import PRIMARY
 from skincache.run_record import RUN_FILE, RunRecord, read_run
 
@@ -117,7 +118,11 @@ def _read_run(path: Path) -> RunEntry:
         entry.cv_plot = path / CV_PLOT if (path / CV_PLOT).is_file() else None
     if record.kind == "head" and (path / "head").is_dir():
         try:  # the saved head says whether its fit used val rows (safetensors + JSON, cheap)
-            entry.fit_on_val = trains_on_val(load_head(path / "head"))
+            if (path / "head" / FUSION_FILE).is_file():  # late fusion: a head per cache
+                entry.fit_on_val = any(trains_on_val(h) for h in
+                                       load_late_fusion(path / "head").heads)
+            else:
+                entry.fit_on_val = trains_on_val(load_head(path / "head"))
         except SkincacheError as e:
             raise UsageError(f"{path / 'head'}: {e}") from None
     return entry
@@ -194,19 +199,28 @@ def collect(paths: list[str | Path]) -> Study:
     return study
 
 
+def val_images(r: RunEntry) -> tuple:
+    """Which val images a run was scored on: its val evaluation's dataset and size. Runs of
+    one dataset split compete for val's pick whatever cache, fusion or fine-tuning made them;
+    runs scored on other images are picked among themselves."""
+    ev = next((e for e in r.record.evaluations if e.get("split") == "val"), {})
+    return (ev.get("dataset"), r.metrics.get("val", {}).get("n_samples"))
+
+
 def _mark_val_picks(runs: list[RunEntry]) -> None:
-    """Per cache, the run with the best val score among those that kept val out of training:
-    the one a reader may quote as chosen without looking at test."""
-    by_cache: dict[str, list[RunEntry]] = {}
+    """Per set of val images, the run with the best val score among those that kept val out
+    of training: the one a reader may quote as chosen without looking at test."""
+    groups: dict[tuple, list[RunEntry]] = {}
     for r in runs:
         if r.score("val") is not None and not r.fit_on_val:
-            by_cache.setdefault(r.record.cache_key or r.record.cache or "", []).append(r)
-    for group in by_cache.values():
+            groups.setdefault(val_images(r), []).append(r)
+    for group in groups.values():
         max(group, key=lambda r: r.score("val")).chosen = True
 
 
 def _caches(study: Study) -> list[CacheEntry]:
-    named = [r.record.cache for r in study.runs if r.record.cache] + \
+    named = [c["path"] for r in study.runs for c in r.record.caches if c.get("path")] + \
+        [r.record.cache for r in study.runs if r.record.cache] + \
         [b.results["cache"] for b in study.benches if isinstance(b.results.get("cache"), str)]
     seen: set[Path] = set()
     paths = [p for p in named if not (Path(p).resolve() in seen or seen.add(Path(p).resolve()))]

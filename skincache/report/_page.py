@@ -64,8 +64,12 @@ def _run_row(r: RunEntry, split: str) -> dict[str, Any]:
         "name": r.name, "kind": rec.kind, "head": rec.head or "(fine-tune)",
         "model": rec.model.name if rec.model else "", "chosen": r.chosen,
         "fit_on_val": r.fit_on_val,
-        "setting": ", ".join(s for s in ("TTA" if rec.tta else "",
-                                         f"shots {rec.shots}" if rec.shots else "") if s),
+        "setting": ", ".join(s for s in (
+            "TTA" if rec.tta else "", f"shots {rec.shots}" if rec.shots else "",
+            f"{rec.fusion} fusion of {len(rec.caches)} caches" if rec.caches else "",
+            "pre-projection" if rec.extra.get("features") == "pre" else "",
+            f"metadata {rec.params['metadata']}" if rec.params.get("metadata") else "")
+            if s),
         "val": _cell(val, None, True) | ({"text": f"{val * 100:.1f} (fit)", "sort": ""}
                                          if r.fit_on_val and val is not None else {}),
         "cells": [_cell(r.score(split, m.name), r.ci(split, m.name), m.fmt == "percent")
