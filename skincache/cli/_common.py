@@ -11,8 +11,10 @@ from typing import Annotated
 import typer
 
 from skincache import render as _render
+from skincache._options import check_file
 from skincache._sanity import one_class_warning, random_init_warning
 from skincache.errors import UsageError
+from skincache.run_record import FUSIONS
 
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Folder for feature caches.")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder for run folders.")]
@@ -45,15 +47,21 @@ def check_min(option: str, value: int | None, low: int) -> None:
 
 
 
-def check_fusion_option(caches: list[Path], fusion: str | None) -> None:
-    """--fusion: early or late, and only with two or more --cache (before torch loads)."""
-    if fusion is None:
-        return
-    if fusion not in ("early", "late"):
-        raise UsageError(f"--fusion {fusion!r}: expected early or late")
-    if len(caches) < 2:
-        raise UsageError(f"--fusion {fusion} needs two or more --cache (caches of the same "
-                         "images by different encoders)")
+def check_caches(caches: list[Path], fusion: str | None, cv: int | None = None) -> None:
+    """--cache (repeatable) and --fusion, before torch loads: every cache a readable file,
+    --fusion one of `run_record.FUSIONS` and only with two or more caches, and no --cv with
+    several (not built yet). fit-head and bench-heads share it."""
+    for c in caches:
+        check_file("--cache", c)
+    if fusion is not None:
+        if fusion not in FUSIONS:
+            raise UsageError(f"--fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")
+        if len(caches) < 2:
+            raise UsageError(f"--fusion {fusion} needs two or more --cache (caches of the "
+                             "same images by different encoders)")
+    if cv and len(caches) > 1:
+        raise UsageError("--cv with several --cache is not built yet; cross-validate one "
+                         "cache, or drop --cv")
 
 
 def check_cv(cv: int | None, shots: object, tta: bool) -> None:

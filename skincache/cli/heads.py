@@ -14,8 +14,8 @@ from skincache._sanity import one_class_warning, random_init_warning, run_cache_
 from skincache.cli._common import (
     Quiet,
     RunsDir,
+    check_caches,
     check_cv,
-    check_fusion_option,
     check_min,
     check_out_file,
     check_run,
@@ -69,12 +69,7 @@ def fit_head(
     fit_options, raw = split_fit_options(params(param or []))  # -p features=pre
     if name is not None:
         check_run_name(name)  # torch-free: `--name ../x` is refused in milliseconds
-    for c in cache:
-        check_file("--cache", c)
-    check_fusion_option(cache, fusion)
-    if cv and len(cache) > 1:
-        raise UsageError("--cv with several --cache is not built yet; cross-validate one "
-                         "cache, or drop --cv")
+    check_caches(cache, fusion, cv)
     check_min("--shots", shots, 1)
     check_cv(cv, shots, tta)
     if cv and fit_options.get("features") == "pre":

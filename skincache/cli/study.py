@@ -16,8 +16,8 @@ from skincache.cli._common import (
     Quiet,
     RunSplit,
     SplitFileOption,
+    check_caches,
     check_cv,
-    check_fusion_option,
     check_min,
     ratios,
     setting,
@@ -62,12 +62,7 @@ def bench_heads_cmd(
     from skincache._options import check_templates
 
     chosen = variants.split(",") if variants else None
-    for c in cache:
-        check_file("--cache", c)
-    check_fusion_option(cache, fusion)
-    if cv and len(cache) > 1:
-        raise UsageError("--cv with several --cache is not built yet; drop --cv or give one "
-                         "--cache")
+    check_caches(cache, fusion, cv)
     fused = {"fusion": fusion or "early"} if len(cache) > 1 else {}
     caches, cache = cache, cache[0]
     check_min("--seeds", seeds, 1)
