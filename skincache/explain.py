@@ -420,9 +420,9 @@ def run_explainer(run: Path, device: torch.device, cache: str | Path | None = No
                   ) -> Explainer:
     """The explainer of a head run (the cache's model + the run's head; the head's
     differentiability checked before the model loads) or of a finetune run."""
-    if read_run(run).kind == "finetune":
-        return finetune_explainer(run, device)
     record = read_run(run)
+    if record.kind == "finetune":
+        return finetune_explainer(run, device)
     if record.caches:
         raise UsageError(f"--explain: {run} is fused from {len(record.caches)} caches "
                          f"({record.fusion} fusion); saliency through several image towers is "

@@ -475,7 +475,7 @@ def _fit_into(run: Path, fc: AnyCache, head: str, params: dict[str, Any] | None,
                "posthoc": {"logit_adjust": float(model.logit_adjust_),
                            "temperature": float(model.temperature_)},
                "fit_seconds": fit_s, "splits": {s: len(fc.splits[s]) for s in fc.splits},
-               "features": features,
+               "features": features, "trains_on_val": result.trains_on_val,
                "skincache_version": __version__, **extra}))
     return result
 
@@ -517,8 +517,7 @@ def fit_heads(
         check_run_name(name)
     fc = open_caches(cache)
     text = bool(fc.text) and kwargs.get("features", "projected") == "projected"
-    concepts = bool(getattr(fc, "concepts", None)) and \
-        kwargs.get("features", "projected") == "projected"
+    concepts = bool(fc.concepts) and kwargs.get("features", "projected") == "projected"
     names = heads or [h for h in list_heads()
                       if (text or not get_head_class(h).needs_text)
                       and (concepts or not get_head_class(h).needs_concepts)]

@@ -225,3 +225,17 @@ def test_fused_runs_report_with_one_pick_per_set_of_val_images(tmp_path):
     row = re.search(r"<tr[^>]*><td>late[ <].*?</tr>", html, flags=re.S).group(0)
     assert "late fusion of 2 caches" in row
     assert str(b) in html  # the fused run's second cache is in "Data and model"
+
+
+def test_a_run_written_before_trains_on_val_was_recorded_reads_it_from_its_head(runs_dir,
+                                                                                tmp_path):
+    """Old run.json files lack `trains_on_val`: the saved head still says "(fit)"."""
+    src = next(p for p in runs_dir.iterdir() if p.name.startswith("clip-benchmark-lp"))
+    run = tmp_path / src.name
+    shutil.copytree(src, run)
+    rec = json.loads((run / "run.json").read_text())
+    assert rec.pop("trains_on_val") is True  # what fit-head records now
+    (run / "run.json").write_text(json.dumps(rec))
+    build_report([run], tmp_path / "r.html", gallery=0, progress=False)
+    html = (tmp_path / "r.html").read_text()
+    assert "(fit)" in html and "val's pick</span>" not in html

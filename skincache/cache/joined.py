@@ -133,6 +133,12 @@ class JoinedCache:
         return self.parts[0].class_names
 
     @property
+    def concepts(self) -> dict[str, np.ndarray]:
+        """None to offer: concept prompts live in one encoder's text space (a concept head
+        on fused caches is refused by `runs.check_fusion`)."""
+        return {}
+
+    @property
     def logit_scale(self) -> float:
         return float(np.mean([c.logit_scale for c in self.parts]))
 

@@ -116,11 +116,12 @@ def _read_run(path: Path) -> RunEntry:
         cv = read_json_file(path / CV_FILE)
         entry.cv = cv if isinstance(cv, dict) else None
         entry.cv_plot = path / CV_PLOT if (path / CV_PLOT).is_file() else None
-    if record.kind == "head" and (path / "head").is_dir():
-        try:  # the saved head says whether its fit used val rows (safetensors + JSON, cheap)
+    if isinstance(record.extra.get("trains_on_val"), bool):  # recorded at fit time
+        entry.fit_on_val = record.extra["trains_on_val"]
+    elif record.kind == "head" and (path / "head").is_dir():
+        try:  # a run written before it was recorded: the saved head says (its JSON+arrays)
             if (path / "head" / FUSION_FILE).is_file():  # late fusion: a head per cache
-                entry.fit_on_val = any(trains_on_val(h) for h in
-                                       load_late_fusion(path / "head").heads)
+                entry.fit_on_val = trains_on_val(load_late_fusion(path / "head"))
             else:
                 entry.fit_on_val = trains_on_val(load_head(path / "head"))
         except SkincacheError as e:
