@@ -157,7 +157,9 @@ def write_arrays_cache(d, split: np.ndarray, out: Path, *, key: str, root: str,
             sha1=[""] * int(m.sum()), meta={c: list(d[c][m]) for c in META})
     header = CacheHeader(
         key=key, model=model, pretrained="imagenet",
-        logit_scale=100.0, weights_sha256="", embed_dim=int(d["features"].shape[1]),
+        # the key stands in for the weights' checksum: two encoders' caches never share an
+        # encoding key
+        logit_scale=100.0, weights_sha256=key, embed_dim=int(d["features"].shape[1]),
         precision="fp16", classes=list(HAM10000_CLASSES), class_names=list(HAM10000_CLASSES),
         preprocess={}, views={"k": int(d["views"].shape[1])}, dataset="ham10000-real",
         dataset_kind="ham10000", dataset_root=root, dataset_fingerprint="", versions={})
@@ -474,27 +476,6 @@ def external(npz: Path, out: Path) -> None:
     print(f"wrote {out}")
 
 
-def _arrays_cache(d: dict, split: np.ndarray, out: Path, key: str, model: str) -> Path:
-    """A skincache cache of the arrays `d` (npz columns, rows in any order) split by `split`."""
-    labels = np.array([HAM10000_CLASSES.index(c) for c in d["dx"]])
-    groups = np.where(d["lesion_id"] != "", d["lesion_id"], d["image_id"])
-    splits = {}
-    for name in ("train", "val", "test"):
-        m = split == name
-        splits[name] = SplitArrays(
-            features=d["features"][m], views=d["views"][m], labels=labels[m],
-            image_id=list(d["image_id"][m]), group_id=list(groups[m]),
-            sha1=[""] * int(m.sum()), meta={c: list(d[c][m]) for c in META})
-    header = CacheHeader(
-        key=key, model=model, pretrained="imagenet", logit_scale=100.0, weights_sha256=key,
-        embed_dim=int(d["features"].shape[1]), precision="fp16",
-        classes=list(HAM10000_CLASSES), class_names=list(HAM10000_CLASSES), preprocess={},
-        views={"k": int(d["views"].shape[1])}, dataset="ham10000-real",
-        dataset_kind="ham10000", dataset_root=key, dataset_fingerprint="", versions={})
-    write_cache(out, header, splits, {}, {})
-    return out
-
-
 def fusion_caches(lite0: Path, lite1: Path, tmp: Path) -> tuple[Path, Path]:
     """Lite0 and Lite1 caches of the same 10,015 HAM10000 images, the Lite1 rows matched to
     Lite0's by image_id (the files' row orders need not agree), on one lesion-grouped 60/20/20
@@ -512,8 +493,10 @@ def fusion_caches(lite0: Path, lite1: Path, tmp: Path) -> tuple[Path, Path]:
     b = {k: v[order] for k, v in b.items()}
     assert (b["dx"] == a["dx"]).all() and (b["lesion_id"] == a["lesion_id"]).all()
     split = split_rows(a, external=False)
-    return (_arrays_cache(a, split, tmp / "lite0.h5", lite0.stem, "efficientnet-lite0"),
-            _arrays_cache(b, split, tmp / "lite1.h5", lite1.stem + "-ham", "efficientnet-lite1"))
+    return (write_arrays_cache(a, split, tmp / "lite0.h5", key=lite0.stem, root=lite0.stem,
+                               model="efficientnet-lite0"),
+            write_arrays_cache(b, split, tmp / "lite1.h5", key=lite1.stem + "-ham",
+                               root=lite1.stem + "-ham", model="efficientnet-lite1"))
 
 
 #: the heads the fusion section compares: (head, params)

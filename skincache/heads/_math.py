@@ -59,3 +59,10 @@ def warmup_cosine(total_steps: int, warmup_steps: int, schedule: str = "cosine")
         return 0.5 * (1.0 + float(np.cos(np.pi * progress)))
 
     return factor
+
+
+def decade_grid(c_range: tuple[float, float]) -> list[float]:
+    """The C values a sweep tries: every power of ten from c_range[0] up to c_range[1]
+    (logreg's and cbm's regularisation paths)."""
+    lo, hi = np.log10(c_range[0]), np.log10(c_range[1])
+    return [float(c) for c in 10.0 ** np.arange(np.floor(lo), np.floor(hi) + 1)]

@@ -25,6 +25,7 @@ from skincache.concepts import ConceptBank, Standardizer
 from skincache.errors import UsageError
 
 from . import _progress
+from ._math import decade_grid
 from ._registry import register_head
 from .base import FitData, Head, softmax
 
@@ -101,8 +102,7 @@ class ConceptBottleneckHead(Head):
     # -- fitting
 
     def _grid(self) -> list[float]:
-        lo, hi = np.log10(self.c_range[0]), np.log10(self.c_range[1])
-        return [float(c) for c in 10.0 ** np.arange(np.floor(lo), np.floor(hi) + 1)]
+        return decade_grid(self.c_range)
 
     def _fit(self, data: FitData) -> None:
         if self.class_weight not in (None, "balanced"):
